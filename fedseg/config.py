@@ -1,0 +1,155 @@
+"""One typed, validated run configuration built from Flower's run config or a TOML file.
+
+Every value is checked before any training starts; a bad value raises `ConfigError`
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.models import MODEL_NAMES
+
+STRATEGY_PARAM_PREFIX = "strategy."
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one federated run (keys are the hyphenated names in pyproject)."""
+
+    num_server_rounds: int = 3
+    local_epochs: int = 2
+    learning_rate: float = 0.01
+    strategy: str = "fedavg"
+    model: str = "unet"
+    num_classes: int = 3
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    batch_size: int = 2
+    data_dir: str = "synthetic"
+    synthetic_subjects: int = 8
+    synthetic_size: int = 40
+    seed: int = 0
+    output_dir: str = "runs"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_synthetic_data(self) -> bool:
+        """True when sites are generated on the fly instead of read from disk."""
+        return self.data_dir == "synthetic"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able view, with hyphenated keys as in pyproject."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["patch-size"] = ",".join(map(str, self.patch_size))
+        return out
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build and validate from a flat mapping of hyphenated keys (Flower's run_config)."""
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.name != "strategy_params"}
+        kwargs: dict[str, Any] = {}
+        strategy_params: dict[str, Any] = {}
+        for key, value in values.items():
+            if key.startswith(STRATEGY_PARAM_PREFIX):
+                strategy_params[key[len(STRATEGY_PARAM_PREFIX):]] = value
+            elif key in known:
+                kwargs[known[key].name] = _coerce(key, value, known[key].type)
+            else:
+                raise ConfigError(
+                    f"unknown run-config key '{key}'; valid keys: {', '.join(sorted(known))}"
+                    f" (strategy parameters go under '{STRATEGY_PARAM_PREFIX}<name>')"
+                )
+        config = cls(**kwargs, strategy_params=strategy_params)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a flat TOML file of run-config keys (nested tables become dotted keys)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read run config: {err}") from err
+        return cls.from_mapping(_flatten(data))
+
+    def validate(self) -> None:
+        """Check ranges and names; raise ConfigError on the first bad value."""
+        positive = {
+            "num-server-rounds": self.num_server_rounds,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "synthetic-subjects": self.synthetic_subjects,
+            "synthetic-size": self.synthetic_size,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"run-config '{key}' must be >= 1, got {value}")
+        if not 0.0 < self.learning_rate < 10.0:
+            raise ConfigError(f"run-config 'learning-rate' must be in (0, 10), got {self.learning_rate}")
+        if self.num_classes < 2:
+            raise ConfigError(f"run-config 'num-classes' must be >= 2 (background + 1), got {self.num_classes}")
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"run-config 'model' is '{self.model}'; choose one of: {', '.join(MODEL_NAMES)}")
+        if any(p < 8 for p in self.patch_size):
+            raise ConfigError(f"run-config 'patch-size' must be >= 8 per axis, got {self.patch_size}")
+        if self.uses_synthetic_data and min(self.patch_size) > self.synthetic_size:
+            raise ConfigError(
+                f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
+            )
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert one raw value to the field's type or raise ConfigError naming the key."""
+    kind = str(annotation)
+    if "tuple" in kind:
+        return _parse_patch(key, value)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"run-config '{key}' must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run-config '{key}' must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _parse_patch(key: str, value: Any) -> tuple[int, int, int]:
+    """Accept 32 (cubic) or "32,32,16"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value, value)
+    parts = str(value).replace("x", ",").split(",")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError as err:
+        raise ConfigError(f"run-config '{key}' must be like \"32,32,32\", got {value!r}") from err
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3:
+        raise ConfigError(f"run-config '{key}' needs 1 or 3 sizes, got {value!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

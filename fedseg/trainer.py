@@ -1,0 +1,168 @@
+"""SegmentationTrainer: MONAI 3D segmentation training and evaluation, no Flower inside.
+
+fit() trains from given start weights for some epochs (optionally with a FedProx proximal
+term); evaluate() runs sliding-window inference on whole volumes and returns Dice per class.
+On CUDA it uses bf16 autocast; on CPU with a seed it is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.utils import set_determinism
+from torch import nn
+
+from fedseg.metrics import dice_per_class
+from fedseg.models import build_model
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one local training call produced."""
+
+    train_loss: float
+    num_examples: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Dice of every foreground class, per case and averaged."""
+
+    per_case: np.ndarray  # (cases, classes - 1), NaN where a class is absent
+    seconds: float = 0.0
+    class_dice: list[float] = field(init=False)
+    mean_dice: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)  # a class absent from every case
+            class_dice = np.nan_to_num(np.nanmean(self.per_case, axis=0), nan=0.0) if len(self.per_case) else []
+        object.__setattr__(self, "class_dice", [float(d) for d in class_dice])
+        object.__setattr__(self, "mean_dice", float(np.mean(class_dice)) if len(class_dice) else 0.0)
+
+    @property
+    def num_cases(self) -> int:
+        return int(self.per_case.shape[0])
+
+
+class SegmentationTrainer:
+    """Trains and evaluates one MONAI network on one site's datasets."""
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        patch_size: Sequence[int],
+        in_channels: int = 1,
+        batch_size: int = 2,
+        learning_rate: float = 1e-3,
+        device: str | torch.device | None = None,
+        amp: bool = True,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model: nn.Module = build_model(model_name, in_channels, num_classes).to(self.device)
+        self.num_classes = num_classes
+        self.patch_size = tuple(patch_size)
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.amp = amp and self.device.type == "cuda"
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """The model's state dict, detached on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, state: StateDict) -> None:
+        """Load weights (strict: every key and shape must match)."""
+        self.model.load_state_dict(state, strict=True)
+
+    # ---------------------------------------------------------------- training
+    def fit(
+        self,
+        dataset: Dataset,
+        epochs: int,
+        start_weights: StateDict | None = None,
+        prox_mu: float = 0.0,
+        seed: int | None = None,
+    ) -> FitResult:
+        """Train `epochs` passes over `dataset`; with prox_mu > 0 add (mu/2)·‖w − w_start‖²."""
+        if seed is not None:
+            _seed_everything(seed, dataset)
+        if start_weights is not None:
+            self.set_weights(start_weights)
+        anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        )
+        self.model.train()
+        started = time.perf_counter()
+        total_loss, steps = 0.0, 0
+        for _ in range(epochs):
+            for batch in loader:
+                image = batch["image"].to(self.device, non_blocking=True)
+                label = batch["label"].to(self.device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    loss = self.loss_fn(self.model(image), label)
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach())
+                steps += 1
+        return FitResult(
+            train_loss=total_loss / max(steps, 1),
+            num_examples=len(dataset),
+            seconds=time.perf_counter() - started,
+        )
+
+    # -------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits for a (batch, channels, D, H, W) volume."""
+        self.model.eval()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = sliding_window_inference(
+                image.to(self.device), roi_size=self.patch_size, sw_batch_size=4, predictor=self.model, overlap=0.25
+            )
+        return logits.float()
+
+    def evaluate(self, dataset: Dataset, weights: StateDict | None = None) -> EvalResult:
+        """Dice per class on every whole volume of `dataset`."""
+        if weights is not None:
+            self.set_weights(weights)
+        started = time.perf_counter()
+        rows = []
+        for batch in DataLoader(dataset, batch_size=1, num_workers=0):
+            logits = self.predict_logits(batch["image"])
+            rows.append(dice_per_class(logits.cpu(), batch["label"]).numpy())
+        per_case = np.concatenate(rows) if rows else np.zeros((0, self.num_classes - 1))
+        return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
+
+
+def _squared_distance(params: Sequence[torch.Tensor] | object, anchor: list[torch.Tensor]) -> torch.Tensor:
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[arg-type]
+
+
+def _seed_everything(seed: int, dataset: Dataset) -> None:
+    set_determinism(seed=seed)
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
