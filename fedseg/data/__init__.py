@@ -1,0 +1,1 @@
+"""Site data: datalists, MONAI transforms and datasets, synthetic sites."""
