@@ -39,6 +39,8 @@ class RunConfig:
     synthetic_size: int = 40
     seed: int = 0
     output_dir: str = "runs"
+    min_sites: int = 2
+    round_timeout: float = 3600.0
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,12 +92,15 @@ class RunConfig:
             "batch-size": self.batch_size,
             "synthetic-subjects": self.synthetic_subjects,
             "synthetic-size": self.synthetic_size,
+            "min-sites": self.min_sites,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"run-config '{key}' must be >= 1, got {value}")
         if not 0.0 < self.learning_rate < 10.0:
             raise ConfigError(f"run-config 'learning-rate' must be in (0, 10), got {self.learning_rate}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
         if self.num_classes < 2:
             raise ConfigError(f"run-config 'num-classes' must be >= 2 (background + 1), got {self.num_classes}")
         if self.model not in MODEL_NAMES:

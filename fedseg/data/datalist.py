@@ -1,14 +1,26 @@
-"""A site's datalist (MSD `dataset.json`) and its seeded train / validation / test split."""
+"""A site's subjects: MSD layout (`dataset.json`) or plain `images/` + `labels/` folders.
+
+`scan_site` lists subjects and collects layout faults (orphans, duplicates, missing files)
+without stopping at the first; `load_datalist` returns MONAI datalist items or raises
+`SiteDataError` naming every fault.
+
+Plain folder layout: `images/<id>.nii.gz` (one modality) or `images/<id>_0000.nii.gz`,
+`images/<id>_0001.nii.gz`, ... (one file per modality), and `labels/<id>.nii.gz`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from monai.data import load_decathlon_datalist
 
-Datalist = list[dict[str, str]]
+Datalist = list[dict]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_MODALITY = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 
 
 class SiteDataError(ValueError):
@@ -16,36 +28,153 @@ class SiteDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class SiteSplit:
-    """Subjects of one site, split for training, validation during training, and testing."""
+class Subject:
+    """One labelled subject: its id, image file(s) (one per modality, or one 4D file) and label."""
 
-    train: Datalist
-    val: Datalist
-    test: Datalist
+    subject_id: str
+    images: tuple[Path, ...]
+    label: Path
+
+    def as_item(self) -> dict:
+        """MONAI datalist item: "image" is a path, or a list of paths for several modalities."""
+        image: str | list[str] = str(self.images[0]) if len(self.images) == 1 else [str(p) for p in self.images]
+        return {"image": image, "label": str(self.label), "subject": self.subject_id}
+
+
+@dataclass
+class SiteListing:
+    """What a site folder holds, plus the layout faults found while listing it."""
+
+    site_dir: Path
+    layout: str
+    subjects: list[Subject] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (file, fault)
+    declared_classes: int | None = None  # from dataset.json "labels", when present
+
+
+def subject_id_of(path: str | Path) -> str:
+    """File name without the NIfTI suffix (and without a `_0000` modality suffix)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    match = _MODALITY.match(name)
+    return match.group("id") if match else name
+
+
+def scan_site(site_dir: str | Path) -> SiteListing:
+    """List a site's subjects in either layout, collecting every layout fault."""
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        listing = SiteListing(site_dir, layout="missing")
+        listing.errors.append((str(site_dir), "site folder not found"))
+        return listing
+    if (site_dir / "dataset.json").is_file():
+        return _scan_decathlon(site_dir)
+    if (site_dir / "images").is_dir() or (site_dir / "labels").is_dir():
+        return _scan_folders(site_dir)
+    listing = SiteListing(site_dir, layout="unknown")
+    listing.errors.append(
+        (str(site_dir), "no dataset.json and no images/ + labels/ folders: not a site folder")
+    )
+    return listing
 
 
 def load_datalist(site_dir: str | Path) -> Datalist:
-    """Read the labelled subjects of an MSD-style site folder (`dataset.json`)."""
-    manifest = Path(site_dir) / "dataset.json"
-    if not manifest.is_file():
-        raise SiteDataError(f"{manifest}: not found (a site folder needs an MSD-style dataset.json)")
+    """Labelled subjects of a site as MONAI datalist items; raise SiteDataError on any layout fault."""
+    listing = scan_site(site_dir)
+    if listing.errors:
+        raise SiteDataError("; ".join(f"{file}: {fault}" for file, fault in listing.errors))
+    if not listing.subjects:
+        raise SiteDataError(f"{listing.site_dir}: no labelled subjects found")
+    return [subject.as_item() for subject in listing.subjects]
+
+
+def _scan_decathlon(site_dir: Path) -> SiteListing:
+    manifest = site_dir / "dataset.json"
+    listing = SiteListing(site_dir, layout="decathlon")
     try:
+        meta = json.loads(manifest.read_text())
         items = load_decathlon_datalist(str(manifest), is_segmentation=True, data_list_key="training")
-    except (ValueError, KeyError) as err:
-        raise SiteDataError(f"{manifest}: {err}") from err
-    if not items:
-        raise SiteDataError(f"{manifest}: the 'training' list is empty")
-    return items
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        listing.errors.append((str(manifest), f"cannot read the 'training' list: {err}"))
+        return listing
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if isinstance(labels, dict) and labels:
+        listing.declared_classes = len(labels)
+    candidates = []
+    for index, item in enumerate(items):
+        images = item.get("image")
+        images = [images] if isinstance(images, str) else list(images or [])
+        if not images:
+            listing.errors.append((str(manifest), f"training entry {index} has no 'image'"))
+            continue
+        label = item.get("label")
+        if not label:
+            listing.errors.append((images[0], "image without label (training entry has no 'label')"))
+            continue
+        candidates.append((subject_id_of(images[0]), [Path(p) for p in images], Path(label)))
+    _collect_subjects(listing, candidates)
+    label_dirs = {label.parent for _, _, label in candidates}
+    known = {sid for sid, _, _ in candidates}
+    for folder in sorted(label_dirs):
+        for path in _nifti_files(folder):
+            if subject_id_of(path) not in known:
+                listing.errors.append((str(path), "label without image (not listed in dataset.json)"))
+    return listing
 
 
-def split_datalist(items: Datalist, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.2) -> SiteSplit:
-    """Seeded split: test first (as in the prostate study's 80/20), validation carved from train."""
-    if len(items) < 3:
-        raise SiteDataError(f"need at least 3 subjects to split into train/val/test, got {len(items)}")
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_test = max(1, round(len(items) * test_fraction))
-    n_val = max(1, round((len(items) - n_test) * val_fraction))
-    test = [items[i] for i in order[:n_test]]
-    val = [items[i] for i in order[n_test : n_test + n_val]]
-    train = [items[i] for i in order[n_test + n_val :]]
-    return SiteSplit(train=train, val=val, test=test)
+def _scan_folders(site_dir: Path) -> SiteListing:
+    listing = SiteListing(site_dir, layout="folders")
+    images: dict[str, list[Path]] = defaultdict(list)
+    for path in _nifti_files(site_dir / "images"):
+        images[subject_id_of(path)].append(path)
+    labels: dict[str, list[Path]] = defaultdict(list)
+    for path in _nifti_files(site_dir / "labels"):
+        labels[subject_id_of(path)].append(path)
+    candidates = []
+    for sid in sorted(set(images) | set(labels)):
+        if sid not in labels:
+            listing.errors.append((str(images[sid][0]), "image without label (no labels/ file with this id)"))
+        elif sid not in images:
+            listing.errors.append((str(labels[sid][0]), "label without image (no images/ file with this id)"))
+        else:
+            for extra in labels[sid][1:]:
+                listing.errors.append((str(extra), f"duplicate subject id '{sid}' (several label files)"))
+            candidates.append((sid, _unique_modalities(listing, sid, images[sid]), labels[sid][0]))
+    _collect_subjects(listing, candidates)
+    return listing
+
+
+def _unique_modalities(listing: SiteListing, sid: str, paths: list[Path]) -> list[Path]:
+    """Keep one file per modality; report `case.nii` next to `case.nii.gz` as a duplicate."""
+    seen: dict[str, Path] = {}
+    for path in sorted(paths):
+        key = path.name.split(".nii")[0]
+        if key in seen:
+            listing.errors.append((str(path), f"duplicate subject id '{sid}' (also {seen[key].name})"))
+        else:
+            seen[key] = path
+    return list(seen.values())
+
+
+def _collect_subjects(listing: SiteListing, candidates: list[tuple[str, list[Path], Path]]) -> None:
+    """Add subjects, reporting missing files and duplicate ids."""
+    seen: set[str] = set()
+    for sid, images, label in candidates:
+        if sid in seen:
+            listing.errors.append((str(images[0]), f"duplicate subject id '{sid}'"))
+            continue
+        seen.add(sid)
+        missing = [p for p in (*images, label) if not p.is_file()]
+        for path in missing:
+            listing.errors.append((str(path), "file not found"))
+        if not missing:
+            listing.subjects.append(Subject(sid, tuple(images), label))
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))

@@ -1,0 +1,1 @@
+"""Flower ClientApp wrapping fedseg's MONAI SegmentationTrainer."""

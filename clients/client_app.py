@@ -1,0 +1,89 @@
+"""Flower ClientApp (Message API): train → fit from the global weights; evaluate → test Dice.
+
+Replies carry only the weight arrays and aggregate metrics (counts, loss, Dice, seconds).
+A site whose data is broken answers with an error reply naming the problem; the
+federation goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.site_runtime import runtime_for
+from fedseg.trainer import EvalResult
+
+SITE_ERROR_CODE = 100
+log = logging.getLogger("fedseg.client")
+_PATH_LIKE = re.compile(r"[^\s'\"]*[/\\][^\s'\":]*")
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the received global weights."""
+    try:
+        site = runtime_for(context)
+        config = msg.content["config"]
+        server_round = int(config.get("server-round", 0))
+        result = site.trainer.fit(
+            site.train_set,
+            epochs=int(config.get("local-epochs", site.config.local_epochs)),
+            start_weights=msg.content["arrays"].to_torch_state_dict(),
+            prox_mu=float(config.get("proximal-mu", 0.0)),
+            seed=site.fit_seed(server_round),
+        )
+        validation = site.trainer.evaluate(site.val_set)
+    except Exception as err:  # noqa: BLE001 - any site failure becomes an error reply, not a crash
+        return _error_reply(msg, "train", err)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "val-dice": validation.mean_dice,
+            "train-seconds": result.seconds,
+            "site-id": site.site_id,
+        }
+    )
+    arrays = ArrayRecord(site.trainer.get_weights())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Dice of the received global weights on the site's held-out test split."""
+    try:
+        site = runtime_for(context)
+        started = time.perf_counter()
+        result = site.trainer.evaluate(site.test_set, weights=msg.content["arrays"].to_torch_state_dict())
+    except Exception as err:  # noqa: BLE001
+        return _error_reply(msg, "evaluate", err)
+    metrics = evaluation_metrics(result)
+    metrics["eval-seconds"] = time.perf_counter() - started
+    metrics["site-id"] = site.site_id
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def evaluation_metrics(result: EvalResult) -> MetricRecord:
+    """Aggregate Dice metrics of one site (no per-case values leave the site)."""
+    metrics = MetricRecord({"num-examples": result.num_cases, "dice": result.mean_dice})
+    for index, dice in enumerate(result.class_dice, start=1):
+        metrics[f"dice-class-{index}"] = dice
+    return metrics
+
+
+def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
+    """Log the full error locally; send the server the fault with file paths redacted."""
+    log.error("%s failed at this site: %s: %s", stage, type(err).__name__, err)
+    reason = f"{stage} failed at this site: {type(err).__name__}: {redact_paths(str(err))} (details in the site's log)"
+    return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+def redact_paths(text: str) -> str:
+    """Replace anything path-like with <path> so no file or folder name leaves the site."""
+    return _PATH_LIKE.sub("<path>", text)

@@ -1,0 +1,77 @@
+"""One site's training state inside a client process: config, trainer and cached datasets.
+
+Built once per (run config, site) and reused across rounds while the process lives
+(simulation keeps it; in deployment a fresh process rebuilds it from disk caches).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import Context
+from monai.data import Dataset
+
+from fedseg.config import RunConfig
+from fedseg.data.datalist import SiteSplit
+from fedseg.data.datasets import evaluation_dataset, training_dataset
+from fedseg.data.sites import load_site_split, site_dir_for
+from fedseg.trainer import SegmentationTrainer
+
+
+@dataclass
+class SiteRuntime:
+    """Everything a site needs to answer train and evaluate messages."""
+
+    config: RunConfig
+    site_id: int
+    split: SiteSplit
+    trainer: SegmentationTrainer
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    def fit_seed(self, server_round: int) -> int:
+        """Seed of one local fit: differs per site and round, fixed for a given run seed."""
+        return self.config.seed * 1_000_003 + server_round * 1_009 + self.site_id
+
+
+def site_of(context: Context) -> tuple[int, str | None]:
+    """(site id, data dir) from node_config: partition-id in simulation, data-dir in deployment."""
+    node = context.node_config
+    if "data-dir" in node:
+        return int(node.get("site-id", 0)), str(node["data-dir"])
+    return int(node["partition-id"]), None
+
+
+def runtime_for(context: Context) -> SiteRuntime:
+    """The cached SiteRuntime of this context's run config and site."""
+    site_id, data_dir = site_of(context)
+    run_config = json.dumps(dict(context.run_config), sort_keys=True)
+    return _build_runtime(run_config, site_id, data_dir)
+
+
+@lru_cache(maxsize=4)
+def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> SiteRuntime:
+    config = RunConfig.from_mapping(json.loads(run_config_json))
+    site_dir = site_dir_for(config, site_id, data_dir)
+    split = load_site_split(site_dir, seed=config.seed)
+    torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
+    trainer = SegmentationTrainer(
+        model_name=config.model,
+        num_classes=config.num_classes,
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+    )
+    return SiteRuntime(
+        config=config,
+        site_id=site_id,
+        split=split,
+        trainer=trainer,
+        train_set=training_dataset(split.train, config.patch_size),
+        val_set=evaluation_dataset(split.val),
+        test_set=evaluation_dataset(split.test),
+    )

@@ -1,0 +1,72 @@
+"""history.json: per round, per-site and mean Dice, train loss, seconds and failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (round 0 is the initial model, evaluated only)."""
+
+    round: int
+    eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mean_dice(self) -> float:
+        """Unweighted mean over sites of each site's test Dice (every site counts once)."""
+        return _mean(site["dice"] for site in self.eval.values())
+
+    @property
+    def train_loss(self) -> float:
+        return _mean(site["train-loss"] for site in self.train.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "mean_dice": self.mean_dice,
+            "train_loss": self.train_loss,
+            "seconds": self.seconds,
+            "eval": self.eval,
+            "train": self.train,
+            "failures": self.failures,
+        }
+
+
+@dataclass
+class History:
+    """All rounds of one run plus its config; saved atomically after every round."""
+
+    config: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_dice(self) -> float:
+        return self.rounds[-1].mean_dice if self.rounds else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rounds": [r.to_dict() for r in self.rounds], **self.extra}
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mean(values: Any) -> float:
+    items = [float(v) for v in values]
+    return sum(items) / len(items) if items else math.nan

@@ -1,0 +1,51 @@
+"""Flower ServerApp: run config → strategy → rounds → run folder (history.json, model.pt)."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedseg.config import RunConfig
+from fedseg.federation import Federation
+from fedseg.models import build_model
+from strategies.registry import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the config, build the strategy and the initial model, run all rounds."""
+    config = RunConfig.from_mapping(context.run_config)
+    strategy = build_strategy(config)
+    run_dir = new_run_dir(config)
+    log(INFO, "[fedseg] strategy %s, model %s, %d rounds; run folder %s",
+        config.strategy, config.model, config.num_server_rounds, run_dir)
+    _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config))
+    log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
+        history.final_dice, history.rounds[0].mean_dice, run_dir)
+
+
+def initial_weights(config: RunConfig) -> ArrayRecord:
+    """Seeded random initial model, the same on every run with the same seed."""
+    torch.manual_seed(config.seed)
+    return ArrayRecord(build_model(config.model, 1, config.num_classes).state_dict())
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    """A fresh folder `<output-dir>/<time>-<strategy>` (relative output-dir: from the current folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(config.output_dir).expanduser().resolve()
+    run_dir = base / f"{stamp}-{config.strategy}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base / f"{stamp}-{config.strategy}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir

@@ -1,0 +1,1 @@
+"""fedseg's Flower strategies (Message API) and the registry that finds them by name."""
