@@ -1,0 +1,74 @@
+"""A bad run config fails before training, with a message naming the key and the problem."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedseg.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def default_run_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_valid_and_match_the_dataclass() -> None:
+    config = RunConfig.from_mapping(default_run_config())
+    assert config.strategy == "fedavg"
+    assert config.patch_size == (32, 32, 32)
+    assert config.uses_synthetic_data
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num-server-rounds", 0, "'num-server-rounds' must be >= 1, got 0"),
+        ("learning-rate", "fast", "'learning-rate' must be a number, got 'fast'"),
+        ("local-epochs", 1.5, "'local-epochs' must be an integer, got 1.5"),
+        ("model", "resnet", "'model' is 'resnet'; choose one of: unet, segresnet, dynunet, ahnet"),
+        ("patch-size", "32,32", "'patch-size' needs 1 or 3 sizes"),
+        ("patch-size", "a,b,c", "'patch-size' must be like"),
+        ("num-classes", 1, "'num-classes' must be >= 2"),
+        ("round-timeout", -1.0, "'round-timeout' must be > 0"),
+    ],
+)
+def test_bad_value_names_key_and_problem(key: str, value: object, message: str) -> None:
+    values = {**default_run_config(), key: value}
+    with pytest.raises(ConfigError, match=_literal(message)):
+        RunConfig.from_mapping(values)
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown run-config key 'num-rounds'; valid keys: .*num-server-rounds"):
+        RunConfig.from_mapping({"num-rounds": 3})
+
+
+def test_patch_larger_than_synthetic_volume_is_refused() -> None:
+    with pytest.raises(ConfigError, match="exceeds 'synthetic-size'"):
+        RunConfig.from_mapping({"patch-size": 64, "synthetic-size": 40})
+
+
+def test_toml_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('strategy = "fedavg"\npatch-size = "32,32,16"\nlocal-epochs = 4\n')
+    config = RunConfig.from_toml(path)
+    assert config.patch_size == (32, 32, 16)
+    assert config.to_dict()["patch-size"] == "32,32,16"
+    assert config.local_epochs == 4
+
+
+def test_unreadable_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("strategy = \n")
+    with pytest.raises(ConfigError, match="broken.toml: cannot read run config"):
+        RunConfig.from_toml(path)
+
+
+def _literal(text: str) -> str:
+    import re
+
+    return re.escape(text)
