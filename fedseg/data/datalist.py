@@ -28,6 +28,15 @@ class SiteDataError(ValueError):
 
 
 @dataclass(frozen=True)
+class SiteSplit:
+    """Datalist items of a site, split for training, validation during training, and testing."""
+
+    train: Datalist
+    val: Datalist
+    test: Datalist
+
+
+@dataclass(frozen=True)
 class Subject:
     """One labelled subject: its id, image file(s) (one per modality, or one 4D file) and label."""
 

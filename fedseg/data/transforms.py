@@ -1,16 +1,22 @@
-"""MONAI dictionary pipelines: a deterministic part (cacheable) and a random training part."""
+"""MONAI dictionary pipelines: a deterministic part (cacheable) and a random training part.
+
+The deterministic part follows the prostate study: load (several modality files, or the channels
+of a 4D NIfTI, become image channels), reorient to RAS, resample to `pixdim` mm (1 mm isotropic
+in the study; None keeps the stored grid), z-score the image on nonzero voxels per channel.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
@@ -20,14 +26,14 @@ from monai.transforms import (
 )
 
 KEYS = ("image", "label")
+STUDY_PIXDIM = (1.0, 1.0, 1.0)
 
 
 def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
-    """Load, channel-first, RAS, optional resampling, z-score on nonzero voxels."""
+    """Load channel-first, RAS, optional resampling to `pixdim` mm, z-score on nonzero voxels."""
     steps = [
-        LoadImaged(keys=KEYS, image_only=True),
-        EnsureChannelFirstd(keys=KEYS),
-        Orientationd(keys=KEYS, axcodes="RAS"),
+        LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True),
+        Orientationd(keys=KEYS, axcodes="RAS", labels=None),
     ]
     if pixdim is not None:
         steps.append(Spacingd(keys=KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
@@ -38,8 +44,11 @@ def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
     return Compose(steps)
 
 
-def augmentation(patch_size: Sequence[int], samples_per_volume: int = 2) -> Compose:
-    """Positive/negative patch crops, flips and intensity jitter (training only)."""
+def augmentation(
+    patch_size: Sequence[int], samples_per_volume: int = 2, max_rotation_deg: float = 10.0, max_scale: float = 0.1
+) -> Compose:
+    """Positive/negative patch crops, flips, small rotations and scalings, intensity jitter."""
+    angle = math.radians(max_rotation_deg)
     return Compose(
         [
             SpatialPadd(keys=KEYS, spatial_size=tuple(patch_size)),
@@ -54,6 +63,14 @@ def augmentation(patch_size: Sequence[int], samples_per_volume: int = 2) -> Comp
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=2),
+            RandAffined(
+                keys=KEYS,
+                prob=0.3,
+                rotate_range=(angle, angle, angle),
+                scale_range=(max_scale, max_scale, max_scale),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
             RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
         ]
