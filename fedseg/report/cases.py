@@ -1,0 +1,114 @@
+"""`cases.csv`: one row per (arm, trained-on, tested-on, subject) with the Dice of each class.
+
+Columns: `arm` (e.g. private, centralized, fedavg), `kind` (private, centralized, federated,
+cyclic, leave-one-out, finetuned, ensemble), `trained_on` (a site, `pooled`, `federation`,
+`without-site-1`, ...), `tested_on` (a site's held-out test split, or the outside institution),
+`outside` (1 for the outside institution), `subject`, then `dice_1`, `dice_2`, ... (foreground
+classes; empty where a class is absent from both truth and prediction).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
+DICE_PREFIX = "dice_"
+
+
+class CasesError(ValueError):
+    """cases.csv is missing, empty or malformed; the message names the file and the fault."""
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """Dice of one test subject under one trained model."""
+
+    arm: str
+    kind: str
+    trained_on: str
+    tested_on: str
+    outside: bool
+    subject: str
+    dice: tuple[float, ...]
+
+    @property
+    def model(self) -> tuple[str, str]:
+        """(arm, trained_on): one trained model (or ensemble)."""
+        return (self.arm, self.trained_on)
+
+    @property
+    def score(self) -> float:
+        """Mean Dice over the classes present (NaN when no class is present)."""
+        values = [d for d in self.dice if not math.isnan(d)]
+        return sum(values) / len(values) if values else math.nan
+
+
+def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = None) -> None:
+    """Write rows as CSV (header included); `num_classes` foreground classes, else from the rows."""
+    rows = list(rows)
+    width = num_classes if num_classes is not None else max((len(r.dice) for r in rows), default=0)
+    header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{i}" for i in range(1, width + 1))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            dice = ["" if math.isnan(d) else f"{d:.6f}" for d in row.dice]
+            writer.writerow([row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice])
+    tmp.replace(path)
+
+
+def read_cases(path: Path) -> list[CaseRow]:
+    """Rows of a cases.csv; raise CasesError naming the file, line and problem."""
+    try:
+        with Path(path).open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise CasesError(f"{path}: empty file (expected a header row)")
+            missing = [c for c in KEY_COLUMNS if c not in header]
+            dice_cols = [i for i, name in enumerate(header) if name.startswith(DICE_PREFIX)]
+            if missing or not dice_cols:
+                raise CasesError(f"{path}: header lacks {missing or 'dice_<class> columns'}; got {header}")
+            index = {name: header.index(name) for name in KEY_COLUMNS}
+            rows = [_parse(path, line_no, values, index, dice_cols) for line_no, values in enumerate(reader, start=2)]
+    except OSError as err:
+        raise CasesError(f"{path}: cannot read cases file: {err}") from err
+    if not rows:
+        raise CasesError(f"{path}: no result rows")
+    return rows
+
+
+def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], dice_cols: list[int]) -> CaseRow:
+    try:
+        dice = tuple(float(values[i]) if values[i] != "" else math.nan for i in dice_cols)
+        return CaseRow(
+            arm=values[index["arm"]],
+            kind=values[index["kind"]],
+            trained_on=values[index["trained_on"]],
+            tested_on=values[index["tested_on"]],
+            outside=values[index["outside"]] in ("1", "true", "True"),
+            subject=values[index["subject"]],
+            dice=dice,
+        )
+    except (IndexError, ValueError) as err:
+        raise CasesError(f"{path}, line {line_no}: malformed row {values}: {err}") from err
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample sd, n) of the non-NaN values; NaN where undefined (sd needs n >= 2)."""
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if array.size == 0:
+        return math.nan, math.nan, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        sd = float(np.std(array, ddof=1)) if array.size > 1 else math.nan
+    return float(array.mean()), sd, int(array.size)

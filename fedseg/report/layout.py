@@ -1,0 +1,55 @@
+"""Files of a results folder, written by the experiment runner and read by the report.
+
+```
+results/<experiment>/
+  cases.csv                   per-case Dice of every finished arm (the report's only required input)
+  arms/<arm-id>/arm.json      what the arm was (arm, kind, trained_on, model bytes, sites, seconds)
+  arms/<arm-id>/history.json  per-round Dice, train loss and seconds (federated and cyclic arms)
+  arms/<arm-id>/cases.csv     this arm's rows (cases.csv is their concatenation)
+  arms/<arm-id>/model.pt      checkpoint (see fedseg.model_checkpoint), for `fedseg predict`
+  overlays/<case>/<arm-id>.npz  one slice of image, truth and prediction (for the overlay plot)
+```
+Checkpoints and overlays stay local: never commit them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CASES = "cases.csv"
+ARMS = "arms"
+ARM_INFO = "arm.json"
+HISTORY = "history.json"
+MODEL = "model.pt"
+OVERLAYS = "overlays"
+
+
+@dataclass(frozen=True)
+class ArmInfo:
+    """What one finished arm was, for plots that need more than cases.csv."""
+
+    arm: str
+    kind: str
+    trained_on: str
+    model_bytes: int
+    sites: int
+    seconds: float
+
+    def save(self, folder: Path) -> None:
+        (folder / ARM_INFO).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> ArmInfo:
+        return cls(**json.loads((folder / ARM_INFO).read_text()))
+
+
+def arm_id(arm: str, trained_on: str) -> str:
+    """Folder name of one model: `<arm>--<trained_on>`."""
+    return f"{arm}--{trained_on}"
+
+
+def overlay_case(tested_on: str, subject: str) -> str:
+    """Folder name of one test case under overlays/."""
+    return f"{tested_on}--{subject}"

@@ -1,0 +1,111 @@
+"""`fedseg report RESULTS_DIR`: report.md with the tables and PNG plots of one experiment."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedseg.report import plots
+from fedseg.report.cases import CaseRow, read_cases
+from fedseg.report.layout import CASES
+from fedseg.report.tables import (
+    Cell,
+    arm_summaries,
+    cross_site_matrix,
+    model_label,
+    models,
+    paired_tests,
+    test_sets,
+)
+
+REPORT = "report.md"
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.md and the plots into `out_dir` (default: the results folder); return report.md."""
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir is not None else results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_cases(results_dir / CASES)
+    sections = [
+        f"# Experiment report: {results_dir.resolve().name}",
+        f"From `{CASES}`: {len(rows)} rows, {len(models(rows))} models, {len(test_sets(rows))} test sets. "
+        "A case's Dice is the mean over the foreground classes present; cells are mean ± sd (n cases).",
+        "## Cross-site Dice (trained on × tested on)",
+        matrix_table(rows),
+        "## Arms",
+        arms_table(rows),
+        "## Paired tests against each private model (same internal test cases)",
+        paired_table(rows),
+        "## Plots",
+        _plots(results_dir, out, rows),
+    ]
+    path = out / REPORT
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def matrix_table(rows: Sequence[CaseRow]) -> str:
+    """Markdown cross-site matrix; outside institutions are marked with a star."""
+    matrix, columns = cross_site_matrix(rows), test_sets(rows)
+    outside = {r.tested_on for r in rows if r.outside}
+    header = ["model", *(f"{c}*" if c in outside else c for c in columns)]
+    body = [[model_label(m, rows), *(_cell(matrix[m].get(c)) for c in columns)] for m in models(rows)]
+    note = "\n\n\\* outside institution (never trained on)." if outside else ""
+    return _markdown(header, body) + note
+
+
+def arms_table(rows: Sequence[CaseRow]) -> str:
+    header = ["arm", "kind", "internal test sets", "outside", "% of centralized"]
+    body = [
+        [s.arm, s.kind, _cell(s.internal), _cell(s.outside), _number(s.percent_of_centralized, "{:.1f} %")]
+        for s in arm_summaries(rows)
+    ]
+    return _markdown(header, body)
+
+
+def paired_table(rows: Sequence[CaseRow]) -> str:
+    tests = paired_tests(rows)
+    if not tests:
+        return "No private arm, or no federated/cyclic/centralized arm: nothing to pair."
+    header = ["model", "vs private", "n", "mean difference", "P (Wilcoxon)", "P (paired t)"]
+    body = [
+        [model_label(t.model, rows), model_label(t.private, rows), str(t.n), _number(t.mean_difference, "{:+.3f}"),
+         _number(t.p_wilcoxon, "{:.3g}"), _number(t.p_ttest, "{:.3g}")]
+        for t in tests
+    ]
+    return _markdown(header, body) + "\n\nTwo-sided tests on per-case Dice; difference = model − private model."
+
+
+def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
+    made = []
+    plots.plot_heatmap(rows, cross_site_matrix(rows), out / "heatmap.png")
+    plots.plot_boxes(rows, out / "boxes.png")
+    made += ["heatmap.png", "boxes.png"]
+    curves = plots.load_curves(results_dir)
+    if curves:
+        central = next((s.internal.mean for s in arm_summaries(rows) if s.kind == "centralized"), math.nan)
+        plots.plot_rounds(curves, out / "dice_vs_round.png", reference=central)
+        plots.plot_cost(curves, out / "dice_vs_cost.png")
+        made += ["dice_vs_round.png", "dice_vs_cost.png"]
+    if plots.plot_overlays(results_dir, out / "overlays.png"):
+        made.append("overlays.png")
+    return "\n\n".join(f"![{name[:-4]}]({name})" for name in made)
+
+
+def _cell(cell: Cell | None) -> str:
+    if cell is None or cell.n == 0:
+        return "–"
+    sd = "" if math.isnan(cell.sd) else f" ± {cell.sd:.3f}"
+    return f"{cell.mean:.3f}{sd} ({cell.n})"
+
+
+def _number(value: float, fmt: str) -> str:
+    return "–" if math.isnan(value) else fmt.format(value)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Numbers of the report: cross-site Dice matrix, per-arm mean ± sd, paired tests (scipy)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from fedseg.report.cases import CaseRow, mean_sd
+
+Model = tuple[str, str]  # (arm, trained_on)
+COMPARED_KINDS = ("federated", "cyclic", "centralized")  # compared case by case with each private model
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean ± sample sd of per-case Dice over n cases."""
+
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Cell:
+        return cls(*mean_sd(values))
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One arm over all its models: internal test sets pooled, and the outside institution."""
+
+    arm: str
+    kind: str
+    internal: Cell
+    outside: Cell
+    percent_of_centralized: float  # NaN without a centralized arm
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """`model` vs a private model on the same internal test cases (difference = model − private)."""
+
+    model: Model
+    private: Model
+    n: int
+    mean_difference: float
+    p_wilcoxon: float
+    p_ttest: float
+
+
+def models(rows: Sequence[CaseRow]) -> list[Model]:
+    """Every (arm, trained_on) in the order first seen."""
+    return list(dict.fromkeys(row.model for row in rows))
+
+
+def model_label(model: Model, rows: Sequence[CaseRow]) -> str:
+    """The arm's name, plus where it was trained when the arm has several models."""
+    arm, trained_on = model
+    several = len({r.trained_on for r in rows if r.arm == arm}) > 1
+    return f"{arm} ({trained_on})" if several else arm
+
+
+def test_sets(rows: Sequence[CaseRow]) -> list[str]:
+    """Tested-on names: internal sites in natural order, then outside institutions."""
+    inside = sorted({r.tested_on for r in rows if not r.outside}, key=_natural)
+    outside = sorted({r.tested_on for r in rows if r.outside}, key=_natural)
+    return inside + outside
+
+
+def cross_site_matrix(rows: Sequence[CaseRow]) -> dict[Model, dict[str, Cell]]:
+    """trained-on model × tested-on set → mean ± sd of per-case Dice (empty cells are absent)."""
+    scores: dict[Model, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        scores[row.model][row.tested_on].append(row.score)
+    return {model: {name: Cell.of(scores[model][name]) for name in test_sets(rows) if name in scores[model]}
+            for model in models(rows)}
+
+
+def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
+    """Per arm: mean ± sd on the internal test sets and on the outside institution, % of centralized."""
+    arms = list(dict.fromkeys(r.arm for r in rows))
+    internal = {arm: Cell.of([r.score for r in rows if r.arm == arm and not r.outside]) for arm in arms}
+    central = next((r.arm for r in rows if r.kind == "centralized"), None)
+    reference = internal[central].mean if central is not None else math.nan
+    return [
+        ArmSummary(
+            arm=arm,
+            kind=next(r.kind for r in rows if r.arm == arm),
+            internal=internal[arm],
+            outside=Cell.of([r.score for r in rows if r.arm == arm and r.outside]),
+            percent_of_centralized=100.0 * internal[arm].mean / reference if reference > 0 else math.nan,
+        )
+        for arm in arms
+    ]
+
+
+def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
+    """Each federated/cyclic/centralized model against each private model, paired by test case."""
+    kinds = {row.model: row.kind for row in rows}
+    privates = [m for m in models(rows) if kinds[m] == "private"]
+    compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS]
+    internal = _internal_scores(rows)
+    return [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
+
+
+def _paired(model: Model, private: Model, ours: dict, theirs: dict) -> PairedTest:
+    keys = [k for k in ours if k in theirs and not math.isnan(ours[k]) and not math.isnan(theirs[k])]
+    a = np.array([ours[k] for k in keys])
+    b = np.array([theirs[k] for k in keys])
+    if len(keys) < 2:
+        return PairedTest(model, private, len(keys), float(np.mean(a - b)) if keys else math.nan, math.nan, math.nan)
+    if np.allclose(a, b):
+        return PairedTest(model, private, len(keys), 0.0, 1.0, 1.0)
+    return PairedTest(
+        model=model,
+        private=private,
+        n=len(keys),
+        mean_difference=float(np.mean(a - b)),
+        p_wilcoxon=float(stats.wilcoxon(a, b, alternative="two-sided").pvalue),
+        p_ttest=float(stats.ttest_rel(a, b).pvalue),
+    )
+
+
+def _internal_scores(rows: Sequence[CaseRow]) -> dict[Model, dict[tuple[str, str], float]]:
+    scores: dict[Model, dict[tuple[str, str], float]] = defaultdict(dict)
+    for row in rows:
+        if not row.outside:
+            scores[row.model][(row.tested_on, row.subject)] = row.score
+    return scores
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

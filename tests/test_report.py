@@ -1,0 +1,111 @@
+"""The report from a hand-made cases.csv: matrix, means, sd, % of centralized and P values."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from fedseg.report import build_report
+from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
+from fedseg.report.layout import ArmInfo
+from fedseg.report.tables import arm_summaries, cross_site_matrix, paired_tests
+
+SITE0, SITE1 = ("a", "b", "c"), ("d", "e", "f")
+# per-case scores by model and test set (fedavg's first case has classes 0.7 and 0.9 → 0.8)
+SCORES = {
+    ("private", "site-0", "private"): {"site-0": [0.75, 0.82, 0.61], "site-1": [0.32, 0.41, 0.55]},
+    ("private", "site-1", "private"): {"site-0": [0.85, 0.60, 0.72], "site-1": [0.66, 0.74, 0.69]},
+    ("centralized", "pooled", "centralized"): {"site-0": [0.90, 0.95, 0.85], "site-1": [0.80, 0.90, 0.85]},
+    ("fedavg", "federation", "federated"): {"site-0": [0.80, 0.90, 0.70], "site-1": [0.60, 0.70, 0.80]},
+}
+OUTSIDE = {"fedavg": [0.5, 0.7], "centralized": [0.6, 0.6]}
+
+
+def _rows() -> list[CaseRow]:
+    rows = []
+    for (arm, trained_on, kind), by_site in SCORES.items():
+        for site, subjects in (("site-0", SITE0), ("site-1", SITE1)):
+            for subject, score in zip(subjects, by_site[site]):
+                dice = (0.7, 0.9) if (arm, site, subject) == ("fedavg", "site-0", "a") else (score, score)
+                rows.append(CaseRow(arm, kind, trained_on, site, False, subject, dice))
+        if arm in OUTSIDE:
+            for subject, score in zip(("o1", "o2"), OUTSIDE[arm]):
+                rows.append(CaseRow(arm, kind, trained_on, "outside", True, subject, (score, math.nan)))
+    return rows
+
+
+@pytest.fixture()
+def cases_csv(tmp_path: Path) -> Path:
+    write_cases(tmp_path / "cases.csv", _rows())
+    return tmp_path / "cases.csv"
+
+
+def test_csv_round_trip_keeps_values_and_missing_classes(cases_csv: Path) -> None:
+    rows = read_cases(cases_csv)
+    assert rows == _rows()  # the missing class reads back as math.nan, the very object written
+    outside = [r for r in rows if r.outside]
+    assert [r.score for r in outside if r.arm == "fedavg"] == [0.5, 0.7]
+
+
+def test_cross_site_matrix_means_and_sd(cases_csv: Path) -> None:
+    matrix = cross_site_matrix(read_cases(cases_csv))
+    fed = matrix[("fedavg", "federation")]
+    assert fed["site-0"].mean == pytest.approx(0.8) and fed["site-0"].sd == pytest.approx(0.1)
+    assert fed["site-1"].n == 3 and fed["site-1"].sd == pytest.approx(0.1)
+    assert fed["outside"].mean == pytest.approx(0.6) and fed["outside"].sd == pytest.approx(math.sqrt(0.02))
+    cell = matrix[("private", "site-0")]["site-1"]
+    assert cell.mean == pytest.approx(statistics.mean([0.32, 0.41, 0.55]))
+    assert cell.sd == pytest.approx(statistics.stdev([0.32, 0.41, 0.55]))
+    assert "outside" not in matrix[("private", "site-1")]
+
+
+def test_arm_means_and_percent_of_centralized(cases_csv: Path) -> None:
+    summaries = {s.arm: s for s in arm_summaries(read_cases(cases_csv))}
+    assert summaries["centralized"].internal.mean == pytest.approx(0.875)
+    assert summaries["fedavg"].internal.mean == pytest.approx(0.75)
+    assert summaries["fedavg"].internal.sd == pytest.approx(statistics.stdev([0.8, 0.9, 0.7, 0.6, 0.7, 0.8]))
+    assert summaries["fedavg"].percent_of_centralized == pytest.approx(100 * 0.75 / 0.875)
+    assert summaries["private"].internal.n == 12
+    assert math.isnan(summaries["private"].outside.mean)
+
+
+def test_paired_tests_have_hand_computed_p_values(cases_csv: Path) -> None:
+    tests = {(t.model, t.private): t for t in paired_tests(read_cases(cases_csv))}
+    assert len(tests) == 4  # fedavg and centralized, each against two private models
+    # fedavg beats private site-0 on all 6 cases with distinct gaps: exact two-sided P = 2 / 2^6
+    better = tests[(("fedavg", "federation"), ("private", "site-0"))]
+    assert better.n == 6 and better.p_wilcoxon == pytest.approx(2 / 64)
+    gaps = [0.05, 0.08, 0.09, 0.28, 0.29, 0.25]
+    assert better.mean_difference == pytest.approx(statistics.mean(gaps))
+    t = statistics.mean(gaps) / (statistics.stdev(gaps) / math.sqrt(6))
+    assert better.p_ttest == pytest.approx(2 * stats.t.sf(t, df=5))
+    # against private site-1 the signed ranks split 11 : 10 — exact two-sided P = 1
+    mixed = tests[(("fedavg", "federation"), ("private", "site-1"))]
+    assert mixed.p_wilcoxon == pytest.approx(1.0)
+
+
+def test_report_markdown_and_plots(cases_csv: Path, tmp_path: Path) -> None:
+    arm_dir = tmp_path / "arms" / "fedavg--federation"
+    arm_dir.mkdir(parents=True)
+    ArmInfo("fedavg", "federated", "federation", model_bytes=1_000_000, sites=2, seconds=3.0).save(arm_dir)
+    rounds = [{"round": r, "mean_dice": 0.2 * r, "seconds": 1.0, "train": {"site-0": {}, "site-1": {}}} for r in range(3)]
+    (arm_dir / "history.json").write_text(json.dumps({"rounds": rounds}))
+    report = build_report(tmp_path, tmp_path / "out").read_text()
+    assert "| fedavg | 0.800 ± 0.100 (3) | 0.700 ± 0.100 (3) | 0.600 ± 0.141 (2) |" in report
+    assert "| fedavg | federated | 0.750 ± 0.105 (6) | 0.600 ± 0.141 (2) | 85.7 % |" in report
+    assert "| fedavg | private (site-0) | 6 | +0.173 | 0.0312 |" in report
+    for name in ("heatmap.png", "boxes.png", "dice_vs_round.png", "dice_vs_cost.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "overlays.png" not in report
+
+
+def test_malformed_cases_file_names_file_and_problem(tmp_path: Path) -> None:
+    path = tmp_path / "cases.csv"
+    path.write_text("arm,trained_on,subject,dice_1\nfedavg,federation,a,0.5\n")
+    with pytest.raises(CasesError, match=r"cases.csv: header lacks \['kind', 'tested_on', 'outside'\]"):
+        read_cases(path)
