@@ -41,6 +41,8 @@ class RunConfig:
     output_dir: str = "runs"
     min_sites: int = 2
     round_timeout: float = 3600.0
+    min_live_sites: int = 1
+    resume_from: str = ""
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,6 +95,7 @@ class RunConfig:
             "synthetic-subjects": self.synthetic_subjects,
             "synthetic-size": self.synthetic_size,
             "min-sites": self.min_sites,
+            "min-live-sites": self.min_live_sites,
         }
         for key, value in positive.items():
             if value < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ class RoundRecord:
     eval: dict[str, dict[str, float]] = field(default_factory=dict)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -38,7 +40,14 @@ class RoundRecord:
             "eval": self.eval,
             "train": self.train,
             "failures": self.failures,
+            "dropped": self.dropped,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundRecord:
+        """Inverse of `to_dict` (derived values such as mean_dice are recomputed, not read)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
 
 
 @dataclass
@@ -55,6 +64,12 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "rounds": [r.to_dict() for r in self.rounds], **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """Inverse of `to_dict`: the history a checkpoint or history.json holds."""
+        extra = {key: value for key, value in data.items() if key not in ("config", "rounds")}
+        return cls(config=data["config"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]], extra=extra)
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=True))

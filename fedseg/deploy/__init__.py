@@ -1,0 +1,1 @@
+"""Running fedseg across real sites: certificates, the server and site launch commands."""
