@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,33 @@ _MODALITY = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 
 
 class SiteDataError(ValueError):
-    """A site's data folder cannot be used; the message names the file and the fault."""
+    """A site's data folder cannot be used; the message names the file and the fault.
+
+    `public` says what is wrong without paths or subject ids: it may leave the site (error replies).
+    """
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or "site data unusable (details in the site's log)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fault of a site's data: severity ("error" or "warning"), kind code, file, description."""
+
+    severity: str
+    kind: str
+    file: str
+    fault: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.fault}"
+
+
+def public_summary(problems: list[Problem]) -> str:
+    """Counts of each kind of error, with no paths or ids (safe to send from the site)."""
+    kinds = Counter(p.kind for p in problems if p.severity == "error")
+    return "site data invalid: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
 
 
 @dataclass(frozen=True)
@@ -57,8 +83,12 @@ class SiteListing:
     site_dir: Path
     layout: str
     subjects: list[Subject] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (file, fault)
+    errors: list[Problem] = field(default_factory=list)
     declared_classes: int | None = None  # from dataset.json "labels", when present
+
+    def error(self, kind: str, file: str | Path, fault: str) -> None:
+        """Record a layout fault."""
+        self.errors.append(Problem("error", kind, str(file), fault))
 
 
 def subject_id_of(path: str | Path) -> str:
@@ -77,16 +107,14 @@ def scan_site(site_dir: str | Path) -> SiteListing:
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         listing = SiteListing(site_dir, layout="missing")
-        listing.errors.append((str(site_dir), "site folder not found"))
+        listing.error("not-a-site", site_dir, "site folder not found")
         return listing
     if (site_dir / "dataset.json").is_file():
         return _scan_decathlon(site_dir)
     if (site_dir / "images").is_dir() or (site_dir / "labels").is_dir():
         return _scan_folders(site_dir)
     listing = SiteListing(site_dir, layout="unknown")
-    listing.errors.append(
-        (str(site_dir), "no dataset.json and no images/ + labels/ folders: not a site folder")
-    )
+    listing.error("not-a-site", site_dir, "no dataset.json and no images/ + labels/ folders: not a site folder")
     return listing
 
 
@@ -94,9 +122,9 @@ def load_datalist(site_dir: str | Path) -> Datalist:
     """Labelled subjects of a site as MONAI datalist items; raise SiteDataError on any layout fault."""
     listing = scan_site(site_dir)
     if listing.errors:
-        raise SiteDataError("; ".join(f"{file}: {fault}" for file, fault in listing.errors))
+        raise SiteDataError("; ".join(map(str, listing.errors)), public_summary(listing.errors))
     if not listing.subjects:
-        raise SiteDataError(f"{listing.site_dir}: no labelled subjects found")
+        raise SiteDataError(f"{listing.site_dir}: no labelled subjects found", "site data invalid: no subjects")
     return [subject.as_item() for subject in listing.subjects]
 
 
@@ -107,7 +135,7 @@ def _scan_decathlon(site_dir: Path) -> SiteListing:
         meta = json.loads(manifest.read_text())
         items = load_decathlon_datalist(str(manifest), is_segmentation=True, data_list_key="training")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        listing.errors.append((str(manifest), f"cannot read the 'training' list: {err}"))
+        listing.error("manifest", manifest, f"cannot read the 'training' list: {err}")
         return listing
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if isinstance(labels, dict) and labels:
@@ -117,11 +145,11 @@ def _scan_decathlon(site_dir: Path) -> SiteListing:
         images = item.get("image")
         images = [images] if isinstance(images, str) else list(images or [])
         if not images:
-            listing.errors.append((str(manifest), f"training entry {index} has no 'image'"))
+            listing.error("manifest", manifest, f"training entry {index} has no 'image'")
             continue
         label = item.get("label")
         if not label:
-            listing.errors.append((images[0], "image without label (training entry has no 'label')"))
+            listing.error("image-without-label", images[0], "image without label (training entry has no 'label')")
             continue
         candidates.append((subject_id_of(images[0]), [Path(p) for p in images], Path(label)))
     _collect_subjects(listing, candidates)
@@ -130,7 +158,7 @@ def _scan_decathlon(site_dir: Path) -> SiteListing:
     for folder in sorted(label_dirs):
         for path in _nifti_files(folder):
             if subject_id_of(path) not in known:
-                listing.errors.append((str(path), "label without image (not listed in dataset.json)"))
+                listing.error("label-without-image", path, "label without image (not listed in dataset.json)")
     return listing
 
 
@@ -145,12 +173,12 @@ def _scan_folders(site_dir: Path) -> SiteListing:
     candidates = []
     for sid in sorted(set(images) | set(labels)):
         if sid not in labels:
-            listing.errors.append((str(images[sid][0]), "image without label (no labels/ file with this id)"))
+            listing.error("image-without-label", images[sid][0], "image without label (no labels/ file with this id)")
         elif sid not in images:
-            listing.errors.append((str(labels[sid][0]), "label without image (no images/ file with this id)"))
+            listing.error("label-without-image", labels[sid][0], "label without image (no images/ file with this id)")
         else:
             for extra in labels[sid][1:]:
-                listing.errors.append((str(extra), f"duplicate subject id '{sid}' (several label files)"))
+                listing.error("duplicate-id", extra, f"duplicate subject id '{sid}' (several label files)")
             candidates.append((sid, _unique_modalities(listing, sid, images[sid]), labels[sid][0]))
     _collect_subjects(listing, candidates)
     return listing
@@ -162,7 +190,7 @@ def _unique_modalities(listing: SiteListing, sid: str, paths: list[Path]) -> lis
     for path in sorted(paths):
         key = path.name.split(".nii")[0]
         if key in seen:
-            listing.errors.append((str(path), f"duplicate subject id '{sid}' (also {seen[key].name})"))
+            listing.error("duplicate-id", path, f"duplicate subject id '{sid}' (also {seen[key].name})")
         else:
             seen[key] = path
     return list(seen.values())
@@ -173,12 +201,12 @@ def _collect_subjects(listing: SiteListing, candidates: list[tuple[str, list[Pat
     seen: set[str] = set()
     for sid, images, label in candidates:
         if sid in seen:
-            listing.errors.append((str(images[0]), f"duplicate subject id '{sid}'"))
+            listing.error("duplicate-id", images[0], f"duplicate subject id '{sid}'")
             continue
         seen.add(sid)
         missing = [p for p in (*images, label) if not p.is_file()]
         for path in missing:
-            listing.errors.append((str(path), "file not found"))
+            listing.error("missing-file", path, "file not found")
         if not missing:
             listing.subjects.append(Subject(sid, tuple(images), label))
 

@@ -37,7 +37,8 @@ def split_ids(
 ) -> SplitIds:
     """Seeded split: test first, then validation carved from what is left; every part non-empty."""
     if len(ids) < MIN_SUBJECTS:
-        raise SiteDataError(f"need at least {MIN_SUBJECTS} subjects to split into train/val/test, got {len(ids)}")
+        message = f"need at least {MIN_SUBJECTS} subjects to split into train/val/test, got {len(ids)}"
+        raise SiteDataError(message, f"site data invalid: {message}")
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     n_test = min(len(ids) - 2, max(1, round(len(ids) * test_fraction)))
     n_val = min(len(ids) - n_test - 1, max(1, round((len(ids) - n_test) * val_fraction)))
@@ -70,7 +71,8 @@ def load_or_make_split(items: Datalist, seed: int, split_dir: Path) -> SiteSplit
             unsplit = sorted(set(ids) - set(named))
             raise SiteDataError(
                 f"{path}: split file does not match the site's subjects"
-                f" (unknown: {unknown[:5]}, not in split: {unsplit[:5]}); delete it to split again"
+                f" (unknown: {unknown[:5]}, not in split: {unsplit[:5]}); delete it to split again",
+                "the site's saved split file does not match its subjects",
             )
         return apply_split(items, saved)
     split = split_ids(ids, seed)
@@ -86,7 +88,8 @@ def _read_split(path: Path) -> SplitIds:
         data = json.loads(path.read_text())
         return SplitIds(train=list(data["train"]), val=list(data["val"]), test=list(data["test"]))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SiteDataError(f"{path}: unreadable split file ({err}); delete it to split again") from err
+        message = f"{path}: unreadable split file ({err}); delete it to split again"
+        raise SiteDataError(message, "the site's saved split file is unreadable") from err
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

@@ -1,0 +1,216 @@
+"""Check a site's data before it joins a federation; report every problem, not only the first.
+
+Each problem has a kind code (stable, for scripts and tests), the file and a description:
+
+    not-a-site, manifest, missing-file, image-without-label, label-without-image, duplicate-id
+        (layout, from `scan_site`)
+    unreadable        file cannot be read or is corrupt (e.g. a truncated .nii.gz)
+    dimensions        image not 3D/4D, or label not 3D
+    shape-mismatch    image and label (or two modalities) differ in voxel grid shape
+    affine-mismatch   voxel spacing, orientation or origin differ beyond the tolerance
+    non-finite        NaN or infinite voxels
+    label-values      label values non-integer or outside the declared classes
+    empty-label       label has no foreground (warning)
+    channels          channel count differs from the expected one, or between subjects
+    too-few-subjects  not enough usable subjects for a train / validation / test split
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fedseg.data.datalist import Problem, SiteDataError, Subject, public_summary, scan_site
+from fedseg.data.splits import MIN_SUBJECTS
+
+DEFAULT_AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines), as differences of affine entries
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of `validate_site`."""
+
+    site_dir: str
+    layout: str
+    subjects: int
+    num_classes: int | None
+    channels: int | None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        """JSON-able form (the `--json` output of `fedseg validate-data`)."""
+        return {**asdict(self), "ok": self.ok, "errors": len(self.errors), "warnings": len(self.warnings)}
+
+    def lines(self) -> list[str]:
+        """Human-readable report: one line per problem, then a summary."""
+        out = [f"{p.severity.upper():7} [{p.kind}] {p.file}: {p.fault}" for p in self.problems]
+        out.append(
+            f"{self.site_dir}: {self.layout} layout, {self.subjects} subjects, "
+            f"{len(self.errors)} errors, {len(self.warnings)} warnings"
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class _Volume:
+    path: Path
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    data: np.ndarray
+
+
+def validate_site(
+    site_dir: str | Path,
+    num_classes: int | None = None,
+    channels: int | None = None,
+    affine_tolerance: float = DEFAULT_AFFINE_TOLERANCE,
+    min_subjects: int = MIN_SUBJECTS,
+) -> ValidationReport:
+    """Check every subject of a site; classes default to the `labels` of dataset.json."""
+    listing = scan_site(site_dir)
+    classes = num_classes if num_classes is not None else listing.declared_classes
+    report = ValidationReport(str(listing.site_dir), listing.layout, len(listing.subjects), classes, channels)
+    report.problems.extend(listing.errors)
+    usable, seen_channels = 0, {}
+    for subject in listing.subjects:
+        problems, n_channels = _check_subject(subject, classes, affine_tolerance)
+        report.problems.extend(problems)
+        if n_channels is not None:
+            seen_channels[subject.images[0]] = n_channels
+        usable += not any(p.severity == "error" for p in problems)
+    report.problems.extend(_check_channels(seen_channels, channels))
+    if listing.layout not in ("missing", "unknown") and usable < min_subjects:
+        report.problems.append(Problem(
+            "error", "too-few-subjects", str(listing.site_dir),
+            f"{usable} usable subjects; a train / validation / test split needs at least {min_subjects}",
+        ))
+    return report
+
+
+def check_site(site_dir: str | Path, num_classes: int | None = None, channels: int | None = None) -> ValidationReport:
+    """Validate and raise SiteDataError (message with files, `public` with kinds only) on errors."""
+    report = validate_site(site_dir, num_classes, channels)
+    if not report.ok:
+        raise SiteDataError("; ".join(map(str, report.errors)), public_summary(report.errors))
+    return report
+
+
+def _check_subject(
+    subject: Subject, num_classes: int | None, tolerance: float
+) -> tuple[list[Problem], int | None]:
+    """Problems of one subject and its channel count (None when its images cannot be read)."""
+    problems: list[Problem] = []
+    images = [_read(path, problems) for path in subject.images]
+    label = _read(subject.label, problems)
+    channels = None
+    good_images = [v for v in images if v is not None and _image_dims_ok(v, len(subject.images) > 1, problems)]
+    if len(good_images) == len(images):
+        channels = sum(v.shape[3] if len(v.shape) == 4 else 1 for v in good_images)
+    if label is not None and len(label.shape) != 3:
+        if not (len(label.shape) == 4 and label.shape[3] == 1):
+            problems.append(_error("dimensions", label.path, f"label must be 3D, got shape {label.shape}"))
+            label = None
+    grid = [v for v in (*good_images, label) if v is not None]
+    for other in grid[1:]:
+        problems.extend(_compare_grids(grid[0], other, tolerance))
+    for volume in good_images:
+        problems.extend(_check_finite(volume))
+    if label is not None:
+        problems.extend(_check_finite(label) or _check_label_values(label, num_classes))
+    return problems, channels
+
+
+def _read(path: Path, problems: list[Problem]) -> _Volume | None:
+    """Load header and voxels; a read failure becomes an `unreadable` problem."""
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        problems.append(_error("unreadable", path, f"cannot read (corrupt or truncated?): {err}"))
+        return None
+    return _Volume(path, tuple(int(n) for n in data.shape), np.asarray(image.affine, dtype=float), data)
+
+
+def _image_dims_ok(volume: _Volume, multi_file: bool, problems: list[Problem]) -> bool:
+    allowed = (3,) if multi_file else (3, 4)
+    if len(volume.shape) in allowed:
+        return True
+    what = "each modality file must be 3D" if multi_file else "image must be 3D or 4D (channels last)"
+    problems.append(_error("dimensions", volume.path, f"{what}, got shape {volume.shape}"))
+    return False
+
+
+def _compare_grids(reference: _Volume, other: _Volume, tolerance: float) -> list[Problem]:
+    """Shape and affine of `other` against the subject's first image."""
+    if reference.shape[:3] != other.shape[:3]:
+        return [_error("shape-mismatch", other.path,
+                       f"voxel grid {other.shape[:3]} differs from {reference.path.name} {reference.shape[:3]}")]
+    spacing_ref = np.linalg.norm(reference.affine[:3, :3], axis=0)
+    spacing = np.linalg.norm(other.affine[:3, :3], axis=0)
+    if not np.allclose(spacing, spacing_ref, atol=tolerance):
+        return [_error("affine-mismatch", other.path,
+                       f"spacing {_fmt(spacing)} mm differs from {reference.path.name} {_fmt(spacing_ref)} mm")]
+    difference = float(np.abs(other.affine - reference.affine).max())
+    if difference > tolerance:
+        return [_error("affine-mismatch", other.path,
+                       f"orientation/origin differ from {reference.path.name} by up to {difference:.4g}"
+                       f" (tolerance {tolerance:g})")]
+    return []
+
+
+def _check_finite(volume: _Volume) -> list[Problem]:
+    if not np.issubdtype(volume.data.dtype, np.floating):
+        return []
+    bad = int(np.count_nonzero(~np.isfinite(volume.data)))
+    return [_error("non-finite", volume.path, f"{bad} NaN or infinite voxels")] if bad else []
+
+
+def _check_label_values(label: _Volume, num_classes: int | None) -> list[Problem]:
+    values = np.unique(label.data)
+    if not np.all(values == np.round(values)):
+        odd = values[values != np.round(values)][:5]
+        return [_error("label-values", label.path, f"non-integer label values, e.g. {_fmt(odd)}")]
+    if num_classes is not None:
+        outside = values[(values < 0) | (values >= num_classes)]
+        if outside.size:
+            return [_error("label-values", label.path,
+                           f"label values {_fmt(outside[:10])} outside the declared classes 0..{num_classes - 1}")]
+    if not np.any(values != 0):
+        return [Problem("warning", "empty-label", str(label.path), "label has no foreground voxels")]
+    return []
+
+
+def _check_channels(seen: dict[Path, int], expected: int | None) -> list[Problem]:
+    if expected is not None:
+        return [_error("channels", path, f"{n} image channels, the run expects {expected}")
+                for path, n in seen.items() if n != expected]
+    counts = sorted(set(seen.values()))
+    if len(counts) <= 1:
+        return []
+    usual = max(counts, key=list(seen.values()).count)
+    return [_error("channels", path, f"{n} image channels, most subjects have {usual}")
+            for path, n in seen.items() if n != usual]
+
+
+def _error(kind: str, path: Path, fault: str) -> Problem:
+    return Problem("error", kind, str(path), fault)
+
+
+def _fmt(values: np.ndarray) -> str:
+    return ", ".join(f"{v:g}" for v in np.asarray(values, dtype=float).ravel())
