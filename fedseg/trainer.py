@@ -2,7 +2,8 @@
 
 fit() trains from given start weights for some epochs (optionally with a FedProx proximal
 term); evaluate() runs sliding-window inference on whole volumes and returns Dice per class.
-On CUDA it uses bf16 autocast; on CPU with a seed it is deterministic.
+On CUDA it uses bf16 autocast (optionally a torch.compile'd training forward) and leaves cuDNN
+free to pick its fastest kernels; on CPU with a seed it is deterministic.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ from torch import nn
 
 from fedseg.metrics import dice_per_class
 from fedseg.models import build_model
+from fedseg.privacy import SitePrivacy, make_dp_compatible
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -69,15 +72,21 @@ class SegmentationTrainer:
         learning_rate: float = 1e-3,
         device: str | torch.device | None = None,
         amp: bool = True,
+        compile: bool = False,
+        dp_compatible: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model: nn.Module = build_model(model_name, in_channels, num_classes).to(self.device)
+        model = build_model(model_name, in_channels, num_classes)
+        self.model: nn.Module = (make_dp_compatible(model) if dp_compatible else model).to(self.device)
         self.num_classes = num_classes
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.amp = amp and self.device.type == "cuda"
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
+        # and the state dict keys stay on the plain module, which shares its parameters.
+        self._train_forward: nn.Module = torch.compile(self.model) if compile else self.model
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -96,42 +105,59 @@ class SegmentationTrainer:
         start_weights: StateDict | None = None,
         prox_mu: float = 0.0,
         seed: int | None = None,
+        privacy: SitePrivacy | None = None,
     ) -> FitResult:
-        """Train `epochs` passes over `dataset`; with prox_mu > 0 add (mu/2)·‖w − w_start‖²."""
+        """Train `epochs` passes over `dataset`; with prox_mu > 0 add (mu/2)·‖w − w_start‖².
+
+        With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
+        sampling, per-subject clipping and noise; the proximal term is refused there.
+        """
+        if privacy is not None and prox_mu > 0:
+            raise ValueError("DP-SGD cannot train FedProx's proximal term (Opacus replaces the gradient)")
         if seed is not None:
-            _seed_everything(seed, dataset)
+            _seed_everything(seed, dataset, keep_cudnn_flags=self.device.type == "cuda")
         if start_weights is not None:
             self.set_weights(start_weights)
         anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=0,
-            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
-        )
+        if privacy is None:
+            loader = DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                shuffle=True,
+                num_workers=0,
+                generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            )
+            session = nullcontext((optimizer, loader, self._train_forward))
+        else:  # Opacus' hooks sit on the plain module
+            session = privacy.attach(self.model, optimizer, dataset, self.batch_size, epochs)
         self.model.train()
         started = time.perf_counter()
-        total_loss, steps = 0.0, 0
-        for _ in range(epochs):
-            for batch in loader:
-                image = batch["image"].to(self.device, non_blocking=True)
-                label = batch["label"].to(self.device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    loss = self.loss_fn(self.model(image), label)
-                if anchor is not None:
-                    loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach())
-                steps += 1
+        total_loss, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
+        with session as (optimizer, loader, forward):
+            for _ in range(epochs):
+                for batch in loader:
+                    image = batch["image"].to(self.device, non_blocking=True)
+                    label = batch["label"].to(self.device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                        loss = self.loss_fn(forward(image), label)
+                    if anchor is not None:
+                        loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
+                    loss.backward()
+                    optimizer.step()
+                    total_loss += loss.detach()
+                    steps += 1
         return FitResult(
-            train_loss=total_loss / max(steps, 1),
+            train_loss=float(total_loss) / max(steps, 1),
             num_examples=len(dataset),
             seconds=time.perf_counter() - started,
         )
+
+    def release_memory(self) -> None:
+        """Hand cached, unused GPU memory back to the driver (other site processes may share the GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -161,8 +187,12 @@ def _squared_distance(params: Sequence[torch.Tensor] | object, anchor: list[torc
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[arg-type]
 
 
-def _seed_everything(seed: int, dataset: Dataset) -> None:
+def _seed_everything(seed: int, dataset: Dataset, keep_cudnn_flags: bool = False) -> None:
+    """Seed every RNG; with keep_cudnn_flags, undo MONAI's switch to slower deterministic cuDNN kernels."""
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     set_determinism(seed=seed)
+    if keep_cudnn_flags:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
     transform = getattr(dataset, "transform", None)
     if hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed)
