@@ -15,7 +15,11 @@ from typing import Any
 
 from fedseg.models import MODEL_NAMES
 
-STRATEGY_PARAM_PREFIX = "strategy."
+# Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
+# (a TOML table `[fedprox]` / `[tool.flwr.app.config.fedprox]` flattens to the same dotted keys).
+STRATEGY_PARAM_SEPARATOR = "."
+
+DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # Opacus accountants for DP-SGD's ε
 
 
 class ConfigError(ValueError):
@@ -43,6 +47,12 @@ class RunConfig:
     round_timeout: float = 3600.0
     min_live_sites: int = 1
     resume_from: str = ""
+    dp_sgd: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,14 +73,14 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         strategy_params: dict[str, Any] = {}
         for key, value in values.items():
-            if key.startswith(STRATEGY_PARAM_PREFIX):
-                strategy_params[key[len(STRATEGY_PARAM_PREFIX):]] = value
+            if STRATEGY_PARAM_SEPARATOR in key:
+                strategy_params[key] = value
             elif key in known:
                 kwargs[known[key].name] = _coerce(key, value, known[key].type)
             else:
                 raise ConfigError(
                     f"unknown run-config key '{key}'; valid keys: {', '.join(sorted(known))}"
-                    f" (strategy parameters go under '{STRATEGY_PARAM_PREFIX}<name>')"
+                    " (strategy parameters are '<strategy>.<parameter>', e.g. 'fedprox.proximal-mu')"
                 )
         config = cls(**kwargs, strategy_params=strategy_params)
         config.validate()
@@ -114,6 +124,35 @@ class RunConfig:
             raise ConfigError(
                 f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
             )
+        _validate_dp(self)
+
+
+def _validate_dp(config: RunConfig) -> None:
+    """The `dp-*` keys (DP-SGD at the sites, see fedseg.privacy): ranges always, combinations when on."""
+    if config.dp_noise_multiplier < 0:
+        raise ConfigError(f"run-config 'dp-noise-multiplier' must be >= 0, got {config.dp_noise_multiplier}")
+    if config.dp_max_grad_norm <= 0:
+        raise ConfigError(f"run-config 'dp-max-grad-norm' must be > 0, got {config.dp_max_grad_norm}")
+    if config.dp_target_epsilon < 0:
+        raise ConfigError(f"run-config 'dp-target-epsilon' must be >= 0 (0: no budget), got {config.dp_target_epsilon}")
+    if not 0.0 < config.dp_delta < 1.0:
+        raise ConfigError(f"run-config 'dp-delta' must be in (0, 1), got {config.dp_delta}")
+    if config.dp_accountant not in DP_ACCOUNTANTS:
+        raise ConfigError(
+            f"run-config 'dp-accountant' is '{config.dp_accountant}'; choose one of: {', '.join(DP_ACCOUNTANTS)}"
+        )
+    if not config.dp_sgd:
+        return
+    if config.dp_noise_multiplier == 0 and config.dp_target_epsilon == 0:
+        raise ConfigError(
+            "run-config 'dp-sgd' is on but neither 'dp-noise-multiplier' nor 'dp-target-epsilon' is > 0: "
+            "set the noise, or the ε budget to derive it from"
+        )
+    if config.strategy == "fedprox":
+        raise ConfigError(
+            "run-config 'dp-sgd' cannot be combined with strategy 'fedprox': Opacus replaces the gradient by "
+            "the clipped, noised per-subject sum, which drops the proximal term"
+        )
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -126,6 +165,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"run-config '{key}' must be an integer, got {value!r}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config '{key}' must be true or false, got {value!r}")
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -20,6 +20,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    strategy: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -41,6 +42,7 @@ class RoundRecord:
             "train": self.train,
             "failures": self.failures,
             "dropped": self.dropped,
+            "strategy": self.strategy,
         }
 
     @classmethod

@@ -1,21 +1,17 @@
-"""FedAvg: the global model is the average of site models weighted by their training examples."""
+"""`fedavg`: the global model is the average of the site models weighted by their training examples.
+
+    w ← Σᵢ nᵢ·wᵢ / Σᵢ nᵢ      (nᵢ = the reply's `num-examples`)
+
+The arithmetic is the base's: float arrays keep their dtype, integer buffers get the rounded
+weighted mean.
+"""
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-
-from fedseg.config import RunConfig
+from strategies.base import FedSegStrategy
 
 
-class FedAvg(FlowerFedAvg):
-    """Flower's FedAvg with every site sampled each round (cross-silo federation)."""
+class FedAvg(FedSegStrategy):
+    """Federated averaging (McMahan et al. 2017) over every site, weighted by examples."""
 
-    @classmethod
-    def from_config(cls, config: RunConfig) -> FedAvg:
-        return cls(
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=config.min_sites,
-            min_evaluate_nodes=config.min_sites,
-            min_available_nodes=config.min_sites,
-        )
+    name = "fedavg"

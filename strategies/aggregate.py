@@ -1,0 +1,88 @@
+"""Array arithmetic for strategies: zero-copy views of replies, update norms, lean weighted sums.
+
+Replies are read through read-only views of their serialized bytes, never copied whole; a sum
+keeps one float64 accumulator for one tensor at a time, so aggregating N sites needs the
+output model plus two tensor-sized buffers, not N model copies. Every array keeps its dtype:
+float32 stays float32 and integer buffers (BatchNorm's `num_batches_tracked`) stay integers.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """Read-only numpy view of an Array's serialized data (no copy); ValueError if it is malformed."""
+    data = array.data
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in _HEADER_READERS:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran_order, dtype = _HEADER_READERS[version](stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def is_float(array: np.ndarray) -> bool:
+    """True for floating-point arrays (weights, BatchNorm statistics), False for integer counters."""
+    return bool(np.issubdtype(array.dtype, np.floating))
+
+
+def squared_distance(array: np.ndarray, reference: np.ndarray | float) -> float:
+    """‖array − reference‖² in float64 (NaN or inf when `array` holds non-finite values)."""
+    diff = array.astype(np.float64)
+    diff -= reference
+    flat = diff.ravel()
+    return float(np.dot(flat, flat))
+
+
+def weighted_sum(
+    reference: ArrayRecord,
+    records: Sequence[ArrayRecord],
+    coefficients: Sequence[float],
+    *,
+    reference_coefficient: float = 0.0,
+    noise_std: float = 0.0,
+    rng: np.random.Generator | None = None,
+    average_integers: bool = True,
+) -> ArrayRecord:
+    """Σ cᵢ·recordᵢ + c₀·reference (+ Gaussian noise) per floating array, in the reference's key order.
+
+    Integer arrays are never noised: with `average_integers` they become the rounded mean of the
+    records weighted by the coefficients (normalised), otherwise they keep the reference's value.
+    """
+    out: dict[str, Array] = {}
+    for key, ref_array in reference.items():
+        ref = array_view(ref_array)
+        views = [array_view(record[key]) for record in records]
+        if is_float(ref):
+            total = _combine(ref, views, coefficients, reference_coefficient)
+            if noise_std > 0:
+                total += (rng or np.random.default_rng()).normal(0.0, noise_std, size=ref.shape)
+        elif average_integers:
+            scale = sum(coefficients)
+            total = np.rint(_combine(ref, views, [c / scale for c in coefficients], 0.0))
+        else:
+            total = ref
+        out[key] = Array(np.ascontiguousarray(total, dtype=ref.dtype))
+    return ArrayRecord(out)
+
+
+def _combine(ref: np.ndarray, views: Sequence[np.ndarray], coefficients: Sequence[float], ref_coefficient: float) -> np.ndarray:
+    """Σ cᵢ·viewᵢ + c₀·ref accumulated in place in one float64 buffer (plus one scratch buffer)."""
+    total = np.zeros(ref.shape, dtype=np.float64)
+    scratch = np.empty(ref.shape, dtype=np.float64)
+    if ref_coefficient:
+        total += np.multiply(ref, ref_coefficient, out=scratch)
+    for view, coefficient in zip(views, coefficients, strict=True):
+        total += np.multiply(view, coefficient, out=scratch)
+    return total
