@@ -34,5 +34,13 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
         typer.echo(f"{key} = {value!r}")
 
 
+@app.command("strategies")
+def strategies_command() -> None:
+    """List installed strategies (built-in and plugins) with their run-config parameters."""
+    from strategies.registry import describe_installed
+
+    typer.echo("\n".join(describe_installed()))
+
+
 if __name__ == "__main__":
     app()

@@ -176,6 +176,12 @@ class FedSegStrategy(FlowerFedAvg):
         log(WARNING, "[fedseg] %s: %s reply dropped: %s", site, stage, reason)
 
 
+def strategy_round_report(strategy: object, server_round: int) -> dict[str, Any]:
+    """`strategy.round_report(server_round)` when it has one (Flower's own strategies do not)."""
+    report = getattr(strategy, "round_report", None)
+    return dict(report(server_round)) if callable(report) else {}
+
+
 # ---------------------------------------------------------------------- shared reply checks
 @dataclass(frozen=True)
 class _Reference:

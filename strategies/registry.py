@@ -91,3 +91,19 @@ def _load_plugin(ep: EntryPoint) -> object:
     if name != ep.name:
         raise ConfigError(f"strategy plugin '{ep.name}' ({ep.value}) declares name '{name}'; they must match")
     return cls
+
+
+def describe_installed() -> list[str]:
+    """Human-readable lines: every installed strategy, where it comes from, and its parameters."""
+    lines = []
+    for name in installed_names():
+        source = "built-in" if name in BUILTIN else f"plugin {plugin_entry_points()[name].value}"
+        try:
+            cls = resolve(name)
+        except ConfigError as err:
+            lines.append(f"{name} ({source}): unusable: {err}")
+            continue
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"{name} ({source}): {summary}")
+        lines.extend(f"    {name}.{p.name}  {p.describe()}" for p in cls.declared_params())
+    return lines
