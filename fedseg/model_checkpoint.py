@@ -1,0 +1,87 @@
+"""A trained model as one file: weights plus what is needed to rebuild and apply the network.
+
+Format (a `torch.save`d dict, loaded with `weights_only=True`):
+`{"format": "fedseg-model/1", "state_dict": {name: tensor}, "model": "unet", "in_channels": 1,
+"num_classes": 3, "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "description": "..."}`.
+`pixdim` is the voxel spacing (mm) the model was trained at (None: the stored grid, no resampling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedseg.trainer import SegmentationTrainer
+
+FORMAT = "fedseg-model/1"
+
+
+class CheckpointError(ValueError):
+    """A model file cannot be read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelCheckpoint:
+    """Weights of one network and how to rebuild it."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    model: str
+    num_classes: int
+    patch_size: tuple[int, int, int]
+    pixdim: tuple[float, float, float] | None = None
+    in_channels: int = 1
+    description: str = ""
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a temporary file beside `path`, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(
+            {
+                "format": FORMAT,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+                "model": self.model,
+                "in_channels": self.in_channels,
+                "num_classes": self.num_classes,
+                "patch_size": list(self.patch_size),
+                "pixdim": list(self.pixdim) if self.pixdim is not None else None,
+                "description": self.description,
+            },
+            tmp,
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCheckpoint:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise CheckpointError(f"{path}: cannot read model file: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
+        pixdim = data["pixdim"]
+        return cls(
+            state_dict=data["state_dict"],
+            model=data["model"],
+            num_classes=int(data["num_classes"]),
+            patch_size=_triple(data["patch_size"], int),
+            pixdim=_triple(pixdim, float) if pixdim is not None else None,
+            in_channels=int(data["in_channels"]),
+            description=str(data.get("description", "")),
+        )
+
+    def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
+        """A SegmentationTrainer holding these weights (for sliding-window inference)."""
+        trainer = SegmentationTrainer(
+            self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device
+        )
+        trainer.set_weights(self.state_dict)
+        return trainer
+
+
+def _triple(values: Sequence, kind: type) -> tuple:
+    return tuple(kind(v) for v in values)
