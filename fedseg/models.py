@@ -21,7 +21,7 @@ def _unet(in_channels: int, out_channels: int) -> nn.Module:
         channels=(16, 32, 64, 128),
         strides=(2, 2, 2),
         num_res_units=2,
-        norm="batch",
+        norm="instance",
     )
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fedseg.data.datasets import evaluation_dataset, training_dataset
 from fedseg.data.sites import load_site_split
-from fedseg.data.synthetic import write_site
+from fedseg.data.synth import write_site
 from fedseg.trainer import EvalResult, SegmentationTrainer
 
 PATCH = (24, 24, 24)
@@ -28,17 +28,18 @@ def make_trainer() -> SegmentationTrainer:
     return SegmentationTrainer("unet", num_classes=3, patch_size=PATCH, batch_size=2, learning_rate=0.01)
 
 
-def test_trainer_learns_the_organ(site) -> None:
+def test_trainer_learns_the_gland_zones(site) -> None:
     train_set, test_set = site
     trainer = make_trainer()
     before = trainer.evaluate(test_set)
-    trainer.fit(train_set, epochs=10, seed=1)
+    trainer.fit(train_set, epochs=12, seed=1)
     after = trainer.evaluate(test_set)
-    # A random network scores near the organ's volume fraction (< 0.3); the organ is a bright,
-    # well-separated ellipsoid, so 10 epochs must segment it well. 0.7 leaves margin for seeds.
-    assert before.class_dice[0] < 0.3
-    assert after.class_dice[0] > 0.7
-    assert after.mean_dice > before.mean_dice + 0.2
+    # A random network scores about the zones' volume fraction (measured ≈ 0.03). After 12
+    # epochs on this seed the two zones reached Dice 0.78 / 0.83 (measured); 0.5 leaves room
+    # for platform differences while still failing if training does not learn the anatomy.
+    assert before.mean_dice < 0.2
+    assert after.mean_dice > 0.5
+    assert min(after.class_dice) > 0.3
 
 
 def test_fit_is_deterministic_on_cpu(site) -> None:
