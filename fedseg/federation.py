@@ -1,26 +1,84 @@
 """The round loop: send, collect per-site replies, aggregate with the strategy, record, checkpoint.
 
 fedseg runs its own loop over a Flower strategy's configure/aggregate hooks (instead of
-`Strategy.start`) so that it can keep per-site metrics and failures in history.json and
-write the run folder after every round.
+`Strategy.start`) so that it can keep per-site metrics and failures in history.json,
+write the run folder (history, model, checkpoint) after every round, resume from a
+checkpoint, and go on without sites that died:
+
+- A site that does not answer within `round-timeout`, or that the SuperLink reports as
+  gone, is *dropped*: the round finishes with the others and later rounds no longer
+  sample it. The history names it.
+- Each stage the strategy sees only the live sites (a `LiveGrid`), and its minimum node
+  counts are lowered to the number of live sites, so Flower's `sample_nodes` never waits
+  forever for a site that is gone. The run stops with a clear error only when fewer than
+  `min-live-sites` remain for `round-timeout` seconds.
+- Replies are aggregated in a fixed order (by site), so a run is reproducible bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
+from fedseg.checkpoint import Checkpoint, restore_strategy, rng_state, set_rng_state, strategy_state
 from fedseg.config import RunConfig
 from fedseg.history import History, RoundRecord
+from strategies.base import strategy_round_report
+
+# Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.
+NODE_GONE_ERRORS = frozenset(
+    {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+)
+NODE_MINIMUMS = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
+# The metric a reply must carry (finite) to be counted in history.json, per stage.
+RECORDED_METRIC = {"train": "train-loss", "evaluate": "dice"}
+POLL_SECONDS = 1.0
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few live sites)."""
+
+
+class LiveGrid(Grid):
+    """A grid that shows a strategy only the given live nodes; everything else is delegated."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        return self._grid.create_message(*args, **kwargs)  # type: ignore[arg-type]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 @dataclass
@@ -31,32 +89,43 @@ class Federation:
     strategy: Strategy
     config: RunConfig
     run_dir: Path
+    _site_names: dict[int, str] = field(default_factory=dict, init=False)
+    _dropped: set[int] = field(default_factory=set, init=False)
+    _started: bool = field(default=False, init=False)
 
-    def run(self, initial: ArrayRecord) -> tuple[ArrayRecord, History]:
-        """Evaluate the initial model, then train and evaluate for num-server-rounds."""
+    def __post_init__(self) -> None:
+        self._minimums = {name: getattr(self.strategy, name) for name in NODE_MINIMUMS if hasattr(self.strategy, name)}
+
+    def run(self, initial: ArrayRecord, resume: Checkpoint | None = None) -> tuple[ArrayRecord, History]:
+        """Evaluate the initial model, then train and evaluate up to num-server-rounds.
+
+        With `resume`, continue after the checkpoint's last finished round instead.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._site_names: dict[int, str] = {}
-        history = History(config=self.config.to_dict())
-        arrays = initial
-        history.rounds.append(self._evaluate(0, arrays, RoundRecord(round=0)))
-        self._report(history.rounds[-1])
-        for server_round in range(1, self.config.num_server_rounds + 1):
+        if resume is None:
+            arrays, history = initial, History(config=self.config.to_dict())
+            record = self._evaluate(0, arrays, RoundRecord(round=0))
+            self._finish_round(arrays, history, record)
+        else:
+            arrays, history = self._restore(resume)
+        for server_round in range(history.rounds[-1].round + 1, self.config.num_server_rounds + 1):
             started = time.perf_counter()
             record = RoundRecord(round=server_round)
             arrays = self._train(server_round, arrays, record)
             self._evaluate(server_round, arrays, record)
+            record.strategy = strategy_round_report(self.strategy, server_round)
             record.seconds = time.perf_counter() - started
-            history.rounds.append(record)
-            history.save(self.run_dir / "history.json")
-            save_model(arrays, self.run_dir / "model.pt")
-            self._report(record)
+            self._finish_round(arrays, history, record)
         return arrays, history
 
+    # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
         config = ConfigRecord(
             {"local-epochs": self.config.local_epochs, "learning-rate": self.config.learning_rate}
         )
-        replies = self._send(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        replies = self._stage(
+            "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record
+        )
         record.train = self._collect(replies, "train", record)
         new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
@@ -65,35 +134,124 @@ class Federation:
         return new_arrays
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> RoundRecord:
-        replies = self._send(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid))
+        replies = self._stage(
+            "evaluate",
+            lambda grid: self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            record,
+        )
         record.eval = self._collect(replies, "evaluate", record)
         self.strategy.aggregate_evaluate(server_round, replies)
         return record
 
-    def _send(self, messages: Iterable[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+    def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
+        """Record the round and write the run folder: history, model and checkpoint."""
+        history.rounds.append(record)
+        history.save(self.run_dir / "history.json")
+        save_model(arrays, self.run_dir / "model.pt")
+        Checkpoint(
+            round=record.round,
+            arrays=arrays,
+            strategy_state=strategy_state(self.strategy),
+            rng_state=rng_state(),
+            history=history,
+        ).save(self.run_dir)
+        self._report(record)
+
+    def _restore(self, checkpoint: Checkpoint) -> tuple[ArrayRecord, History]:
+        restore_strategy(self.strategy, checkpoint.strategy_state)
+        set_rng_state(checkpoint.rng_state)
+        log(INFO, "[fedseg] resuming %s after round %d", self.run_dir, checkpoint.round)
+        return checkpoint.arrays, checkpoint.history
+
+    # ------------------------------------------------------------------ one stage (train or evaluate)
+    def _stage(
+        self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord
+    ) -> list[Message]:
+        """Configure on the live sites, send, drop the silent ones; replies in site order."""
+        live = self._live_nodes()
+        for name, configured in self._minimums.items():
+            setattr(self.strategy, name, max(1, min(configured, len(live))))
+        messages = list(configure(LiveGrid(self.grid, live)))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+            reason = f"no reply within round-timeout ({self.config.round_timeout:g} s)"
+            self._fail(node, stage, reason, record, drop=True)
+        for reply in replies:
+            self._learn_site_name(reply)
+        return sorted(replies, key=lambda r: (self._site_name(r.metadata.src_node_id), r.metadata.src_node_id))
+
+    def _live_nodes(self) -> list[int]:
+        """Connected, not dropped nodes; waits (at most round-timeout) until enough are there."""
+        required = self.config.min_live_sites if self._started else self.config.min_sites
+        deadline = time.monotonic() + self.config.round_timeout
+        polls = 0
+        while len(live := sorted(set(self.grid.get_node_ids()) - self._dropped)) < required:
+            if time.monotonic() >= deadline:
+                key = "min-live-sites" if self._started else "min-sites"
+                raise FederationError(
+                    f"only {len(live)} live site(s) after waiting {self.config.round_timeout:g} s "
+                    f"(round-timeout); run-config '{key}' needs {required}"
+                    + (f"; dropped: {', '.join(self._site_name(n) for n in sorted(self._dropped))}" if self._dropped else "")
+                )
+            if polls % 30 == 0:
+                log(INFO, "[fedseg] waiting for sites: %d live, %d needed", len(live), required)
+            polls += 1
+            time.sleep(POLL_SECONDS)
+        self._started = True
+        return live
 
     def _collect(self, replies: list[Message], stage: str, record: RoundRecord) -> dict[str, dict[str, float]]:
-        """Per-site metrics of good replies; failures recorded with the site's reason."""
+        """Per-site metrics of replies without error; failures recorded with the site's reason."""
         per_site: dict[str, dict[str, float]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                site = self._site_names.get(node, f"node-{node}")
-                record.failures.append({"site": site, "stage": stage, "reason": str(reply.error.reason)})
-                log(WARNING, "%s: %s failed: %s", site, stage, reply.error.reason)
+                gone = reply.error.code in NODE_GONE_ERRORS
+                self._fail(node, stage, str(reply.error.reason), record, drop=gone)
                 continue
-            metrics = dict(next(iter(reply.content.metric_records.values())))
-            site = f"site-{int(metrics.get('site-id', node))}"
-            self._site_names[node] = site
-            per_site[site] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+            metrics = _numeric_metrics(reply.content)
+            if RECORDED_METRIC[stage] not in metrics:
+                reason = f"reply without a finite '{RECORDED_METRIC[stage]}' metric"
+                self._fail(node, stage, reason, record, drop=False)
+                continue
+            per_site[self._site_name(node)] = metrics
         return dict(sorted(per_site.items()))
+
+    def _learn_site_name(self, reply: Message) -> None:
+        """Name a node `site-<site-id>` from its reply's metrics (history and logs use it)."""
+        if not reply.has_error():
+            site_id = _numeric_metrics(reply.content).get("site-id", math.nan)
+            if math.isfinite(site_id):
+                self._site_names[reply.metadata.src_node_id] = f"site-{int(site_id)}"
+
+    def _fail(self, node: int, stage: str, reason: str, record: RoundRecord, drop: bool) -> None:
+        site = self._site_name(node)
+        record.failures.append({"site": site, "stage": stage, "reason": reason})
+        log(WARNING, "%s: %s failed: %s", site, stage, reason)
+        if drop and node not in self._dropped:
+            self._dropped.add(node)
+            record.dropped.append(site)
+            log(WARNING, "[fedseg] %s dropped: it is not sampled again in this run", site)
+
+    def _site_name(self, node: int) -> str:
+        return self._site_names.get(node, f"node-{node}")
 
     @staticmethod
     def _report(record: RoundRecord) -> None:
         sites = "  ".join(f"{name} {m['dice']:.3f}" for name, m in record.eval.items())
         loss = "" if record.round == 0 else f"  train-loss {record.train_loss:.3f}"
         log(INFO, "[fedseg] round %d  Dice: %s  | mean %.3f%s", record.round, sites, record.mean_dice, loss)
+
+
+def _numeric_metrics(content: RecordDict) -> dict[str, float]:
+    """The finite scalar metrics of a reply (a malformed reply gives fewer keys, never a crash)."""
+    values: dict[str, float] = {}
+    for record in content.metric_records.values():
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                values[key] = float(value)
+    return values
 
 
 def save_model(arrays: ArrayRecord, path: Path) -> None:

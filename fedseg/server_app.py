@@ -11,9 +11,11 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg.checkpoint import resume_checkpoint
 from fedseg.config import RunConfig
 from fedseg.federation import Federation
 from fedseg.models import build_model
+from fedseg.privacy import make_dp_compatible, privacy_summary
 from strategies.registry import build_strategy
 
 app = ServerApp()
@@ -24,18 +26,22 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the strategy and the initial model, run all rounds."""
     config = RunConfig.from_mapping(context.run_config)
     strategy = build_strategy(config)
-    run_dir = new_run_dir(config)
+    checkpoint = resume_checkpoint(config)
+    run_dir = Path(config.resume_from).expanduser().resolve() if checkpoint else new_run_dir(config)
     log(INFO, "[fedseg] strategy %s, model %s, %d rounds; run folder %s",
         config.strategy, config.model, config.num_server_rounds, run_dir)
-    _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config))
+    _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config), resume=checkpoint)
     log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
         history.final_dice, history.rounds[0].mean_dice, run_dir)
+    for line in privacy_summary(history.to_dict()):
+        log(INFO, "[fedseg] %s", line)
 
 
 def initial_weights(config: RunConfig) -> ArrayRecord:
     """Seeded random initial model, the same on every run with the same seed."""
     torch.manual_seed(config.seed)
-    return ArrayRecord(build_model(config.model, 1, config.num_classes).state_dict())
+    model = build_model(config.model, 1, config.num_classes)
+    return ArrayRecord((make_dp_compatible(model) if config.dp_sgd else model).state_dict())
 
 
 def new_run_dir(config: RunConfig) -> Path:

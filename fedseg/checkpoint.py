@@ -1,0 +1,131 @@
+"""The run folder's checkpoint: everything needed to continue a run after the server died.
+
+`checkpoint.pt` is rewritten atomically after every finished round. It holds the global
+weights, the round, the strategy's state (`strategy.state_dict()`, e.g. a privacy
+accountant), the server's random number generator states and the history. It is loaded
+with `torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedseg.config import ConfigError, RunConfig
+from fedseg.history import History
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Keys that may differ between the interrupted run and its resumption (they steer how, not what).
+RESUMABLE_CHANGES = frozenset({"num-server-rounds", "output-dir", "round-timeout", "min-sites", "min-live-sites", "resume-from"})
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after `round` finished rounds (round 0: the initial model was evaluated)."""
+
+    round: int
+    arrays: ArrayRecord
+    strategy_state: dict[str, Any]
+    rng_state: dict[str, Any]
+    history: History
+
+    def save(self, run_dir: Path) -> Path:
+        """Write `<run_dir>/checkpoint.pt` atomically (a crash leaves the previous one intact)."""
+        path = run_dir / CHECKPOINT_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(
+            {
+                "format": FORMAT_VERSION,
+                "round": self.round,
+                "weights": self.arrays.to_torch_state_dict(),
+                "strategy": self.strategy_state,
+                "rng": self.rng_state,
+                "history": self.history.to_dict(),
+            },
+            tmp,
+        )
+        tmp.replace(path)
+        return path
+
+
+def load_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """Read `<run_dir>/checkpoint.pt`; ConfigError naming the file if it is missing or unreadable."""
+    path = Path(run_dir).expanduser() / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"run-config 'resume-from': {path} not found (is '{run_dir}' a fedseg run folder?)")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise ConfigError(f"run-config 'resume-from': cannot read {path}: {err}") from err
+    if data.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"{path}: checkpoint format {data.get('format')!r}, this fedseg reads {FORMAT_VERSION}")
+    return Checkpoint(
+        round=int(data["round"]),
+        arrays=ArrayRecord(data["weights"]),
+        strategy_state=dict(data["strategy"]),
+        rng_state=data["rng"],
+        history=History.from_dict(data["history"]),
+    )
+
+
+def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Path) -> None:
+    """Fail before any round if the run config changed what the interrupted run computes."""
+    saved = checkpoint.history.config
+    current = config.to_dict()
+    changed = sorted(
+        key for key in set(saved) | set(current)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+    )
+    if changed:
+        details = ", ".join(f"'{k}' was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {run_dir}: the run config changed: {details}")
+
+
+def rng_state() -> dict[str, Any]:
+    """The server's Python, NumPy and torch random states, as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def strategy_state(strategy: object) -> dict[str, Any]:
+    """`strategy.state_dict()` when the strategy has one (Flower's own strategies do not)."""
+    state_dict = getattr(strategy, "state_dict", None)
+    return dict(state_dict()) if callable(state_dict) else {}
+
+
+def restore_strategy(strategy: object, state: dict[str, Any]) -> None:
+    """Give the strategy its saved state; a stateful checkpoint needs a strategy that can load it."""
+    load = getattr(strategy, "load_state_dict", None)
+    if callable(load):
+        load(state)
+    elif state:
+        raise ConfigError(f"strategy {type(strategy).__name__} cannot load the saved state (keys {sorted(state)})")
+
+
+def resume_checkpoint(config: RunConfig) -> Checkpoint | None:
+    """The checkpoint named by run-config 'resume-from' (checked against the config), or None."""
+    if not config.resume_from:
+        return None
+    checkpoint = load_checkpoint(config.resume_from)
+    check_resumable(checkpoint, config, config.resume_from)
+    return checkpoint

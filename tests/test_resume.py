@@ -1,0 +1,97 @@
+"""A run interrupted after any round and resumed ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseg.checkpoint import CHECKPOINT_FILE, load_checkpoint, resume_checkpoint
+from fedseg.config import ConfigError, RunConfig
+from fedseg.history import History
+from fedseg.server_app import initial_weights
+from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
+
+__all__ = ["task_identity"]  # the fixture
+
+ROUNDS = 2
+
+
+class ServerCrash(Exception):
+    """Stands in for the server process dying."""
+
+
+def crash_in_round(grid: InProcessGrid, server_round: int) -> None:
+    """Make the grid raise when the train messages of `server_round` are sent."""
+
+    def before_send(messages: list) -> None:
+        if messages and messages[0].metadata.message_type == "train" and \
+                int(messages[0].content["config"]["server-round"]) == server_round:
+            raise ServerCrash(f"server died in round {server_round}")
+
+    grid.before_send = before_send
+
+
+def test_resumed_run_is_bit_identical(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": ROUNDS})
+    reference, reference_history = run_federation(InProcessGrid(values, 2), values, tmp_path / "reference")
+
+    interrupted_dir = tmp_path / "interrupted"
+    grid = InProcessGrid(values, 2)
+    crash_in_round(grid, 2)
+    with pytest.raises(ServerCrash):
+        run_federation(grid, values, interrupted_dir)
+    assert load_checkpoint(interrupted_dir).round == 1
+    # A new server process: fresh strategy, fresh random state, fresh grid.
+    random.seed(12345)
+    torch.manual_seed(12345)
+    resumed_values = {**values, "resume-from": str(interrupted_dir)}
+    fed = federation(InProcessGrid(values, 2), resumed_values, interrupted_dir)
+    resumed, history = fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+
+    reference_state, resumed_state = reference.to_torch_state_dict(), resumed.to_torch_state_dict()
+    assert list(resumed_state) == list(reference_state)
+    for key, tensor in reference_state.items():
+        assert torch.equal(resumed_state[key], tensor), key
+    assert [r.round for r in history.rounds] == list(range(ROUNDS + 1))
+    assert dice_by_round(history) == dice_by_round(reference_history)
+    saved = json.loads((interrupted_dir / "history.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == list(range(ROUNDS + 1))
+    on_disk = torch.load(interrupted_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(on_disk[k], reference_state[k]) for k in reference_state)
+
+
+def dice_by_round(history: History) -> list[dict[str, float]]:
+    return [{site: metrics["dice"] for site, metrics in r.eval.items()} for r in history.rounds]
+
+
+def test_checkpoint_holds_round_weights_strategy_rng_and_history(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1})
+    final, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.round == 1
+    assert set(checkpoint.rng_state) == {"python", "numpy", "torch"}
+    assert isinstance(checkpoint.strategy_state, dict)
+    assert checkpoint.history.to_dict() == history.to_dict()
+    saved, expected = checkpoint.arrays.to_torch_state_dict(), final.to_torch_state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert not list((tmp_path / "run").glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_resume_rejects_a_changed_config(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1})
+    run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    changed = RunConfig.from_mapping({**values, "learning-rate": 0.5, "resume-from": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="'learning-rate' was 0.01, now 0.5"):
+        resume_checkpoint(changed)
+    more_rounds = RunConfig.from_mapping({**values, "num-server-rounds": 4, "resume-from": str(tmp_path / "run")})
+    assert resume_checkpoint(more_rounds).round == 1
+
+
+def test_resume_from_a_folder_without_checkpoint_names_the_file(tmp_path: Path) -> None:
+    config = RunConfig.from_mapping({"resume-from": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"{tmp_path / CHECKPOINT_FILE} not found"):
+        resume_checkpoint(config)
