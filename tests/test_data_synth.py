@@ -1,0 +1,108 @@
+"""`fedseg synth`: seeded, anatomy-like, and different per institution in the ways that matter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion
+from typer.testing import CliRunner
+
+from fedseg.cli import app
+from fedseg.data.synth import INSTITUTIONS, render_subject, synthesize, write_site
+from fedseg.data.validate import validate_site
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    result = CliRunner().invoke(app, ["synth", str(out), "--size", "tiny", "--num-classes", "5", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def ras(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+
+
+def zone_means(inst_index: int) -> tuple[float, float]:
+    """Mean noiseless intensity inside the peripheral (1) and transition (2) zones (edges eroded)."""
+    inst = dataclasses.replace(INSTITUTIONS[inst_index], noise=0.0, bias=0.0)
+    image, label, _ = render_subject(np.random.default_rng(0), inst, 48)
+    image = image / image.max()
+    return float(image[binary_erosion(label == 1)].mean()), float(image[binary_erosion(label == 2)].mean())
+
+
+def test_layout_subject_imbalance_and_all_classes(tiny: Path) -> None:
+    names = sorted(p.name for p in tiny.iterdir())
+    assert names == ["outside", "site-0", "site-1", "site-2"]
+    counts = {n: json.loads((tiny / n / "dataset.json").read_text())["numTraining"] for n in names}
+    assert counts == {"outside": 4, "site-0": 6, "site-1": 4, "site-2": 9}
+    labels = np.concatenate([ras(p).ravel() for n in names for p in (tiny / n / "labelsTr").glob("*.nii.gz")])
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    for name in names:
+        report = validate_site(tiny / name)
+        assert report.ok and report.num_classes == 5, report.lines()
+
+
+def test_institutions_differ_in_contrast_spacing_and_orientation(tiny: Path) -> None:
+    (pz0, tz0), (pz1, tz1) = zone_means(0), zone_means(1)
+    assert pz0 > tz0 + 0.2 and pz1 < tz1 - 0.1  # T2: bright peripheral zone; T1-like site: inverted
+    headers = {n: nib.load(next((tiny / n / "imagesTr").glob("*.nii.gz"))) for n in ("site-0", "site-1", "site-2")}
+    assert [h.header.get_zooms() for h in headers.values()] == [(1.0, 1.0, 1.0), (0.8, 0.8, 1.6), (1.2, 1.2, 2.4)]
+    assert [nib.aff2axcodes(h.affine) for h in headers.values()] == [("R", "A", "S"), ("L", "P", "S"), ("R", "A", "S")]
+
+
+def test_structures_touch_and_edges_have_partial_volume() -> None:
+    image, label, _ = render_subject(np.random.default_rng(0), INSTITUTIONS[0], 40, num_classes=4)
+    gland = label == 1
+    for axis in range(3):  # the bladder (3) and the transition zone (2) border the peripheral zone
+        shifted = np.roll(gland, 1, axis=axis)
+        if np.any(shifted & (label == 3)) and np.any(shifted & (label == 2)):
+            break
+    else:
+        pytest.fail("peripheral zone touches neither bladder nor transition zone")
+    noiseless = dataclasses.replace(INSTITUTIONS[0], noise=0.0, bias=0.0)
+    clean, _, _ = render_subject(np.random.default_rng(0), noiseless, 40, num_classes=4)
+    levels = np.unique(np.round(clean / clean.max(), 2))
+    assert len(levels) > 30  # mixed edge voxels and texture, not a few flat tissue values
+
+
+def test_annotator_style_offsets_label_boundaries() -> None:
+    loose = dataclasses.replace(INSTITUTIONS[0], annotator_mm=1.5)
+    tight = dataclasses.replace(INSTITUTIONS[0], annotator_mm=-1.5)
+    _, loose_label, _ = render_subject(np.random.default_rng(1), loose, 32)
+    _, tight_label, _ = render_subject(np.random.default_rng(1), tight, 32)
+    assert np.all(loose_label[tight_label > 0] > 0)
+    assert (loose_label > 0).sum() > 1.3 * (tight_label > 0).sum()
+
+
+def test_seeded_and_deterministic(tmp_path: Path) -> None:
+    a = write_site(tmp_path / "a", 1, 2, 24, seed=7)
+    b = write_site(tmp_path / "b", 1, 2, 24, seed=7)
+    c = write_site(tmp_path / "c", 1, 2, 24, seed=8)
+    name = "imagesTr/b_001.nii.gz"
+    assert np.array_equal(ras(a / name), ras(b / name))
+    assert not np.array_equal(ras(a / name), ras(c / name))
+
+
+def test_refuses_to_overwrite_and_rejects_bad_options(tiny: Path) -> None:
+    with pytest.raises(FileExistsError, match="site-0: already exists"):
+        synthesize(tiny, "tiny", seed=3)
+    result = CliRunner().invoke(app, ["synth", str(tiny / "new"), "--size", "huge"])
+    assert result.exit_code == 2 and "unknown size 'huge'" in result.output
+    with pytest.raises(ValueError, match=r"num_classes must be in \[3, 5\]"):
+        write_site(tiny / "x", 0, 1, 16, 0, num_classes=6)
+
+
+def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:
+    ok = CliRunner().invoke(app, ["validate-data", str(tiny / "site-1")])
+    assert ok.exit_code == 0 and "decathlon layout, 4 subjects, 0 errors, 0 warnings" in ok.output
+    bad = CliRunner().invoke(app, ["validate-data", str(tiny / "site-1"), "--num-classes", "3", "--json"])
+    report = json.loads(bad.output)
+    assert bad.exit_code == 1 and not report["ok"] and report["errors"] >= 1
+    assert {p["kind"] for p in report["problems"]} == {"label-values", "too-few-subjects"}  # none usable
