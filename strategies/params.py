@@ -13,7 +13,7 @@ from typing import Any
 
 from fedseg.config import ConfigError
 
-_TYPE_NAMES = {int: "integer", float: "number", bool: "true/false", str: "string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Param:
         """The value converted to this parameter's type, or ValueError saying what is allowed."""
         typed = _typed(value, self.type)
         if typed is None:
-            raise ValueError(f"must be a {_TYPE_NAMES[self.type]}, got {value!r}")
+            raise ValueError(f"must be {_TYPE_NAMES[self.type]}, got {value!r}")
         if self.choices and typed not in self.choices:
             raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
         if self.minimum is not None and typed < self.minimum:
