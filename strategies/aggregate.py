@@ -11,25 +11,41 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+_LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic
 
 
 def array_view(array: Array) -> np.ndarray:
     """Read-only numpy view of an Array's serialized data (no copy); ValueError if it is malformed."""
     data = array.data
-    stream = io.BytesIO(data)
+    prefix = bytes(data[:8])
+    if len(prefix) < 8 or not prefix.startswith(np.lib.format.MAGIC_PREFIX):
+        raise ValueError("not .npy data (bad magic string)")
+    width = _LENGTH_BYTES.get(prefix[6])
+    if width is None or prefix[7] != 0:
+        raise ValueError(f"unsupported .npy format version {(prefix[6], prefix[7])}")
+    offset = 8 + width + int.from_bytes(data[8:8 + width], "little")
+    shape, fortran_order, dtype = _parse_header(bytes(data[:offset]))
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+@lru_cache(maxsize=4096)
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of a .npy header; memoised, as every site sends the same headers."""
+    stream = io.BytesIO(header)
     version = np.lib.format.read_magic(stream)
     if version not in _HEADER_READERS:
         raise ValueError(f"unsupported .npy format version {version}")
     shape, fortran_order, dtype = _HEADER_READERS[version](stream)
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return shape, fortran_order, dtype
 
 
 def is_float(array: np.ndarray) -> bool:
@@ -39,10 +55,8 @@ def is_float(array: np.ndarray) -> bool:
 
 def squared_distance(array: np.ndarray, reference: np.ndarray | float) -> float:
     """‖array − reference‖² in float64 (NaN or inf when `array` holds non-finite values)."""
-    diff = array.astype(np.float64)
-    diff -= reference
-    flat = diff.ravel()
-    return float(np.dot(flat, flat))
+    flat = np.subtract(array, reference, dtype=np.float64).ravel()
+    return float(np.einsum("i,i->", flat, flat))  # not np.dot: BLAS threads stall on a busy machine
 
 
 def weighted_sum(
