@@ -91,6 +91,7 @@ class Federation:
     run_dir: Path
     _site_names: dict[int, str] = field(default_factory=dict, init=False)
     _dropped: set[int] = field(default_factory=set, init=False)
+    _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +169,7 @@ class Federation:
         self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord
     ) -> list[Message]:
         """Configure on the live sites, send, drop the silent ones; replies in site order."""
-        live = self._live_nodes()
+        live = self._live_nodes(stage, record)
         for name, configured in self._minimums.items():
             setattr(self.strategy, name, max(1, min(configured, len(live))))
         messages = list(configure(LiveGrid(self.grid, live)))
@@ -181,12 +182,15 @@ class Federation:
             self._learn_site_name(reply)
         return sorted(replies, key=lambda r: (self._site_name(r.metadata.src_node_id), r.metadata.src_node_id))
 
-    def _live_nodes(self) -> list[int]:
-        """Connected, not dropped nodes; waits (at most round-timeout) until enough are there."""
+    def _live_nodes(self, stage: str, record: RoundRecord) -> list[int]:
+        """Connected, not dropped nodes; waits (at most round-timeout) until enough are there.
+
+        A node that was live before and is no longer connected is dropped (and recorded).
+        """
         required = self.config.min_live_sites if self._started else self.config.min_sites
         deadline = time.monotonic() + self.config.round_timeout
         polls = 0
-        while len(live := sorted(set(self.grid.get_node_ids()) - self._dropped)) < required:
+        while len(live := self._connected(stage, record)) < required:
             if time.monotonic() >= deadline:
                 key = "min-live-sites" if self._started else "min-sites"
                 raise FederationError(
@@ -199,7 +203,14 @@ class Federation:
             polls += 1
             time.sleep(POLL_SECONDS)
         self._started = True
+        self._live = set(live)
         return live
+
+    def _connected(self, stage: str, record: RoundRecord) -> list[int]:
+        connected = set(self.grid.get_node_ids())
+        for node in sorted(self._live - connected - self._dropped):
+            self._fail(node, stage, "disconnected from the SuperLink", record, drop=True)
+        return sorted(connected - self._dropped)
 
     def _collect(self, replies: list[Message], stage: str, record: RoundRecord) -> dict[str, dict[str, float]]:
         """Per-site metrics of replies without error; failures recorded with the site's reason."""
