@@ -1,8 +1,8 @@
 """Array arithmetic for strategies: zero-copy views of replies, update norms, lean weighted sums.
 
 Replies are read through read-only views of their serialized bytes, never copied whole; a sum
-keeps one float64 accumulator for one tensor at a time, so aggregating N sites needs the
-output model plus two tensor-sized buffers, not N model copies. Every array keeps its dtype:
+keeps one accumulator (in the array's dtype) for one tensor at a time, so aggregating N sites
+needs the output model plus two tensor-sized buffers, not N model copies. Every array keeps its dtype:
 float32 stays float32 and integer buffers (BatchNorm's `num_batches_tracked`) stay integers.
 """
 
@@ -53,10 +53,26 @@ def is_float(array: np.ndarray) -> bool:
     return bool(np.issubdtype(array.dtype, np.floating))
 
 
-def squared_distance(array: np.ndarray, reference: np.ndarray | float) -> float:
-    """‖array − reference‖² in float64 (NaN or inf when `array` holds non-finite values)."""
-    flat = np.subtract(array, reference, dtype=np.float64).ravel()
-    return float(np.einsum("i,i->", flat, flat))  # not np.dot: BLAS threads stall on a busy machine
+class Scratch:
+    """Reusable work buffers, one per (slot, dtype), grown to the largest tensor seen: repeated
+    per-tensor arithmetic then allocates (and page-faults) nothing new."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = math.prod(shape)
+        buffer = self._buffers.get((slot, dtype))
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[(slot, dtype)] = np.empty(size, dtype)
+        return buffer[:size].reshape(shape)
+
+
+def squared_distance(array: np.ndarray, reference: np.ndarray | float, scratch: Scratch | None = None) -> float:
+    """‖array − reference‖², computed in the array's own dtype (NaN or inf for non-finite values)."""
+    out = (scratch or Scratch()).get("diff", array.shape, array.dtype)
+    flat = np.subtract(array, reference, out=out).ravel()
+    return float(np.dot(flat, flat))
 
 
 def weighted_sum(
@@ -75,28 +91,37 @@ def weighted_sum(
     records weighted by the coefficients (normalised), otherwise they keep the reference's value.
     """
     out: dict[str, Array] = {}
+    scratch = Scratch()
     for key, ref_array in reference.items():
         ref = array_view(ref_array)
         views = [array_view(record[key]) for record in records]
         if is_float(ref):
-            total = _combine(ref, views, coefficients, reference_coefficient)
+            total = _combine(ref, views, coefficients, reference_coefficient, ref.dtype, scratch)
             if noise_std > 0:
                 total += (rng or np.random.default_rng()).normal(0.0, noise_std, size=ref.shape)
         elif average_integers:
             scale = sum(coefficients)
-            total = np.rint(_combine(ref, views, [c / scale for c in coefficients], 0.0))
+            total = np.rint(_combine(ref, views, [c / scale for c in coefficients], 0.0, np.dtype(np.float64), scratch))
         else:
             total = ref
         out[key] = Array(np.ascontiguousarray(total, dtype=ref.dtype))
     return ArrayRecord(out)
 
 
-def _combine(ref: np.ndarray, views: Sequence[np.ndarray], coefficients: Sequence[float], ref_coefficient: float) -> np.ndarray:
-    """Σ cᵢ·viewᵢ + c₀·ref accumulated in place in one float64 buffer (plus one scratch buffer)."""
-    total = np.zeros(ref.shape, dtype=np.float64)
-    scratch = np.empty(ref.shape, dtype=np.float64)
+def _combine(
+    ref: np.ndarray,
+    views: Sequence[np.ndarray],
+    coefficients: Sequence[float],
+    ref_coefficient: float,
+    dtype: np.dtype,
+    scratch: Scratch,
+) -> np.ndarray:
+    """Σ cᵢ·viewᵢ + c₀·ref accumulated in place in a reused `dtype` buffer (valid until the next call)."""
+    total, product = scratch.get("total", ref.shape, dtype), scratch.get("product", ref.shape, dtype)
     if ref_coefficient:
-        total += np.multiply(ref, ref_coefficient, out=scratch)
+        np.multiply(ref, ref_coefficient, out=total)
+    else:
+        total.fill(0)
     for view, coefficient in zip(views, coefficients, strict=True):
-        total += np.multiply(view, coefficient, out=scratch)
+        total += np.multiply(view, coefficient, out=product)
     return total

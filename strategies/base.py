@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -31,7 +32,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg.config import RunConfig
-from strategies.aggregate import array_view, is_float, squared_distance, weighted_sum
+from strategies.aggregate import Scratch, array_view, is_float, squared_distance, weighted_sum
 from strategies.params import Param, resolve_params
 
 NUM_EXAMPLES = "num-examples"
@@ -140,12 +141,15 @@ class FedSegStrategy(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, drop bad ones with a logged reason, combine the rest."""
-        reference = _reference(self.global_arrays)
+        scratch = Scratch()
+        reference = _reference(self.global_arrays, scratch)
         good = []
         for message in replies:
             if message.has_error():
                 continue
-            reply, reason = check_train_reply(message.content, reference, self.required_metrics, self.max_update_ratio)
+            reply, reason = check_train_reply(
+                message.content, reference, self.required_metrics, self.max_update_ratio, scratch
+            )
             reason = reason if reply is None else self.check_reply(reply)
             if reason:
                 self._drop(message, "train", reason)
@@ -190,9 +194,9 @@ class _Reference:
     norm: float
 
 
-def _reference(arrays: ArrayRecord) -> _Reference:
+def _reference(arrays: ArrayRecord, scratch: Scratch) -> _Reference:
     views = {key: array_view(array) for key, array in arrays.items()}
-    norm = math.sqrt(sum(squared_distance(v, 0.0) for v in views.values() if is_float(v)))
+    norm = math.sqrt(sum(squared_distance(v, 0.0, scratch) for v in views.values() if is_float(v)))
     return _Reference(arrays, {k: (v.shape, str(v.dtype)) for k, v in views.items()}, norm)
 
 
@@ -213,7 +217,11 @@ def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricR
 
 
 def check_train_reply(
-    content: RecordDict, reference: _Reference, required: Iterable[str], max_update_ratio: float
+    content: RecordDict,
+    reference: _Reference,
+    required: Iterable[str],
+    max_update_ratio: float,
+    scratch: Scratch | None = None,
 ) -> tuple[Reply | None, str]:
     """A `Reply` if the content matches the global model (keys, shapes, dtypes), is finite and
     its update norm is not absurd; otherwise None and the reason."""
@@ -235,8 +243,8 @@ def check_train_reply(
         if view.shape != shape or str(view.dtype) != dtype:
             return None, f"array '{key}' is {view.dtype}{list(view.shape)}, the global model has {dtype}{list(shape)}"
         if is_float(view):
-            distance = squared_distance(view, array_view(reference.arrays[key]))
-            if not math.isfinite(distance):
+            distance = squared_distance(view, array_view(reference.arrays[key]), scratch)
+            if not math.isfinite(distance) and not np.isfinite(view).all():
                 return None, f"array '{key}' holds non-finite values"
             squared += distance
     norm = math.sqrt(squared)
