@@ -7,7 +7,8 @@ Contract for every strategy (built-in or plugin), all on top of Flower's message
   attribute (`proximal-mu` → `self.proximal_mu`).
 - `aggregate_train` checks every reply (`check_train_reply`) and drops a bad one with a logged
   reason — never averages it — then calls `combine(server_round, replies)` on the good ones.
-  Override `site_weights` (who counts how much) or `combine` (how the model is built).
+  Override `check_reply` (an extra check), `site_weights` (who counts how much) or `combine`
+  (how the model is built).
 - `state_dict()` → a JSON-serialisable dict (str keys; int, float, str, bool, lists, dicts) of
   everything the strategy must remember across rounds (e.g. a privacy accountant, a cyclic
   position). A resumed run builds the strategy from the same run config, calls
