@@ -85,5 +85,115 @@ def strategies_command() -> None:
     typer.echo("\n".join(describe_installed()))
 
 
+
+# ---------------------------------------------------------------------- real sites
+site_app = typer.Typer(help="What a hospital runs: check its data, join a federation.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+
+@app.command()
+def certs(
+    out: str = typer.Argument(..., help="folder to write ca.crt, server.crt/.key and sites/<name>/auth.key/.pub"),
+    host: list[str] = typer.Option(..., "--host", help="server host name or IP the sites dial (repeatable)"),
+    site: list[str] = typer.Option(..., "--site", help="site name (repeatable); one auth key pair each"),
+    connection: str = typer.Option("fedseg", help="flwr connection name used in the printed commands"),
+    port: int = typer.Option(9092, help="SuperLink port used in the printed commands"),
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate and per-site SuperNode key pairs."""
+    from fedseg.deploy.certs import make_certs
+
+    try:
+        bundle = make_certs(out, host, site)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(f"CA certificate (give to every site): {bundle.ca_cert}")
+    typer.echo(f"SuperLink certificate and key (stay on the server): {bundle.server_cert}, {bundle.server_key}")
+    typer.echo("Register the sites once the SuperLink runs:")
+    for line in bundle.registration_commands(connection):
+        typer.echo(f"  {line}")
+    typer.echo("Then each site (send it ca.crt and its own sites/<name>/auth.key, over a trusted channel):")
+    for index, keys in enumerate(bundle.sites):
+        typer.echo(f"  fedseg site join --superlink {host[0]}:{port} --data-dir DATA --name {keys.name} "
+                   f"--site-id {index} --ca ca.crt --auth-key auth.key")
+
+
+@app.command()
+def server(
+    certs_dir: str = typer.Option(None, "--certs", help="folder from `fedseg certs` (ca.crt, server.crt, server.key)"),
+    host: str = typer.Option("0.0.0.0", help="address to listen on"),
+    port: int = typer.Option(9092, help="port for SuperNodes and run submission (firewall it, see SECURITY.md)"),
+    node_auth: bool = typer.Option(True, help="accept only registered SuperNodes"),
+    insecure: bool = typer.Option(False, help="no TLS: only for a local trial on one machine"),
+    database: str = typer.Option(None, help="SQLite file for the SuperLink's state (default: in memory)"),
+    print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
+) -> None:
+    """Start the SuperLink of a federation (TLS and SuperNode authentication on by default)."""
+    from fedseg.deploy.launch import TlsFiles, connection_toml, exec_flower, shell_line, superlink_command
+
+    if (certs_dir is None) != insecure:
+        typer.echo("error: give --certs DIR (from `fedseg certs`), or --insecure for a local trial", err=True)
+        raise typer.Exit(code=2)
+    try:
+        tls = None if insecure else TlsFiles.from_dir(certs_dir)
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    command = superlink_command(tls, host=host, port=port, node_auth=node_auth, database=database)
+    typer.echo("Connection for `flwr run . fedseg` (add to $FLWR_HOME/config.toml, default ~/.flwr/config.toml):")
+    typer.echo(connection_toml("fedseg", f"{host if host != '0.0.0.0' else '127.0.0.1'}:{port}",
+                               tls.ca_cert if tls else None))
+    typer.echo(shell_line(command))
+    if not print_only:
+        exec_flower(command)
+
+
+@site_app.command("check")
+def site_check(
+    data_dir: str = typer.Option(..., "--data-dir", help="this site's data folder"),
+    config: str = typer.Option(None, help="run-config TOML (model, classes, patch size); default: built-in"),
+) -> None:
+    """Validate this site's data, then run the model once on one volume; exit 1 on problems."""
+    from fedseg.config import ConfigError, RunConfig
+    from fedseg.deploy.site_check import check_site_ready
+
+    try:
+        run_config = RunConfig.from_toml(config) if config else RunConfig()
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    report, dry_run = check_site_ready(data_dir, run_config)
+    typer.echo("\n".join(report.lines()))
+    if dry_run is None:
+        typer.echo("not ready: fix the errors above, then check again", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(dry_run.line(run_config))
+    typer.echo("ready to join")
+
+
+@site_app.command("join")
+def site_join(
+    superlink: str = typer.Option(..., help="HOST:PORT of the federation's SuperLink"),
+    data_dir: str = typer.Option(..., "--data-dir", help="this site's data folder (never leaves the site)"),
+    name: str = typer.Option(..., help="this site's name, as registered with the SuperLink"),
+    site_id: int = typer.Option(..., help="this site's number in the federation (0, 1, ...; unique)"),
+    ca: str = typer.Option(None, help="the federation's ca.crt (TLS)"),
+    auth_key: str = typer.Option(None, help="this site's private auth key (sites/<name>/auth.key)"),
+    insecure: bool = typer.Option(False, help="no TLS and no authentication: only for a local trial"),
+    local_port: int = typer.Option(9094, help="port of the SuperNode's local runtime API (localhost)"),
+    print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
+) -> None:
+    """Start this site's Flower SuperNode with its data folder and site number."""
+    from fedseg.deploy.launch import exec_flower, shell_line, supernode_command
+
+    if insecure == (ca is not None):
+        typer.echo("error: give --ca (and --auth-key), or --insecure for a local trial", err=True)
+        raise typer.Exit(code=2)
+    command = supernode_command(superlink, data_dir, site_id, ca, auth_key, local_port)
+    typer.echo(f"site {name}: {shell_line(command)}")
+    if not print_only:
+        exec_flower(command)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,107 @@
+"""Command lines of the Flower processes a real federation runs, and the `flwr` connection entry.
+
+- Coordinating site: `flower-superlink` (TLS, SuperNode authentication on by default,
+  runtime dependency installation off: the server never pip-installs what a run asks for).
+- Each hospital: `flower-supernode` with its data folder and site number as node config.
+- Whoever submits runs: a named connection in `$FLWR_HOME/config.toml` for `flwr run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 9092
+DEFAULT_LOCAL_PORT = 9094  # the SuperNode's own runtime API (localhost only)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The SuperLink's TLS files as `fedseg certs` writes them into one folder."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, certs_dir: str | Path) -> TlsFiles:
+        folder = Path(certs_dir).expanduser().resolve()
+        files = cls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+        missing = [str(p) for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"TLS files not found: {', '.join(missing)} (make them with `fedseg certs`)")
+        return files
+
+
+def superlink_command(
+    tls: TlsFiles | None,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    node_auth: bool = True,
+    database: str | None = None,
+) -> list[str]:
+    """`flower-superlink` with TLS (None: --insecure, for local trials only) and node auth."""
+    command = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                    "--ssl-keyfile", str(tls.server_key)]
+    if node_auth:
+        command.append("--enable-supernode-auth")
+    if database:
+        command += ["--database", database]
+    return command
+
+
+def node_config(data_dir: str | Path, site_id: int) -> str:
+    """The SuperNode's node config: where this site's data lives and its site number."""
+    folder = str(Path(data_dir).expanduser().resolve())
+    return f"data-dir={json.dumps(folder)} site-id={int(site_id)}"
+
+
+def supernode_command(
+    superlink: str,
+    data_dir: str | Path,
+    site_id: int,
+    root_certificates: str | Path | None,
+    auth_key: str | Path | None,
+    local_port: int = DEFAULT_LOCAL_PORT,
+) -> list[str]:
+    """`flower-supernode` for one site; root_certificates None means --insecure (local trials)."""
+    command = ["flower-supernode", "--superlink", superlink, "--node-config", node_config(data_dir, site_id),
+               "--host", "127.0.0.1", "--port", str(local_port)]
+    if root_certificates is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(Path(root_certificates).expanduser().resolve())]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(Path(auth_key).expanduser().resolve())]
+    return command
+
+
+def connection_toml(name: str, address: str, root_certificates: str | Path | None) -> str:
+    """A `[superlink.<name>]` table for `$FLWR_HOME/config.toml` (`flwr run . <name>`)."""
+    lines = [f"[superlink.{name}]", f"address = {json.dumps(address)}"]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).expanduser().resolve()))}")
+    return "\n".join(lines) + "\n"
+
+
+def shell_line(command: list[str]) -> str:
+    """The command as one copy-pasteable shell line."""
+    return shlex.join(command)
+
+
+def exec_flower(command: list[str]) -> None:
+    """Replace this process with the Flower command (found beside this Python first, then on PATH)."""
+    beside = Path(sys.executable).parent / command[0]
+    program = str(beside) if beside.is_file() else command[0]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    os.execvpe(program, [program, *command[1:]], env)

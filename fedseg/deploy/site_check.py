@@ -1,0 +1,65 @@
+"""`fedseg site check`: is this site ready to join? Validate its data, then run the model once.
+
+The dry forward pass loads one volume through the same preprocessing the federation uses
+and runs sliding-window inference with an untrained model of the run's architecture, so a
+site finds out about memory, file or shape trouble before the first round, not during it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedseg.config import RunConfig
+from fedseg.data.datalist import load_datalist
+from fedseg.data.datasets import evaluation_dataset
+from fedseg.data.validate import ValidationReport, validate_site
+from fedseg.trainer import SegmentationTrainer
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What one forward pass on one of the site's volumes showed."""
+
+    volume_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    seconds: float
+    device: str
+    parameters: int
+
+    def line(self, config: RunConfig) -> str:
+        return (
+            f"dry run: {config.model} ({self.parameters:,} parameters) on {self.device}: volume "
+            f"{'x'.join(map(str, self.volume_shape))} -> {self.output_shape[0]} class maps in {self.seconds:.2f} s"
+        )
+
+
+def check_site_ready(data_dir: str | Path, config: RunConfig) -> tuple[ValidationReport, DryRun | None]:
+    """Validate the site's data; when it has no errors, do the dry forward pass."""
+    report = validate_site(data_dir, num_classes=config.num_classes)
+    return report, (dry_forward(data_dir, config) if report.ok else None)
+
+
+def dry_forward(data_dir: str | Path, config: RunConfig) -> DryRun:
+    """Sliding-window logits of an untrained model on the site's first volume."""
+    volume = evaluation_dataset(load_datalist(data_dir)[:1])[0]["image"]
+    trainer = SegmentationTrainer(
+        model_name=config.model,
+        num_classes=config.num_classes,
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+    )
+    started = time.perf_counter()
+    logits = trainer.predict_logits(torch.as_tensor(volume)[None])
+    if not torch.isfinite(logits).all():
+        raise ValueError("the dry forward pass produced non-finite outputs")
+    return DryRun(
+        volume_shape=tuple(volume.shape[1:]),
+        output_shape=tuple(logits.shape[1:]),
+        seconds=time.perf_counter() - started,
+        device=str(trainer.device),
+        parameters=sum(p.numel() for p in trainer.model.parameters()),
+    )
