@@ -64,7 +64,8 @@ def main() -> None:
         for name, (items, steps) in plans.items():
             trainer = train(items, steps, args, cache)
             matrix[name] = {test: trainer.evaluate(data).mean_dice for test, data in test_sets.items()}
-            print(f"trained {name} on {len(items)} subjects ({time.perf_counter() - started:.0f} s)", flush=True)
+            scores = " ".join(f"{test} {dice:.3f}" for test, dice in matrix[name].items())
+            print(f"{name} ({len(items)} subjects, {time.perf_counter() - started:.0f} s): {scores}", flush=True)
 
     sites = list(test_sets)
     print("\nmean foreground Dice (rows: trained on, columns: tested on)")

@@ -15,9 +15,11 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.site_runtime import runtime_for
+from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.trainer import EvalResult
 
 SITE_ERROR_CODE = 100
+PRIVACY_BUDGET_CODE = 101  # DP-SGD: the next fit would exceed dp-target-epsilon; the site trains no more
 log = logging.getLogger("fedseg.client")
 _PATH_LIKE = re.compile(r"[^\s'\"]*[/\\][^\s'\":]*")
 
@@ -31,12 +33,14 @@ def train(msg: Message, context: Context) -> Message:
         site = runtime_for(context)
         config = msg.content["config"]
         server_round = int(config.get("server-round", 0))
+        privacy = site.privacy_for(context)
         result = site.trainer.fit(
             site.train_set,
             epochs=int(config.get("local-epochs", site.config.local_epochs)),
             start_weights=msg.content["arrays"].to_torch_state_dict(),
             prox_mu=float(config.get("proximal-mu", 0.0)),
             seed=site.fit_seed(server_round),
+            privacy=privacy,
         )
         validation = site.trainer.evaluate(site.val_set)
     except Exception as err:  # noqa: BLE001 - any site failure becomes an error reply, not a crash
@@ -48,6 +52,7 @@ def train(msg: Message, context: Context) -> Message:
             "val-dice": validation.mean_dice,
             "train-seconds": result.seconds,
             "site-id": site.site_id,
+            **(privacy.metrics() if privacy else {}),  # sample-level ε so far at δ; the ledger stays here
         }
     )
     arrays = ArrayRecord(site.trainer.get_weights())
@@ -81,7 +86,8 @@ def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
     """Log the full error locally; send the server the fault with file paths redacted."""
     log.error("%s failed at this site: %s: %s", stage, type(err).__name__, err)
     reason = f"{stage} failed at this site: {type(err).__name__}: {redact_paths(str(err))} (details in the site's log)"
-    return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
+    code = PRIVACY_BUDGET_CODE if isinstance(err, PrivacyBudgetExceeded) else SITE_ERROR_CODE
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def redact_paths(text: str) -> str:

@@ -6,9 +6,12 @@ Built once per (run config, site) and reused across rounds while the process liv
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -18,6 +21,7 @@ from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.datasets import evaluation_dataset, training_dataset
 from fedseg.data.sites import load_site_split, site_dir_for
+from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
 
 
@@ -36,6 +40,27 @@ class SiteRuntime:
     def fit_seed(self, server_round: int) -> int:
         """Seed of one local fit: differs per site and round, fixed for a given run seed."""
         return self.config.seed * 1_000_003 + server_round * 1_009 + self.site_id
+
+    def privacy_for(self, context: Context) -> SitePrivacy | None:
+        """DP-SGD state of this site in this run (None without dp-sgd), its ledger in the site's state dir."""
+        settings = DPSettings.from_config(self.config)
+        if settings is None:
+            return None
+        return SitePrivacy(settings, ledger_for(site_state_dir(context), context.run_id))
+
+
+def site_state_dir(context: Context) -> Path:
+    """The site's own folder for state that must outlive a process (e.g. the privacy ledger).
+
+    node_config 'state-dir' if given, else `<$FEDSEG_CACHE or ~/.cache/fedseg>/site-state/<site>`,
+    where <site> is site-<id> in simulation or a hash of the node's data-dir in deployment.
+    """
+    node = context.node_config
+    if "state-dir" in node:
+        return Path(str(node["state-dir"])).expanduser()
+    site_id, data_dir = site_of(context)
+    key = f"site-{site_id}" if data_dir is None else "site-" + hashlib.sha256(data_dir.encode()).hexdigest()[:12]
+    return Path(os.environ.get("FEDSEG_CACHE", Path.home() / ".cache" / "fedseg")) / "site-state" / key
 
 
 def site_of(context: Context) -> tuple[int, str | None]:
@@ -65,13 +90,15 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> 
         patch_size=config.patch_size,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
+        dp_compatible=config.dp_sgd,
     )
     return SiteRuntime(
         config=config,
         site_id=site_id,
         split=split,
         trainer=trainer,
-        train_set=training_dataset(split.train, config.patch_size),
+        # DP-SGD's privacy unit is the subject: one patch per subject per draw (see fedseg.privacy)
+        train_set=training_dataset(split.train, config.patch_size, samples_per_volume=1 if config.dp_sgd else 2),
         val_set=evaluation_dataset(split.val),
         test_set=evaluation_dataset(split.test),
     )
