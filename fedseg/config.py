@@ -30,8 +30,8 @@ class ConfigError(ValueError):
 class RunConfig:
     """Settings of one federated run (keys are the hyphenated names in pyproject)."""
 
-    num_server_rounds: int = 3
-    local_epochs: int = 2
+    num_server_rounds: int = 6
+    local_epochs: int = 3
     learning_rate: float = 0.01
     strategy: str = "fedavg"
     model: str = "unet"
