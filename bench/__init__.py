@@ -1,0 +1,1 @@
+"""fedseg benchmarks (not tests): `python -m bench all [--quick] [--device cuda]`."""

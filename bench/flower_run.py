@@ -1,0 +1,100 @@
+"""Start this app with `flwr run` (local simulation) and collect wall time, history.json and peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, TreeMemorySampler, descendants
+
+SUPERLINK_MARK = "flower-superlink"
+SIMULATION_MARK = "flwr-simulation"
+
+
+@dataclass(frozen=True)
+class SimulationRun:
+    """What one `flwr run` took and wrote."""
+
+    wall_seconds: float
+    history: dict[str, Any]
+    peak_rss_bytes: int
+    log_tail: str
+
+    @property
+    def round_seconds(self) -> list[float]:
+        """Seconds of every training round (train + aggregate + evaluate), as history.json records them."""
+        return [r["seconds"] for r in self.history["rounds"] if r["round"] > 0]
+
+
+def toml_value(value: object) -> str:
+    """A run-config override value in the syntax of Flower's --run-config."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _local_superlinks() -> list[int]:
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and SUPERLINK_MARK in _cmdline(int(e.name))]
+
+
+class SimulationProcesses:
+    """The process tree of the first simulation the local SuperLink starts after this object is made.
+
+    Other runs may share the SuperLink; only the first new `flwr-simulation` process (and its Ray
+    children) is followed, so their memory is not counted.
+    """
+
+    def __init__(self) -> None:
+        self.before = {pid for link in _local_superlinks() for pid in descendants(link)}
+        self.root: int | None = None
+
+    def __call__(self) -> list[int]:
+        if self.root is None:
+            for link in _local_superlinks():
+                for pid in descendants(link):
+                    if pid not in self.before and SIMULATION_MARK in _cmdline(pid):
+                        self.root = pid
+                        break
+        return descendants(self.root) if self.root is not None else []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def flwr_run(run_config: dict[str, Any], num_supernodes: int, num_cpus: int, timeout: float = 1800) -> SimulationRun:
+    """`flwr run` this app (no runtime dependency installation) into a fresh temporary output dir."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+    with tempfile.TemporaryDirectory(prefix="fedseg-bench-") as tmp:
+        output = Path(tmp) / "runs"
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**run_config, "output-dir": str(output)}.items())
+        command = [
+            os.path.join(bin_dir, "flwr"), "run", str(REPO), "--stream",
+            "--run-config", overrides,
+            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
+        ]
+        with TreeMemorySampler(SimulationProcesses()) as sampler:
+            started = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+            wall = time.perf_counter() - started
+        log = done.stdout + done.stderr
+        histories = sorted(output.glob("*/history.json"))
+        if done.returncode != 0 or len(histories) != 1:
+            raise RuntimeError(f"flwr run failed (exit {done.returncode}, histories {histories}):\n{log[-4000:]}")
+        history = json.loads(histories[0].read_text())
+    return SimulationRun(wall, history, sampler.peak, log[-2000:])
