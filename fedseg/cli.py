@@ -22,11 +22,13 @@ def version() -> None:
 
 @app.command("check-config")
 def check_config(path: str = typer.Argument(..., help="TOML file of run-config keys")) -> None:
-    """Validate a run-config TOML file without training anything."""
+    """Validate a run-config TOML file (including strategy parameters) without training anything."""
     from fedseg.config import ConfigError, RunConfig
+    from strategies.registry import build_strategy
 
     try:
         config = RunConfig.from_toml(path)
+        build_strategy(config)
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

@@ -72,3 +72,15 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_check_config_command_rejects_bad_strategy_parameter(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli import app
+
+    path = tmp_path / "run.toml"
+    path.write_text('strategy = "fedprox"\n"fedprox.proximal-mu" = "high"\n')
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert "'fedprox.proximal-mu' must be a number, got 'high'" in result.output
