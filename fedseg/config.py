@@ -94,7 +94,7 @@ class RunConfig:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(f"{path}: cannot read run config: {err}") from err
-        return cls.from_mapping(_flatten(data))
+        return cls.from_mapping(flatten(data))
 
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError on the first bad value."""
@@ -195,12 +195,13 @@ def _parse_patch(key: str, value: Any) -> tuple[int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables → dotted keys, as Flower flattens `[tool.flwr.app.config]`."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat

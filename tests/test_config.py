@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.config import ConfigError, RunConfig
+from fedseg.config import ConfigError, RunConfig, flatten
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def default_run_config() -> dict:
-    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    return flatten(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
 
 
 def test_pyproject_defaults_are_valid_and_match_the_dataclass() -> None:
