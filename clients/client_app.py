@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.site_runtime import runtime_for
+from clients.weights import state_from_record
 from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.trainer import EvalResult
 
@@ -37,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
         result = site.trainer.fit(
             site.train_set,
             epochs=int(config.get("local-epochs", site.config.local_epochs)),
-            start_weights=msg.content["arrays"].to_torch_state_dict(),
+            start_weights=state_from_record(msg.content["arrays"]),
             prox_mu=float(config.get("proximal-mu", 0.0)),
             seed=site.fit_seed(server_round),
             privacy=privacy,
@@ -56,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     arrays = ArrayRecord(site.trainer.get_weights())
+    site.trainer.release_memory()  # the next simulated client in this process may need the GPU memory
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -65,9 +67,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = runtime_for(context)
         started = time.perf_counter()
-        result = site.trainer.evaluate(site.test_set, weights=msg.content["arrays"].to_torch_state_dict())
+        result = site.trainer.evaluate(site.test_set, weights=state_from_record(msg.content["arrays"]))
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
+    site.trainer.release_memory()
     metrics = evaluation_metrics(result)
     metrics["eval-seconds"] = time.perf_counter() - started
     metrics["site-id"] = site.site_id

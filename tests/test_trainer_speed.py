@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedseg.trainer import SegmentationTrainer
@@ -18,3 +19,24 @@ def test_compiled_trainer_keeps_plain_state_dict_keys() -> None:
     # The compiled forward shares the plain module's parameters, so training updates both views.
     assert compiled._train_forward is not compiled.model
     assert {id(p) for p in compiled._train_forward.parameters()} == {id(p) for p in compiled.model.parameters()}
+
+
+def test_received_weights_view_the_record_without_copying() -> None:
+    from flwr.app import ArrayRecord
+
+    from clients.weights import state_from_record
+
+    torch.manual_seed(0)
+    trainer = SegmentationTrainer("unet", num_classes=3, patch_size=(16, 16, 16), device="cpu")
+    sent = trainer.get_weights()
+    record = ArrayRecord(sent)
+    received = state_from_record(record)
+    assert list(received) == list(sent)
+    for key, tensor in sent.items():
+        assert received[key].dtype == tensor.dtype and torch.equal(received[key], tensor), key
+    first = next(iter(record))
+    serialized = np.frombuffer(record[first].data, dtype=np.uint8)
+    assert np.shares_memory(received[first].numpy(), serialized), "the tensor must view the record's bytes"
+    other = SegmentationTrainer("unet", num_classes=3, patch_size=(16, 16, 16), device="cpu")
+    other.set_weights(received)  # loading copies the read-only views into the model
+    assert all(torch.equal(other.get_weights()[k], sent[k]) for k in sent)
