@@ -197,5 +197,55 @@ def site_join(
         exec_flower(command)
 
 
+
+@app.command()
+def experiment(config: str = typer.Argument(..., help="experiment TOML (see configs/experiment-*.toml)")) -> None:
+    """Run every arm of an experiment (finished arms are skipped when started again); write cases.csv."""
+    from fedseg.config import ConfigError
+    from fedseg.experiments import ExperimentError, ExperimentSpec, run_experiment
+
+    try:
+        results = run_experiment(ExperimentSpec.from_toml(config), echo=typer.echo)
+    except (ConfigError, ExperimentError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(f"results: {results}; next: fedseg report {results}")
+
+
+@app.command()
+def report(
+    results_dir: str = typer.Argument(..., help="results folder holding cases.csv"),
+    out: str = typer.Option(None, help="where report.md and the plots go (default: RESULTS_DIR)"),
+) -> None:
+    """Markdown tables (cross-site Dice, arm means, paired tests) and PNG plots from cases.csv."""
+    from fedseg.report import build_report
+    from fedseg.report.cases import CasesError
+
+    try:
+        typer.echo(build_report(results_dir, out))
+    except CasesError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+
+
+@app.command()
+def predict(
+    input_path: str = typer.Argument(..., metavar="INPUT", help="a .nii/.nii.gz volume, or a folder of them"),
+    output_path: str = typer.Argument(..., metavar="OUTPUT", help="output file, or folder for a folder input"),
+    model: list[str] = typer.Option(..., help="model checkpoint; repeat for an ensemble (probabilities averaged)"),
+) -> None:
+    """Segment volumes; the labels are written on the input's grid (shape, spacing, affine)."""
+    from fedseg.model_checkpoint import CheckpointError
+    from fedseg.predict import PredictError
+    from fedseg.predict import predict as run_predict
+
+    try:
+        outputs = run_predict(model, input_path, output_path)
+    except (PredictError, CheckpointError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    for path in outputs:
+        typer.echo(path)
+
 if __name__ == "__main__":
     app()

@@ -6,7 +6,7 @@ results/<experiment>/
   arms/<arm-id>/arm.json      what the arm was (arm, kind, trained_on, model bytes, sites, seconds)
   arms/<arm-id>/history.json  per-round Dice, train loss and seconds (federated and cyclic arms)
   arms/<arm-id>/cases.csv     this arm's rows (cases.csv is their concatenation)
-  arms/<arm-id>/model.pt      checkpoint (see fedseg.model_checkpoint), for `fedseg predict`
+  arms/<arm-id>/final-model.pt  the final model (fedseg.model_checkpoint format), for `fedseg predict`
   overlays/<case>/<arm-id>.npz  one slice of image, truth and prediction (for the overlay plot)
 ```
 Checkpoints and overlays stay local: never commit them.
@@ -22,7 +22,7 @@ CASES = "cases.csv"
 ARMS = "arms"
 ARM_INFO = "arm.json"
 HISTORY = "history.json"
-MODEL = "model.pt"
+MODEL = "final-model.pt"
 OVERLAYS = "overlays"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedseg.report.cases import CaseRow  # noqa: E402
-from fedseg.report.layout import ARMS, HISTORY, OVERLAYS, ArmInfo  # noqa: E402
+from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo  # noqa: E402
 from fedseg.report.tables import Cell, Model, model_label, models, test_sets  # noqa: E402
 
 DPI = 80
@@ -32,13 +32,15 @@ class Curve:
     seconds: list[float]  # cumulative wall time
 
 
-def load_curves(results_dir: Path) -> list[Curve]:
-    """Curves of every arm folder holding a history.json."""
+def load_curves(results_dir: Path, keep: Collection[Model]) -> list[Curve]:
+    """Curves of the models in `keep` whose arm folder holds a history.json."""
     curves = []
     for folder in sorted((results_dir / ARMS).glob("*")):
-        if not (folder / HISTORY).is_file():
+        if not (folder / HISTORY).is_file() or not (folder / ARM_INFO).is_file():
             continue
         info = ArmInfo.load(folder)
+        if (info.arm, info.trained_on) not in keep:
+            continue
         rounds = json.loads((folder / HISTORY).read_text())["rounds"]
         sent = np.cumsum([2 * info.model_bytes * len(r.get("train", {})) / 1e6 for r in rounds])
         label = info.arm if info.trained_on == "federation" else f"{info.arm} ({info.trained_on})"
@@ -126,7 +128,8 @@ def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
         ax_row[0].set_title(case.name, fontsize=7)
         _label_panel(ax_row[1], first["image"], first["truth"], "truth")
         for ax, file in zip(ax_row[2:], files):
-            _label_panel(ax, first["image"], np.load(file)["prediction"], file.stem.split("--")[0])
+            arm, trained_on = file.stem.split("--", 1)
+            _label_panel(ax, first["image"], np.load(file)["prediction"], f"{arm}\n{trained_on}")
         for ax in ax_row:
             ax.axis("off")
     fig.tight_layout()

@@ -20,6 +20,7 @@ from fedseg.report.tables import (
 )
 
 REPORT = "report.md"
+CURVE_KINDS = ("federated", "cyclic")  # arms drawn in the Dice-vs-round and cost plots
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -83,7 +84,8 @@ def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
     plots.plot_heatmap(rows, cross_site_matrix(rows), out / "heatmap.png")
     plots.plot_boxes(rows, out / "boxes.png")
     made += ["heatmap.png", "boxes.png"]
-    curves = plots.load_curves(results_dir)
+    kinds = {row.model: row.kind for row in rows}
+    curves = plots.load_curves(results_dir, {m for m, kind in kinds.items() if kind in CURVE_KINDS})
     if curves:
         central = next((s.internal.mean for s in arm_summaries(rows) if s.kind == "centralized"), math.nan)
         plots.plot_rounds(curves, out / "dice_vs_round.png", reference=central)

@@ -1,0 +1,89 @@
+"""A Flower Grid that answers each site in this process with the real ClientApp.
+
+The experiment runner drives `fedseg.federation.Federation` through it: the same round loop,
+strategies and client code as `flwr run`, without starting a Flower runtime for every arm.
+Each node is one site, given to the ClientApp as node_config {"data-dir", "site-id"}, exactly
+as a deployed SuperNode names its data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import count
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import app as default_client_app
+
+RUN_ID = 1
+SERVER_NODE_ID = 1
+FIRST_SITE_NODE_ID = 100
+
+
+class LocalGrid(Grid):
+    """Nodes FIRST_SITE_NODE_ID, +1, ... answered in order by `client_app` with their own Context."""
+
+    def __init__(
+        self,
+        run_config: Mapping[str, Any],
+        node_configs: Iterable[Mapping[str, Any]],
+        client_app: ClientApp = default_client_app,
+    ) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            node: Context(
+                run_id=RUN_ID, node_id=node, node_config=dict(config), state=RecordDict(), run_config=dict(run_config)
+            )
+            for node, config in zip(count(FIRST_SITE_NODE_ID), node_configs)
+        }
+        self._ids = count(1)
+        self._run = Run.create_empty(RUN_ID)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LocalGrid answers at once: use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LocalGrid answers at once: use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Deliver each message to its node's ClientApp and return the replies (the timeout is moot)."""
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"local-{next(self._ids)}"
+            node = message.metadata.dst_node_id
+            if node not in self.contexts:
+                raise KeyError(f"LocalGrid has no node {node}; nodes: {self.get_node_ids()}")
+            replies.append(self.client_app(message, self.contexts[node]))
+        return replies
+
+
+@contextmanager
+def server_identity() -> Iterator[None]:
+    """Give this process the ServerApp identity that new Messages need (as the Flower runtime does)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SERVER_NODE_ID, SERVER_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

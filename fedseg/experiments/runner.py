@@ -1,0 +1,187 @@
+"""`fedseg experiment CONFIG.toml`: train every arm, test every model on every test set, write cases.csv.
+
+Per arm (see fedseg.report.layout for the files): a Federation run through the LocalGrid, a model
+checkpoint, then per-case Dice of the final model on every site's held-out test split and on the
+outside institution, computed here by the one party running the experiment (its own or synthetic
+data), and a few overlay slices. `arm.json` is written last: an arm that has it is skipped when the
+experiment is started again; an interrupted federated arm resumes from its last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from monai.data import DataLoader, Dataset
+
+from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
+from fedseg.config import RunConfig
+from fedseg.data.datalist import SiteSplit, load_datalist
+from fedseg.data.datasets import evaluation_dataset
+from fedseg.experiments.arms import POOLED, Arm, plan_arms
+from fedseg.experiments.local_grid import LocalGrid, server_identity
+from fedseg.experiments.spec import ExperimentSpec
+from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
+from fedseg.federation import Federation
+from fedseg.metrics import dice_per_class
+from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.report.cases import CaseRow, read_cases, write_cases
+from fedseg.report.layout import ARM_INFO, ARMS, CASES, MODEL, OVERLAYS, ArmInfo, overlay_case
+from fedseg.server_app import initial_weights
+from fedseg.trainer import SegmentationTrainer
+from strategies.registry import build_strategy
+
+SPEC_FILE = "experiment.json"
+VIEWS = "views"
+
+
+class ExperimentError(RuntimeError):
+    """The experiment cannot run or continue (e.g. its results folder belongs to another config)."""
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A held-out test split of a site, or the whole outside institution."""
+
+    name: str
+    outside: bool
+    items: list[dict]
+    dataset: Dataset
+
+
+def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) -> Path:
+    """Run (or continue) every arm of `spec`; return the results folder holding cases.csv."""
+    results = spec.results_dir.resolve()
+    _claim(results, spec)
+    arms = plan_arms(spec)
+    seed = spec.run_config().seed
+    splits = load_splits([spec.site_dir(k) for k in range(spec.sites)], seed)
+    tests = _test_sets(spec, splits)
+    for index, arm in enumerate(arms, start=1):
+        folder = results / ARMS / arm.id
+        if (folder / ARM_INFO).is_file():
+            echo(f"[{index}/{len(arms)}] {arm.id}: finished earlier, skipped")
+            continue
+        echo(f"[{index}/{len(arms)}] {arm.id}: " + (f"ensemble of {len(arm.members)} models" if arm.members else
+             f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"))
+        started = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        models = [ModelCheckpoint.load(results / ARMS / m / MODEL) for m in arm.members] or [
+            _train(spec, arm, splits, results, folder)
+        ]
+        if arm.evaluated:
+            rows = _evaluate(arm, models, tests, results, spec.overlay_cases)
+            write_cases(folder / CASES, rows, spec.run_config().num_classes - 1)
+            inside = [r.score for r in rows if not r.outside]
+            echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits")
+        model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
+        seconds = time.perf_counter() - started
+        ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
+        _collect_cases(results, arms)
+        echo(f"    done in {seconds:.0f} s")
+    return results
+
+
+def _claim(results: Path, spec: ExperimentSpec) -> None:
+    """Record the config in a new results folder; refuse a folder made by a different config."""
+    path = results / SPEC_FILE
+    wanted = spec.to_dict()
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise ExperimentError(
+                f"{results}: made by a different experiment config (changed: {', '.join(changed)}); "
+                "delete the folder or give the experiment another name"
+            )
+        return
+    results.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2))
+
+
+def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results: Path, folder: Path) -> ModelCheckpoint:
+    """One Federation run of the arm through the LocalGrid (resumed if interrupted); the final model."""
+    values = spec.run_values(
+        **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
+           "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
+    )
+    config = RunConfig.from_mapping(values)
+    nodes = [{"data-dir": str(_node_dir(spec, arm, node, splits, results)), "site-id": max(node, 0)}
+             for node in arm.nodes]
+    resume = None
+    if (folder / CHECKPOINT_FILE).is_file():
+        resume = load_checkpoint(folder)
+        check_resumable(resume, config, folder)
+    if arm.start_from:
+        initial = ArrayRecord(ModelCheckpoint.load(results / ARMS / arm.start_from / MODEL).state_dict)
+    else:
+        initial = initial_weights(config)
+    with server_identity():
+        arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder).run(initial, resume)
+    model = ModelCheckpoint(
+        arrays.to_torch_state_dict(), config.model, config.num_classes, config.patch_size,
+        pixdim=None,  # the ClientApp trains on each site's stored voxel grid (the run config has no resampling)
+        description=f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}",
+    )
+    model.save(folder / MODEL)
+    return model
+
+
+def _node_dir(spec: ExperimentSpec, arm: Arm, node: int, splits: Sequence[SiteSplit], results: Path) -> Path:
+    """A real site folder, or a view (all sites pooled, or one fold of a site)."""
+    if node != POOLED and arm.fold is None:
+        return spec.site_dir(node)
+    seed, folds = spec.run_config().seed, spec.ensemble_folds
+    sites = range(spec.sites) if node == POOLED else [node]
+    parts: list[SitePart] = [site_parts(k, splits[k], arm.fold, folds, seed) for k in sites]
+    name = ("pooled" if node == POOLED else f"site-{node}") + ("" if arm.fold is None else f"-fold{arm.fold}")
+    return write_view(results / VIEWS / name, parts, seed)
+
+
+def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
+    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test)) for k, s in enumerate(splits)]
+    if spec.outside_dir is not None:
+        items = load_datalist(spec.outside_dir)
+        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items)))
+    return sets
+
+
+def _evaluate(
+    arm: Arm, models: Sequence[ModelCheckpoint], tests: Sequence[TestSet], results: Path, overlay_cases: int
+) -> list[CaseRow]:
+    """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
+    trainers = [model.trainer() for model in models]
+    rows = []
+    for test in tests:
+        own = not arm.trained_on.startswith("site-") or arm.trained_on == test.name
+        for index, batch in enumerate(DataLoader(test.dataset, batch_size=1, num_workers=0)):
+            probabilities = torch.stack([torch.softmax(t.predict_logits(batch["image"]), 1) for t in trainers]).mean(0)
+            dice = dice_per_class(probabilities.cpu(), batch["label"])[0].tolist()
+            subject = test.items[index]["subject"]
+            rows.append(CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice)))
+            if own and index < overlay_cases:
+                _save_overlay(results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
+                              batch["image"][0, 0], batch["label"][0, 0], probabilities.argmax(1)[0].cpu())
+    return rows
+
+
+def _save_overlay(path: Path, image: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor) -> None:
+    """One axial slice (the one with the most foreground in the truth) of image, truth and prediction."""
+    z = int((truth > 0).sum(dim=(0, 1)).argmax())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, image=image[..., z].numpy().astype(np.float16),
+                        truth=truth[..., z].numpy().astype(np.uint8), prediction=prediction[..., z].numpy().astype(np.uint8))
+
+
+def _collect_cases(results: Path, arms: Sequence[Arm]) -> None:
+    """cases.csv = the rows of every finished, evaluated arm, in plan order."""
+    files = [results / ARMS / arm.id / CASES for arm in arms if arm.evaluated]
+    rows = [row for path in files if path.is_file() for row in read_cases(path)]
+    if rows:
+        write_cases(results / CASES, rows)

@@ -1,0 +1,151 @@
+"""An experiment config (TOML): which arms to run over which sites, and the shared run config.
+
+```toml
+[experiment]
+name = "quick-cpu"            # results go to <output-dir>/<name>/
+data-dir = "data/quick"       # holds site-0 ... site-<n-1> (and the outside institution)
+sites = 3
+outside = "outside"           # folder under data-dir tested on but never trained on ("" for none)
+output-dir = "results"
+arms = ["private", "centralized", "federated", "iil", "ciil", "leave-one-out"]
+strategies = ["fedavg", "fedprox"]   # one federated arm each (leave-one-out and fine-tuning use the first)
+finetune-rounds = 0           # > 0: fine-tune the federated model at each site for this many rounds
+ensemble-folds = 0            # >= 2: also k-fold submodel ensembles of `ensemble-arms`
+ensemble-arms = ["private", "centralized", "federated"]
+overlay-cases = 1             # test cases per test set saved as overlay slices
+
+[run]                         # fedseg run config shared by every arm (README "Run config")
+num-server-rounds = 4
+local-epochs = 1
+[run.fedprox]                 # strategy parameters, as in a run config
+proximal-mu = 0.01
+```
+Every arm trains for the same budget: num-server-rounds × local-epochs epochs at each site.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.config import ConfigError, RunConfig
+from strategies.registry import build_strategy
+
+ARM_KINDS = ("private", "centralized", "federated", "iil", "ciil", "leave-one-out")
+EXPERIMENT_KEYS = {
+    "name", "data-dir", "sites", "outside", "output-dir", "arms", "strategies", "finetune-rounds",
+    "ensemble-folds", "ensemble-arms", "overlay-cases",
+}
+RUN_KEYS_SET_BY_ARMS = ("strategy", "data-dir", "output-dir", "min-sites", "resume-from")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A validated experiment config."""
+
+    name: str
+    data_dir: str
+    sites: int
+    run: dict[str, Any]
+    outside: str = "outside"
+    output_dir: str = "results"
+    arms: tuple[str, ...] = ("private", "centralized", "federated")
+    strategies: tuple[str, ...] = ("fedavg",)
+    finetune_rounds: int = 0
+    ensemble_folds: int = 0
+    ensemble_arms: tuple[str, ...] = ()
+    overlay_cases: int = 1
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.name
+
+    def site_dir(self, site: int) -> Path:
+        return (Path(self.data_dir).expanduser() / f"site-{site}").resolve()
+
+    @property
+    def outside_dir(self) -> Path | None:
+        return (Path(self.data_dir).expanduser() / self.outside).resolve() if self.outside else None
+
+    def run_values(self, **overrides: Any) -> dict[str, Any]:
+        """Flat run-config mapping (as Flower's run_config) of the shared values plus arm-specific ones."""
+        return {**self.run, "data-dir": self.data_dir, **overrides}
+
+    def run_config(self, **overrides: Any) -> RunConfig:
+        """The shared run config with arm-specific values (validated)."""
+        return RunConfig.from_mapping(self.run_values(**overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ExperimentSpec:
+        """Read and validate; every error names the file and the key."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read experiment config: {err}") from err
+        try:
+            return cls.from_mapping(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentSpec:
+        unknown_tables = set(data) - {"experiment", "run"}
+        if unknown_tables or "experiment" not in data:
+            raise ConfigError(f"needs an [experiment] table and an optional [run] table; unexpected: {sorted(unknown_tables)}")
+        experiment = dict(data["experiment"])
+        unknown = set(experiment) - EXPERIMENT_KEYS
+        if unknown:
+            raise ConfigError(f"unknown [experiment] key(s) {sorted(unknown)}; valid: {', '.join(sorted(EXPERIMENT_KEYS))}")
+        missing = [k for k in ("name", "data-dir", "sites") if k not in experiment]
+        if missing:
+            raise ConfigError(f"[experiment] needs {', '.join(missing)}")
+        run = _flatten_run(data.get("run", {}))
+        fixed = [key for key in RUN_KEYS_SET_BY_ARMS if key in run]
+        if fixed:
+            raise ConfigError(f"[run] key(s) {fixed} are set by the experiment for each arm; remove them")
+        values = {key.replace("-", "_"): value for key, value in experiment.items()}
+        for key in ("arms", "strategies", "ensemble_arms"):
+            if key in values:
+                values[key] = tuple(values[key])
+        spec = cls(run=run, **values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Check names, counts and the run config before anything trains."""
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"[experiment] 'name' must be a plain folder name, got {self.name!r}")
+        if self.sites < 2:
+            raise ConfigError(f"[experiment] 'sites' must be >= 2, got {self.sites}")
+        bad = [arm for arm in self.arms if arm not in ARM_KINDS]
+        if bad or not self.arms:
+            raise ConfigError(f"[experiment] 'arms' has {bad or 'nothing'}; choose from: {', '.join(ARM_KINDS)}")
+        if not self.strategies:
+            raise ConfigError("[experiment] 'strategies' must name at least one strategy")
+        if self.ensemble_folds == 1 or self.ensemble_folds < 0:
+            raise ConfigError(f"[experiment] 'ensemble-folds' must be 0 (off) or >= 2, got {self.ensemble_folds}")
+        bad = [arm for arm in self.ensemble_arms if arm not in ("private", "centralized", "federated")]
+        if bad:
+            raise ConfigError(f"[experiment] 'ensemble-arms' has {bad}; choose from: private, centralized, federated")
+        if self.finetune_rounds < 0 or self.overlay_cases < 0:
+            raise ConfigError("[experiment] 'finetune-rounds' and 'overlay-cases' must be >= 0")
+        for strategy in (*self.strategies, "cyclic"):
+            build_strategy(self.run_config(strategy=strategy))
+
+
+def _flatten_run(run: Mapping[str, Any]) -> dict[str, Any]:
+    """[run] keys, with strategy tables ([run.fedprox]) as dotted keys (fedprox.proximal-mu)."""
+    flat: dict[str, Any] = {}
+    for key, value in run.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{param}": inner for param, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
