@@ -26,16 +26,16 @@ from fedseg.data.sites import load_site_split
 from fedseg.data.synth import synthesize
 from fedseg.trainer import SegmentationTrainer
 
-PATCH = (32, 32, 32)
 PIXDIM = (1.0, 1.0, 1.0)  # the prostate study's resampling
 
 
 def train(items: list[dict], steps: int, args: argparse.Namespace, cache: Path) -> SegmentationTrainer:
     """A UNet trained for about `steps` optimiser steps on `items`."""
     torch.manual_seed(args.seed)
-    trainer = SegmentationTrainer("unet", args.num_classes, PATCH, batch_size=2, learning_rate=args.lr)
+    patch = (args.patch,) * 3
+    trainer = SegmentationTrainer("unet", args.num_classes, patch, batch_size=2, learning_rate=args.lr)
     epochs = math.ceil(steps / math.ceil(len(items) / trainer.batch_size))
-    trainer.fit(training_dataset(items, PATCH, PIXDIM, cache_dir=cache), epochs=epochs, seed=args.seed)
+    trainer.fit(training_dataset(items, patch, PIXDIM, cache_dir=cache), epochs=epochs, seed=args.seed)
     return trainer
 
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per single-site model")
     parser.add_argument("--pooled-steps", type=int, default=600, help="optimiser steps of the pooled model")
+    parser.add_argument("--patch", type=int, default=32, help="cubic training patch side (voxels)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
