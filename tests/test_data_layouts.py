@@ -59,7 +59,8 @@ def test_msd_layout_with_4d_channels_and_relative_paths(tmp_path: Path) -> None:
         save(tmp_path / "imagesTr" / f"c{i}.nii.gz", np.stack([volume(i), volume(i) * 3], axis=-1))
         save(tmp_path / "labelsTr" / f"c{i}.nii.gz", ramp_label())
     training = [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"} for i in range(3)]
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "a", "2": "b"}, "training": training}))
+    manifest = {"labels": {"0": "bg", "1": "a", "2": "b"}, "training": training}
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
     items = load_datalist(tmp_path)
     assert items[2]["image"] == str(tmp_path / "imagesTr" / "c2.nii.gz")
     image = evaluation_dataset(items)[0]["image"]

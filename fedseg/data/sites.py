@@ -23,7 +23,9 @@ def site_dir_for(config: RunConfig, site_index: int, node_data_dir: str | None =
         return Path(node_data_dir).expanduser()
     if config.uses_synthetic_data:
         if not MIN_CLASSES <= config.num_classes <= MAX_CLASSES:
-            message = f"data-dir 'synthetic' makes {MIN_CLASSES} to {MAX_CLASSES} classes, num-classes is {config.num_classes}"
+            message = (
+                f"data-dir 'synthetic' makes {MIN_CLASSES} to {MAX_CLASSES} classes, num-classes is {config.num_classes}"
+            )
             raise SiteDataError(message, message)
         n, size, seed, classes = config.synthetic_subjects, config.synthetic_size, config.seed, config.num_classes
         return write_site(synthetic_root(n, size, seed, classes), site_index, n, size, seed, classes)
