@@ -1,0 +1,59 @@
+"""Audit of everything that leaves a site: weight arrays and whitelisted aggregate metrics only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flwr.app import Message
+
+from fedseg.models import build_model
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
+
+__all__ = ["task_identity"]  # the fixture
+
+ALLOWED_METRIC = re.compile(
+    r"^(num-examples|train-loss|val-dice|train-seconds|eval-seconds|dice|dice-class-\d+|site-id"
+    r"|dp-epsilon|dp-delta|dp-noise-multiplier)$"
+)
+
+
+def assert_only_weights_and_aggregates(reply: Message, model_shapes: dict[str, tuple[int, ...]]) -> None:
+    content = reply.content
+    assert not content.config_records, f"config records leave the site: {list(content.config_records)}"
+    assert list(content.metric_records) == ["metrics"]
+    for key, value in content.metric_records["metrics"].items():
+        assert ALLOWED_METRIC.match(key), f"metric '{key}' is not on the whitelist"
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"metric '{key}' = {value!r}"
+    if reply.metadata.message_type == "train":
+        assert list(content.array_records) == ["arrays"]
+        shapes = {key: tuple(array.shape) for key, array in content.array_records["arrays"].items()}
+        assert shapes == model_shapes, "train replies carry exactly the model's weight arrays"
+    else:
+        assert not content.array_records, "evaluate replies carry no arrays"
+
+
+def test_replies_hold_only_weights_and_whitelisted_metrics(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1})
+    grid = InProcessGrid(values, 2)
+    run_federation(grid, values, tmp_path / "run")
+    model_shapes = {k: tuple(v.shape) for k, v in build_model("unet", 1, 3).state_dict().items()}
+    kinds = [reply.metadata.message_type for reply in grid.replies]
+    assert sorted(kinds) == ["evaluate"] * 4 + ["train"] * 2
+    for reply in grid.replies:
+        assert not reply.has_error()
+        assert_only_weights_and_aggregates(reply, model_shapes)
+
+
+def test_a_failing_site_names_no_path_or_subject(tmp_path: Path, task_identity: None) -> None:
+    secret = tmp_path / "ward-7" / "patient_0042"
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1, "min-sites": 1})
+    grid = InProcessGrid(values, 1, node_configs=[{"data-dir": str(secret), "site-id": 4}])
+    _, history = run_federation(grid, values, tmp_path / "run")
+    assert grid.replies and all(reply.has_error() for reply in grid.replies)
+    for reply in grid.replies:
+        reason = reply.error.reason
+        assert "site folder not found" in reason or "not-a-site" in reason, reason
+        for leak in (str(tmp_path), "ward-7", "patient_0042"):
+            assert leak not in reason, reason
+    assert {f["stage"] for f in history.rounds[-1].failures} == {"train", "evaluate"}
