@@ -1,0 +1,79 @@
+"""fedseg experiment end to end on tiny synthetic sites: arms, cases.csv, resume, LocalGrid vs client."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseg.config import ConfigError
+from fedseg.data.synth import synthesize
+from fedseg.experiments import ExperimentError, ExperimentSpec, run_experiment
+from fedseg.report.cases import read_cases
+
+RUN = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1}
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C while an arm runs."""
+
+
+def _spec(tmp_path: Path, **experiment: object) -> ExperimentSpec:
+    values = {"name": "tiny", "data-dir": str(tmp_path / "data"), "sites": 2, "output-dir": str(tmp_path / "results"),
+              "arms": ["private", "federated"], "strategies": ["fedavg"], **experiment}
+    return ExperimentSpec.from_mapping({"experiment": values, "run": RUN})
+
+
+def _interrupt_at(prefix: str, log: list[str]):  # noqa: ANN202
+    def echo(line: str) -> None:
+        log.append(line)
+        if line.startswith(prefix):
+            raise Interrupted(line)
+    return echo
+
+
+def test_experiment_runs_resumes_and_matches_the_clients_evaluation(tmp_path: Path) -> None:
+    synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
+    spec = _spec(tmp_path)
+    first: list[str] = []
+    with pytest.raises(Interrupted):
+        run_experiment(spec, echo=_interrupt_at("[2/3]", first))
+    results = spec.results_dir
+    early = read_cases(results / "cases.csv")
+    assert {(r.arm, r.trained_on) for r in early} == {("private", "site-0")}
+    counts = {name: sum(r.tested_on == name for r in early) for name in ("site-0", "site-1", "outside")}
+    assert counts == {"site-0": 1, "site-1": 1, "outside": 4}  # tiny sites: 6 and 4 subjects, 1 test each; outside 4
+    assert all(r.outside == (r.tested_on == "outside") for r in early)
+
+    again: list[str] = []
+    run_experiment(spec, echo=again.append)
+    assert again[0] == "[1/3] private--site-0: finished earlier, skipped"
+    assert sum("finished earlier" in line for line in again) == 1
+    rows = read_cases(results / "cases.csv")
+    models = list(dict.fromkeys((r.arm, r.trained_on) for r in rows))
+    assert models == [("private", "site-0"), ("private", "site-1"), ("fedavg", "federation")]
+    assert [r for r in rows if r.trained_on == "site-0"] == early  # the finished arm was not trained again
+    assert all(len(r.dice) == 2 and all(0.0 <= d <= 1.0 for d in r.dice if not math.isnan(d)) for r in rows)
+
+    # The ClientApp's own evaluation (history.json, last round) of the final federated model, reached
+    # through the LocalGrid, equals the runner's per-case evaluation of the same model on that site.
+    history = json.loads((results / "arms" / "fedavg--federation" / "history.json").read_text())
+    for site in ("site-0", "site-1"):
+        per_case = np.array([r.dice for r in rows if r.arm == "fedavg" and r.tested_on == site])
+        expected = np.mean(np.nan_to_num(np.nanmean(per_case, axis=0), nan=0.0))
+        assert history["rounds"][-1]["eval"][site]["dice"] == pytest.approx(expected, abs=1e-6)
+
+    with pytest.raises(ExperimentError, match=r"different experiment config \(changed: strategies\)"):
+        run_experiment(_spec(tmp_path, strategies=["fedprox"]), echo=again.append)
+
+
+def test_bad_experiment_config_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'arms' has \['federal'\]; choose from: private, centralized"):
+        _spec(tmp_path, arms=["federal"])
+    with pytest.raises(ConfigError, match=r"\[run\] key\(s\) \['strategy'\] are set by the experiment"):
+        ExperimentSpec.from_mapping({"experiment": {"name": "x", "data-dir": "d", "sites": 2}, "run": {"strategy": "a"}})
+    with pytest.raises(ConfigError, match="installed strategies"):
+        _spec(tmp_path, strategies=["fedmagic"])
