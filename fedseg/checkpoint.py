@@ -2,14 +2,15 @@
 
 `checkpoint.pt` is rewritten atomically after every finished round. It holds the global
 weights, the round, the strategy's state (`strategy.state_dict()`, e.g. a privacy
-accountant), the server's random number generator states and the history. It is loaded
+accountant), the server's random number generator states, the history and which Flower
+node is which site (so a resumed run names a site that dies before it answers). It is loaded
 with `torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class Checkpoint:
     strategy_state: dict[str, Any]
     rng_state: dict[str, Any]
     history: History
+    site_names: dict[int, str] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> Path:
         """Write `<run_dir>/checkpoint.pt` atomically (a crash leaves the previous one intact)."""
@@ -48,6 +50,7 @@ class Checkpoint:
                 "strategy": self.strategy_state,
                 "rng": self.rng_state,
                 "history": self.history.to_dict(),
+                "sites": dict(self.site_names),
             },
             tmp,
         )
@@ -72,6 +75,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         strategy_state=dict(data["strategy"]),
         rng_state=data["rng"],
         history=History.from_dict(data["history"]),
+        site_names={int(node): str(name) for node, name in data["sites"].items()},
     )
 
 

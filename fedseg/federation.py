@@ -155,12 +155,14 @@ class Federation:
             strategy_state=strategy_state(self.strategy),
             rng_state=rng_state(),
             history=history,
+            site_names=self._site_names,
         ).save(self.run_dir)
         self._report(record)
 
     def _restore(self, checkpoint: Checkpoint) -> tuple[ArrayRecord, History]:
         restore_strategy(self.strategy, checkpoint.strategy_state)
         set_rng_state(checkpoint.rng_state)
+        self._site_names.update(checkpoint.site_names)
         log(INFO, "[fedseg] resuming %s after round %d", self.run_dir, checkpoint.round)
         return checkpoint.arrays, checkpoint.history
 

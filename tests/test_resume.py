@@ -74,6 +74,7 @@ def test_checkpoint_holds_round_weights_strategy_rng_and_history(tmp_path: Path,
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint.round == 1
     assert set(checkpoint.rng_state) == {"python", "numpy", "torch"}
+    assert checkpoint.site_names == {InProcessGrid.node_of(0): "site-0", InProcessGrid.node_of(1): "site-1"}
     assert isinstance(checkpoint.strategy_state, dict)
     assert checkpoint.history.to_dict() == history.to_dict()
     saved, expected = checkpoint.arrays.to_torch_state_dict(), final.to_torch_state_dict()
