@@ -18,6 +18,7 @@ training objects with `PrivacyEngine.make_private` for one local fit, the way Op
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,13 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.validators import ModuleValidator
-from torch import nn
+
+_host_log_handlers = list(logging.root.handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import create_accountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+# Opacus calls logging.basicConfig() on import, which doubles every Flower log line: undo that.
+logging.root.handlers[:] = _host_log_handlers
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset
 
 from fedseg.history import atomic_write_text
