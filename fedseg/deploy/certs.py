@@ -66,14 +66,13 @@ def make_certs(out_dir: str | Path, hosts: list[str], sites: list[str], days: in
     ca_cert = _ca_certificate(ca_key, days)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key.public_key(), hosts, ca_key, ca_cert, days)
-    bundle = CertBundle(
+    return CertBundle(
         ca_cert=_write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
         ca_key=_write(out / "ca.key", _pem_private(ca_key), private=True),
         server_cert=_write(out / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM)),
         server_key=_write(out / "server.key", _pem_private(server_key), private=True),
         sites=[_site_keys(out / "sites" / name, name) for name in sites],
     )
-    return bundle
 
 
 def make_site_keys(site_dir: str | Path, name: str) -> SiteKeys:
