@@ -91,6 +91,7 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> 
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         dp_compatible=config.dp_sgd,
+        compile=config.torch_compile,
     )
     return SiteRuntime(
         config=config,

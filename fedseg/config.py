@@ -53,6 +53,7 @@ class RunConfig:
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
+    torch_compile: bool = False
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
