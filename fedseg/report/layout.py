@@ -8,6 +8,8 @@ results/<experiment>/
   arms/<arm-id>/cases.csv     this arm's rows (cases.csv is their concatenation)
   arms/<arm-id>/final-model.pt  the final model (fedseg.model_checkpoint format), for `fedseg predict`
   overlays/<case>/<arm-id>.npz  one slice of image, truth and prediction (for the overlay plot)
+  experiment.json             the experiment config (a rerun with another config is refused)
+  views/                      pooled and k-fold site views (links to the sites' files)
 ```
 Checkpoints and overlays stay local: never commit them.
 """
