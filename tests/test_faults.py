@@ -28,7 +28,7 @@ def on_first_train(grid: InProcessGrid, action) -> None:  # noqa: ANN001
 
 def sent_sites(grid: InProcessGrid, call: int) -> set[int]:
     """Sites (by number) that the `call`-th send_and_receive addressed."""
-    return {grid.node_of(0) - m.metadata.dst_node_id for m in grid.sent[call]}
+    return {m.metadata.dst_node_id - grid.node_of(0) for m in grid.sent[call]}
 
 
 def test_hung_then_killed_sites_are_dropped_and_the_run_completes(tmp_path: Path, task_identity: None) -> None:
