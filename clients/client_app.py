@@ -34,7 +34,8 @@ def train(msg: Message, context: Context) -> Message:
         site = runtime_for(context)
         config = msg.content["config"]
         server_round = int(config.get("server-round", 0))
-        privacy = site.privacy_for(context)
+        # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
+        privacy = site.privacy_for(context, str(config.get("run-key", context.run_id)))
         result = site.trainer.fit(
             site.train_set,
             epochs=int(config.get("local-epochs", site.config.local_epochs)),

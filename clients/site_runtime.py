@@ -41,12 +41,12 @@ class SiteRuntime:
         """Seed of one local fit: differs per site and round, fixed for a given run seed."""
         return self.config.seed * 1_000_003 + server_round * 1_009 + self.site_id
 
-    def privacy_for(self, context: Context) -> SitePrivacy | None:
-        """DP-SGD state of this site in this run (None without dp-sgd), its ledger in the site's state dir."""
+    def privacy_for(self, context: Context, run_key: str) -> SitePrivacy | None:
+        """DP-SGD state of this site in run `run_key` (None without dp-sgd), its ledger in the site's state dir."""
         settings = DPSettings.from_config(self.config)
         if settings is None:
             return None
-        return SitePrivacy(settings, ledger_for(site_state_dir(context), context.run_id))
+        return SitePrivacy(settings, ledger_for(site_state_dir(context), run_key))
 
 
 def site_state_dir(context: Context) -> Path:

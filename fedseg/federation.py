@@ -122,7 +122,11 @@ class Federation:
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
         config = ConfigRecord(
-            {"local-epochs": self.config.local_epochs, "learning-rate": self.config.learning_rate}
+            {
+                "local-epochs": self.config.local_epochs,
+                "learning-rate": self.config.learning_rate,
+                "run-key": self.run_dir.name,
+            }
         )
         replies = self._stage(
             "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record

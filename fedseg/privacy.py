@@ -249,9 +249,9 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     optimizer.step()
 
 
-def ledger_for(state_dir: Path, run_id: int) -> PrivacyLedger:
-    """The ledger file of run `run_id` under a site's own state folder."""
-    return PrivacyLedger(Path(state_dir) / "privacy" / f"run-{run_id}.json")
+def ledger_for(state_dir: Path, run_key: str) -> PrivacyLedger:
+    """The ledger file of run `run_key` (the run folder's name, stable across resumes) in a site's state folder."""
+    return PrivacyLedger(Path(state_dir) / "privacy" / f"run-{run_key}.json")
 
 
 # ----------------------------------------------------------------------------- run summary
