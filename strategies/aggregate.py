@@ -1,9 +1,12 @@
-"""Array arithmetic for strategies: zero-copy views of replies, update norms, lean weighted sums.
+"""Array arithmetic for strategies: zero-copy views of replies, update norms and weighted sums in one pass.
 
-Replies are read through read-only views of their serialized bytes, never copied whole; a sum
-keeps one accumulator (in the array's dtype) for one tensor at a time, so aggregating N sites
-needs the output model plus two tensor-sized buffers, not N model copies. Every array keeps its dtype:
-float32 stays float32 and integer buffers (BatchNorm's `num_batches_tracked`) stay integers.
+Replies are read through read-only views of their serialized bytes, never copied. `sweep` walks
+each tensor block by block (`BLOCK` elements): a block of the global model, the running sum and
+one work buffer stay in cache while every reply's block is read once from memory, so checking
+(update norms, non-finite values) and averaging N replies costs about one read of each reply plus
+one write of the output model, with no tensor-sized temporaries. Sums accumulate in the array's
+dtype in reply order, the arithmetic of Flower's FedAvg: float32 stays float32, and integer
+buffers (BatchNorm's `num_batches_tracked`) stay integers.
 """
 
 from __future__ import annotations
@@ -11,13 +14,18 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+from scipy.linalg import blas
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic
+BLOCK = 8192  # elements per block: the reused blocks stay in cache, and BLAS runs it on one thread
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -53,77 +61,170 @@ def is_float(array: np.ndarray) -> bool:
     return bool(np.issubdtype(array.dtype, np.floating))
 
 
-class Scratch:
-    """Reusable work buffers, one per (slot, dtype), grown to the largest tensor seen: repeated
-    per-tensor arithmetic then allocates (and page-faults) nothing new."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
-
-    def get(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        size = math.prod(shape)
-        buffer = self._buffers.get((slot, dtype))
-        if buffer is None or buffer.size < size:
-            buffer = self._buffers[(slot, dtype)] = np.empty(size, dtype)
-        return buffer[:size].reshape(shape)
+Measure = Literal["distance", "norm", "none"]
 
 
-def squared_distance(array: np.ndarray, reference: np.ndarray | float, scratch: Scratch | None = None) -> float:
-    """‖array − reference‖², computed in the array's own dtype (NaN or inf for non-finite values)."""
-    out = (scratch or Scratch()).get("diff", array.shape, array.dtype)
-    flat = np.subtract(array, reference, out=out).ravel()
-    # einsum, not np.dot: BLAS threads stall on a busy machine, and its pairwise float32 sum is the
-    # more accurate one (measured 1.5e-5 vs 1e-4 relative on 1M values); float64 would be 7x slower
-    return float(np.einsum("i,i->", flat, flat))
+@dataclass(frozen=True)
+class Sweep:
+    """What one pass over the records found: per record and floating array the squared distance
+    ‖x − reference‖² (measure "distance") or squared norm ‖x‖² ("norm"), NaN or inf where the
+    array holds non-finite values; the reference's squared norm; the weighted sum when
+    coefficients were given."""
+
+    squared: list[dict[str, float]]
+    reference_squared: float
+    arrays: ArrayRecord | None
 
 
-def weighted_sum(
+def sweep(
     reference: ArrayRecord,
     records: Sequence[ArrayRecord],
-    coefficients: Sequence[float],
+    coefficients: Sequence[float] | None = None,
     *,
+    measure: Measure = "distance",
     reference_coefficient: float = 0.0,
     noise_std: float = 0.0,
     rng: np.random.Generator | None = None,
     average_integers: bool = True,
-) -> ArrayRecord:
-    """Σ cᵢ·recordᵢ + c₀·reference (+ Gaussian noise) per floating array, in the reference's key order.
+) -> Sweep:
+    """Read every record once, block by block: squared distances to the reference or squared norms
+    (`measure`) and, with `coefficients`, Σ cᵢ·recordᵢ + c₀·reference (+ Gaussian noise) per
+    floating array. A norm costs a fraction of a distance (no difference to form).
 
-    Integer arrays are never noised: with `average_integers` they become the rounded mean of the
-    records weighted by the coefficients (normalised), otherwise they keep the reference's value.
+    Records must match the reference's keys, shapes and dtypes. Integer arrays are never noised
+    nor measured: with `average_integers` they become the rounded mean of the records weighted by
+    the coefficients (normalised), otherwise they keep the reference's value.
     """
+    found: list[dict[str, float]] = [{} for _ in records]
+    reference_squared = 0.0
     out: dict[str, Array] = {}
-    scratch = Scratch()
+    work = _Blocks()
+    noise = (rng or np.random.default_rng()) if noise_std > 0 else None
     for key, ref_array in reference.items():
         ref = array_view(ref_array)
         views = [array_view(record[key]) for record in records]
         if is_float(ref):
-            total = _combine(ref, views, coefficients, reference_coefficient, ref.dtype, scratch)
-            if noise_std > 0:
-                total += (rng or np.random.default_rng()).normal(0.0, noise_std, size=ref.shape)
-        elif average_integers:
-            scale = sum(coefficients)
-            total = np.rint(_combine(ref, views, [c / scale for c in coefficients], 0.0, np.dtype(np.float64), scratch))
+            squared, ref_squared, data = _float_pass(
+                ref, views, coefficients, reference_coefficient, measure, noise_std, noise, work
+            )
+            reference_squared += ref_squared
+            for record_found, value in zip(found, squared, strict=True):
+                record_found[key] = value
+        elif coefficients is None:
+            continue
         else:
-            total = ref
-        out[key] = Array(np.ascontiguousarray(total, dtype=ref.dtype))
-    return ArrayRecord(out)
+            data = _integer_mean(ref, views, coefficients) if average_integers else ref
+        if coefficients is not None:
+            out[key] = _as_array(data, ref)
+    return Sweep(found, reference_squared, ArrayRecord(out) if coefficients is not None else None)
 
 
-def _combine(
+def weighted_sum(reference: ArrayRecord, records: Sequence[ArrayRecord], coefficients: Sequence[float],
+                 **options: Any) -> ArrayRecord:
+    """Σ cᵢ·recordᵢ (+ `sweep`'s options) in the reference's key order, measuring nothing."""
+    result = sweep(reference, records, coefficients, measure="none", **options).arrays
+    assert result is not None
+    return result
+
+
+class _Blocks:
+    """Block-sized work buffers (a difference, a running sum), one pair per dtype."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if dtype not in self._buffers:
+            self._buffers[dtype] = (np.empty(BLOCK, dtype), np.empty(BLOCK, dtype))
+        return self._buffers[dtype]
+
+
+def _numpy_dot(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.einsum("i,i->", x, y))
+
+
+def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
+    return np.add(y, np.multiply(x, a), out=y)
+
+
+def _kernels(dtype: np.dtype) -> tuple[Any, Any]:
+    """(dot, axpy) for one dtype: BLAS's single-pass level-1 routines for float32/float64 (called on
+    blocks below OpenBLAS's 10 000-element threading threshold: no threads to stall on a busy
+    machine), numpy for other floats (float16)."""
+    if dtype in (np.float32, np.float64):
+        dot, axpy = blas.get_blas_funcs(("dot", "axpy"), dtype=dtype)
+        return dot, axpy
+    return _numpy_dot, _numpy_axpy
+
+
+def _float_pass(
     ref: np.ndarray,
     views: Sequence[np.ndarray],
-    coefficients: Sequence[float],
+    coefficients: Sequence[float] | None,
     ref_coefficient: float,
-    dtype: np.dtype,
-    scratch: Scratch,
-) -> np.ndarray:
-    """Σ cᵢ·viewᵢ + c₀·ref accumulated in place in a reused `dtype` buffer (valid until the next call)."""
-    total, product = scratch.get("total", ref.shape, dtype), scratch.get("product", ref.shape, dtype)
-    if ref_coefficient:
-        np.multiply(ref, ref_coefficient, out=total)
-    else:
-        total.fill(0)
+    measure: Measure,
+    noise_std: float,
+    rng: np.random.Generator | None,
+    work: _Blocks,
+) -> tuple[list[float], float, io.BytesIO | None]:
+    """One floating tensor: per block of the reference, each record's block is read once from
+    memory and then from cache (total += c·block; its squared norm, or its difference to the
+    reference and that one's squared norm), while the reference block, the running sum and the
+    difference stay in cache."""
+    reference, flats = ref.reshape(-1), [view.reshape(-1) for view in views]  # copies only non-C-order data
+    scratch, running = work.get(ref.dtype)
+    dot, axpy = _kernels(ref.dtype)
+    squared, ref_squared = [0.0] * len(flats), 0.0
+    out = None if coefficients is None else _npy_stream(ref)
+    for start in range(0, reference.size, BLOCK):
+        block = reference[start:start + BLOCK]
+        diff, total = scratch[:block.size], running[:block.size]
+        if measure != "none":
+            ref_squared += float(dot(block, block))
+        if out is not None and ref_coefficient:
+            np.multiply(block, ref_coefficient, out=total)
+        elif out is not None:
+            total.fill(0)
+        for i, flat in enumerate(flats):
+            part = flat[start:start + BLOCK]
+            if out is not None:  # first: the one read from memory, by the fastest streaming routine
+                total = axpy(part, total, a=coefficients[i])
+            if measure == "norm":
+                squared[i] += float(dot(part, part))  # NaN or inf if the block holds non-finite values
+            elif measure == "distance":
+                np.subtract(part, block, out=diff)
+                squared[i] += float(dot(diff, diff))
+        if out is not None:
+            if noise_std > 0:
+                total += rng.normal(0.0, noise_std, size=total.size)
+            out.write(total)
+    return squared, ref_squared, out
+
+
+def _integer_mean(ref: np.ndarray, views: Sequence[np.ndarray], coefficients: Sequence[float]) -> np.ndarray:
+    """Rounded mean of integer arrays weighted by the (normalised) coefficients, computed in float64."""
+    scale = sum(coefficients)
+    total = np.zeros(ref.shape, np.float64)
     for view, coefficient in zip(views, coefficients, strict=True):
-        total += np.multiply(view, coefficient, out=product)
-    return total
+        total += view * (coefficient / scale)
+    return np.rint(total)
+
+
+def _npy_stream(ref: np.ndarray) -> io.BytesIO:
+    """A BytesIO holding a C-order .npy header for `ref`, sized for its data (no regrowth)."""
+    stream = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(ref.dtype), "fortran_order": False, "shape": ref.shape}
+    np.lib.format.write_array_header_1_0(stream, header)
+    end = stream.tell() + ref.nbytes
+    if ref.nbytes:
+        stream.seek(end - 1)
+        stream.write(b"\0")
+        stream.seek(end - ref.nbytes)
+    return stream
+
+
+def _as_array(data: io.BytesIO | np.ndarray | np.generic, ref: np.ndarray) -> Array:
+    """An Array of `ref`'s dtype and shape from a filled .npy stream or from values to cast."""
+    if isinstance(data, io.BytesIO):
+        return Array(dtype=str(ref.dtype), shape=tuple(ref.shape), stype=SType.NUMPY, data=data.getvalue())
+    return Array(np.ascontiguousarray(data, dtype=ref.dtype))

@@ -5,10 +5,16 @@ Contract for every strategy (built-in or plugin), all on top of Flower's message
 - `name` (run-config name and parameter namespace) and `params` (typed `Param`s). Values come
   from run-config keys `<name>.<param>` and are checked before the first round; each becomes an
   attribute (`proximal-mu` → `self.proximal_mu`).
-- `aggregate_train` checks every reply (`check_train_reply`) and drops a bad one with a logged
+- `aggregate_train` checks every reply (`check_train_content`, then update norms and finite
+  values in one pass over the arrays, then `check_reply`) and drops a bad one with a logged
   reason — never averages it — then calls `combine(server_round, replies)` on the good ones.
-  Override `check_reply` (an extra check), `site_weights` (who counts how much) or `combine`
-  (how the model is built).
+  Override `check_reply` (an extra check), `site_weights` (who counts how much, from the replies'
+  metrics only) or `combine` (how the model is built).
+- Speed: each reply's arrays are read once by the checks. While `combine` is not overridden, that
+  pass also accumulates the weighted mean, and bounds each update norm ‖x − g‖ by ‖x‖ ± ‖g‖
+  (a reply near the `max-update-ratio` limit gets its exact norm; `Reply.update_norm` is then
+  measured on first use); the mean is recomputed if a reply is dropped afterwards. With an
+  overridden `combine`, the checks measure every exact update norm for it.
 - `state_dict()` → a JSON-serialisable dict (str keys; int, float, str, bool, lists, dicts) of
   everything the strategy must remember across rounds (e.g. a privacy accountant, a cyclic
   position). A resumed run builds the strategy from the same run config, calls
@@ -21,7 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -33,20 +40,29 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg.config import RunConfig
-from strategies.aggregate import Scratch, array_view, is_float, squared_distance, weighted_sum
+from strategies.aggregate import array_view, sweep, weighted_sum
 from strategies.params import Param, resolve_params
 
 NUM_EXAMPLES = "num-examples"
+_BOUND_SLACK = 1e-3  # margin for rounding in the float32 block norms behind the triangle-inequality bound
 
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply that passed the checks: its arrays, metrics, site name and update norm."""
+    """A reply that passed the checks: its arrays, metrics, site name and the global model it answered."""
 
     arrays: ArrayRecord
     metrics: MetricRecord
     site: str
-    update_norm: float
+    global_arrays: ArrayRecord = field(repr=False, compare=False)
+    measured_norm: float | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def update_norm(self) -> float:
+        """‖reply − global model‖ over the floating arrays: as the checks measured it, else measured now."""
+        if self.measured_norm is not None:
+            return self.measured_norm
+        return math.sqrt(sum(sweep(self.global_arrays, [self.arrays]).squared[0].values()))
 
 
 class FedSegStrategy(FlowerFedAvg):
@@ -96,14 +112,12 @@ class FedSegStrategy(FlowerFedAvg):
 
     # ------------------------------------------------------------------ hooks for subclasses
     def site_weights(self, replies: list[Reply]) -> list[float]:
-        """Relative weight of each good reply (default: its training examples, as FedAvg)."""
+        """Relative weight of each good reply from its metrics (default: its training examples, as FedAvg)."""
         return [float(reply.metrics[NUM_EXAMPLES]) for reply in replies]
 
     def combine(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         """The new global model from the good replies (default: average weighted by `site_weights`)."""
-        weights = self.site_weights(replies)
-        total = sum(weights)
-        return weighted_sum(self.global_arrays, [r.arrays for r in replies], [w / total for w in weights])
+        return weighted_sum(self.global_arrays, [r.arrays for r in replies], self._coefficients(replies))
 
     def check_reply(self, reply: Reply) -> str:
         """Extra check of a reply that passed the shared ones: "" to keep it, else the reason to drop it."""
@@ -142,16 +156,26 @@ class FedSegStrategy(FlowerFedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, drop bad ones with a logged reason, combine the rest."""
-        scratch = Scratch()
-        reference = _reference(self.global_arrays, scratch)
-        good = []
+        specs = _specs(self.global_arrays)
+        messages, candidates = [], []
         for message in replies:
             if message.has_error():
                 continue
-            reply, reason = check_train_reply(
-                message.content, reference, self.required_metrics, self.max_update_ratio, scratch
-            )
-            reason = reason if reply is None else self.check_reply(reply)
+            reply, reason = check_train_content(message.content, self.global_arrays, specs, self.required_metrics)
+            if reply is None:
+                self._drop(message, "train", reason)
+            else:
+                messages.append(message)
+                candidates.append(reply)
+        fused = type(self).combine is FedSegStrategy.combine
+        checked = sweep(self.global_arrays, [r.arrays for r in candidates],
+                        self._coefficients(candidates) if fused and candidates else None,
+                        measure="norm" if fused else "distance")
+        reference_norm = math.sqrt(checked.reference_squared)
+        good = []
+        for message, reply, squared in zip(messages, candidates, checked.squared, strict=True):
+            reply, reason = check_update(reply, squared, not fused, reference_norm, self.max_update_ratio)
+            reason = reason or self.check_reply(reply)
             if reason:
                 self._drop(message, "train", reason)
             else:
@@ -159,7 +183,8 @@ class FedSegStrategy(FlowerFedAvg):
         if not good:
             return None, None
         log(INFO, "[fedseg] %s: aggregating %d site(s) in round %d", self.strategy_name(), len(good), server_round)
-        arrays = self.combine(server_round, good)
+        all_kept = fused and len(good) == len(candidates)
+        arrays = checked.arrays if all_kept and checked.arrays is not None else self.combine(server_round, good)
         return arrays, aggregate_metricrecords([_as_record(r.metrics) for r in good], NUM_EXAMPLES)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -175,6 +200,11 @@ class FedSegStrategy(FlowerFedAvg):
                 good.append(_as_record(metrics))
         return aggregate_metricrecords(good, NUM_EXAMPLES) if good else None
 
+    def _coefficients(self, replies: list[Reply]) -> list[float]:
+        weights = self.site_weights(replies)
+        total = sum(weights)
+        return [w / total for w in weights]
+
     def _drop(self, message: Message, stage: str, reason: str) -> None:
         site = site_name(message)
         self._dropped.append({"site": site, "stage": stage, "reason": reason})
@@ -188,17 +218,9 @@ def strategy_round_report(strategy: object, server_round: int) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------- shared reply checks
-@dataclass(frozen=True)
-class _Reference:
-    arrays: ArrayRecord
-    specs: dict[str, tuple[tuple[int, ...], str]]
-    norm: float
-
-
-def _reference(arrays: ArrayRecord, scratch: Scratch) -> _Reference:
-    views = {key: array_view(array) for key, array in arrays.items()}
-    norm = math.sqrt(sum(squared_distance(v, 0.0, scratch) for v in views.values() if is_float(v)))
-    return _Reference(arrays, {k: (v.shape, str(v.dtype)) for k, v in views.items()}, norm)
+def _specs(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array of the global model, by key."""
+    return {key: (view.shape, view.dtype) for key, view in ((k, array_view(a)) for k, a in arrays.items())}
 
 
 def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricRecord | None, str]:
@@ -217,42 +239,50 @@ def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricR
     return metrics, ""
 
 
-def check_train_reply(
-    content: RecordDict,
-    reference: _Reference,
+def check_train_content(
+    content: RecordDict, global_arrays: ArrayRecord, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     required: Iterable[str],
-    max_update_ratio: float,
-    scratch: Scratch | None = None,
 ) -> tuple[Reply | None, str]:
-    """A `Reply` if the content matches the global model (keys, shapes, dtypes), is finite and
-    its update norm is not absurd; otherwise None and the reason."""
+    """A `Reply` if the content has the required metrics and arrays matching the global model's
+    keys, shapes and dtypes (`specs`); otherwise None and the reason. Reads only the arrays' headers."""
     metrics, reason = check_metrics(content, required)
     if metrics is None:
         return None, reason
     if len(content.array_records) != 1:
         return None, f"expected one ArrayRecord, got {len(content.array_records)}"
     arrays = next(iter(content.array_records.values()))
-    if set(arrays) != set(reference.specs):
-        missing, extra = sorted(set(reference.specs) - set(arrays)), sorted(set(arrays) - set(reference.specs))
+    if set(arrays) != set(specs):
+        missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
         return None, f"array keys differ from the global model (missing {missing}, unexpected {extra})"
-    squared = 0.0
-    for key, (shape, dtype) in reference.specs.items():
+    for key, (shape, dtype) in specs.items():
         try:
             view = array_view(arrays[key])
         except ValueError as err:
             return None, f"array '{key}' is malformed: {err}"
-        if view.shape != shape or str(view.dtype) != dtype:
+        if view.shape != shape or view.dtype != dtype:
             return None, f"array '{key}' is {view.dtype}{list(view.shape)}, the global model has {dtype}{list(shape)}"
-        if is_float(view):
-            distance = squared_distance(view, array_view(reference.arrays[key]), scratch)
-            if not math.isfinite(distance) and not np.isfinite(view).all():
-                return None, f"array '{key}' holds non-finite values"
-            squared += distance
-    norm = math.sqrt(squared)
-    if max_update_ratio and norm > max_update_ratio * max(reference.norm, 1.0):
-        return None, (f"update norm {norm:.3g} exceeds {max_update_ratio:g} × the global model's norm "
-                      f"{reference.norm:.3g}")
-    return Reply(arrays, metrics, site_name_from(metrics), norm), ""
+    return Reply(arrays, metrics, site_name_from(metrics), global_arrays), ""
+
+
+def check_update(
+    reply: Reply, squared: Mapping[str, float], exact: bool, reference_norm: float, max_update_ratio: float
+) -> tuple[Reply, str]:
+    """The reply (with its update norm when `squared` holds exact squared distances to the global
+    model, else squared norms of its floating arrays) and "" or the reason to drop it: non-finite
+    values or an update norm above `max_update_ratio` × the global model's norm (at least 1)."""
+    for key, value in squared.items():
+        if not math.isfinite(value) and not np.isfinite(array_view(reply.arrays[key])).all():
+            return reply, f"array '{key}' holds non-finite values"
+    measured = math.sqrt(sum(squared.values()))
+    if exact:
+        reply = replace(reply, measured_norm=measured)
+    limit = max_update_ratio * max(reference_norm, 1.0)
+    if not max_update_ratio or (not exact and (measured + reference_norm) * (1 + _BOUND_SLACK) <= limit):
+        return reply, ""  # ‖x − g‖ ≤ ‖x‖ + ‖g‖ ≤ limit: no exact norm needed
+    if reply.update_norm > limit:
+        return reply, (f"update norm {reply.update_norm:.3g} exceeds {max_update_ratio:g} × the global model's "
+                       f"norm {reference_norm:.3g}")
+    return reply, ""
 
 
 def site_name(message: Message) -> str:
