@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.site_runtime import runtime_for
 from clients.weights import state_from_record
+from fedseg.data.datalist import SiteDataError
 from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.trainer import EvalResult
 
@@ -87,9 +88,10 @@ def evaluation_metrics(result: EvalResult) -> MetricRecord:
 
 
 def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
-    """Log the full error locally; send the server the fault with file paths redacted."""
+    """Log the full error locally; send the server the fault without paths or subject ids."""
     log.error("%s failed at this site: %s: %s", stage, type(err).__name__, err)
-    reason = f"{stage} failed at this site: {type(err).__name__}: {redact_paths(str(err))} (details in the site's log)"
+    detail = err.public if isinstance(err, SiteDataError) else redact_paths(str(err))
+    reason = f"{stage} failed at this site: {type(err).__name__}: {detail} (details in the site's log)"
     code = PRIVACY_BUDGET_CODE if isinstance(err, PrivacyBudgetExceeded) else SITE_ERROR_CODE
     return Message(Error(code=code, reason=reason), reply_to=msg)
 

@@ -21,6 +21,7 @@ from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.datasets import evaluation_dataset, training_dataset
 from fedseg.data.sites import load_site_split, site_dir_for
+from fedseg.data.validate import check_site
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
 
@@ -82,6 +83,7 @@ def runtime_for(context: Context) -> SiteRuntime:
 def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> SiteRuntime:
     config = RunConfig.from_mapping(json.loads(run_config_json))
     site_dir = site_dir_for(config, site_id, data_dir)
+    check_site(site_dir, num_classes=config.num_classes)  # a broken scan fails this site's reply, with reasons
     split = load_site_split(site_dir, seed=config.seed)
     torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
     trainer = SegmentationTrainer(

@@ -57,3 +57,19 @@ def test_a_failing_site_names_no_path_or_subject(tmp_path: Path, task_identity: 
         for leak in (str(tmp_path), "ward-7", "patient_0042"):
             assert leak not in reason, reason
     assert {f["stage"] for f in history.rounds[-1].failures} == {"train", "evaluate"}
+
+
+def test_a_corrupt_scan_fails_its_site_without_naming_the_subject(tmp_path: Path, task_identity: None) -> None:
+    from fedseg.data.synth import write_site
+
+    site = write_site(tmp_path / "sites", 0, num_subjects=4, size=24, seed=0)
+    scan = sorted((site / "imagesTr").glob("*.nii.gz"))[0]
+    scan.write_bytes(scan.read_bytes()[:200])  # truncated .nii.gz
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1, "min-sites": 1})
+    grid = InProcessGrid(values, 1, node_configs=[{"data-dir": str(site), "site-id": 0}])
+    _, history = run_federation(grid, values, tmp_path / "run")
+    reasons = [reply.error.reason for reply in grid.replies]
+    assert reasons and all("unreadable" in reason for reason in reasons), reasons
+    subject = scan.name.split(".")[0]
+    assert all(subject not in reason and str(tmp_path) not in reason for reason in reasons), reasons
+    assert history.rounds[-1].failures
