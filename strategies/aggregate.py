@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -62,6 +62,7 @@ def is_float(array: np.ndarray) -> bool:
 
 
 Measure = Literal["distance", "norm", "none"]
+Records = Sequence[ArrayRecord | Mapping[str, np.ndarray]]  # ArrayRecords or their arrays' views by key
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Sweep:
 
 def sweep(
     reference: ArrayRecord,
-    records: Sequence[ArrayRecord],
+    records: Records,
     coefficients: Sequence[float] | None = None,
     *,
     measure: Measure = "distance",
@@ -102,7 +103,7 @@ def sweep(
     noise = (rng or np.random.default_rng()) if noise_std > 0 else None
     for key, ref_array in reference.items():
         ref = array_view(ref_array)
-        views = [array_view(record[key]) for record in records]
+        views = [_view(record, key) for record in records]
         if is_float(ref):
             squared, ref_squared, data = _float_pass(
                 ref, views, coefficients, reference_coefficient, measure, noise_std, noise, work
@@ -119,12 +120,17 @@ def sweep(
     return Sweep(found, reference_squared, ArrayRecord(out) if coefficients is not None else None)
 
 
-def weighted_sum(reference: ArrayRecord, records: Sequence[ArrayRecord], coefficients: Sequence[float],
+def weighted_sum(reference: ArrayRecord, records: Records, coefficients: Sequence[float],
                  **options: Any) -> ArrayRecord:
     """Σ cᵢ·recordᵢ (+ `sweep`'s options) in the reference's key order, measuring nothing."""
     result = sweep(reference, records, coefficients, measure="none", **options).arrays
     assert result is not None
     return result
+
+
+def _view(record: ArrayRecord | Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    value = record[key]
+    return value if isinstance(value, np.ndarray) else array_view(value)
 
 
 class _Blocks:

@@ -49,12 +49,14 @@ _BOUND_SLACK = 1e-3  # margin for rounding in the float32 block norms behind the
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply that passed the checks: its arrays, metrics, site name and the global model it answered."""
+    """A reply that passed the checks: its arrays (and their read-only numpy views), metrics, site
+    name and the global model it answered."""
 
     arrays: ArrayRecord
     metrics: MetricRecord
     site: str
     global_arrays: ArrayRecord = field(repr=False, compare=False)
+    views: Mapping[str, np.ndarray] = field(repr=False, compare=False)
     measured_norm: float | None = field(default=None, repr=False, compare=False)
 
     @cached_property
@@ -62,7 +64,7 @@ class Reply:
         """‖reply − global model‖ over the floating arrays: as the checks measured it, else measured now."""
         if self.measured_norm is not None:
             return self.measured_norm
-        return math.sqrt(sum(sweep(self.global_arrays, [self.arrays]).squared[0].values()))
+        return math.sqrt(sum(sweep(self.global_arrays, [self.views]).squared[0].values()))
 
 
 class FedSegStrategy(FlowerFedAvg):
@@ -117,7 +119,7 @@ class FedSegStrategy(FlowerFedAvg):
 
     def combine(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         """The new global model from the good replies (default: average weighted by `site_weights`)."""
-        return weighted_sum(self.global_arrays, [r.arrays for r in replies], self._coefficients(replies))
+        return weighted_sum(self.global_arrays, [r.views for r in replies], self._coefficients(replies))
 
     def check_reply(self, reply: Reply) -> str:
         """Extra check of a reply that passed the shared ones: "" to keep it, else the reason to drop it."""
@@ -168,7 +170,7 @@ class FedSegStrategy(FlowerFedAvg):
                 messages.append(message)
                 candidates.append(reply)
         fused = type(self).combine is FedSegStrategy.combine
-        checked = sweep(self.global_arrays, [r.arrays for r in candidates],
+        checked = sweep(self.global_arrays, [r.views for r in candidates],
                         self._coefficients(candidates) if fused and candidates else None,
                         measure="norm" if fused else "distance")
         reference_norm = math.sqrt(checked.reference_squared)
@@ -254,14 +256,15 @@ def check_train_content(
     if set(arrays) != set(specs):
         missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
         return None, f"array keys differ from the global model (missing {missing}, unexpected {extra})"
+    views = {}
     for key, (shape, dtype) in specs.items():
         try:
-            view = array_view(arrays[key])
+            view = views[key] = array_view(arrays[key])
         except ValueError as err:
             return None, f"array '{key}' is malformed: {err}"
         if view.shape != shape or view.dtype != dtype:
             return None, f"array '{key}' is {view.dtype}{list(view.shape)}, the global model has {dtype}{list(shape)}"
-    return Reply(arrays, metrics, site_name_from(metrics), global_arrays), ""
+    return Reply(arrays, metrics, site_name_from(metrics), global_arrays, views), ""
 
 
 def check_update(
@@ -271,7 +274,7 @@ def check_update(
     model, else squared norms of its floating arrays) and "" or the reason to drop it: non-finite
     values or an update norm above `max_update_ratio` × the global model's norm (at least 1)."""
     for key, value in squared.items():
-        if not math.isfinite(value) and not np.isfinite(array_view(reply.arrays[key])).all():
+        if not math.isfinite(value) and not np.isfinite(reply.views[key]).all():
             return reply, f"array '{key}' holds non-finite values"
     measured = math.sqrt(sum(squared.values()))
     if exact:

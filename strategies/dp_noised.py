@@ -78,7 +78,7 @@ class DPNoised(FedSegStrategy):
         std = self.noise_multiplier * self.clipping_norm / n
         arrays = weighted_sum(
             self.global_arrays,
-            [r.arrays for r in replies],
+            [r.views for r in replies],
             coefficients,
             reference_coefficient=1.0 - sum(coefficients),
             noise_std=std,
