@@ -21,7 +21,7 @@ from bench.common import BenchOptions, median, print_table, write_result
 from fedseg.data.datasets import training_dataset
 from fedseg.data.sites import load_site_split
 from fedseg.data.synth import write_site
-from fedseg.data.transforms import augmentation, preprocessing
+from fedseg.data.transforms import augmentation, training_preprocessing
 
 TARGET = 5.0
 
@@ -47,7 +47,7 @@ def timed(make: callable) -> tuple[float, Dataset]:
 
 def one_repeat(items: list, patch: Sequence[int], pixdim: tuple | None, workdir: Path, index: int) -> dict[str, float]:
     """Seconds of every side's epochs in one pass (sides run back to back)."""
-    plain_pipeline = Compose(list(preprocessing(pixdim).transforms) + list(augmentation(patch).transforms))
+    plain_pipeline = Compose([*training_preprocessing(patch, pixdim).transforms, *augmentation(patch).transforms])
     out = {}
     out["uncached"], _ = timed(lambda: Dataset(items, transform=plain_pipeline))
     out["memory first"], memory = timed(lambda: training_dataset(items, patch, pixdim))

@@ -99,14 +99,17 @@ def test_training_patches_and_disk_cache(tmp_path: Path) -> None:
     dataset = training_dataset(load_datalist(site), patch_size=(8, 8, 8), cache_dir=cache, samples_per_volume=3)
     patches = dataset[0]
     assert len(patches) == 3 and all(tuple(p["image"].shape) == (1, 8, 8, 8) for p in patches)
-    first_cache = sorted(p.name for p in cache.rglob("*.pt"))
+    first_cache = sorted(cache.rglob("*.pt"))
     assert len(first_cache) == 1
-    evaluation_dataset(load_datalist(site), cache_dir=cache)[0]  # same pipeline and file: cache hit
-    assert sorted(p.name for p in cache.rglob("*.pt")) == first_cache
+    training_dataset(load_datalist(site), patch_size=(8, 8, 8), cache_dir=cache)[0]  # same pipeline: cache hit
+    assert sorted(cache.rglob("*.pt")) == first_cache
+    bigger = training_dataset(load_datalist(site), patch_size=(16, 16, 16), cache_dir=cache)[0]  # pads: new entry
+    assert tuple(bigger[0]["image"].shape) == (1, 16, 16, 16) and len(list(cache.rglob("*.pt"))) == 2
+    evaluation_dataset(load_datalist(site), cache_dir=cache)[0]  # whole volumes, no crop indices: own entry
     evaluation_dataset(load_datalist(site), pixdim=(2.0, 2.0, 2.0), cache_dir=cache)[0]  # other grid: new entry
     save(site / "images" / "a.nii.gz", volume(5) * 2)  # an edited scan is never served stale
     fresh = evaluation_dataset(load_datalist(site), cache_dir=cache)[0]
-    assert len(list(cache.rglob("*.pt"))) == 3 and float(fresh["image"].std()) == pytest.approx(1.0, abs=0.01)
+    assert len(list(cache.rglob("*.pt"))) == 5 and float(fresh["image"].std()) == pytest.approx(1.0, abs=0.01)
 
 
 def test_split_is_seeded_disjoint_and_saved(tmp_path: Path) -> None:

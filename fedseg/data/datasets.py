@@ -2,8 +2,9 @@
 
 With `cache_dir` the preprocessed volumes persist on disk (MONAI PersistentDataset), so later
 rounds and later runs skip loading and resampling; without it they are cached in memory. Disk
-entries are keyed by the item's files (path, size, mtime) under a folder keyed by the pipeline,
-so an edited scan or a different `pixdim` never reuses a stale entry.
+entries are keyed by the item's files (path, size, mtime) under a folder keyed by the pipeline
+(its steps, `pixdim` and, for training, the patch size it pads to), so an edited scan or another
+grid or patch size never reuses a stale entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
 from fedseg.data.datalist import Datalist
-from fedseg.data.transforms import augmentation, preprocessing
+from fedseg.data.transforms import augmentation, preprocessing, training_preprocessing
 
 
 def training_dataset(
@@ -28,32 +29,34 @@ def training_dataset(
     cache_dir: str | Path | None = None,
     samples_per_volume: int = 2,
 ) -> Dataset:
-    """Cached preprocessing followed by random patch sampling and augmentation."""
-    return _cached(items, pixdim, augmentation(patch_size, samples_per_volume), cache_dir)
+    """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation."""
+    deterministic = training_preprocessing(patch_size, pixdim)
+    settings = {"pixdim": pixdim, "patch_size": list(patch_size)}
+    return _cached(items, deterministic, settings, augmentation(patch_size, samples_per_volume), cache_dir)
 
 
 def evaluation_dataset(
     items: Datalist, pixdim: Sequence[float] | None = None, cache_dir: str | Path | None = None
 ) -> Dataset:
     """Whole preprocessed volumes for sliding-window evaluation."""
-    return _cached(items, pixdim, None, cache_dir)
+    return _cached(items, preprocessing(pixdim), {"pixdim": pixdim}, None, cache_dir)
 
 
 def _cached(
-    items: Datalist, pixdim: Sequence[float] | None, random: Compose | None, cache_dir: str | Path | None
+    items: Datalist, deterministic: Compose, settings: dict, random: Compose | None, cache_dir: str | Path | None
 ) -> Dataset:
-    deterministic = preprocessing(pixdim)
+    """`deterministic` cached (memory, or disk under a folder keyed by its steps and `settings`), then `random`."""
     steps = list(deterministic.transforms) + (list(random.transforms) if random is not None else [])
     pipeline = Compose(steps)
     if cache_dir is None:
         return CacheDataset(items, transform=pipeline, num_workers=0, progress=False)
-    folder = Path(cache_dir) / f"pre-{_pipeline_key(deterministic, pixdim)}"
+    folder = Path(cache_dir) / f"pre-{_pipeline_key(deterministic, settings)}"
     return PersistentDataset(items, transform=pipeline, cache_dir=folder, hash_func=_item_key)
 
 
-def _pipeline_key(deterministic: Compose, pixdim: Sequence[float] | None) -> str:
-    """Short hash of the deterministic steps and the resampling grid."""
-    described = {"steps": [type(step).__name__ for step in deterministic.transforms], "pixdim": pixdim}
+def _pipeline_key(deterministic: Compose, settings: dict) -> str:
+    """Short hash of the deterministic steps and their settings (resampling grid, padded patch size)."""
+    described = {"steps": [type(step).__name__ for step in deterministic.transforms], **settings}
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
 
 

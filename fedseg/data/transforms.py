@@ -3,6 +3,8 @@
 The deterministic part follows the prostate study: load (several modality files, or the channels
 of a 4D NIfTI, become image channels), reorient to RAS, resample to `pixdim` mm (1 mm isotropic
 in the study; None keeps the stored grid), z-score the image on nonzero voxels per channel.
+Training adds, still deterministic, padding to at least one patch and the label's foreground and
+background voxel indices, so the random crops of every epoch do not rescan the whole volume.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
@@ -27,6 +31,7 @@ from monai.transforms import (
 
 KEYS = ("image", "label")
 STUDY_PIXDIM = (1.0, 1.0, 1.0)
+FG_INDICES, BG_INDICES = "label_fg_indices", "label_bg_indices"  # FgBgToIndicesd's default output keys
 
 
 def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
@@ -44,14 +49,29 @@ def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
     return Compose(steps)
 
 
+def training_preprocessing(patch_size: Sequence[int], pixdim: Sequence[float] | None = None) -> Compose:
+    """`preprocessing`, padding to at least `patch_size`, then the label's foreground/background voxel indices."""
+    return Compose(
+        [
+            *preprocessing(pixdim).transforms,
+            SpatialPadd(keys=KEYS, spatial_size=tuple(patch_size)),
+            FgBgToIndicesd(keys="label"),
+            # plain tensors as `preprocessing` gives; int32 indices take half the memory of int64
+            EnsureTyped(
+                keys=(*KEYS, FG_INDICES, BG_INDICES), dtype=(None, None, torch.int32, torch.int32), track_meta=False
+            ),
+        ]
+    )
+
+
 def augmentation(
     patch_size: Sequence[int], samples_per_volume: int = 2, max_rotation_deg: float = 10.0, max_scale: float = 0.1
 ) -> Compose:
-    """Positive/negative patch crops, flips, small rotations and scalings, intensity jitter."""
+    """Positive/negative patch crops (from `training_preprocessing`'s indices), flips, small rotations
+    and scalings, intensity jitter."""
     angle = math.radians(max_rotation_deg)
     return Compose(
         [
-            SpatialPadd(keys=KEYS, spatial_size=tuple(patch_size)),
             RandCropByPosNegLabeld(
                 keys=KEYS,
                 label_key="label",
@@ -59,6 +79,8 @@ def augmentation(
                 pos=1,
                 neg=1,
                 num_samples=samples_per_volume,
+                fg_indices_key=FG_INDICES,
+                bg_indices_key=BG_INDICES,
             ),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
