@@ -19,6 +19,7 @@ from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo  # n
 from fedseg.report.tables import Cell, Model, model_label, models, test_sets  # noqa: E402
 
 DPI = 80
+OVERLAY_DPI = 60  # many panels: keep the PNG small
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
     fig, axes = plt.subplots(len(panels), width, figsize=(2 * width, 2.1 * len(panels)), squeeze=False)
     for ax_row, (case, files) in zip(axes, panels):
         first = np.load(files[0])
-        ax_row[0].imshow(first["image"].T, cmap="gray", origin="lower")
+        ax_row[0].imshow(first["image"].T, cmap="gray", origin="lower", interpolation="nearest")
         ax_row[0].set_title(case.name, fontsize=7)
         _label_panel(ax_row[1], first["image"], first["truth"], "truth")
         for ax, file in zip(ax_row[2:], files):
@@ -133,14 +134,15 @@ def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
         for ax in ax_row:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=OVERLAY_DPI)
     plt.close(fig)
     return True
 
 
 def _label_panel(ax: plt.Axes, image: np.ndarray, labels: np.ndarray, title: str) -> None:
-    ax.imshow(image.T, cmap="gray", origin="lower")
-    ax.imshow(np.ma.masked_equal(labels, 0).T, cmap="autumn", alpha=0.5, origin="lower", vmin=0, vmax=3)
+    ax.imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
+    ax.imshow(np.ma.masked_equal(labels, 0).T, cmap="autumn", alpha=0.5, origin="lower", vmin=0, vmax=3,
+              interpolation="nearest")
     ax.set_title(title, fontsize=7)
 
 
