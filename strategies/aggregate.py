@@ -182,24 +182,26 @@ def _float_pass(
     dot, axpy = _kernels(ref.dtype)
     squared, ref_squared = [0.0] * len(flats), 0.0
     out = None if coefficients is None else _npy_stream(ref)
+    weights = coefficients or [0.0] * len(flats)
+    norms, distances = measure == "norm", measure == "distance"
     for start in range(0, reference.size, BLOCK):
-        block = reference[start:start + BLOCK]
+        stop = start + BLOCK
+        block = reference[start:stop]
         diff, total = scratch[:block.size], running[:block.size]
         if measure != "none":
-            ref_squared += float(dot(block, block))
+            ref_squared += dot(block, block)
         if out is not None and ref_coefficient:
             np.multiply(block, ref_coefficient, out=total)
         elif out is not None:
             total.fill(0)
-        for i, flat in enumerate(flats):
-            part = flat[start:start + BLOCK]
+        for i, (flat, weight) in enumerate(zip(flats, weights, strict=True)):
+            part = flat[start:stop]
             if out is not None:  # first: the one read from memory, by the fastest streaming routine
-                total = axpy(part, total, a=coefficients[i])
-            if measure == "norm":
-                squared[i] += float(dot(part, part))  # NaN or inf if the block holds non-finite values
-            elif measure == "distance":
-                np.subtract(part, block, out=diff)
-                squared[i] += float(dot(diff, diff))
+                total = axpy(part, total, a=weight)
+            if norms:
+                squared[i] += dot(part, part)  # NaN or inf if the block holds non-finite values
+            elif distances:
+                squared[i] += dot(np.subtract(part, block, out=diff), diff)
         if out is not None:
             if noise_std > 0:
                 total += rng.normal(0.0, noise_std, size=total.size)

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from strategy_replies import StubGrid, arrays_of, as_numpy, instructions, reply, round_config
 from strategy_replies import task_identity  # noqa: F401 - fixture
 
+from strategies.aggregate import BLOCK
 from strategies.cyclic import Cyclic
 from strategies.dice_weighted import DiceWeighted, dice_weights
 from strategies.dp_noised import DPNoised
@@ -218,3 +219,56 @@ def test_ciil_repeats_the_cycle() -> None:
              for r in range(1, 6)]
     assert order == [[5], [7], [5], [7], [5]]  # unknown site ids: node-id order
 
+
+
+def test_multi_block_tensors_equal_flower_and_a_late_inf_is_found() -> None:
+    size = 3 * BLOCK + 5  # four blocks, the last one partial
+    base = {"w": np.random.default_rng(0).standard_normal(size).astype(np.float32),
+            "steps": np.array(7, dtype=np.int64)}
+    sites = [{"w": base["w"] + np.float32(0.01 * (i + 1)), "steps": base["steps"] + i} for i in range(4)]
+    strategy = FedAvg(min_sites=4)
+    nodes = [1, 2, 3, 4]
+    sent = instructions(strategy, base, nodes)
+    replies = [reply(sent[n], s, num_examples=n, site_id=n) for n, s in zip(nodes, sites, strict=True)]
+    ours = as_numpy(strategy.aggregate_train(1, replies)[0])
+    flower = as_numpy(FlowerFedAvg(min_train_nodes=4, min_available_nodes=4).aggregate_train(1, replies)[0])
+    assert ours["w"].dtype == np.float32 and ours["steps"].dtype == np.int64
+    np.testing.assert_allclose(ours["w"], flower["w"], rtol=1e-6, atol=1e-7)
+
+    sites[2]["w"] = sites[2]["w"].copy()
+    sites[2]["w"][-1] = np.inf
+    replies[2] = reply(sent[3], sites[2], num_examples=3, site_id=3)
+    ours = as_numpy(strategy.aggregate_train(1, replies)[0])
+    kept = [replies[i] for i in (0, 1, 3)]
+    flower = as_numpy(FlowerFedAvg(min_train_nodes=3, min_available_nodes=3).aggregate_train(1, kept)[0])
+    np.testing.assert_allclose(ours["w"], flower["w"], rtol=1e-6, atol=1e-7)
+    assert strategy.round_report(1)["dropped-replies"] == [
+        {"site": "site-3", "stage": "train", "reason": "array 'w' holds non-finite values"}
+    ]
+
+
+class NormRecorder(FedAvg):
+    """FedAvg that records each checked reply's update norm (measured on demand, as `combine` is FedAvg's)."""
+
+    name = "norm-recorder"
+
+    def check_reply(self, reply) -> str:
+        self.norms[reply.site] = reply.update_norm
+        return ""
+
+
+def test_update_norm_near_the_limit_is_measured_exactly() -> None:
+    g = {"w": np.full(1000, 0.1, np.float32)}  # ‖g‖ = 3.16, limit with ratio 2: 6.32
+    direction = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    steps = {0: 6.0, 1: 6.6, 2: 0.5}  # ‖x − g‖: below, above, well below the limit; ‖x‖ + ‖g‖ > 6.32 for 0 and 1
+    sites = [{"w": g["w"] + np.float32(step) * direction} for step in steps.values()]
+    strategy = NormRecorder(min_sites=2, max_update_ratio=2.0)
+    strategy.norms = {}
+    sent = strategy.configure_train(1, arrays_of(g), round_config(), StubGrid(NODES))
+    replies = [reply(m, s, num_examples=1, site_id=i) for i, (m, s) in enumerate(zip(sent, sites, strict=True))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    [dropped] = strategy.round_report(1)["dropped-replies"]
+    assert dropped["site"] == "site-1" and dropped["reason"].startswith("update norm 6.6 exceeds 2 ×")
+    assert strategy.norms == pytest.approx({"site-0": 6.0, "site-2": 0.5}, rel=1e-5)
+    np.testing.assert_allclose(arrays["w"].numpy(), (sites[0]["w"] + sites[2]["w"]) / 2, rtol=1e-6)
