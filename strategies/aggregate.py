@@ -25,7 +25,7 @@ from scipy.linalg import blas
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic
-BLOCK = 8192  # elements per block: the reused blocks stay in cache, and BLAS runs it on one thread
+BLOCK = 8192  # elements per block: the blocks a pass reuses stay in L1/L2 cache, and BLAS runs on one thread
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -154,9 +154,9 @@ def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
 
 
 def _kernels(dtype: np.dtype) -> tuple[Any, Any]:
-    """(dot, axpy) for one dtype: BLAS's single-pass level-1 routines for float32/float64 (called on
-    blocks below OpenBLAS's 10 000-element threading threshold: no threads to stall on a busy
-    machine), numpy for other floats (float16)."""
+    """(dot, axpy) for one dtype: BLAS's single-pass level-1 routines for float32/float64, numpy for
+    other floats (float16). On `BLOCK`-sized calls OpenBLAS stays on the calling thread (measured:
+    it spreads axpy over threads from 16 384 elements), so no thread can stall on a busy machine."""
     if dtype in (np.float32, np.float64):
         dot, axpy = blas.get_blas_funcs(("dot", "axpy"), dtype=dtype)
         return dot, axpy
