@@ -1,7 +1,8 @@
 """One site's training state inside a client process: config, trainer and cached datasets.
 
 Built once per (run config, site) and reused across rounds while the process lives
-(simulation keeps it; in deployment a fresh process rebuilds it from disk caches).
+(simulation keeps it; in deployment a fresh process rebuilds it from disk caches: the preprocessed
+volumes persist in `<site state dir>/preprocessed`, keyed by pipeline, spacing and patch size).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from fedseg.data.sites import load_site_split, site_dir_for
 from fedseg.data.validate import check_site
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
+
+PREPROCESSED = "preprocessed"  # the site state dir's folder of cached preprocessed volumes
 
 
 @dataclass
@@ -76,11 +79,11 @@ def runtime_for(context: Context) -> SiteRuntime:
     """The cached SiteRuntime of this context's run config and site."""
     site_id, data_dir = site_of(context)
     run_config = json.dumps(dict(context.run_config), sort_keys=True)
-    return _build_runtime(run_config, site_id, data_dir)
+    return _build_runtime(run_config, site_id, data_dir, str(site_state_dir(context) / PREPROCESSED))
 
 
 @lru_cache(maxsize=4)
-def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> SiteRuntime:
+def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, cache_dir: str) -> SiteRuntime:
     config = RunConfig.from_mapping(json.loads(run_config_json))
     site_dir = site_dir_for(config, site_id, data_dir)
     check_site(site_dir, num_classes=config.num_classes)  # a broken scan fails this site's reply, with reasons
@@ -101,7 +104,9 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None) -> 
         split=split,
         trainer=trainer,
         # DP-SGD's privacy unit is the subject: one patch per subject per draw (see fedseg.privacy)
-        train_set=training_dataset(split.train, config.patch_size, samples_per_volume=1 if config.dp_sgd else 2),
-        val_set=evaluation_dataset(split.val),
-        test_set=evaluation_dataset(split.test),
+        train_set=training_dataset(
+            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=1 if config.dp_sgd else 2
+        ),
+        val_set=evaluation_dataset(split.val, config.spacing, cache_dir),
+        test_set=evaluation_dataset(split.test, config.spacing, cache_dir),
     )

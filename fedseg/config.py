@@ -7,6 +7,7 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class RunConfig:
     model: str = "unet"
     num_classes: int = 3
     patch_size: tuple[int, int, int] = (32, 32, 32)
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm per voxel to resample to; None: native grid
     batch_size: int = 2
     data_dir: str = "synthetic"
     synthetic_subjects: int = 8
@@ -65,6 +67,7 @@ class RunConfig:
         """Plain JSON-able view, with hyphenated keys as in pyproject."""
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
         out["patch-size"] = ",".join(map(str, self.patch_size))
+        out["spacing"] = ",".join(map(str, self.spacing)) if self.spacing is not None else ""
         return out
 
     @classmethod
@@ -121,6 +124,10 @@ class RunConfig:
             raise ConfigError(f"run-config 'model' is '{self.model}'; choose one of: {', '.join(MODEL_NAMES)}")
         if any(p < 8 for p in self.patch_size):
             raise ConfigError(f"run-config 'patch-size' must be >= 8 per axis, got {self.patch_size}")
+        if self.spacing is not None and not all(0 < s < math.inf for s in self.spacing):
+            raise ConfigError(
+                f"run-config 'spacing' must be > 0 mm per axis (\"\" keeps the native grid), got {self.spacing}"
+            )
         if self.uses_synthetic_data and min(self.patch_size) > self.synthetic_size:
             raise ConfigError(
                 f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
@@ -159,8 +166,10 @@ def _validate_dp(config: RunConfig) -> None:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Convert one raw value to the field's type or raise ConfigError naming the key."""
     kind = str(annotation)
-    if "tuple" in kind:
-        return _parse_patch(key, value)
+    if kind.startswith("tuple[float"):
+        return None if value == "" else _parse_triple(key, value, float, "1.0,1.0,3.0")
+    if kind.startswith("tuple[int"):
+        return _parse_triple(key, value, int, "32,32,32")
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -180,20 +189,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _parse_patch(key: str, value: Any) -> tuple[int, int, int]:
-    """Accept 32 (cubic) or "32,32,16"."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value, value)
+def _parse_triple(key: str, value: Any, number: type, example: str) -> tuple:
+    """Accept one number (the same on every axis) or three, e.g. 32 or "32,32,16" (also "32x32x16")."""
     parts = str(value).replace("x", ",").split(",")
     try:
-        sizes = tuple(int(p) for p in parts)
+        sizes = tuple(number(p) for p in parts)
     except ValueError as err:
-        raise ConfigError(f"run-config '{key}' must be like \"32,32,32\", got {value!r}") from err
+        raise ConfigError(f"run-config '{key}' must be like \"{example}\", got {value!r}") from err
     if len(sizes) == 1:
         sizes = sizes * 3
     if len(sizes) != 3:
         raise ConfigError(f"run-config '{key}' needs 1 or 3 sizes, got {value!r}")
-    return sizes  # type: ignore[return-value]
+    return sizes
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

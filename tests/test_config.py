@@ -20,6 +20,7 @@ def test_pyproject_defaults_are_valid_and_match_the_dataclass() -> None:
     config = RunConfig.from_mapping(default_run_config())
     assert config.strategy == "fedavg"
     assert config.patch_size == (32, 32, 32)
+    assert config.spacing == (1.0, 1.0, 1.0) == RunConfig().spacing
     assert config.uses_synthetic_data
 
 
@@ -32,6 +33,9 @@ def test_pyproject_defaults_are_valid_and_match_the_dataclass() -> None:
         ("model", "resnet", "'model' is 'resnet'; choose one of: unet, segresnet, dynunet, ahnet"),
         ("patch-size", "32,32", "'patch-size' needs 1 or 3 sizes"),
         ("patch-size", "a,b,c", "'patch-size' must be like"),
+        ("spacing", "1.0,0,1.0", "'spacing' must be > 0 mm per axis"),
+        ("spacing", "-0.5", "'spacing' must be > 0 mm per axis"),
+        ("spacing", "1mm", "'spacing' must be like \"1.0,1.0,3.0\""),
         ("num-classes", 1, "'num-classes' must be >= 2"),
         ("round-timeout", -1.0, "'round-timeout' must be > 0"),
     ],
@@ -54,10 +58,12 @@ def test_patch_larger_than_synthetic_volume_is_refused() -> None:
 
 def test_toml_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('strategy = "fedavg"\npatch-size = "32,32,16"\nlocal-epochs = 4\n')
+    path.write_text('strategy = "fedavg"\npatch-size = "32,32,16"\nspacing = "0.5x0.5x3"\nlocal-epochs = 4\n')
     config = RunConfig.from_toml(path)
-    assert config.patch_size == (32, 32, 16)
-    assert config.to_dict()["patch-size"] == "32,32,16"
+    assert config.patch_size == (32, 32, 16) and config.spacing == (0.5, 0.5, 3.0)
+    assert config.to_dict()["patch-size"] == "32,32,16" and config.to_dict()["spacing"] == "0.5,0.5,3.0"
+    assert RunConfig.from_mapping({"spacing": ""}).spacing is None  # "": each scan's native grid
+    assert RunConfig.from_mapping({"spacing": ""}).to_dict()["spacing"] == ""
     assert config.local_epochs == 4
 
 
