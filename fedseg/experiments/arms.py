@@ -67,6 +67,16 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
                      epochs=epochs, start_from=base) for k in sites]
     if spec.ensemble_folds:
         arms += _ensembles(spec, rounds, epochs)
+    return arms + _privacy_sweep(spec, rounds, epochs)
+
+
+def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
+    """One federated arm per noise level: DP-SGD at the sites (first strategy), then client-level dp-noised."""
+    sites, first = tuple(range(spec.sites)), spec.strategies[0]
+    arms = [Arm(f"{first}-dpsgd-z{z}", "federated", "federation", sites, first, rounds, epochs,
+                {"dp-sgd": True, "dp-noise-multiplier": z}) for z in spec.dp_sgd_noise_multipliers]
+    arms += [Arm(f"dp-noised-z{z}", "federated", "federation", sites, "dp-noised", rounds, epochs,
+                 {"dp-noised.noise-multiplier": z}) for z in spec.dp_noised_noise_multipliers]
     return arms
 
 

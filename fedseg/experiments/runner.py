@@ -3,13 +3,14 @@
 Per arm (see fedseg.report.layout for the files): a Federation run through the LocalGrid, a model
 checkpoint, then per-case Dice of the final model on every site's held-out test split and on the
 outside institution, computed here by the one party running the experiment (its own or synthetic
-data), and a few overlay slices. `arm.json` is written last: an arm that has it is skipped when the
+data), with the model's final (ε, δ) where it was trained with DP, and a few overlay slices. `arm.json` is written last: an arm that has it is skipped when the
 experiment is started again; an interrupted federated arm resumes from its last finished round.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,19 @@ from fedseg.experiments.views import SitePart, load_splits, site_parts, write_vi
 from fedseg.federation import Federation
 from fedseg.metrics import dice_per_class
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.report.cases import CaseRow, read_cases, write_cases
-from fedseg.report.layout import ARM_INFO, ARMS, CASES, MODEL, OVERLAYS, ArmInfo, overlay_case
+from fedseg.privacy import client_epsilon, site_epsilons
+from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
+from fedseg.report.layout import (
+    ARM_INFO,
+    ARMS,
+    CASES,
+    HISTORY,
+    MODEL,
+    OVERLAYS,
+    SITE_STATE,
+    ArmInfo,
+    overlay_case,
+)
 from fedseg.server_app import initial_weights
 from fedseg.trainer import SegmentationTrainer
 from strategies.registry import build_strategy
@@ -76,10 +88,12 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
             _train(spec, arm, splits, results, folder)
         ]
         if arm.evaluated:
-            rows = _evaluate(arm, models, tests, results, spec.overlay_cases)
+            dp_kind, epsilon, delta = privacy = _privacy(folder)
+            rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
             write_cases(folder / CASES, rows, spec.run_config().num_classes - 1)
             inside = [r.score for r in rows if not r.outside]
-            echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits")
+            echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
+                 + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else ""))
         model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
         seconds = time.perf_counter() - started
         ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
@@ -112,8 +126,11 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
            "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
     )
     config = RunConfig.from_mapping(values)
-    nodes = [{"data-dir": str(_node_dir(spec, arm, node, splits, results)), "site-id": max(node, 0)}
-             for node in arm.nodes]
+    nodes = []
+    for node in arm.nodes:  # each site's state (privacy ledger, preprocessed cache) stays in this experiment
+        data_dir = _node_dir(spec, arm, node, splits, results)
+        nodes.append({"data-dir": str(data_dir), "site-id": max(node, 0),
+                      "state-dir": str(results / SITE_STATE / data_dir.name)})
     resume = None
     if (folder / CHECKPOINT_FILE).is_file():
         resume = load_checkpoint(folder)
@@ -126,7 +143,7 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
         arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder).run(initial, resume)
     model = ModelCheckpoint(
         arrays.to_torch_state_dict(), config.model, config.num_classes, config.patch_size,
-        pixdim=None,  # the ClientApp trains on each site's stored voxel grid (the run config has no resampling)
+        pixdim=config.spacing,  # the grid the ClientApps trained at (None: each scan's stored grid)
         description=f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}",
     )
     model.save(folder / MODEL)
@@ -144,16 +161,35 @@ def _node_dir(spec: ExperimentSpec, arm: Arm, node: int, splits: Sequence[SiteSp
     return write_view(results / VIEWS / name, parts, seed)
 
 
+Privacy = tuple[str, float, float]  # (dp_kind, ε, δ); ("", nan, nan) without DP
+
+
+def _privacy(folder: Path) -> Privacy:
+    """The final (ε, δ) of the arm's run from its history.json: client-level, or the largest sample-level ε."""
+    path = folder / HISTORY
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    client, sites = client_epsilon(history), site_epsilons(history)
+    if client is not None and sites:
+        raise ExperimentError(f"{path}: both DP-SGD and client-level DP; cases.csv records one DP kind per model")
+    if client is not None:
+        return (CLIENT_LEVEL, *client)
+    if sites:
+        return (SAMPLE_LEVEL, *max(sites.values()))
+    return ("", math.nan, math.nan)
+
+
 def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
-    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test)) for k, s in enumerate(splits)]
+    spacing = spec.run_config().spacing  # evaluate on the grid the models were trained at
+    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing)) for k, s in enumerate(splits)]
     if spec.outside_dir is not None:
         items = load_datalist(spec.outside_dir)
-        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items)))
+        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items, spacing)))
     return sets
 
 
 def _evaluate(
-    arm: Arm, models: Sequence[ModelCheckpoint], tests: Sequence[TestSet], results: Path, overlay_cases: int
+    arm: Arm, models: Sequence[ModelCheckpoint], tests: Sequence[TestSet], results: Path, overlay_cases: int,
+    privacy: Privacy,
 ) -> list[CaseRow]:
     """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
     trainers = [model.trainer() for model in models]
@@ -164,7 +200,8 @@ def _evaluate(
             probabilities = torch.stack([torch.softmax(t.predict_logits(batch["image"]), 1) for t in trainers]).mean(0)
             dice = dice_per_class(probabilities.cpu(), batch["label"])[0].tolist()
             subject = test.items[index]["subject"]
-            rows.append(CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice)))
+            rows.append(CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice),
+                                *privacy))
             if own and index < overlay_cases:
                 _save_overlay(results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
                               batch["image"][0, 0], batch["label"][0, 0], probabilities.argmax(1)[0].cpu())

@@ -13,6 +13,9 @@ finetune-rounds = 0           # > 0: fine-tune the federated model at each site 
 ensemble-folds = 0            # >= 2: also k-fold submodel ensembles of `ensemble-arms`
 ensemble-arms = ["private", "centralized", "federated"]
 overlay-cases = 1             # test cases per test set saved as overlay slices
+dp-sgd-noise-multipliers = [0.5, 1.0]     # privacy sweep: one arm of the first strategy with DP-SGD at every
+                                          # site per value (run-config dp-noise-multiplier), e.g. fedavg-dpsgd-z0.5
+dp-noised-noise-multipliers = [0.1, 1.0]  # one client-level `dp-noised` arm per noise multiplier, e.g. dp-noised-z0.1
 
 [run]                         # fedseg run config shared by every arm (README "Run config")
 num-server-rounds = 4
@@ -21,6 +24,8 @@ local-epochs = 1
 proximal-mu = 0.01
 ```
 Every arm trains for the same budget: num-server-rounds × local-epochs epochs at each site.
+The sweep's other DP settings come from [run] (dp-max-grad-norm, dp-delta, dp-accountant;
+[run.dp-noised] clipping-norm, target-delta); each DP arm's final ε goes into cases.csv.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from strategies.registry import build_strategy
 ARM_KINDS = ("private", "centralized", "federated", "iil", "ciil", "leave-one-out")
 EXPERIMENT_KEYS = {
     "name", "data-dir", "sites", "outside", "output-dir", "arms", "strategies", "finetune-rounds",
-    "ensemble-folds", "ensemble-arms", "overlay-cases",
+    "ensemble-folds", "ensemble-arms", "overlay-cases", "dp-sgd-noise-multipliers", "dp-noised-noise-multipliers",
 }
+SWEEPS = ("dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
 RUN_KEYS_SET_BY_ARMS = ("strategy", "data-dir", "output-dir", "min-sites", "resume-from")
 
 
@@ -58,6 +64,8 @@ class ExperimentSpec:
     ensemble_folds: int = 0
     ensemble_arms: tuple[str, ...] = ()
     overlay_cases: int = 1
+    dp_sgd_noise_multipliers: tuple[float, ...] = ()
+    dp_noised_noise_multipliers: tuple[float, ...] = ()
 
     @property
     def results_dir(self) -> Path:
@@ -114,6 +122,9 @@ class ExperimentSpec:
         for key in ("arms", "strategies", "ensemble_arms"):
             if key in values:
                 values[key] = tuple(values[key])
+        for key in SWEEPS:
+            if key in values:
+                values[key] = _noise_values(key, values[key])
         spec = cls(run=run, **values)
         spec.validate()
         return spec
@@ -138,6 +149,33 @@ class ExperimentSpec:
             raise ConfigError("[experiment] 'finetune-rounds' and 'overlay-cases' must be >= 0")
         for strategy in (*self.strategies, "cyclic"):
             build_strategy(self.run_config(strategy=strategy))
+        self._validate_sweep()
+
+    def _validate_sweep(self) -> None:
+        """Each sweep arm's run config must be valid, and each arm must carry one DP kind only."""
+        if not (self.dp_sgd_noise_multipliers or self.dp_noised_noise_multipliers):
+            return
+        if self.run_config().dp_sgd:
+            raise ConfigError("[run] 'dp-sgd' must be off with a privacy sweep: the sweep turns DP on per arm")
+        first = self.strategies[0]
+        if self.dp_sgd_noise_multipliers and first == "dp-noised":
+            raise ConfigError("[experiment] 'dp-sgd-noise-multipliers' trains the first strategy with DP-SGD; "
+                              "it must not be 'dp-noised' (one DP kind per arm)")
+        for z in self.dp_sgd_noise_multipliers:
+            build_strategy(self.run_config(strategy=first, **{"dp-sgd": True, "dp-noise-multiplier": z}))
+        for z in self.dp_noised_noise_multipliers:
+            build_strategy(self.run_config(strategy="dp-noised", **{"dp-noised.noise-multiplier": z}))
+
+
+def _noise_values(key: str, values: Any) -> tuple[float, ...]:
+    """A sweep's noise multipliers: distinct numbers > 0 (0 would mean no privacy, or a derived σ)."""
+    name = key.replace("_", "-")
+    if not isinstance(values, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"[experiment] '{name}' must be a list of numbers, got {values!r}")
+    floats = tuple(float(v) for v in values)
+    if any(not 0 < v < float("inf") for v in floats) or len(set(floats)) != len(floats):
+        raise ConfigError(f"[experiment] '{name}' needs distinct noise multipliers > 0, got {list(values)}")
+    return floats
 
 
 def _flatten_run(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,11 @@ Columns: `arm` (e.g. private, centralized, fedavg), `kind` (private, centralized
 cyclic, leave-one-out, finetuned, ensemble), `trained_on` (a site, `pooled`, `federation`,
 `without-site-1`, ...), `tested_on` (a site's held-out test split, or the outside institution),
 `outside` (1 for the outside institution), `subject`, then `dice_1`, `dice_2`, ... (foreground
-classes; empty where a class is absent from both truth and prediction).
+classes; empty where a class is absent from both truth and prediction), then the model's privacy
+guarantee: `dp_kind` (`sample-level`: DP-SGD at the sites, protects one subject's scans at a site;
+`client-level`: the dp-noised strategy, protects a whole site's participation), `epsilon` and `delta`
+(final cumulative ε at δ; for DP-SGD the largest ε over the sites). All three are empty for a model
+trained without DP; files without these columns read as no DP.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import numpy as np
 
 KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
 DICE_PREFIX = "dice_"
+PRIVACY_COLUMNS = ("dp_kind", "epsilon", "delta")  # optional (absent in older files)
+SAMPLE_LEVEL, CLIENT_LEVEL = "sample-level", "client-level"
+DP_KINDS = (SAMPLE_LEVEL, CLIENT_LEVEL)
 
 
 class CasesError(ValueError):
@@ -37,6 +44,9 @@ class CaseRow:
     outside: bool
     subject: str
     dice: tuple[float, ...]
+    dp_kind: str = ""  # "", SAMPLE_LEVEL or CLIENT_LEVEL
+    epsilon: float = math.nan  # final ε of the model at `delta` (NaN without DP)
+    delta: float = math.nan
 
     @property
     def model(self) -> tuple[str, str]:
@@ -54,7 +64,7 @@ def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = N
     """Write rows as CSV (header included); `num_classes` foreground classes, else from the rows."""
     rows = list(rows)
     width = num_classes if num_classes is not None else max((len(r.dice) for r in rows), default=0)
-    header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{i}" for i in range(1, width + 1))]
+    header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{i}" for i in range(1, width + 1)), *PRIVACY_COLUMNS]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as handle:
@@ -62,7 +72,9 @@ def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = N
         writer.writerow(header)
         for row in rows:
             dice = ["" if math.isnan(d) else f"{d:.6f}" for d in row.dice]
-            writer.writerow([row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice])
+            privacy = [row.dp_kind, _optional(row.epsilon, "{!r}"), _optional(row.delta, "{!r}")]
+            writer.writerow([row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice,
+                             *privacy])
     tmp.replace(path)
 
 
@@ -78,7 +90,7 @@ def read_cases(path: Path) -> list[CaseRow]:
             dice_cols = [i for i, name in enumerate(header) if name.startswith(DICE_PREFIX)]
             if missing or not dice_cols:
                 raise CasesError(f"{path}: header lacks {missing or 'dice_<class> columns'}; got {header}")
-            index = {name: header.index(name) for name in KEY_COLUMNS}
+            index = {name: header.index(name) for name in (*KEY_COLUMNS, *PRIVACY_COLUMNS) if name in header}
             rows = [_parse(path, line_no, values, index, dice_cols) for line_no, values in enumerate(reader, start=2)]
     except OSError as err:
         raise CasesError(f"{path}: cannot read cases file: {err}") from err
@@ -87,9 +99,21 @@ def read_cases(path: Path) -> list[CaseRow]:
     return rows
 
 
+def _optional(value: float, fmt: str) -> str:
+    return "" if math.isnan(value) else fmt.format(value)
+
+
 def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], dice_cols: list[int]) -> CaseRow:
+    def number(column: str) -> float:
+        return float(values[index[column]]) if column in index and values[index[column]] != "" else math.nan
+
     try:
         dice = tuple(float(values[i]) if values[i] != "" else math.nan for i in dice_cols)
+        dp_kind = values[index["dp_kind"]] if "dp_kind" in index else ""
+        if dp_kind not in ("", *DP_KINDS):
+            raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
+        if bool(dp_kind) != (not math.isnan(number("epsilon"))):
+            raise ValueError("dp_kind and epsilon must be both set or both empty")
         return CaseRow(
             arm=values[index["arm"]],
             kind=values[index["kind"]],
@@ -98,6 +122,9 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
             outside=values[index["outside"]] in ("1", "true", "True"),
             subject=values[index["subject"]],
             dice=dice,
+            dp_kind=dp_kind,
+            epsilon=number("epsilon"),
+            delta=number("delta"),
         )
     except (IndexError, ValueError) as err:
         raise CasesError(f"{path}, line {line_no}: malformed row {values}: {err}") from err

@@ -10,6 +10,7 @@ results/<experiment>/
   overlays/<case>/<arm-id>.npz  one slice of image, truth and prediction (for the overlay plot)
   experiment.json             the experiment config (a rerun with another config is refused)
   views/                      pooled and k-fold site views (links to the sites' files)
+  site-state/<site or view>/  each node's own state: DP-SGD privacy ledgers (one per arm), preprocessed cache
 ```
 Checkpoints and overlays stay local: never commit them.
 """
@@ -26,6 +27,7 @@ ARM_INFO = "arm.json"
 HISTORY = "history.json"
 MODEL = "final-model.pt"
 OVERLAYS = "overlays"
+SITE_STATE = "site-state"
 
 
 @dataclass(frozen=True)
