@@ -39,6 +39,7 @@ def interleaved(sides: dict[str, Callable[[], float | None]], repeats: int) -> d
             started = time.perf_counter()
             own = run()
             times[name].append(own if isinstance(own, float) else time.perf_counter() - started)
+            del own  # free a side's result before the next side runs (else it shapes that side's allocations)
     return times
 
 

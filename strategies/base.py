@@ -170,8 +170,9 @@ class FedSegStrategy(FlowerFedAvg):
                 messages.append(message)
                 candidates.append(reply)
         fused = type(self).combine is FedSegStrategy.combine
-        checked = sweep(self.global_arrays, [r.views for r in candidates],
-                        self._coefficients(candidates) if fused and candidates else None,
+        weights = self.site_weights(candidates) if fused else []  # unchecked replies: may not sum to > 0
+        coefficients = [w / sum(weights) for w in weights] if sum(weights) > 0 else None
+        checked = sweep(self.global_arrays, [r.views for r in candidates], coefficients,
                         measure="norm" if fused else "distance")
         reference_norm = math.sqrt(checked.reference_squared)
         good = []
