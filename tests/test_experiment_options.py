@@ -1,0 +1,146 @@
+"""Experiment options on tiny synthetic sites: fine-tuning, k-fold ensembles and the privacy sweep.
+
+One experiment (2 sites, 1 round × 1 epoch, 16³ patches) runs once for the module; each test
+checks one option's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader
+
+from fedseg.config import ConfigError
+from fedseg.data.datasets import evaluation_dataset
+from fedseg.data.synth import synthesize
+from fedseg.experiments import ExperimentSpec, run_experiment
+from fedseg.experiments.arms import plan_arms
+from fedseg.experiments.views import load_splits
+from fedseg.metrics import dice_per_class
+from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.report.cases import CaseRow, read_cases
+
+RUN = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
+       "learning-rate": 0.05}
+EXPERIMENT = {"name": "options", "sites": 2, "outside": "", "arms": ["federated"], "strategies": ["fedavg"],
+              "finetune-rounds": 1, "ensemble-folds": 2, "ensemble-arms": ["centralized"],
+              "dp-sgd-noise-multipliers": [1.0], "dp-noised-noise-multipliers": [1.0]}
+
+
+def _spec(root: Path, **experiment: object) -> ExperimentSpec:
+    values = {**EXPERIMENT, "data-dir": str(root / "data"), "output-dir": str(root / "results"), **experiment}
+    return ExperimentSpec.from_mapping({"experiment": values, "run": RUN})
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
+    root = tmp_path_factory.mktemp("options")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDSEG_CACHE", str(root / "cache"))
+        synthesize(root / "data", "tiny", seed=0, num_sites=2)
+        spec = _spec(root)
+        run_experiment(spec, echo=lambda _: None)
+        yield spec, read_cases(spec.results_dir / "cases.csv")
+
+
+def _arm(spec: ExperimentSpec, arm_id: str) -> Path:
+    return spec.results_dir / "arms" / arm_id
+
+
+def _history(spec: ExperimentSpec, arm_id: str) -> dict:
+    return json.loads((_arm(spec, arm_id) / "history.json").read_text())
+
+
+def _weights(spec: ExperimentSpec, arm_id: str) -> dict[str, torch.Tensor]:
+    return ModelCheckpoint.load(_arm(spec, arm_id) / "final-model.pt").state_dict
+
+
+def test_plan_names_every_arm_of_the_options(experiment: tuple[ExperimentSpec, list[CaseRow]]) -> None:
+    spec, rows = experiment
+    assert [a.id for a in plan_arms(spec)] == [
+        "fedavg--federation", "fedavg-finetuned--site-0", "fedavg-finetuned--site-1",
+        "centralized-fold0--pooled", "centralized-fold1--pooled", "centralized-ens2--pooled",
+        "fedavg-dpsgd-z1.0--federation", "dp-noised-z1.0--federation",
+    ]
+    evaluated = list(dict.fromkeys(r.model for r in rows))
+    assert ("centralized-fold0", "pooled") not in evaluated  # fold submodels count only inside their ensemble
+    assert len(evaluated) == 6
+
+
+def test_finetuning_starts_from_the_federated_model_and_changes_it(
+    experiment: tuple[ExperimentSpec, list[CaseRow]],
+) -> None:
+    spec, rows = experiment
+    federated = _weights(spec, "fedavg--federation")
+    final_round = _history(spec, "fedavg--federation")["rounds"][-1]["eval"]
+    for site in ("site-0", "site-1"):
+        arm_id = f"fedavg-finetuned--{site}"
+        tested = sorted(r.tested_on for r in rows if r.model == ("fedavg-finetuned", site))
+        assert tested == ["site-0", "site-1"]  # one row per test case of each site (tiny: 1 each)
+        history = _history(spec, arm_id)
+        # round 0 evaluates the starting model at this site: the federated model's Dice there
+        assert history["rounds"][0]["eval"][site]["dice"] == pytest.approx(final_round[site]["dice"], abs=1e-6)
+        assert list(history["rounds"][1]["train"]) == [site]  # fine-tuned at its own site only
+        tuned = _weights(spec, arm_id)
+        assert tuned.keys() == federated.keys()
+        assert any(not torch.equal(tuned[k], federated[k]) for k in federated if federated[k].is_floating_point())
+
+
+def test_ensemble_dice_is_that_of_the_fold_models_mean_probability(
+    experiment: tuple[ExperimentSpec, list[CaseRow]],
+) -> None:
+    spec, rows = experiment
+    folds = [ModelCheckpoint.load(_arm(spec, f"centralized-fold{f}--pooled") / "final-model.pt") for f in (0, 1)]
+    assert any(not torch.equal(folds[0].state_dict[k], folds[1].state_dict[k]) for k in folds[0].state_dict)
+    items = load_splits([spec.site_dir(0)], spec.run_config().seed)[0].test
+    batch = next(iter(DataLoader(evaluation_dataset(items[:1]), batch_size=1)))
+    each = [torch.softmax(m.trainer().predict_logits(batch["image"]), 1) for m in folds]
+    assert not torch.allclose(each[0], each[1])
+    mean = (each[0] + each[1]) / 2
+    expected = dice_per_class(mean, batch["label"])[0].numpy()
+    row = next(r for r in rows if r.arm == "centralized-ens2" and r.tested_on == "site-0"
+               and r.subject == items[0]["subject"])
+    np.testing.assert_allclose(row.dice, expected, atol=1e-6)
+    # the saved overlay slice of the ensemble is the argmax of the mean probability
+    overlay = np.load(next((spec.results_dir / "overlays").glob(f"site-0--{row.subject}/centralized-ens2--pooled.npz")))
+    truth = batch["label"][0, 0]
+    z = int((truth > 0).sum(dim=(0, 1)).argmax())
+    np.testing.assert_array_equal(overlay["prediction"], mean.argmax(1)[0, ..., z].numpy())
+
+
+def test_privacy_sweep_records_each_arms_final_epsilon(experiment: tuple[ExperimentSpec, list[CaseRow]]) -> None:
+    spec, rows = experiment
+    by_arm = {r.arm: (r.dp_kind, r.epsilon, r.delta) for r in rows}
+    sites = _history(spec, "fedavg-dpsgd-z1.0--federation")["rounds"][-1]["train"]
+    assert {s: m["dp-noise-multiplier"] for s, m in sites.items()} == {"site-0": 1.0, "site-1": 1.0}
+    site_eps = [m["dp-epsilon"] for m in sites.values()]
+    assert by_arm["fedavg-dpsgd-z1.0"] == ("sample-level", max(site_eps), 1e-5)
+    assert 0 < min(site_eps) < max(site_eps)  # sites of 6 and 4 subjects: different sampling rates, different ε
+    strategy = _history(spec, "dp-noised-z1.0--federation")["rounds"][-1]["strategy"]
+    assert by_arm["dp-noised-z1.0"] == ("client-level", strategy["epsilon"], 1e-5) and strategy["epsilon"] > 0
+    for arm in ("fedavg", "fedavg-finetuned", "centralized-ens2"):
+        assert by_arm[arm][0] == "" and math.isnan(by_arm[arm][1]) and math.isnan(by_arm[arm][2])
+    ledgers = sorted(p.name for p in (spec.results_dir / "site-state").glob("*/privacy/*.json"))
+    assert ledgers == ["run-fedavg-dpsgd-z1.0--federation.json"] * 2  # one per site, inside the experiment
+
+
+def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, **{"dp-sgd-noise-multipliers": [0.5, 2], "dp-noised-noise-multipliers": [0.1]})
+    sweep = [(a.name, a.strategy, a.params) for a in plan_arms(spec) if "-z" in a.name]
+    assert sweep == [
+        ("fedavg-dpsgd-z0.5", "fedavg", {"dp-sgd": True, "dp-noise-multiplier": 0.5}),
+        ("fedavg-dpsgd-z2.0", "fedavg", {"dp-sgd": True, "dp-noise-multiplier": 2.0}),
+        ("dp-noised-z0.1", "dp-noised", {"dp-noised.noise-multiplier": 0.1}),
+    ]
+    with pytest.raises(ConfigError, match=r"'dp-sgd-noise-multipliers' needs distinct noise multipliers > 0, got \[0\]"):
+        _spec(tmp_path, **{"dp-sgd-noise-multipliers": [0]})
+    with pytest.raises(ConfigError, match=r"'dp-noised-noise-multipliers' must be a list of numbers"):
+        _spec(tmp_path, **{"dp-noised-noise-multipliers": "1.0"})
+    with pytest.raises(ConfigError, match="'dp-sgd' cannot be combined with strategy 'fedprox'"):
+        _spec(tmp_path, strategies=["fedprox"])
