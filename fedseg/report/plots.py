@@ -1,9 +1,10 @@
-"""PNG plots of an experiment (matplotlib, Agg backend): curves, heatmap, box plots, overlays."""
+"""PNG plots of an experiment (matplotlib, Agg backend): curves, heatmap, box plots, Dice vs ε, overlays."""
 
 from __future__ import annotations
 
 import json
 import math
+from itertools import cycle
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from fedseg.report.cases import CaseRow  # noqa: E402
 from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo  # noqa: E402
-from fedseg.report.tables import Cell, Model, model_label, models, test_sets  # noqa: E402
+from fedseg.report.tables import Cell, Model, PrivacyPoint, model_label, models, test_sets  # noqa: E402
 
 DPI = 80
 OVERLAY_DPI = 60  # many panels: keep the PNG small
@@ -112,6 +113,23 @@ def plot_boxes(rows: Sequence[CaseRow], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], path: Path) -> None:
+    """Mean internal-test Dice (± sd) vs final ε per DP kind; dashed lines: models trained without DP."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for kind in dict.fromkeys(p.dp_kind for p in points):
+        shown = [p for p in points if p.dp_kind == kind and math.isfinite(p.epsilon)]
+        ax.errorbar([p.epsilon for p in shown], [p.internal.mean for p in shown],
+                    yerr=[0.0 if math.isnan(p.internal.sd) else p.internal.sd for p in shown],
+                    marker="o", capsize=3, label=f"{kind} DP")
+    for (label, cell), style in zip(references.items(), cycle(("--", ":", "-."))):
+        ax.axhline(cell.mean, linestyle=style, color="black", linewidth=1, label=f"{label} (no DP)")
+    epsilons = [p.epsilon for p in points if math.isfinite(p.epsilon) and p.epsilon > 0]
+    if epsilons and max(epsilons) > 10 * min(epsilons):
+        ax.set_xscale("log")
+    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy", ylim=(0, 1))
+    _finish(fig, ax, path)
 
 
 def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedseg.report import plots
-from fedseg.report.cases import CaseRow, read_cases
+from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases
 from fedseg.report.layout import CASES
 from fedseg.report.tables import (
     Cell,
@@ -16,11 +16,17 @@ from fedseg.report.tables import (
     model_label,
     models,
     paired_tests,
+    privacy_points,
+    privacy_references,
     test_sets,
 )
 
 REPORT = "report.md"
 CURVE_KINDS = ("federated", "cyclic")  # arms drawn in the Dice-vs-round and cost plots
+PROTECTS = {  # what ε bounds, in plain words, per DP kind
+    SAMPLE_LEVEL: "one subject's scans at a site: whether any single subject was in a site's training data",
+    CLIENT_LEVEL: "a whole site's participation: whether any one site, with all its subjects, took part",
+}
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -39,6 +45,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         arms_table(rows),
         "## Paired tests against each private model (same internal test cases)",
         paired_table(rows),
+        *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
         "## Plots",
         _plots(results_dir, out, rows),
     ]
@@ -79,6 +86,20 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
     return _markdown(header, body) + "\n\nTwo-sided tests on per-case Dice; difference = model − private model."
 
 
+def privacy_table(rows: Sequence[CaseRow]) -> str:
+    """Each DP model's final ε and δ, internal-test Dice and what its ε protects; then the no-DP references."""
+    header = ["model", "DP", "ε", "δ", "internal test Dice", "ε protects"]
+    body = [[model_label(p.model, rows), p.dp_kind, _number(p.epsilon, "{:.2f}"), _number(p.delta, "{:g}"),
+             _cell(p.internal), PROTECTS[p.dp_kind]] for p in privacy_points(rows)]
+    body += [[model_label(m, rows), "none", "–", "–", _cell(cell), "nothing (trained without DP)"]
+             for m, cell in privacy_references(rows).items()]
+    return _markdown(header, body) + (
+        "\n\nSmaller ε is stronger protection: the model changes the odds of telling whether the protected "
+        "unit took part by at most a factor e^ε (except with probability δ). A DP-SGD model's ε is the largest "
+        "over its sites."
+    )
+
+
 def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
     made = []
     plots.plot_heatmap(rows, cross_site_matrix(rows), out / "heatmap.png")
@@ -91,6 +112,11 @@ def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
         plots.plot_rounds(curves, out / "dice_vs_round.png", reference=central)
         plots.plot_cost(curves, out / "dice_vs_cost.png")
         made += ["dice_vs_round.png", "dice_vs_cost.png"]
+    points = privacy_points(rows)
+    if points:
+        references = {model_label(m, rows): cell for m, cell in privacy_references(rows).items()}
+        plots.plot_privacy(points, references, out / "dice_vs_epsilon.png")
+        made.append("dice_vs_epsilon.png")
     if plots.plot_overlays(results_dir, out / "overlays.png"):
         made.append("overlays.png")
     return "\n\n".join(f"![{name[:-4]}]({name})" for name in made)

@@ -15,6 +15,7 @@ from fedseg.report.cases import CaseRow, mean_sd
 
 Model = tuple[str, str]  # (arm, trained_on)
 COMPARED_KINDS = ("federated", "cyclic", "centralized")  # compared case by case with each private model
+REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference lines of Dice vs ε
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ class PairedTest:
     mean_difference: float
     p_wilcoxon: float
     p_ttest: float
+
+
+@dataclass(frozen=True)
+class PrivacyPoint:
+    """One model trained with DP: its final (ε, δ) and mean ± sd Dice on the internal test sets."""
+
+    model: Model
+    dp_kind: str
+    epsilon: float
+    delta: float
+    internal: Cell
 
 
 def models(rows: Sequence[CaseRow]) -> list[Model]:
@@ -97,6 +109,26 @@ def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
         )
         for arm in arms
     ]
+
+
+def privacy_points(rows: Sequence[CaseRow]) -> list[PrivacyPoint]:
+    """Every model trained with DP, ordered by DP kind, then ε."""
+    points = []
+    for model in models(rows):
+        own = [r for r in rows if r.model == model]
+        if own[0].dp_kind:
+            internal = Cell.of([r.score for r in own if not r.outside])
+            points.append(PrivacyPoint(model, own[0].dp_kind, own[0].epsilon, own[0].delta, internal))
+    return sorted(points, key=lambda p: (p.dp_kind, p.epsilon))
+
+
+def privacy_references(rows: Sequence[CaseRow]) -> dict[Model, Cell]:
+    """Internal-test Dice of the federated and centralized models trained without DP."""
+    return {
+        model: Cell.of([r.score for r in rows if r.model == model and not r.outside])
+        for model in models(rows)
+        if any(r.model == model and r.kind in REFERENCE_KINDS and not r.dp_kind for r in rows)
+    }
 
 
 def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
