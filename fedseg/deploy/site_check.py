@@ -45,7 +45,7 @@ def check_site_ready(data_dir: str | Path, config: RunConfig) -> tuple[Validatio
 
 def dry_forward(data_dir: str | Path, config: RunConfig) -> DryRun:
     """Sliding-window logits of an untrained model on the site's first volume."""
-    volume = evaluation_dataset(load_datalist(data_dir)[:1])[0]["image"]
+    volume = evaluation_dataset(load_datalist(data_dir)[:1], config.spacing)[0]["image"]
     trainer = SegmentationTrainer(
         model_name=config.model,
         num_classes=config.num_classes,
