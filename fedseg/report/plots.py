@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedseg.report.cases import CaseRow  # noqa: E402
@@ -128,6 +129,7 @@ def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], pa
     epsilons = [p.epsilon for p in points if math.isfinite(p.epsilon) and p.epsilon > 0]
     if epsilons and max(epsilons) > 10 * min(epsilons):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy", ylim=(0, 1))
     _finish(fig, ax, path)
 
