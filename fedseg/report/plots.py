@@ -130,7 +130,8 @@ def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], pa
     if epsilons and max(epsilons) > 10 * min(epsilons):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy", ylim=(0, 1))
+    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy",
+           ylim=(0, 1))
     _finish(fig, ax, path)
 
 
