@@ -1,9 +1,10 @@
 """Benchmark 5: data pipeline — first epoch vs cached epochs of a site's training dataset.
 
 One epoch = every training item through the pipeline and the DataLoader (batch 2), no training.
-Sides: no cache (MONAI Dataset: load and preprocess every epoch), the in-memory cache the client
-uses (CacheDataset: preprocessing once when built) and the disk cache (PersistentDataset: written
-in the first epoch, read back later, also by a fresh dataset as in a later round or run).
+Sides: no cache (MONAI Dataset: load and preprocess every epoch), the in-memory cache
+(CacheDataset: preprocessing once when built) and the disk cache the ClientApp uses
+(PersistentDataset: written in the first epoch, read back later, also by a fresh dataset as in a
+later round or run).
 First = building the dataset + its first epoch. Target: cached epoch >= 5x faster than the first.
 """
 
