@@ -144,3 +144,7 @@ def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None
         _spec(tmp_path, **{"dp-noised-noise-multipliers": "1.0"})
     with pytest.raises(ConfigError, match="'dp-sgd' cannot be combined with strategy 'fedprox'"):
         _spec(tmp_path, strategies=["fedprox"])
+    with pytest.raises(ConfigError, match=r"\[run\] 'dp-sgd' must be off with a privacy sweep or the dp-noised"):
+        ExperimentSpec.from_mapping({"experiment": {"name": "x", "data-dir": "d", "sites": 2,
+                                                    "strategies": ["dp-noised"]},
+                                     "run": {"dp-sgd": True, "dp-noise-multiplier": 1.0}})

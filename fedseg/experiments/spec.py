@@ -153,10 +153,10 @@ class ExperimentSpec:
 
     def _validate_sweep(self) -> None:
         """Each sweep arm's run config must be valid, and each arm must carry one DP kind only."""
-        if not (self.dp_sgd_noise_multipliers or self.dp_noised_noise_multipliers):
-            return
-        if self.run_config().dp_sgd:
-            raise ConfigError("[run] 'dp-sgd' must be off with a privacy sweep: the sweep turns DP on per arm")
+        sweep = self.dp_sgd_noise_multipliers or self.dp_noised_noise_multipliers
+        if self.run_config().dp_sgd and (sweep or "dp-noised" in self.strategies):
+            raise ConfigError("[run] 'dp-sgd' must be off with a privacy sweep or the dp-noised strategy: "
+                              "cases.csv records one DP kind per model (the sweep turns DP on per arm)")
         first = self.strategies[0]
         if self.dp_sgd_noise_multipliers and first == "dp-noised":
             raise ConfigError("[experiment] 'dp-sgd-noise-multipliers' trains the first strategy with DP-SGD; "
