@@ -17,6 +17,7 @@ checkpoint, and go on without sites that died:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -125,7 +126,7 @@ class Federation:
             {
                 "local-epochs": self.config.local_epochs,
                 "learning-rate": self.config.learning_rate,
-                "run-key": self.run_dir.name,
+                "run-key": run_key(self.run_dir),
             }
         )
         replies = self._stage(
@@ -276,3 +277,9 @@ def save_model(arrays: ArrayRecord, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(arrays.to_torch_state_dict(), tmp)
     tmp.replace(path)
+
+
+def run_key(run_dir: Path) -> str:
+    """Names this run to the sites (e.g. their ε ledger): stable across resumes, unique per run folder."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{run_dir.name}-{digest}"

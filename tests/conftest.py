@@ -25,7 +25,11 @@ TINY_RUN = {
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Synthetic sites go to a per-session temporary cache, never the user's home."""
+    """Synthetic sites of in-process tests go to a per-session temporary cache.
+
+    Apps started by `flwr run` inherit the environment of the long-lived local SuperLink instead,
+    so their sites and caches go to that process's $FEDSEG_CACHE (default ~/.cache/fedseg).
+    """
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path_factory.getbasetemp() / "fedseg-cache"))
 
 
