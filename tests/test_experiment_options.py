@@ -126,8 +126,9 @@ def test_privacy_sweep_records_each_arms_final_epsilon(experiment: tuple[Experim
     assert by_arm["dp-noised-z1.0"] == ("client-level", strategy["epsilon"], 1e-5) and strategy["epsilon"] > 0
     for arm in ("fedavg", "fedavg-finetuned", "centralized-ens2"):
         assert by_arm[arm][0] == "" and math.isnan(by_arm[arm][1]) and math.isnan(by_arm[arm][2])
-    ledgers = sorted(p.name for p in (spec.results_dir / "site-state").glob("*/privacy/*.json"))
-    assert ledgers == ["run-fedavg-dpsgd-z1.0--federation.json"] * 2  # one per site, inside the experiment
+    ledgers = sorted((p.parts[-3], p.name.startswith("run-fedavg-dpsgd-z1.0--federation"))
+                     for p in (spec.results_dir / "site-state").glob("*/privacy/*.json"))
+    assert ledgers == [("site-0", True), ("site-1", True)]  # one per site, inside the experiment
 
 
 def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None:
