@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedseg.config import ConfigError, RunConfig
+from fedseg.config import ConfigError, RunConfig, flatten
 from strategies.registry import build_strategy
 
 ARM_KINDS = ("private", "centralized", "federated", "iil", "ciil", "leave-one-out")
@@ -114,7 +114,7 @@ class ExperimentSpec:
         missing = [k for k in ("name", "data-dir", "sites") if k not in experiment]
         if missing:
             raise ConfigError(f"[experiment] needs {', '.join(missing)}")
-        run = _flatten_run(data.get("run", {}))
+        run = flatten(data.get("run", {}))
         fixed = [key for key in RUN_KEYS_SET_BY_ARMS if key in run]
         if fixed:
             raise ConfigError(f"[run] key(s) {fixed} are set by the experiment for each arm; remove them")
@@ -176,14 +176,3 @@ def _noise_values(key: str, values: Any) -> tuple[float, ...]:
     if any(not 0 < v < float("inf") for v in floats) or len(set(floats)) != len(floats):
         raise ConfigError(f"[experiment] '{name}' needs distinct noise multipliers > 0, got {list(values)}")
     return floats
-
-
-def _flatten_run(run: Mapping[str, Any]) -> dict[str, Any]:
-    """[run] keys, with strategy tables ([run.fedprox]) as dotted keys (fedprox.proximal-mu)."""
-    flat: dict[str, Any] = {}
-    for key, value in run.items():
-        if isinstance(value, Mapping):
-            flat.update({f"{key}.{param}": inner for param, inner in value.items()})
-        else:
-            flat[key] = value
-    return flat
