@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedseg.data.datasets import training_dataset
+from fedseg.data.datasets import evaluation_dataset, training_dataset
 from fedseg.data.sites import load_site_split
 from fedseg.data.synth import write_site
 from fedseg.privacy import DPSettings, PrivacyBudgetExceeded, PrivacyLedger, SitePrivacy, epsilon_of, make_dp_compatible
@@ -100,3 +100,16 @@ def test_proximal_term_is_refused_under_dp(train_items: list, tmp_path: Path) ->
     privacy = SitePrivacy(DPSettings(1.0, 1.0, DELTA), PrivacyLedger(tmp_path / "l.json"))
     with pytest.raises(ValueError, match="proximal term"):
         dp_trainer().fit(training_dataset(train_items, PATCH, samples_per_volume=1), 1, prox_mu=0.1, privacy=privacy)
+
+
+def test_dp_sgd_with_negligible_noise_learns_like_plain_training(tmp_path: Path) -> None:
+    # The DP path itself must not break learning: with σ → 0 and C = 1 it is clipped SGD-with-Adam,
+    # which on this site reached Dice 0.67 / 0.83 (plain: 0.69 / 0.85, measured). Real noise levels
+    # are a utility question (see README: per-coordinate noise σ·C swamps tiny batches).
+    split = load_site_split(write_site(tmp_path / "sites", 0, num_subjects=8, size=32, seed=0), seed=0)
+    train_set = training_dataset(split.train, (24, 24, 24), samples_per_volume=1)
+    torch.manual_seed(0)
+    trainer = SegmentationTrainer("unet", 3, (24, 24, 24), batch_size=2, learning_rate=0.01, dp_compatible=True)
+    privacy = SitePrivacy(DPSettings(1e-4, 1.0, DELTA), PrivacyLedger(tmp_path / "ledger.json"))
+    trainer.fit(train_set, epochs=12, seed=1, privacy=privacy)
+    assert trainer.evaluate(evaluation_dataset(split.test)).mean_dice > 0.5
