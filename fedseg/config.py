@@ -93,12 +93,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a flat TOML file of run-config keys (nested tables become dotted keys)."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read run config: {err}") from err
-        return cls.from_mapping(flatten(data))
+        return cls.from_mapping(flatten(read_toml(path, "run config")))
 
     def validate(self) -> None:
         """Check ranges and names; raise ConfigError on the first bad value."""
@@ -201,6 +196,15 @@ def _parse_triple(key: str, value: Any, number: type, example: str) -> tuple:
     if len(sizes) != 3:
         raise ConfigError(f"run-config '{key}' needs 1 or 3 sizes, got {value!r}")
     return sizes
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError naming the file when it cannot be read or parsed."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from err
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

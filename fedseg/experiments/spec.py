@@ -30,13 +30,12 @@ The sweep's other DP settings come from [run] (dp-max-grad-norm, dp-delta, dp-ac
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedseg.config import ConfigError, RunConfig, flatten
+from fedseg.config import ConfigError, RunConfig, flatten, read_toml
 from strategies.registry import build_strategy
 
 ARM_KINDS = ("private", "centralized", "federated", "iil", "ciil", "leave-one-out")
@@ -92,11 +91,7 @@ class ExperimentSpec:
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentSpec:
         """Read and validate; every error names the file and the key."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read experiment config: {err}") from err
+        data = read_toml(path, "experiment config")
         try:
             return cls.from_mapping(data)
         except ConfigError as err:
