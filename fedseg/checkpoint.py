@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from fedseg.atomic import atomic_path
 from fedseg.config import ConfigError, RunConfig
 from fedseg.history import History
 
@@ -41,20 +42,19 @@ class Checkpoint:
     def save(self, run_dir: Path) -> Path:
         """Write `<run_dir>/checkpoint.pt` atomically (a crash leaves the previous one intact)."""
         path = run_dir / CHECKPOINT_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(
-            {
-                "format": FORMAT_VERSION,
-                "round": self.round,
-                "weights": self.arrays.to_torch_state_dict(),
-                "strategy": self.strategy_state,
-                "rng": self.rng_state,
-                "history": self.history.to_dict(),
-                "sites": dict(self.site_names),
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(
+                {
+                    "format": FORMAT_VERSION,
+                    "round": self.round,
+                    "weights": self.arrays.to_torch_state_dict(),
+                    "strategy": self.strategy_state,
+                    "rng": self.rng_state,
+                    "history": self.history.to_dict(),
+                    "sites": dict(self.site_names),
+                },
+                tmp,
+            )
         return path
 
 

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from fedseg.atomic import atomic_path
 from fedseg.checkpoint import Checkpoint, restore_strategy, rng_state, set_rng_state, strategy_state
 from fedseg.config import RunConfig
 from fedseg.history import History, RoundRecord
@@ -274,9 +275,8 @@ def _numeric_metrics(content: RecordDict) -> dict[str, float]:
 
 def save_model(arrays: ArrayRecord, path: Path) -> None:
     """Write the global weights as a torch state dict, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(arrays.to_torch_state_dict(), tmp)
 
 
 def run_key(run_dir: Path) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedseg.atomic import atomic_write_text
 
 
 @dataclass
@@ -75,13 +76,6 @@ class History:
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=True))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _mean(values: Any) -> float:

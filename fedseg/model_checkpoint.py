@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedseg.atomic import atomic_path
 from fedseg.trainer import SegmentationTrainer
 
 FORMAT = "fedseg-model/1"
@@ -38,22 +39,20 @@ class ModelCheckpoint:
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file beside `path`, then a rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(
-            {
-                "format": FORMAT,
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
-                "model": self.model,
-                "in_channels": self.in_channels,
-                "num_classes": self.num_classes,
-                "patch_size": list(self.patch_size),
-                "pixdim": list(self.pixdim) if self.pixdim is not None else None,
-                "description": self.description,
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(
+                {
+                    "format": FORMAT,
+                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
+                    "model": self.model,
+                    "in_channels": self.in_channels,
+                    "num_classes": self.num_classes,
+                    "patch_size": list(self.patch_size),
+                    "pixdim": list(self.pixdim) if self.pixdim is not None else None,
+                    "description": self.description,
+                },
+                tmp,
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCheckpoint:

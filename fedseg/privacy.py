@@ -41,7 +41,7 @@ logging.root.handlers[:] = _host_log_handlers
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset
 
-from fedseg.history import atomic_write_text
+from fedseg.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from fedseg.config import RunConfig

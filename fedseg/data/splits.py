@@ -8,14 +8,13 @@ even if the splitting code changes; a file that disagrees with the site's subjec
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from monai.data import partition_dataset
 
+from fedseg.atomic import atomic_write_text
 from fedseg.data.datalist import Datalist, SiteDataError, SiteSplit
 
 DEFAULT_TEST_FRACTION = 0.2  # the prostate study's 80/20 train/test
@@ -77,7 +76,7 @@ def load_or_make_split(items: Datalist, seed: int, split_dir: Path) -> SiteSplit
         return apply_split(items, saved)
     split = split_ids(ids, seed)
     try:
-        _write_json_atomic(path, asdict(split))
+        atomic_write_text(path, json.dumps(asdict(split), indent=2))
     except OSError:
         pass  # a read-only site folder: the seeded split is still reproducible from the seed
     return apply_split(items, split)
@@ -90,11 +89,3 @@ def _read_split(path: Path) -> SplitIds:
     except (OSError, ValueError, KeyError, TypeError) as err:
         message = f"{path}: unreadable split file ({err}); delete it to split again"
         raise SiteDataError(message, "the site's saved split file is unreadable") from err
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.atomic import atomic_path
+
 KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
 DICE_PREFIX = "dice_"
 PRIVACY_COLUMNS = ("dp_kind", "epsilon", "delta")  # optional (absent in older files)
@@ -65,9 +67,7 @@ def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = N
     rows = list(rows)
     width = num_classes if num_classes is not None else max((len(r.dice) for r in rows), default=0)
     header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{i}" for i in range(1, width + 1)), *PRIVACY_COLUMNS]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in rows:
@@ -75,7 +75,6 @@ def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = N
             privacy = [row.dp_kind, _optional(row.epsilon, "{!r}"), _optional(row.delta, "{!r}")]
             writer.writerow([row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice,
                              *privacy])
-    tmp.replace(path)
 
 
 def read_cases(path: Path) -> list[CaseRow]:
