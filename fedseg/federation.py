@@ -2,8 +2,8 @@
 
 fedseg runs its own loop over a Flower strategy's configure/aggregate hooks (instead of
 `Strategy.start`) so that it can keep per-site metrics and failures in history.json,
-write the run folder (history, model, checkpoint) after every round, resume from a
-checkpoint, and go on without sites that died:
+write history.json and the checkpoint after every round (model.pt once the run ends),
+resume from a checkpoint, and go on without sites that died:
 
 - A site that does not answer within `round-timeout`, or that the SuperLink reports as
   gone, is *dropped*: the round finishes with the others and later rounds no longer
@@ -119,6 +119,7 @@ class Federation:
             record.strategy = strategy_round_report(self.strategy, server_round)
             record.seconds = time.perf_counter() - started
             self._finish_round(arrays, history, record)
+        save_model(arrays, self.run_dir / "model.pt")
         return arrays, history
 
     # ------------------------------------------------------------------ rounds
@@ -151,10 +152,9 @@ class Federation:
         return record
 
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
-        """Record the round and write the run folder: history, model and checkpoint."""
+        """Record the round and write the run folder: history and checkpoint (which holds the weights)."""
         history.rounds.append(record)
         history.save(self.run_dir / "history.json")
-        save_model(arrays, self.run_dir / "model.pt")
         Checkpoint(
             round=record.round,
             arrays=arrays,
