@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from flwr.app import Context
 from monai.data import Dataset
 
+from fedseg.cache import cache_root
 from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.datasets import evaluation_dataset, training_dataset
@@ -64,7 +64,7 @@ def site_state_dir(context: Context) -> Path:
         return Path(str(node["state-dir"])).expanduser()
     site_id, data_dir = site_of(context)
     key = f"site-{site_id}" if data_dir is None else "site-" + hashlib.sha256(data_dir.encode()).hexdigest()[:12]
-    return Path(os.environ.get("FEDSEG_CACHE", Path.home() / ".cache" / "fedseg")) / "site-state" / key
+    return cache_root() / "site-state" / key
 
 
 def site_of(context: Context) -> tuple[int, str | None]:

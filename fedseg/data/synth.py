@@ -27,6 +27,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fedseg.cache import cache_root
+
 STRUCTURES = ("peripheral zone", "transition zone", "bladder", "lesion")
 MIN_CLASSES, MAX_CLASSES = 3, len(STRUCTURES) + 1
 GENERATOR_VERSION = 2  # bump when the images change, so cached synthetic sites are regenerated
@@ -180,8 +182,7 @@ def synthesize(
 
 def synthetic_root(num_subjects: int, size: int, seed: int, num_classes: int = MIN_CLASSES) -> Path:
     """Cache folder of the quick on-the-fly synthetic sites (override the base with $FEDSEG_CACHE)."""
-    base = Path(os.environ.get("FEDSEG_CACHE", Path.home() / ".cache" / "fedseg"))
-    return base / f"synth-v{GENERATOR_VERSION}" / f"n{num_subjects}-s{size}-c{num_classes}-seed{seed}"
+    return cache_root() / f"synth-v{GENERATOR_VERSION}" / f"n{num_subjects}-s{size}-c{num_classes}-seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------ internals
