@@ -22,10 +22,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 from scipy.linalg import blas
+from threadpoolctl import ThreadpoolController
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic
-BLOCK = 8192  # elements per block: the blocks a pass reuses stay in L1/L2 cache, and BLAS runs on one thread
+BLOCK = 131_072  # elements per block (512 KB of float32): reused blocks stay in L2/L3 cache, Python's per-call cost is small
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -101,22 +102,23 @@ def sweep(
     out: dict[str, Array] = {}
     work = _Blocks()
     noise = (rng or np.random.default_rng()) if noise_std > 0 else None
-    for key, ref_array in reference.items():
-        ref = array_view(ref_array)
-        views = [_view(record, key) for record in records]
-        if is_float(ref):
-            squared, ref_squared, data = _float_pass(
-                ref, views, coefficients, reference_coefficient, measure, noise_std, noise, work
-            )
-            reference_squared += ref_squared
-            for record_found, value in zip(found, squared, strict=True):
-                record_found[key] = value
-        elif coefficients is None:
-            continue
-        else:
-            data = _integer_mean(ref, views, coefficients) if average_integers else ref
-        if coefficients is not None:
-            out[key] = _as_array(data, ref)
+    with _blas_threads().limit(limits=1, user_api="blas"):  # on block-sized calls extra BLAS threads only stall
+        for key, ref_array in reference.items():
+            ref = array_view(ref_array)
+            views = [_view(record, key) for record in records]
+            if is_float(ref):
+                squared, ref_squared, data = _float_pass(
+                    ref, views, coefficients, reference_coefficient, measure, noise_std, noise, work
+                )
+                reference_squared += ref_squared
+                for record_found, value in zip(found, squared, strict=True):
+                    record_found[key] = value
+            elif coefficients is None:
+                continue
+            else:
+                data = _integer_mean(ref, views, coefficients) if average_integers else ref
+            if coefficients is not None:
+                out[key] = _as_array(data, ref)
     return Sweep(found, reference_squared, ArrayRecord(out) if coefficients is not None else None)
 
 
@@ -153,10 +155,16 @@ def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float) -> np.ndarray:
     return np.add(y, np.multiply(x, a), out=y)
 
 
+@lru_cache(maxsize=1)
+def _blas_threads() -> ThreadpoolController:
+    """The process's thread pools (BLAS among them), inspected once: each inspection costs ~2 ms."""
+    return ThreadpoolController()
+
+
 def _kernels(dtype: np.dtype) -> tuple[Any, Any]:
     """(dot, axpy) for one dtype: BLAS's single-pass level-1 routines for float32/float64, numpy for
-    other floats (float16). On `BLOCK`-sized calls OpenBLAS stays on the calling thread (measured:
-    it spreads axpy over threads from 16 384 elements), so no thread can stall on a busy machine."""
+    other floats (float16). `sweep` holds BLAS to the calling thread: OpenBLAS spreads axpy over
+    threads from 16 384 elements, and on a busy machine those threads stall (measured)."""
     if dtype in (np.float32, np.float64):
         dot, axpy = blas.get_blas_funcs(("dot", "axpy"), dtype=dtype)
         return dot, axpy

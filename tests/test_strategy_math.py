@@ -8,11 +8,12 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+from threadpoolctl import ThreadpoolController
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from strategy_replies import StubGrid, arrays_of, as_numpy, instructions, reply, round_config
 from strategy_replies import task_identity  # noqa: F401 - fixture
 
-from strategies.aggregate import BLOCK
+from strategies.aggregate import BLOCK, sweep
 from strategies.cyclic import Cyclic
 from strategies.dice_weighted import DiceWeighted, dice_weights
 from strategies.dp_noised import DPNoised
@@ -272,3 +273,27 @@ def test_update_norm_near_the_limit_is_measured_exactly() -> None:
     assert dropped["site"] == "site-1" and dropped["reason"].startswith("update norm 6.6 exceeds 2 ×")
     assert strategy.norms == pytest.approx({"site-0": 6.0, "site-2": 0.5}, rel=1e-5)
     np.testing.assert_allclose(arrays["w"].numpy(), (sites[0]["w"] + sites[2]["w"]) / 2, rtol=1e-6)
+
+
+class ThreadsSeen(dict):
+    """A record (key → array) that notes how many BLAS threads are allowed whenever it is read."""
+
+    seen: list[int]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.seen.append(min(pool["num_threads"] for pool in ThreadpoolController().info() if pool["user_api"] == "blas"))
+        return super().__getitem__(key)
+
+
+def test_sweep_holds_blas_to_one_thread_and_restores_it() -> None:
+    controller = ThreadpoolController()
+    with controller.limit(limits=2, user_api="blas"):
+        before = [pool["num_threads"] for pool in controller.info() if pool["user_api"] == "blas"]
+        record = ThreadsSeen(w=np.ones(BLOCK + 3, np.float32))
+        record.seen = []
+        reference = arrays_of({"w": np.zeros(BLOCK + 3, np.float32)})
+        summed = sweep(reference, [record, record], [0.25, 0.5]).arrays
+        after = [pool["num_threads"] for pool in controller.info() if pool["user_api"] == "blas"]
+    assert record.seen == [1, 1]
+    assert after == before and max(before) == 2
+    np.testing.assert_array_equal(summed["w"].numpy(), np.full(BLOCK + 3, 0.75, np.float32))
