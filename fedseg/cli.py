@@ -21,12 +21,22 @@ def version() -> None:
 
 
 @app.command("check-config")
-def check_config(path: str = typer.Argument(..., help="TOML file of run-config keys")) -> None:
-    """Validate a run-config TOML file (including strategy parameters) without training anything."""
-    from fedseg.config import ConfigError, RunConfig
+def check_config(path: str = typer.Argument(..., help="TOML file of run-config keys, or an experiment spec")) -> None:
+    """Validate a run config or an experiment spec ([experiment] table) without training anything."""
+    from fedseg.config import ConfigError, RunConfig, read_toml
+    from fedseg.experiments import ExperimentSpec
+    from fedseg.experiments.arms import plan_arms
     from strategies.registry import build_strategy
 
     try:
+        if "experiment" in read_toml(path, "config"):
+            arms = plan_arms(ExperimentSpec.from_toml(path))
+            for arm in arms:
+                plan = (f"ensemble of {len(arm.members)} models" if arm.members
+                        else f"{arm.strategy}, {arm.rounds} round(s) x {arm.epochs} epoch(s)")
+                typer.echo(f"arm {arm.id}: {arm.kind}, {plan}")
+            typer.echo(f"{len(arms)} arms; valid")
+            return
         config = RunConfig.from_toml(path)
         build_strategy(config)
     except ConfigError as err:

@@ -90,3 +90,25 @@ def test_check_config_command_rejects_bad_strategy_parameter(tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["check-config", str(path)])
     assert result.exit_code == 2
     assert "'fedprox.proximal-mu' must be a number, got 'high'" in result.output
+
+
+def test_check_config_command_validates_experiment_specs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli import app
+
+    path = tmp_path / "experiment.toml"
+    path.write_text('[experiment]\nname = "x"\ndata-dir = "data"\nsites = 2\narms = ["private", "federated"]\n'
+                    'strategies = ["fedprox"]\n[run]\nnum-server-rounds = 3\nlocal-epochs = 1\n')
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "arm private--site-0: private, fedavg, 3 round(s) x 1 epoch(s)",
+        "arm private--site-1: private, fedavg, 3 round(s) x 1 epoch(s)",
+        "arm fedprox--federation: federated, fedprox, 3 round(s) x 1 epoch(s)",
+        "3 arms; valid",
+    ]
+    path.write_text(path.read_text() + '"fedprox.proximal-mu" = -1\n')
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}: run-config 'fedprox.proximal-mu' must be >= 0, got -1" in result.output

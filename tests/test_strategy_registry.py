@@ -69,11 +69,11 @@ def test_parameter_of_unknown_strategy_namespace_fails() -> None:
         build(**{"strategy": "fedavg", "fedprx.proximal-mu": 0.1})
 
 
-def test_pyproject_declares_every_builtin_parameter_with_its_default() -> None:
+def test_pyproject_declares_every_builtin_parameter_with_its_default_inherited_ones_too() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     declared = {f"{name}.{key}": value for name, table in config.items() if isinstance(table, dict)
                 for key, value in table.items()}
-    own = {f"{name}.{p.name}": p.default for name, cls in BUILTIN.items() for p in vars(cls).get("params", ())}
+    own = {f"{name}.{p.name}": p.default for name, cls in BUILTIN.items() for p in cls.declared_params()}
     assert declared == own
 
 
