@@ -1,4 +1,5 @@
-"""Flower ClientApp (Message API): train → fit from the global weights; evaluate → test Dice.
+"""Flower ClientApp (Message API): train → fit from the global weights; evaluate → test Dice;
+query → answer the server's probe of a dropped site.
 
 Replies carry only the weight arrays and aggregate metrics (counts, loss, Dice, seconds).
 A site whose data is broken answers with an error reply naming the problem; the
@@ -77,6 +78,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["eval-seconds"] = time.perf_counter() - started
     metrics["site-id"] = site.site_id
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def probe(msg: Message, context: Context) -> Message:
+    """The server asks a dropped site whether it is back: yes once its data checks out again."""
+    try:
+        site = runtime_for(context)
+    except Exception as err:  # noqa: BLE001
+        return _error_reply(msg, "probe", err)
+    return Message(content=RecordDict({"metrics": MetricRecord({"site-id": site.site_id})}), reply_to=msg)
 
 
 def evaluation_metrics(result: EvalResult) -> MetricRecord:

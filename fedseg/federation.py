@@ -8,6 +8,11 @@ resume from a checkpoint, and go on without sites that died:
 - A site that does not answer within `round-timeout`, or that the SuperLink reports as
   gone, is *dropped*: the round finishes with the others and later rounds no longer
   sample it. The history names it.
+- A dropped site that is connected gets a *probe* (a `query` message) without waiting for
+  it; once the probe's answer says the site is back (its SuperNode was restarted — with node
+  authentication it keeps its node id — and its data checks out), the site *rejoins* at the
+  next stage with the current global model. A site that stays hung never answers, so it
+  costs no later round a `round-timeout`.
 - Each stage the strategy sees only the live sites (a `LiveGrid`), and its minimum node
   counts are lowered to the number of live sites, so Flower's `sample_nodes` never waits
   forever for a site that is gone. The run stops with a clear error only when fewer than
@@ -26,7 +31,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -93,6 +98,7 @@ class Federation:
     run_dir: Path
     _site_names: dict[int, str] = field(default_factory=dict, init=False)
     _dropped: set[int] = field(default_factory=set, init=False)
+    _probes: dict[int, str] = field(default_factory=dict, init=False)  # dropped node → its pending probe's id
     _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
 
@@ -218,7 +224,36 @@ class Federation:
         connected = set(self.grid.get_node_ids())
         for node in sorted(self._live - connected - self._dropped):
             self._fail(node, stage, "disconnected from the SuperLink", record, drop=True)
+        self._readmit_answered(connected, record)
+        self._probe(sorted((self._dropped & connected) - set(self._probes)))
         return sorted(connected - self._dropped)
+
+    def _probe(self, nodes: list[int]) -> None:
+        """Ask dropped, connected nodes whether they are back, without waiting for the answers."""
+        if not nodes:
+            return
+        messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, group_id="probe",
+                            ttl=self.config.round_timeout) for node in nodes]
+        for node, message_id in zip(nodes, self.grid.push_messages(messages), strict=True):
+            if message_id:
+                self._probes[node] = message_id
+
+    def _readmit_answered(self, connected: set[int], record: RoundRecord) -> None:
+        """Dropped nodes whose probe was answered without error rejoin; failed probes are sent again."""
+        if not self._probes:
+            return
+        node_of = {message_id: node for node, message_id in self._probes.items()}
+        for reply in self.grid.pull_messages(list(node_of)):
+            node = node_of.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            del self._probes[node]
+            if reply.has_error() or node not in connected:
+                continue
+            self._learn_site_name(reply)
+            self._dropped.discard(node)
+            record.rejoined.append(self._site_name(node))
+            log(INFO, "[fedseg] %s is back: it rejoins with the current global model", self._site_name(node))
 
     def _collect(self, replies: list[Message], stage: str, record: RoundRecord) -> dict[str, dict[str, float]]:
         """Per-site metrics of replies without error; failures recorded with the site's reason."""
@@ -251,7 +286,7 @@ class Federation:
         if drop and node not in self._dropped:
             self._dropped.add(node)
             record.dropped.append(site)
-            log(WARNING, "[fedseg] %s dropped: it is not sampled again in this run", site)
+            log(WARNING, "[fedseg] %s dropped: it is sampled again once it answers a probe", site)
 
     def _site_name(self, node: int) -> str:
         return self._site_names.get(node, f"node-{node}")

@@ -21,6 +21,7 @@ class RoundRecord:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    rejoined: list[str] = field(default_factory=list)
     strategy: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -43,6 +44,7 @@ class RoundRecord:
             "train": self.train,
             "failures": self.failures,
             "dropped": self.dropped,
+            "rejoined": self.rejoined,
             "strategy": self.strategy,
         }
 

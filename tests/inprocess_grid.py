@@ -43,9 +43,13 @@ def task_identity() -> Iterator[None]:
 
 
 def wire(obj: Any) -> Any:
-    """Deflate a message or record to the bytes Flower sends and inflate it again."""
+    """Deflate a message or record to the bytes Flower sends and inflate it again (a message keeps
+    its id, which Flower sends alongside)."""
     contents = {object_id: o.deflate() for object_id, o in get_all_nested_objects(obj).items()}
-    return inflate_object_from_contents(obj.object_id, contents)
+    inflated = inflate_object_from_contents(obj.object_id, contents)
+    if isinstance(obj, Message):
+        inflated.metadata.__dict__["_message_id"] = obj.metadata.message_id
+    return inflated
 
 
 class InProcessGrid(LocalGrid):
@@ -72,8 +76,17 @@ class InProcessGrid(LocalGrid):
         messages = list(messages)
         self.before_send(messages)
         self.sent.append(messages)
+        return super().send_and_receive(messages)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Messages to hung or killed nodes are accepted but never answered."""
+        messages = list(messages)
         silent = self.hung | self.killed
-        replies = super().send_and_receive([m for m in messages if m.metadata.dst_node_id not in silent])
+        answered = iter(super().push_messages([m for m in messages if m.metadata.dst_node_id not in silent]))
+        return [f"unanswered-{id(m)}" if m.metadata.dst_node_id in silent else next(answered) for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(super().pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
 

@@ -110,3 +110,27 @@ def test_garbage_replies_never_reach_the_global_model(
     # The bad site's own evaluation still counts (it answered); only its weights were refused.
     assert set(history.rounds[-1].eval) == {"site-0", "site-1"}
     assert np.isfinite(history.final_dice)
+
+
+def test_a_restarted_site_rejoins_but_a_hung_one_is_not_retried(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 3, "min-sites": 3, "round-timeout": 5.0})
+    grid = InProcessGrid(values, 3)
+
+    def faults(server_round: int) -> None:
+        if server_round == 1:  # site-1's SuperNode dies, site-2 hangs but stays connected
+            grid.killed.add(grid.node_of(1))
+            grid.hung.add(grid.node_of(2))
+        if server_round == 2:  # site-1 is restarted while round 2 trains (same node id, as with node auth)
+            grid.killed.discard(grid.node_of(1))
+
+    on_first_train(grid, faults)
+    _, history = run_federation(grid, values, tmp_path / "run")
+
+    # sends: round 0 eval, round 1 train + eval, ...; site-1 answers the probe sent at round 2's
+    # evaluation and trains again from round 3; hung site-2 never answers its probe
+    assert [sent_sites(grid, call) for call in range(7)] == [{0, 1, 2}, {0, 1, 2}, {0}, {0}, {0}, {0, 1}, {0, 1}]
+    assert history.rounds[1].dropped == ["site-1", "site-2"]
+    assert [r.rejoined for r in history.rounds] == [[], [], [], ["site-1"]]
+    assert set(history.rounds[3].train) == {"site-0", "site-1"} == set(history.rounds[3].eval)
+    probes = [r for r in grid.replies if r.metadata.message_type == "query"]
+    assert [(r.metadata.src_node_id, dict(r.content["metrics"])) for r in probes] == [(grid.node_of(1), {"site-id": 1})]

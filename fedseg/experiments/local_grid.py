@@ -43,6 +43,7 @@ class LocalGrid(Grid):
             for node, config in zip(count(FIRST_SITE_NODE_ID), node_configs)
         }
         self._ids = count(1)
+        self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(RUN_ID)
 
     def set_run(self, run: Run) -> None:
@@ -61,21 +62,24 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LocalGrid answers at once: use send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LocalGrid answers at once: use send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Deliver each message to its node's ClientApp and return the replies (the timeout is moot)."""
-        replies = []
+        """Deliver each message to its node's ClientApp now; its reply waits for `pull_messages`."""
+        ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = f"local-{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = message_id = f"local-{next(self._ids)}"
             node = message.metadata.dst_node_id
             if node not in self.contexts:
                 raise KeyError(f"LocalGrid has no node {node}; nodes: {self.get_node_ids()}")
-            replies.append(self.client_app(message, self.contexts[node]))
-        return replies
+            self._replies[message_id] = self.client_app(message, self.contexts[node])
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that arrived for these message ids (each handed out once)."""
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Deliver the messages and return their replies in order (the timeout is moot)."""
+        return list(self.pull_messages(self.push_messages(messages)))
 
 
 @contextmanager
