@@ -2,7 +2,8 @@
 
 Built once per (run config, site) and reused across rounds while the process lives
 (simulation keeps it; in deployment a fresh process rebuilds it from disk caches: the preprocessed
-volumes persist in `<site state dir>/preprocessed`, keyed by pipeline, spacing and patch size).
+volumes persist in `<site state dir>/preprocessed`, keyed by pipeline, spacing and patch size, and
+`<site state dir>/validated.json` remembers which unchanged scans passed the data checks).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
 
 PREPROCESSED = "preprocessed"  # the site state dir's folder of cached preprocessed volumes
+VALIDATED = "validated.json"  # the site state dir's memo of validated, unchanged scans
 
 
 @dataclass
@@ -79,14 +81,16 @@ def runtime_for(context: Context) -> SiteRuntime:
     """The cached SiteRuntime of this context's run config and site."""
     site_id, data_dir = site_of(context)
     run_config = json.dumps(dict(context.run_config), sort_keys=True)
-    return _build_runtime(run_config, site_id, data_dir, str(site_state_dir(context) / PREPROCESSED))
+    return _build_runtime(run_config, site_id, data_dir, str(site_state_dir(context)))
 
 
 @lru_cache(maxsize=4)
-def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, cache_dir: str) -> SiteRuntime:
+def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, state_dir: str) -> SiteRuntime:
     config = RunConfig.from_mapping(json.loads(run_config_json))
     site_dir = site_dir_for(config, site_id, data_dir)
-    check_site(site_dir, num_classes=config.num_classes)  # a broken scan fails this site's reply, with reasons
+    # a broken scan fails this site's reply, with reasons; unchanged scans are not read again
+    check_site(site_dir, num_classes=config.num_classes, memo_file=Path(state_dir) / VALIDATED)
+    cache_dir = Path(state_dir) / PREPROCESSED
     split = load_site_split(site_dir, seed=config.seed)
     torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
     trainer = SegmentationTrainer(

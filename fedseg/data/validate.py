@@ -26,6 +26,7 @@ import numpy as np
 
 from fedseg.data.datalist import Problem, SiteDataError, Subject, public_summary, scan_site
 from fedseg.data.splits import MIN_SUBJECTS
+from fedseg.data.validation_memo import ValidationMemo
 
 DEFAULT_AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines), as differences of affine entries
 
@@ -81,15 +82,23 @@ def validate_site(
     channels: int | None = None,
     affine_tolerance: float = DEFAULT_AFFINE_TOLERANCE,
     min_subjects: int = MIN_SUBJECTS,
+    memo_file: Path | None = None,
 ) -> ValidationReport:
-    """Check every subject of a site; classes default to the `labels` of dataset.json."""
+    """Check every subject of a site; classes default to the `labels` of dataset.json.
+
+    With `memo_file`, subjects whose files are unchanged since the last check are not read again
+    (see `fedseg.data.validation_memo`)."""
+    memo = ValidationMemo(memo_file)
     listing = scan_site(site_dir)
     classes = num_classes if num_classes is not None else listing.declared_classes
     report = ValidationReport(str(listing.site_dir), listing.layout, len(listing.subjects), classes, channels)
     report.problems.extend(listing.errors)
     usable, seen_channels = 0, {}
     for subject in listing.subjects:
-        problems, n_channels = _check_subject(subject, classes, affine_tolerance)
+        key = memo.key(subject, classes, affine_tolerance)
+        remembered = memo.get(key)
+        problems, n_channels = remembered or _check_subject(subject, classes, affine_tolerance)
+        memo.put(key, problems, n_channels)
         report.problems.extend(problems)
         if n_channels is not None:
             seen_channels[subject.images[0]] = n_channels
@@ -100,12 +109,15 @@ def validate_site(
             "error", "too-few-subjects", str(listing.site_dir),
             f"{usable} usable subjects; a train / validation / test split needs at least {min_subjects}",
         ))
+    memo.save()
     return report
 
 
-def check_site(site_dir: str | Path, num_classes: int | None = None, channels: int | None = None) -> ValidationReport:
+def check_site(
+    site_dir: str | Path, num_classes: int | None = None, channels: int | None = None, memo_file: Path | None = None
+) -> ValidationReport:
     """Validate and raise SiteDataError (message with files, `public` with kinds only) on errors."""
-    report = validate_site(site_dir, num_classes, channels)
+    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file)
     if not report.ok:
         raise SiteDataError("; ".join(map(str, report.errors)), public_summary(report.errors))
     return report

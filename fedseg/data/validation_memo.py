@@ -1,0 +1,65 @@
+"""Remembered per-subject validation results, so a site re-reads only scans that changed.
+
+A site validates its data before every message it answers; in deployment each message is a fresh
+process, so without a memo every voxel of every scan would be read again each time. An entry is
+reused only while the subject's files keep their size and modification time and the checks'
+settings (classes, affine tolerance) are the same; anything else is checked afresh. The memo lives
+in the site's own state folder and never leaves the site.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from fedseg.atomic import atomic_write_text
+from fedseg.data.datalist import Problem, Subject
+
+FORMAT = "fedseg-validation-memo/1"
+
+
+class ValidationMemo:
+    """Subject results keyed by their files' (path, size, mtime) and the check settings."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries = self._load()
+        self._used: dict[str, dict] = {}
+
+    def key(self, subject: Subject, num_classes: int | None, tolerance: float) -> str | None:
+        """The subject's key, or None when a file cannot be inspected (it is then checked, not memoised)."""
+        try:
+            files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (*subject.images, subject.label)]
+        except OSError:
+            return None
+        return json.dumps([files, num_classes, tolerance])
+
+    def get(self, key: str | None) -> tuple[list[Problem], int | None] | None:
+        """The remembered (problems, channels) of an unchanged subject, else None."""
+        entry = self._entries.get(key) if key is not None else None
+        try:
+            found = [Problem(**p) for p in entry["problems"]], entry["channels"]
+        except (TypeError, KeyError):  # no entry, or a damaged one: check the subject again
+            return None
+        self._used[key] = entry
+        return found
+
+    def put(self, key: str | None, problems: list[Problem], channels: int | None) -> None:
+        if key is not None:
+            self._used[key] = {"problems": [asdict(p) for p in problems], "channels": channels}
+
+    def save(self) -> None:
+        """Keep exactly the entries of this validation (entries of removed or changed files go)."""
+        if self.path is not None and self._used != self._entries:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"format": FORMAT, "subjects": self._used}))
+
+    def _load(self) -> dict[str, dict]:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # missing or damaged memo: validate everything again
+        return data.get("subjects", {}) if isinstance(data, dict) and data.get("format") == FORMAT else {}
