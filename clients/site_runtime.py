@@ -21,7 +21,7 @@ from monai.data import Dataset
 from fedseg.cache import cache_root
 from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit
-from fedseg.data.datasets import evaluation_dataset, training_dataset
+from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
 from fedseg.data.sites import load_site_split, site_dir_for
 from fedseg.data.validate import check_site
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
@@ -102,7 +102,7 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, sta
         dp_compatible=config.dp_sgd,
         compile=config.torch_compile,
     )
-    return SiteRuntime(
+    runtime = SiteRuntime(
         config=config,
         site_id=site_id,
         split=split,
@@ -114,3 +114,5 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, sta
         val_set=evaluation_dataset(split.val, config.spacing, cache_dir),
         test_set=evaluation_dataset(split.test, config.spacing, cache_dir),
     )
+    prune_unused(cache_dir)  # the folders just opened are fresh; old grids' and patch sizes' go
+    return runtime

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from fedseg.data.datalist import SiteDataError, load_datalist
-from fedseg.data.datasets import evaluation_dataset, training_dataset
+from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
 from fedseg.data.sites import load_site_split
 from fedseg.data.splits import kfold_ids, split_ids
 
@@ -110,6 +112,21 @@ def test_training_patches_and_disk_cache(tmp_path: Path) -> None:
     save(site / "images" / "a.nii.gz", volume(5) * 2)  # an edited scan is never served stale
     fresh = evaluation_dataset(load_datalist(site), cache_dir=cache)[0]
     assert len(list(cache.rglob("*.pt"))) == 5 and float(fresh["image"].std()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_pipeline_folders_unused_for_long_are_pruned(tmp_path: Path) -> None:
+    site = folder_site(tmp_path / "site", ["a", "b", "c"])
+    cache = tmp_path / "cache"
+    evaluation_dataset(load_datalist(site), pixdim=(2.0, 2.0, 2.0), cache_dir=cache)[0]
+    [old] = list(cache.iterdir())
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    assert prune_unused(cache) == [old.name] and not old.exists()
+    evaluation_dataset(load_datalist(site), cache_dir=cache)[0]
+    [current] = list(cache.iterdir())
+    os.utime(current, (month_ago, month_ago))
+    evaluation_dataset(load_datalist(site), cache_dir=cache)  # opening it again marks it as used
+    assert prune_unused(cache) == [] and len(list(current.glob("*.pt"))) == 1
 
 
 def test_split_is_seeded_disjoint_and_saved(tmp_path: Path) -> None:

@@ -4,13 +4,17 @@ With `cache_dir` the preprocessed volumes persist on disk (MONAI PersistentDatas
 rounds and later runs skip loading and resampling; without it they are cached in memory. Disk
 entries are keyed by the item's files (path, size, mtime) under a folder keyed by the pipeline
 (its steps, `pixdim` and, for training, the patch size it pads to), so an edited scan or another
-grid or patch size never reuses a stale entry.
+grid or patch size never reuses a stale entry. Opening a dataset marks its folder as used;
+`prune_unused` removes pipeline folders no dataset has opened for a while.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +24,9 @@ from monai.transforms import Compose
 
 from fedseg.data.datalist import Datalist
 from fedseg.data.transforms import augmentation, preprocessing, training_preprocessing
+
+PIPELINE_PREFIX = "pre-"
+UNUSED_DAYS = 30.0  # pipeline folders not used for this long are pruned when a site starts work
 
 
 def training_dataset(
@@ -50,8 +57,22 @@ def _cached(
     pipeline = Compose(steps)
     if cache_dir is None:
         return CacheDataset(items, transform=pipeline, num_workers=0, progress=False)
-    folder = Path(cache_dir) / f"pre-{_pipeline_key(deterministic, settings)}"
+    folder = Path(cache_dir) / f"{PIPELINE_PREFIX}{_pipeline_key(deterministic, settings)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)  # marks the folder as used (see prune_unused)
     return PersistentDataset(items, transform=pipeline, cache_dir=folder, hash_func=_item_key)
+
+
+def prune_unused(cache_dir: str | Path, max_age_days: float = UNUSED_DAYS) -> list[str]:
+    """Remove the pipeline folders under `cache_dir` that no dataset opened or wrote for
+    `max_age_days` (those of other grids or patch sizes); returns their names."""
+    cutoff = time.time() - max_age_days * 86400
+    removed = []
+    for folder in sorted(Path(cache_dir).glob(f"{PIPELINE_PREFIX}*")):
+        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 def _pipeline_key(deterministic: Compose, settings: dict) -> str:
