@@ -141,7 +141,7 @@ class Federation:
             "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record
         )
         record.train = self._collect(replies, "train", record)
-        new_arrays, _ = self.strategy.aggregate_train(server_round, replies)
+        new_arrays, _ = self.strategy.aggregate_train(server_round, [reply for _, reply in replies])
         if new_arrays is None:
             log(WARNING, "round %d: no usable training reply; the global model is unchanged", server_round)
             return arrays
@@ -154,7 +154,7 @@ class Federation:
             record,
         )
         record.eval = self._collect(replies, "evaluate", record)
-        self.strategy.aggregate_evaluate(server_round, replies)
+        self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
         return record
 
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
@@ -181,20 +181,24 @@ class Federation:
     # ------------------------------------------------------------------ one stage (train or evaluate)
     def _stage(
         self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord
-    ) -> list[Message]:
-        """Configure on the live sites, send, drop the silent ones; replies in site order."""
+    ) -> list[tuple[int, Message]]:
+        """Configure on the live sites, send, drop the silent ones; (node, reply) pairs in site order.
+
+        A reply's node is the one its instruction went to: error replies that the SuperLink makes
+        (e.g. for a node whose heartbeat expired) come from the SuperLink's own node id."""
         live = self._live_nodes(stage, record)
         for name, configured in self._minimums.items():
             setattr(self.strategy, name, max(1, min(configured, len(live))))
         messages = list(configure(LiveGrid(self.grid, live)))
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
-        answered = {reply.metadata.src_node_id for reply in replies}
-        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when sent
+        pairs = [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+        for node in sorted(set(node_of.values()) - {node for node, _ in pairs}):
             reason = f"no reply within round-timeout ({self.config.round_timeout:g} s)"
             self._fail(node, stage, reason, record, drop=True)
-        for reply in replies:
-            self._learn_site_name(reply)
-        return sorted(replies, key=lambda r: (self._site_name(r.metadata.src_node_id), r.metadata.src_node_id))
+        for node, reply in pairs:
+            self._learn_site_name(node, reply)
+        return sorted(pairs, key=lambda pair: (self._site_name(pair[0]), pair[0]))
 
     def _live_nodes(self, stage: str, record: RoundRecord) -> list[int]:
         """Connected, not dropped nodes; waits (at most round-timeout) until enough are there.
@@ -250,16 +254,17 @@ class Federation:
             del self._probes[node]
             if reply.has_error() or node not in connected:
                 continue
-            self._learn_site_name(reply)
+            self._learn_site_name(node, reply)
             self._dropped.discard(node)
             record.rejoined.append(self._site_name(node))
             log(INFO, "[fedseg] %s is back: it rejoins with the current global model", self._site_name(node))
 
-    def _collect(self, replies: list[Message], stage: str, record: RoundRecord) -> dict[str, dict[str, float]]:
+    def _collect(
+        self, replies: list[tuple[int, Message]], stage: str, record: RoundRecord
+    ) -> dict[str, dict[str, float]]:
         """Per-site metrics of replies without error; failures recorded with the site's reason."""
         per_site: dict[str, dict[str, float]] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 gone = reply.error.code in NODE_GONE_ERRORS
                 self._fail(node, stage, str(reply.error.reason), record, drop=gone)
@@ -272,12 +277,12 @@ class Federation:
             per_site[self._site_name(node)] = metrics
         return dict(sorted(per_site.items()))
 
-    def _learn_site_name(self, reply: Message) -> None:
+    def _learn_site_name(self, node: int, reply: Message) -> None:
         """Name a node `site-<site-id>` from its reply's metrics (history and logs use it)."""
         if not reply.has_error():
             site_id = _numeric_metrics(reply.content).get("site-id", math.nan)
             if math.isfinite(site_id):
-                self._site_names[reply.metadata.src_node_id] = f"site-{int(site_id)}"
+                self._site_names[node] = f"site-{int(site_id)}"
 
     def _fail(self, node: int, stage: str, reason: str, record: RoundRecord, drop: bool) -> None:
         site = self._site_name(node)

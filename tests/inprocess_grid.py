@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, Message
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
@@ -53,13 +54,15 @@ def wire(obj: Any) -> Any:
 
 
 class InProcessGrid(LocalGrid):
-    """Sites 0..n-1 as nodes; `hung` nodes never answer, `killed` ones also leave the node list."""
+    """Sites 0..n-1 as nodes; `hung` nodes never answer, `killed` ones also leave the node list, for
+    `unavailable` ones the SuperLink answers with an error reply (from its own node id)."""
 
     def __init__(self, run_config: dict[str, Any], num_sites: int, node_configs: list[dict] | None = None) -> None:
         configs = node_configs or [{"partition-id": site, "num-partitions": num_sites} for site in range(num_sites)]
         super().__init__(run_config, configs, client_app=self._answer)  # type: ignore[arg-type]
         self.hung: set[int] = set()
         self.killed: set[int] = set()
+        self.unavailable: set[int] = set()
         self.tamper: dict[int, Callable[[Message], Message]] = {}
         self.sent: list[list[Message]] = []  # per send_and_receive call
         self.replies: list[Message] = []
@@ -81,9 +84,12 @@ class InProcessGrid(LocalGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Messages to hung or killed nodes are accepted but never answered."""
         messages = list(messages)
-        silent = self.hung | self.killed
-        answered = iter(super().push_messages([m for m in messages if m.metadata.dst_node_id not in silent]))
-        return [f"unanswered-{id(m)}" if m.metadata.dst_node_id in silent else next(answered) for m in messages]
+        silent = {id(m) for m in messages if m.metadata.dst_node_id in self.hung | self.killed}
+        for message in messages:
+            if id(message) in silent:
+                message.metadata.__dict__["_message_id"] = f"unanswered-{id(message)}"
+        answered = iter(super().push_messages([m for m in messages if id(m) not in silent]))
+        return [m.metadata.message_id if id(m) in silent else next(answered) for m in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(super().pull_messages(message_ids))
@@ -91,6 +97,8 @@ class InProcessGrid(LocalGrid):
         return replies
 
     def _answer(self, message: Message, context: Context) -> Message:
+        if context.node_id in self.unavailable:  # the SuperLink answers for a node whose heartbeat expired
+            return wire(create_message_error_unavailable_res_message(message.metadata, "node_unavail"))
         reply = client_app(wire(message), context)
         return wire(self.tamper.get(context.node_id, lambda r: r)(reply))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 
 from fedseg.federation import FederationError
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
@@ -134,3 +135,15 @@ def test_a_restarted_site_rejoins_but_a_hung_one_is_not_retried(tmp_path: Path, 
     assert set(history.rounds[3].train) == {"site-0", "site-1"} == set(history.rounds[3].eval)
     probes = [r for r in grid.replies if r.metadata.message_type == "query"]
     assert [(r.metadata.src_node_id, dict(r.content["metrics"])) for r in probes] == [(grid.node_of(1), {"site-id": 1})]
+
+
+def test_an_error_reply_from_the_superlink_is_charged_to_the_site_it_stands_for(
+    tmp_path: Path, task_identity: None
+) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1, "min-sites": 2})
+    grid = InProcessGrid(values, 2)
+    on_first_train(grid, lambda server_round: grid.unavailable.add(grid.node_of(1)))
+    _, history = run_federation(grid, values, tmp_path / "run")
+    assert history.rounds[1].dropped == ["site-1"]
+    assert history.rounds[1].failures == [{"site": "site-1", "stage": "train", "reason": NODE_UNAVAILABLE_ERROR_REASON}]
+    assert set(history.rounds[1].train) == set(history.rounds[1].eval) == {"site-0"}
