@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from monai.data import load_decathlon_datalist
 Datalist = list[dict]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _MODALITY = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+
+
+def file_stamps(paths: Iterable[str | Path]) -> list[list]:
+    """[path, size, modification time in ns] per file: any edit or replacement changes it
+    (the key of cached preprocessing and of remembered validation results); OSError if missing."""
+    stamps = []
+    for path in paths:
+        stat = Path(path).stat()
+        stamps.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return stamps
 
 
 class SiteDataError(ValueError):

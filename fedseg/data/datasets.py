@@ -22,7 +22,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
-from fedseg.data.datalist import Datalist
+from fedseg.data.datalist import Datalist, file_stamps
 from fedseg.data.transforms import augmentation, preprocessing, training_preprocessing
 
 PIPELINE_PREFIX = "pre-"
@@ -83,10 +83,8 @@ def _pipeline_key(deterministic: Compose, settings: dict) -> str:
 
 def _item_key(item: dict) -> bytes:
     """Hash of an item's file paths, sizes and modification times."""
-    files = []
+    paths: list[str] = []
     for key in ("image", "label"):
-        paths = item.get(key)
-        for path in [paths] if isinstance(paths, str) else paths or []:
-            stat = Path(path).stat()
-            files.append([str(path), stat.st_size, stat.st_mtime_ns])
-    return json_hashing(files)
+        value = item.get(key)
+        paths += [value] if isinstance(value, str) else list(value or [])
+    return json_hashing(file_stamps(paths))

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedseg.atomic import atomic_write_text
-from fedseg.data.datalist import Problem, Subject
+from fedseg.data.datalist import Problem, Subject, file_stamps
 
 FORMAT = "fedseg-validation-memo/1"
 
@@ -30,10 +30,9 @@ class ValidationMemo:
     def key(self, subject: Subject, num_classes: int | None, tolerance: float) -> str | None:
         """The subject's key, or None when a file cannot be inspected (it is then checked, not memoised)."""
         try:
-            files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (*subject.images, subject.label)]
+            return json.dumps([file_stamps((*subject.images, subject.label)), num_classes, tolerance])
         except OSError:
             return None
-        return json.dumps([files, num_classes, tolerance])
 
     def get(self, key: str | None) -> tuple[list[Problem], int | None] | None:
         """The remembered (problems, channels) of an unchanged subject, else None."""
