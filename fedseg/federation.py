@@ -98,7 +98,7 @@ class Federation:
     run_dir: Path
     _site_names: dict[int, str] = field(default_factory=dict, init=False)
     _dropped: set[int] = field(default_factory=set, init=False)
-    _probes: dict[int, str] = field(default_factory=dict, init=False)  # dropped node → its pending probe's id
+    _probes: dict[str, int] = field(default_factory=dict, init=False)  # pending probe's message id → dropped node
     _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
 
@@ -229,7 +229,7 @@ class Federation:
         for node in sorted(self._live - connected - self._dropped):
             self._fail(node, stage, "disconnected from the SuperLink", record, drop=True)
         self._readmit_answered(connected, record)
-        self._probe(sorted((self._dropped & connected) - set(self._probes)))
+        self._probe(sorted((self._dropped & connected) - set(self._probes.values())))
         return sorted(connected - self._dropped)
 
     def _probe(self, nodes: list[int]) -> None:
@@ -240,18 +240,16 @@ class Federation:
                             ttl=self.config.round_timeout) for node in nodes]
         for node, message_id in zip(nodes, self.grid.push_messages(messages), strict=True):
             if message_id:
-                self._probes[node] = message_id
+                self._probes[message_id] = node
 
     def _readmit_answered(self, connected: set[int], record: RoundRecord) -> None:
         """Dropped nodes whose probe was answered without error rejoin; failed probes are sent again."""
         if not self._probes:
             return
-        node_of = {message_id: node for node, message_id in self._probes.items()}
-        for reply in self.grid.pull_messages(list(node_of)):
-            node = node_of.get(reply.metadata.reply_to_message_id)
+        for reply in self.grid.pull_messages(list(self._probes)):
+            node = self._probes.pop(reply.metadata.reply_to_message_id, None)
             if node is None:
                 continue
-            del self._probes[node]
             if reply.has_error() or node not in connected:
                 continue
             self._learn_site_name(node, reply)
