@@ -96,9 +96,11 @@ def validate_site(
     usable, seen_channels = 0, {}
     for subject in listing.subjects:
         key = memo.key(subject, classes, affine_tolerance)
-        remembered = memo.get(key)
-        problems, n_channels = remembered or _check_subject(subject, classes, affine_tolerance)
-        memo.put(key, problems, n_channels)
+        found = memo.get(key)
+        if found is None:
+            found = _check_subject(subject, classes, affine_tolerance)
+            memo.put(key, *found)
+        problems, n_channels = found
         report.problems.extend(problems)
         if n_channels is not None:
             seen_channels[subject.images[0]] = n_channels
