@@ -15,14 +15,14 @@ import time
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.site_runtime import runtime_for
+from clients.site_runtime import ChannelMismatch, runtime_for
 from clients.weights import state_from_record
+from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
+from fedseg.labels import LabelScheme
 from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.trainer import EvalResult
 
-SITE_ERROR_CODE = 100
-PRIVACY_BUDGET_CODE = 101  # DP-SGD: the next fit would exceed dp-target-epsilon; the site trains no more
 log = logging.getLogger("fedseg.client")
 _PATH_LIKE = re.compile(r"[^\s'\"]*[/\\][^\s'\":]*")
 
@@ -33,16 +33,16 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received global weights."""
     try:
-        site = runtime_for(context)
-        config = msg.content["config"]
-        server_round = int(config.get("server-round", 0))
+        config = msg.content[m.CONFIG]
+        site = runtime_for(context, int(config.get(m.IN_CHANNELS, 0)))
+        server_round = int(config.get(m.SERVER_ROUND, 0))
         # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
-        privacy = site.privacy_for(context, str(config.get("run-key", context.run_id)))
+        privacy = site.privacy_for(context, str(config.get(m.RUN_KEY, context.run_id)))
         result = site.trainer.fit(
             site.train_set,
-            epochs=int(config.get("local-epochs", site.config.local_epochs)),
-            start_weights=state_from_record(msg.content["arrays"]),
-            prox_mu=float(config.get("proximal-mu", 0.0)),
+            epochs=int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs)),
+            start_weights=state_from_record(msg.content[m.ARRAYS]),
+            prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
             seed=site.fit_seed(server_round),
             privacy=privacy,
         )
@@ -51,51 +51,57 @@ def train(msg: Message, context: Context) -> Message:
         return _error_reply(msg, "train", err)
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "val-dice": validation.mean_dice,
-            "train-seconds": result.seconds,
-            "site-id": site.site_id,
+            m.NUM_EXAMPLES: result.num_examples,
+            m.TRAIN_LOSS: result.train_loss,
+            m.VAL_DICE: validation.mean_dice,
+            m.TRAIN_SECONDS: result.seconds,
+            m.SITE_ID: site.site_id,
             **(privacy.metrics() if privacy else {}),  # sample-level ε so far at δ; the ledger stays here
         }
     )
     arrays = ArrayRecord(site.trainer.get_weights())
     site.trainer.release_memory()  # the next simulated client in this process may need the GPU memory
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({m.ARRAYS: arrays, m.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the received global weights on the site's held-out test split."""
     try:
-        site = runtime_for(context)
+        site = runtime_for(context, _in_channels(msg))
         started = time.perf_counter()
-        result = site.trainer.evaluate(site.test_set, weights=state_from_record(msg.content["arrays"]))
+        result = site.trainer.evaluate(site.test_set, weights=state_from_record(msg.content[m.ARRAYS]))
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
     site.trainer.release_memory()
-    metrics = evaluation_metrics(result)
-    metrics["eval-seconds"] = time.perf_counter() - started
-    metrics["site-id"] = site.site_id
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = evaluation_metrics(result, site.trainer.labels)
+    metrics[m.EVAL_SECONDS] = time.perf_counter() - started
+    metrics[m.SITE_ID] = site.site_id
+    return Message(content=RecordDict({m.METRICS: metrics}), reply_to=msg)
 
 
 @app.query()
 def probe(msg: Message, context: Context) -> Message:
     """The server asks a dropped site whether it is back: yes once its data checks out again."""
     try:
-        site = runtime_for(context)
+        site = runtime_for(context, _in_channels(msg))
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "probe", err)
-    return Message(content=RecordDict({"metrics": MetricRecord({"site-id": site.site_id})}), reply_to=msg)
+    return Message(content=RecordDict({m.METRICS: MetricRecord({m.SITE_ID: site.site_id})}), reply_to=msg)
 
 
-def evaluation_metrics(result: EvalResult) -> MetricRecord:
-    """Aggregate Dice metrics of one site (no per-case values leave the site)."""
-    metrics = MetricRecord({"num-examples": result.num_cases, "dice": result.mean_dice})
-    for index, dice in enumerate(result.class_dice, start=1):
-        metrics[f"dice-class-{index}"] = dice
+def evaluation_metrics(result: EvalResult, labels: LabelScheme) -> MetricRecord:
+    """Aggregate Dice metrics of one site: the mean and one per scored structure (no per-case values)."""
+    metrics = MetricRecord({m.NUM_EXAMPLES: result.num_cases, m.DICE: result.mean_dice})
+    for name, dice in zip(labels.metric_names, result.class_dice, strict=True):
+        metrics[name] = dice
     return metrics
+
+
+def _in_channels(msg: Message) -> int:
+    """The global model's image channels as the instruction states them (0: not stated)."""
+    config = msg.content.config_records.get(m.CONFIG)
+    return int(config.get(m.IN_CHANNELS, 0)) if config is not None else 0
 
 
 def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
@@ -103,7 +109,11 @@ def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
     log.error("%s failed at this site: %s: %s", stage, type(err).__name__, err)
     detail = err.public if isinstance(err, SiteDataError) else redact_paths(str(err))
     reason = f"{stage} failed at this site: {type(err).__name__}: {detail} (details in the site's log)"
-    code = PRIVACY_BUDGET_CODE if isinstance(err, PrivacyBudgetExceeded) else SITE_ERROR_CODE
+    code = m.SITE_ERROR_CODE
+    if isinstance(err, PrivacyBudgetExceeded):
+        code = m.PRIVACY_BUDGET_CODE
+    elif isinstance(err, ChannelMismatch):
+        code = m.CHANNELS_CODE
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 

@@ -20,15 +20,24 @@ from monai.data import Dataset
 
 from fedseg.cache import cache_root
 from fedseg.config import RunConfig
-from fedseg.data.datalist import SiteSplit
+from fedseg.data.datalist import SiteDataError, SiteSplit
 from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
-from fedseg.data.sites import load_site_split, site_dir_for
+from fedseg.data.sites import input_channels, load_site_split, site_dir_for
 from fedseg.data.validate import check_site
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
 
 PREPROCESSED = "preprocessed"  # the site state dir's folder of cached preprocessed volumes
 VALIDATED = "validated.json"  # the site state dir's memo of validated, unchanged scans
+
+
+class ChannelMismatch(SiteDataError):
+    """The site's images have another channel count than the global model takes."""
+
+    def __init__(self, found: int, expected: int) -> None:
+        public = (f"the site's images have {found} channel(s), the global model takes {expected} "
+                  "(run-config 'in-channels')")
+        super().__init__(public, public)
 
 
 @dataclass
@@ -77,19 +86,26 @@ def site_of(context: Context) -> tuple[int, str | None]:
     return int(node["partition-id"]), None
 
 
-def runtime_for(context: Context) -> SiteRuntime:
-    """The cached SiteRuntime of this context's run config and site."""
+def runtime_for(context: Context, in_channels: int = 0) -> SiteRuntime:
+    """The cached SiteRuntime of this context's run config and site, for a global model taking
+    `in_channels` image channels (0: the run config's, or what this site's data has)."""
     site_id, data_dir = site_of(context)
     run_config = json.dumps(dict(context.run_config), sort_keys=True)
-    return _build_runtime(run_config, site_id, data_dir, str(site_state_dir(context)))
+    return _build_runtime(run_config, site_id, data_dir, str(site_state_dir(context)), in_channels)
 
 
 @lru_cache(maxsize=4)
-def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, state_dir: str) -> SiteRuntime:
+def _build_runtime(
+    run_config_json: str, site_id: int, data_dir: str | None, state_dir: str, in_channels: int
+) -> SiteRuntime:
     config = RunConfig.from_mapping(json.loads(run_config_json))
+    labels = config.labels
     site_dir = site_dir_for(config, site_id, data_dir)
     # a broken scan fails this site's reply, with reasons; unchanged scans are not read again
-    check_site(site_dir, num_classes=config.num_classes, memo_file=Path(state_dir) / VALIDATED)
+    report = check_site(site_dir, memo_file=Path(state_dir) / VALIDATED, label_values=labels.allowed_label_values)
+    expected = in_channels or config.in_channels or (input_channels(config) if config.uses_synthetic_data else 0)
+    if expected and report.channels != expected:
+        raise ChannelMismatch(report.channels or 0, expected)
     cache_dir = Path(state_dir) / PREPROCESSED
     split = load_site_split(site_dir, seed=config.seed)
     torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
@@ -97,10 +113,12 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, sta
         model_name=config.model,
         num_classes=config.num_classes,
         patch_size=config.patch_size,
+        in_channels=expected or report.channels or 1,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         dp_compatible=config.dp_sgd,
         compile=config.torch_compile,
+        labels=labels,
     )
     runtime = SiteRuntime(
         config=config,
@@ -109,10 +127,11 @@ def _build_runtime(run_config_json: str, site_id: int, data_dir: str | None, sta
         trainer=trainer,
         # DP-SGD's privacy unit is the subject: one patch per subject per draw (see fedseg.privacy)
         train_set=training_dataset(
-            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=1 if config.dp_sgd else 2
+            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=1 if config.dp_sgd else 2,
+            label_mapping=labels.label_mapping,
         ),
-        val_set=evaluation_dataset(split.val, config.spacing, cache_dir),
-        test_set=evaluation_dataset(split.test, config.spacing, cache_dir),
+        val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping),
+        test_set=evaluation_dataset(split.test, config.spacing, cache_dir, labels.label_mapping),
     )
     prune_unused(cache_dir)  # the folders just opened are fresh; old grids' and patch sizes' go
     return runtime

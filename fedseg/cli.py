@@ -70,9 +70,15 @@ def synth(
     out: str = typer.Argument(..., help="output folder: site-0 ... site-<n-1> and outside"),
     size: str = typer.Option("small", help="tiny (CI, seconds) | small (CPU experiments) | full"),
     sites: int = typer.Option(3, help="number of federated institutions"),
-    num_classes: int = typer.Option(3, help="classes incl. background: 3 zones, 4 + bladder, 5 + lesion"),
+    num_classes: int = typer.Option(
+        3, help="pelvis classes incl. background: 3 zones, 4 + bladder, 5 + lesion (not used for brain)"
+    ),
     seed: int = typer.Option(0, help="seed; the same seed writes the same files"),
     overwrite: bool = typer.Option(False, help="replace synthetic sites already in OUT"),
+    anatomy: str = typer.Option(
+        "pelvis", help="pelvis (prostate zones, 1 MR contrast) | brain (BraTS gliomas: T1, T1-Gd, T2, FLAIR; "
+        "labels 0, 1, 2, 4)"
+    ),
 ) -> None:
     """Write realistic non-IID synthetic institutions as NIfTI + dataset.json."""
     import json
@@ -80,7 +86,7 @@ def synth(
     from fedseg.data.synth import synthesize
 
     try:
-        folders = synthesize(out, size, seed, sites, num_classes, overwrite)
+        folders = synthesize(out, size, seed, sites, num_classes, overwrite, anatomy)
     except (ValueError, FileExistsError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
@@ -240,8 +246,11 @@ def report(
 
 @app.command()
 def predict(
-    input_path: str = typer.Argument(..., metavar="INPUT", help="a .nii/.nii.gz volume, or a folder of them"),
-    output_path: str = typer.Argument(..., metavar="OUTPUT", help="output file, or folder for a folder input"),
+    paths: list[str] = typer.Argument(
+        ..., metavar="INPUT... OUTPUT",
+        help="one case (a 3D/4D .nii/.nii.gz file, or one 3D file per modality in the model's order) and the "
+             "output file; or a folder of cases (<id>_0000.nii.gz, <id>_0001.nii.gz, ... grouped) and an output folder",
+    ),
     model: list[str] = typer.Option(..., help="model checkpoint; repeat for an ensemble (probabilities averaged)"),
 ) -> None:
     """Segment volumes; the labels are written on the input's grid (shape, spacing, affine)."""
@@ -249,8 +258,11 @@ def predict(
     from fedseg.predict import PredictError
     from fedseg.predict import predict as run_predict
 
+    if len(paths) < 2:
+        typer.echo("error: give the input file(s) or folder, then the output", err=True)
+        raise typer.Exit(code=2)
     try:
-        outputs = run_predict(model, input_path, output_path)
+        outputs = run_predict(model, paths[:-1], paths[-1])
     except (PredictError, CheckpointError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

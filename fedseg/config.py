@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedseg.models import MODEL_NAMES
+from fedseg.labels import SCHEMES, LabelScheme
+from fedseg.models import MODEL_NAMES, PATCH_MULTIPLE
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
 # (a TOML table `[fedprox]` / `[tool.flwr.app.config.fedprox]` flattens to the same dotted keys).
 STRATEGY_PARAM_SEPARATOR = "."
 
 DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # Opacus accountants for DP-SGD's ε
+SYNTHETIC_ANATOMIES: tuple[str, ...] = ("pelvis", "brain")  # fedseg.data.synth.ANATOMIES
+MAX_CHANNELS = 64
 
 
 class ConfigError(ValueError):
@@ -37,12 +40,16 @@ class RunConfig:
     strategy: str = "fedavg"
     model: str = "unet"
     num_classes: int = 3
+    in_channels: int = 0  # image channels (modalities); 0: inferred from the data (fedseg.data.sites)
+    label_scheme: str = "classes"
+    region_training: bool = False
     patch_size: tuple[int, int, int] = (32, 32, 32)
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm per voxel to resample to; None: native grid
     batch_size: int = 2
     data_dir: str = "synthetic"
     synthetic_subjects: int = 8
     synthetic_size: int = 40
+    synthetic_anatomy: str = "pelvis"
     seed: int = 0
     output_dir: str = "runs"
     min_sites: int = 2
@@ -62,6 +69,11 @@ class RunConfig:
     def uses_synthetic_data(self) -> bool:
         """True when sites are generated on the fly instead of read from disk."""
         return self.data_dir == "synthetic"
+
+    @property
+    def labels(self) -> LabelScheme:
+        """How labels are trained and scored (fedseg.labels)."""
+        return LabelScheme(self.label_scheme, self.num_classes, self.region_training)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able view, with hyphenated keys as in pyproject."""
@@ -119,6 +131,19 @@ class RunConfig:
             raise ConfigError(f"run-config 'model' is '{self.model}'; choose one of: {', '.join(MODEL_NAMES)}")
         if any(p < 8 for p in self.patch_size):
             raise ConfigError(f"run-config 'patch-size' must be >= 8 per axis, got {self.patch_size}")
+        multiple = PATCH_MULTIPLE[self.model]
+        if any(p % multiple for p in self.patch_size):
+            raise ConfigError(
+                f"run-config 'patch-size' {self.patch_size}: model '{self.model}' needs every side to be a multiple "
+                f"of {multiple}"
+            )
+        if not 0 <= self.in_channels <= MAX_CHANNELS:
+            raise ConfigError(
+                f"run-config 'in-channels' must be 0 (inferred from the data) to {MAX_CHANNELS}, got {self.in_channels}"
+            )
+        if self.model == "ahnet" and self.in_channels > 1:
+            raise ConfigError(f"run-config 'in-channels' is {self.in_channels}; model 'ahnet' takes 1 channel")
+        _validate_labels(self)
         if self.spacing is not None and not all(0 < s < math.inf for s in self.spacing):
             raise ConfigError(
                 f"run-config 'spacing' must be > 0 mm per axis (\"\" keeps the native grid), got {self.spacing}"
@@ -128,6 +153,27 @@ class RunConfig:
                 f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
             )
         _validate_dp(self)
+
+
+def _validate_labels(config: RunConfig) -> None:
+    """`label-scheme`, `region-training` and what synthetic data can provide."""
+    if config.label_scheme not in SCHEMES:
+        raise ConfigError(f"run-config 'label-scheme' is '{config.label_scheme}'; choose one of: {', '.join(SCHEMES)}")
+    if config.label_scheme == "brats" and config.num_classes != 4:
+        raise ConfigError(
+            f"run-config 'num-classes' is {config.num_classes}; label-scheme 'brats' has 4 "
+            "(background, necrotic/non-enhancing core, edema, enhancing tumour)"
+        )
+    if config.region_training and config.label_scheme != "brats":
+        raise ConfigError("run-config 'region-training' needs label-scheme 'brats' (its nested tumour regions)")
+    if config.synthetic_anatomy not in SYNTHETIC_ANATOMIES:
+        raise ConfigError(
+            f"run-config 'synthetic-anatomy' is '{config.synthetic_anatomy}'; choose one of: "
+            f"{', '.join(SYNTHETIC_ANATOMIES)}"
+        )
+    if config.uses_synthetic_data and config.synthetic_anatomy == "brain" and config.label_scheme != "brats":
+        raise ConfigError("run-config 'synthetic-anatomy' 'brain' writes BraTS labels: set label-scheme = \"brats\" "
+                          "and num-classes = 4")
 
 
 def _validate_dp(config: RunConfig) -> None:

@@ -38,9 +38,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from fedseg import messages as m
 from fedseg.atomic import atomic_path
 from fedseg.checkpoint import Checkpoint, restore_strategy, rng_state, set_rng_state, strategy_state
 from fedseg.config import RunConfig
+from fedseg.data.sites import with_input_channels
 from fedseg.history import History, RoundRecord
 from strategies.base import strategy_round_report
 
@@ -50,7 +52,7 @@ NODE_GONE_ERRORS = frozenset(
 )
 NODE_MINIMUMS = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
 # The metric a reply must carry (finite) to be counted in history.json, per stage.
-RECORDED_METRIC = {"train": "train-loss", "evaluate": "dice"}
+RECORDED_METRIC = {"train": m.TRAIN_LOSS, "evaluate": m.DICE}
 POLL_SECONDS = 1.0
 
 
@@ -103,6 +105,7 @@ class Federation:
     _started: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
+        self.config = with_input_channels(self.config)  # every site is told the global model's input channels
         self._minimums = {name: getattr(self.strategy, name) for name in NODE_MINIMUMS if hasattr(self.strategy, name)}
 
     def run(self, initial: ArrayRecord, resume: Checkpoint | None = None) -> tuple[ArrayRecord, History]:
@@ -130,12 +133,9 @@ class Federation:
 
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
-        config = ConfigRecord(
-            {
-                "local-epochs": self.config.local_epochs,
-                "learning-rate": self.config.learning_rate,
-                "run-key": run_key(self.run_dir),
-            }
+        config = self._instruction(
+            {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.learning_rate,
+             m.RUN_KEY: run_key(self.run_dir)}
         )
         replies = self._stage(
             "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record
@@ -150,12 +150,16 @@ class Federation:
     def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> RoundRecord:
         replies = self._stage(
             "evaluate",
-            lambda grid: self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            lambda grid: self.strategy.configure_evaluate(server_round, arrays, self._instruction({}), grid),
             record,
         )
         record.eval = self._collect(replies, "evaluate", record)
         self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
         return record
+
+    def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:
+        """An instruction's config: `values` plus what every site must know (the model's input channels)."""
+        return ConfigRecord({**values, m.IN_CHANNELS: self.config.in_channels})
 
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
         """Record the round and write the run folder: history and checkpoint (which holds the weights)."""
@@ -236,8 +240,9 @@ class Federation:
         """Ask dropped, connected nodes whether they are back, without waiting for the answers."""
         if not nodes:
             return
-        messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, group_id="probe",
-                            ttl=self.config.round_timeout) for node in nodes]
+        messages = [Message(RecordDict({m.CONFIG: self._instruction({})}), dst_node_id=node,
+                            message_type=MessageType.QUERY, group_id="probe", ttl=self.config.round_timeout)
+                     for node in nodes]
         for node, message_id in zip(nodes, self.grid.push_messages(messages), strict=True):
             if message_id:
                 self._probes[message_id] = node
@@ -278,7 +283,7 @@ class Federation:
     def _learn_site_name(self, node: int, reply: Message) -> None:
         """Name a node `site-<site-id>` from its reply's metrics (history and logs use it)."""
         if not reply.has_error():
-            site_id = _numeric_metrics(reply.content).get("site-id", math.nan)
+            site_id = _numeric_metrics(reply.content).get(m.SITE_ID, math.nan)
             if math.isfinite(site_id):
                 self._site_names[node] = f"site-{int(site_id)}"
 

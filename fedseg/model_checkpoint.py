@@ -2,8 +2,10 @@
 
 Format (a `torch.save`d dict, loaded with `weights_only=True`):
 `{"format": "fedseg-model/1", "state_dict": {name: tensor}, "model": "unet", "in_channels": 1,
-"num_classes": 3, "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "description": "..."}`.
-`pixdim` is the voxel spacing (mm) the model was trained at (None: the stored grid, no resampling).
+"num_classes": 3, "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
+"region_training": false, "description": "..."}`.
+`pixdim` is the voxel spacing (mm) the model was trained at (None: the stored grid, no resampling);
+`label_scheme` and `region_training` say what the outputs mean (fedseg.labels; absent: classes).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedseg.atomic import atomic_path
+from fedseg.labels import LabelScheme
 from fedseg.trainer import SegmentationTrainer
 
 FORMAT = "fedseg-model/1"
@@ -35,6 +38,13 @@ class ModelCheckpoint:
     pixdim: tuple[float, float, float] | None = None
     in_channels: int = 1
     description: str = ""
+    label_scheme: str = "classes"
+    region_training: bool = False
+
+    @property
+    def labels(self) -> LabelScheme:
+        """What the network's outputs mean."""
+        return LabelScheme(self.label_scheme, self.num_classes, self.region_training)
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file beside `path`, then a rename)."""
@@ -50,6 +60,8 @@ class ModelCheckpoint:
                     "patch_size": list(self.patch_size),
                     "pixdim": list(self.pixdim) if self.pixdim is not None else None,
                     "description": self.description,
+                    "label_scheme": self.label_scheme,
+                    "region_training": self.region_training,
                 },
                 tmp,
             )
@@ -71,12 +83,15 @@ class ModelCheckpoint:
             pixdim=_triple(pixdim, float) if pixdim is not None else None,
             in_channels=int(data["in_channels"]),
             description=str(data.get("description", "")),
+            label_scheme=str(data.get("label_scheme", "classes")),
+            region_training=bool(data.get("region_training", False)),
         )
 
     def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference)."""
         trainer = SegmentationTrainer(
-            self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device
+            self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device,
+            labels=self.labels,
         )
         trainer.set_weights(self.state_dict)
         return trainer

@@ -13,7 +13,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedseg.checkpoint import resume_checkpoint
 from fedseg.config import RunConfig
+from fedseg.data.sites import input_channels, with_input_channels
 from fedseg.federation import Federation
+from fedseg.history import History
 from fedseg.models import build_model
 from fedseg.privacy import make_dp_compatible, privacy_summary
 from strategies.registry import build_strategy
@@ -24,23 +26,35 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the strategy and the initial model, run all rounds."""
-    config = RunConfig.from_mapping(context.run_config)
+    config = with_input_channels(RunConfig.from_mapping(context.run_config))
     strategy = build_strategy(config)
     checkpoint = resume_checkpoint(config)
     run_dir = Path(config.resume_from).expanduser().resolve() if checkpoint else new_run_dir(config)
-    log(INFO, "[fedseg] strategy %s, model %s, %d rounds; run folder %s",
-        config.strategy, config.model, config.num_server_rounds, run_dir)
+    log(INFO, "[fedseg] strategy %s, model %s (%d input channel(s)), %d rounds; run folder %s",
+        config.strategy, config.model, config.in_channels, config.num_server_rounds, run_dir)
     _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config), resume=checkpoint)
     log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
         history.final_dice, history.rounds[0].mean_dice, run_dir)
+    if config.label_scheme != "classes":
+        log(INFO, "[fedseg] final mean Dice per region: %s", structure_summary(history, config))
     for line in privacy_summary(history.to_dict()):
         log(INFO, "[fedseg] %s", line)
+
+
+def structure_summary(history: History, config: RunConfig) -> str:
+    """Mean over sites of the last round's Dice of every scored structure, e.g. "WT 0.81  TC 0.66  ET 0.52"."""
+    sites = history.rounds[-1].eval.values()
+    parts = []
+    for name, key in zip(config.labels.structures, config.labels.metric_names, strict=True):
+        values = [site[key] for site in sites if key in site]
+        parts.append(f"{name} {sum(values) / len(values):.3f}" if values else f"{name} n/a")
+    return "  ".join(parts)
 
 
 def initial_weights(config: RunConfig) -> ArrayRecord:
     """Seeded random initial model, the same on every run with the same seed."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, 1, config.num_classes)
+    model = build_model(config.model, input_channels(config), config.labels.out_channels)
     return ArrayRecord((make_dp_compatible(model) if config.dp_sgd else model).state_dict())
 
 

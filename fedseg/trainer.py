@@ -1,7 +1,9 @@
 """SegmentationTrainer: MONAI 3D segmentation training and evaluation, no Flower inside.
 
 fit() trains from given start weights for some epochs (optionally with a FedProx proximal
-term); evaluate() runs sliding-window inference on whole volumes and returns Dice per class.
+term); evaluate() runs sliding-window inference on whole volumes and returns the Dice of every
+scored structure (classes, or BraTS tumour regions: the `LabelScheme` decides the network's
+outputs, the loss and the scoring).
 On CUDA it uses bf16 autocast (optionally a torch.compile'd training forward) and leaves cuDNN
 free to pick its fastest kernels; on CPU with a seed it is deterministic.
 """
@@ -18,11 +20,10 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch import nn
 
-from fedseg.metrics import dice_per_class
+from fedseg.labels import LabelScheme
 from fedseg.models import build_model
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 
@@ -40,9 +41,9 @@ class FitResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Dice of every foreground class, per case and averaged."""
+    """Dice of every scored structure (foreground class or tumour region), per case and averaged."""
 
-    per_case: np.ndarray  # (cases, classes - 1), NaN where a class is absent
+    per_case: np.ndarray  # (cases, structures), NaN where undefined (a class absent from the truth)
     seconds: float = 0.0
     class_dice: list[float] = field(init=False)
     mean_dice: float = field(init=False)
@@ -74,16 +75,18 @@ class SegmentationTrainer:
         amp: bool = True,
         compile: bool = False,
         dp_compatible: bool = False,
+        labels: LabelScheme | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(model_name, in_channels, num_classes)
+        self.labels = labels or LabelScheme("classes", num_classes)
+        model = build_model(model_name, in_channels, self.labels.out_channels)
         self.model: nn.Module = (make_dp_compatible(model) if dp_compatible else model).to(self.device)
         self.num_classes = num_classes
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.amp = amp and self.device.type == "cuda"
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn = self.labels.loss()
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
         # and the state dict keys stay on the plain module, which shares its parameters.
         self._train_forward: nn.Module = torch.compile(self.model) if compile else self.model
@@ -141,7 +144,7 @@ class SegmentationTrainer:
                     label = batch["label"].to(self.device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                        loss = self.loss_fn(forward(image), label)
+                        loss = self.loss_fn(forward(image), self.labels.loss_target(label))
                     if anchor is not None:
                         loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
                     loss.backward()
@@ -171,15 +174,15 @@ class SegmentationTrainer:
         return logits.float()
 
     def evaluate(self, dataset: Dataset, weights: StateDict | None = None) -> EvalResult:
-        """Dice per class on every whole volume of `dataset`."""
+        """Dice of every scored structure on every whole volume of `dataset`."""
         if weights is not None:
             self.set_weights(weights)
         started = time.perf_counter()
         rows = []
         for batch in DataLoader(dataset, batch_size=1, num_workers=0):
             logits = self.predict_logits(batch["image"])
-            rows.append(dice_per_class(logits.cpu(), batch["label"]).numpy())
-        per_case = np.concatenate(rows) if rows else np.zeros((0, self.num_classes - 1))
+            rows.append(self.labels.dice(self.labels.probabilities(logits.cpu()), batch["label"]).numpy())
+        per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
         return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
 
 

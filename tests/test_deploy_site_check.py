@@ -17,7 +17,7 @@ def test_site_check_validates_and_runs_the_model_once(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["site", "check", "--data-dir", str(site), "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "4 subjects, 0 errors" in result.output
-    assert "dry run: unet (" in result.output and "volume 24x24x24 -> 3 class maps" in result.output
+    assert "dry run: unet (" in result.output and "volume 24x24x24, 1 channel(s) -> 3 output maps" in result.output
     assert result.output.rstrip().endswith("ready to join")
 
 

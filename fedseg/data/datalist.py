@@ -11,6 +11,7 @@ Plain folder layout: `images/<id>.nii.gz` (one modality) or `images/<id>_0000.ni
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -96,6 +97,7 @@ class SiteListing:
     subjects: list[Subject] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     declared_classes: int | None = None  # from dataset.json "labels", when present
+    declared_values: tuple[int, ...] = ()  # the integer keys of dataset.json "labels" (BraTS: 0, 1, 2, 4)
 
     def error(self, kind: str, file: str | Path, fault: str) -> None:
         """Record a layout fault."""
@@ -151,6 +153,8 @@ def _scan_decathlon(site_dir: Path) -> SiteListing:
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if isinstance(labels, dict) and labels:
         listing.declared_classes = len(labels)
+        keys = [key for key in labels if isinstance(key, str) and key.strip().isdigit()]
+        listing.declared_values = tuple(sorted(int(key) for key in keys)) if len(keys) == len(labels) else ()
     candidates = []
     for index, item in enumerate(items):
         images = item.get("image")
@@ -162,15 +166,34 @@ def _scan_decathlon(site_dir: Path) -> SiteListing:
         if not label:
             listing.error("image-without-label", images[0], "image without label (training entry has no 'label')")
             continue
-        candidates.append((subject_id_of(images[0]), [Path(p) for p in images], Path(label)))
+        candidates.append((manifest_subject_id(item, images), [Path(p) for p in images], Path(label)))
     _collect_subjects(listing, candidates)
-    label_dirs = {label.parent for _, _, label in candidates}
-    known = {sid for sid, _, _ in candidates}
-    for folder in sorted(label_dirs):
+    listed = {_same_file_key(label) for _, _, label in candidates}
+    images_listed = {_same_file_key(path) for _, paths, _ in candidates for path in paths}
+    for folder in sorted({label.parent for _, _, label in candidates}):
         for path in _nifti_files(folder):
-            if subject_id_of(path) not in known:
+            if _same_file_key(path) not in listed | images_listed:
                 listing.error("label-without-image", path, "label without image (not listed in dataset.json)")
     return listing
+
+
+def manifest_subject_id(item: dict, images: list[str]) -> str:
+    """A dataset.json entry's subject id: its "id" or "subject" when given, else the part the image
+    file names share (`BraTS_001_t1`, `BraTS_001_flair` → `BraTS_001`), else the image's name."""
+    for key in ("id", "subject"):
+        if isinstance(item.get(key), str) and item[key]:
+            return item[key]
+    stems = [subject_id_of(path) for path in images]
+    if len(set(stems)) <= 1:
+        return stems[0]
+    shared = os.path.commonprefix(stems)
+    trimmed = re.sub(r"[^A-Za-z0-9]*$", "", shared if shared[-1:] in "_-." else re.sub(r"[_\-.][^_\-.]*$", "", shared))
+    return trimmed or stems[0]
+
+
+def _same_file_key(path: Path) -> str:
+    """Compare listed and found files by their resolved path (`./a/b` and `a/b` are one file)."""
+    return str(path.resolve())
 
 
 def _scan_folders(site_dir: Path) -> SiteListing:

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -35,18 +35,28 @@ def training_dataset(
     pixdim: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     samples_per_volume: int = 2,
+    label_mapping: Mapping[int, int] | None = None,
 ) -> Dataset:
     """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation."""
-    deterministic = training_preprocessing(patch_size, pixdim)
-    settings = {"pixdim": pixdim, "patch_size": list(patch_size)}
+    deterministic = training_preprocessing(patch_size, pixdim, label_mapping)
+    settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping)}
     return _cached(items, deterministic, settings, augmentation(patch_size, samples_per_volume), cache_dir)
 
 
 def evaluation_dataset(
-    items: Datalist, pixdim: Sequence[float] | None = None, cache_dir: str | Path | None = None
+    items: Datalist,
+    pixdim: Sequence[float] | None = None,
+    cache_dir: str | Path | None = None,
+    label_mapping: Mapping[int, int] | None = None,
 ) -> Dataset:
     """Whole preprocessed volumes for sliding-window evaluation."""
-    return _cached(items, preprocessing(pixdim), {"pixdim": pixdim}, None, cache_dir)
+    settings = {"pixdim": pixdim, **_mapping_setting(label_mapping)}
+    return _cached(items, preprocessing(pixdim, label_mapping), settings, None, cache_dir)
+
+
+def _mapping_setting(label_mapping: Mapping[int, int] | None) -> dict:
+    """The label mapping as a cache-key setting (none: no key, so existing cache folders stay valid)."""
+    return {"label_mapping": sorted(label_mapping.items())} if label_mapping else {}
 
 
 def _cached(

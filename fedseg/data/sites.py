@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from fedseg.config import RunConfig
-from fedseg.data.datalist import SiteDataError, SiteSplit, load_datalist
+import nibabel as nib
+
+from fedseg.config import ConfigError, RunConfig
+from fedseg.data.datalist import SiteDataError, SiteSplit, Subject, load_datalist, scan_site
 from fedseg.data.splits import load_or_make_split
 from fedseg.data.synth import MAX_CLASSES, MIN_CLASSES, synthetic_root, write_site
 
 SPLITS_FOLDER = "splits"
+SYNTHETIC_CHANNELS = {"pelvis": 1, "brain": 4}  # modalities fedseg synth writes per anatomy
+
+
+def input_channels(config: RunConfig) -> int:
+    """The run's image channels: `in-channels`, else what the data says (the synthetic anatomy's
+    modalities, or the first subject of `<data-dir>/site-0`); 1 where this machine cannot see the
+    data (a deployment's server): a site with other data then answers with a clear error."""
+    if config.in_channels:
+        return config.in_channels
+    if config.uses_synthetic_data:
+        return SYNTHETIC_CHANNELS[config.synthetic_anatomy]
+    subjects = scan_site(Path(config.data_dir).expanduser() / "site-0").subjects
+    if not subjects:
+        return 1
+    try:
+        return subject_channels(subjects[0])
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise ConfigError(
+            f"{subjects[0].images[0]}: cannot read its header to infer run-config 'in-channels' ({err}); set it"
+        ) from None
+
+
+def with_input_channels(config: RunConfig) -> RunConfig:
+    """The config with `in-channels` resolved (see `input_channels`)."""
+    return dataclasses.replace(config, in_channels=input_channels(config))
+
+
+def subject_channels(subject: Subject) -> int:
+    """Image channels of one subject from the file headers: one per modality file, or a 4D file's last axis."""
+    shapes = [nib.load(path).shape for path in subject.images]
+    return sum(shape[3] if len(shape) == 4 else 1 for shape in shapes)
 
 
 def site_dir_for(config: RunConfig, site_index: int, node_data_dir: str | None = None) -> Path:
@@ -22,13 +56,15 @@ def site_dir_for(config: RunConfig, site_index: int, node_data_dir: str | None =
     if node_data_dir:
         return Path(node_data_dir).expanduser()
     if config.uses_synthetic_data:
-        if not MIN_CLASSES <= config.num_classes <= MAX_CLASSES:
+        anatomy = config.synthetic_anatomy
+        if anatomy == "pelvis" and not MIN_CLASSES <= config.num_classes <= MAX_CLASSES:
             message = (
                 f"data-dir 'synthetic' makes {MIN_CLASSES} to {MAX_CLASSES} classes, num-classes is {config.num_classes}"
             )
             raise SiteDataError(message, message)
         n, size, seed, classes = config.synthetic_subjects, config.synthetic_size, config.seed, config.num_classes
-        return write_site(synthetic_root(n, size, seed, classes), site_index, n, size, seed, classes)
+        root = synthetic_root(n, size, seed, classes, anatomy=anatomy)
+        return write_site(root, site_index, n, size, seed, classes, anatomy=anatomy)
     site_dir = Path(config.data_dir).expanduser() / f"site-{site_index}"
     if not site_dir.is_dir():
         raise SiteDataError(f"{site_dir}: site folder not found (data-dir must hold site-0, site-1, ...)")

@@ -13,6 +13,9 @@ the bladder), bias field, noise, voxel spacing and slice thickness, field of vie
 annotator style (labels drawn looser or tighter), subject count and class prevalence (gland and
 transition-zone size, lesion rate). `synthesize` writes `<out>/site-0 ... site-<n-1>` and
 `<out>/outside` (an institution no federation trains on); everything is seeded.
+
+With `anatomy="brain"` the same functions write brain-glioma institutions in the BraTS layout
+instead (fedseg.data.synth_brain: four modalities, labels 0, 1, 2, 4; `num_classes` is not used).
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from fedseg.cache import cache_root
+
+if TYPE_CHECKING:
+    from fedseg.data.synth_brain import BrainInstitution
+
+ANATOMIES = ("pelvis", "brain")
 
 STRUCTURES = ("peripheral zone", "transition zone", "bladder", "lesion")
 MIN_CLASSES, MAX_CLASSES = 3, len(STRUCTURES) + 1
@@ -118,10 +127,18 @@ def write_site(
     size: int,
     seed: int,
     num_classes: int = MIN_CLASSES,
-    inst: Institution | None = None,
+    inst: Institution | BrainInstitution | None = None,
     folder: str | None = None,
+    anatomy: str = "pelvis",
 ) -> Path:
-    """Write one site (NIfTI + dataset.json) under `root` atomically; reuse it if already there."""
+    """Write one site (NIfTI + dataset.json) under `root` atomically; reuse it if already there.
+
+    With `anatomy="brain"` a brain-glioma site (`inst` a BrainInstitution; `num_classes` not used).
+    """
+    if _check_anatomy(anatomy) == "brain":
+        from fedseg.data.synth_brain import write_brain_site
+
+        return write_brain_site(root, site_index, num_subjects, size, seed, inst, folder)
     if not MIN_CLASSES <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [{MIN_CLASSES}, {MAX_CLASSES}], got {num_classes}")
     inst = inst or institution(site_index)
@@ -159,33 +176,52 @@ def write_site(
 
 def synthesize(
     out: str | Path, preset: str = "small", seed: int = 0, num_sites: int = 3, num_classes: int = MIN_CLASSES,
-    overwrite: bool = False,
+    overwrite: bool = False, anatomy: str = "pelvis",
 ) -> list[Path]:
-    """Write `num_sites` institutions `<out>/site-k` and `<out>/outside`; return their folders."""
+    """Write `num_sites` institutions `<out>/site-k` and `<out>/outside` of `anatomy`; return their folders."""
+    _check_anatomy(anatomy)
     if preset not in PRESETS:
         raise ValueError(f"unknown size '{preset}'; choose one of: {', '.join(PRESETS)}")
     if num_sites < 1:
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     size, base = PRESETS[preset]
     out = Path(out)
-    plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)] + [(OUTSIDE_KEY, OUTSIDE, "outside")]
+    if anatomy == "brain":
+        from fedseg.data.synth_brain import BRAIN_OUTSIDE, brain_institution
+
+        plan = [(k, brain_institution(k), f"site-{k}") for k in range(num_sites)]
+        plan.append((OUTSIDE_KEY, BRAIN_OUTSIDE, "outside"))
+    else:
+        plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)] + [(OUTSIDE_KEY, OUTSIDE, "outside")]
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
     for path in existing:
         shutil.rmtree(path)
     return [
-        write_site(out, key, max(4, round(base * inst.subjects)), size, seed, num_classes, inst, folder)
+        write_site(out, key, max(4, round(base * inst.subjects)), size, seed, num_classes, inst, folder, anatomy)
         for key, inst, folder in plan
     ]
 
 
-def synthetic_root(num_subjects: int, size: int, seed: int, num_classes: int = MIN_CLASSES) -> Path:
+def synthetic_root(
+    num_subjects: int, size: int, seed: int, num_classes: int = MIN_CLASSES, anatomy: str = "pelvis"
+) -> Path:
     """Cache folder of the quick on-the-fly synthetic sites (override the base with $FEDSEG_CACHE)."""
+    if _check_anatomy(anatomy) == "brain":
+        from fedseg.data.synth_brain import BRAIN_GENERATOR_VERSION
+
+        return cache_root() / f"synth-brain-v{BRAIN_GENERATOR_VERSION}" / f"n{num_subjects}-s{size}-seed{seed}"
     return cache_root() / f"synth-v{GENERATOR_VERSION}" / f"n{num_subjects}-s{size}-c{num_classes}-seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _check_anatomy(anatomy: str) -> str:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy '{anatomy}'; choose one of: {', '.join(ANATOMIES)}")
+    return anatomy
+
+
 # (region, tissue) painted in order; later regions cover earlier ones
 _LAYERS = (
     ("body", "fat"), ("muscle", "muscle"), ("bone", "bone"), ("marrow", "marrow"), ("periprostatic", "fat"),

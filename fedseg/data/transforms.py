@@ -1,8 +1,10 @@
 """MONAI dictionary pipelines: a deterministic part (cacheable) and a random training part.
 
 The deterministic part follows the prostate study: load (several modality files, or the channels
-of a 4D NIfTI, become image channels), reorient to RAS, resample to `pixdim` mm (1 mm isotropic
-in the study; None keeps the stored grid), z-score the image on nonzero voxels per channel.
+of a 4D NIfTI, become image channels), map stored label values to training ones where the label
+scheme says so (BraTS enhancing tumour 4 → 3, fedseg.labels), reorient to RAS, resample to `pixdim`
+mm (1 mm isotropic in the study; None keeps the stored grid), z-score the image on nonzero voxels
+per channel.
 Training adds, still deterministic, padding to at least one patch and the label's foreground and
 background voxel indices, so the random crops of every epoch do not rescan the whole volume.
 """
@@ -10,7 +12,7 @@ background voxel indices, so the random crops of every epoch do not rescan the w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.transforms import (
@@ -18,6 +20,7 @@ from monai.transforms import (
     EnsureTyped,
     FgBgToIndicesd,
     LoadImaged,
+    MapLabelValued,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
@@ -34,12 +37,14 @@ STUDY_PIXDIM = (1.0, 1.0, 1.0)
 FG_INDICES, BG_INDICES = "label_fg_indices", "label_bg_indices"  # FgBgToIndicesd's default output keys
 
 
-def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
-    """Load channel-first, RAS, optional resampling to `pixdim` mm, z-score on nonzero voxels."""
-    steps = [
-        LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True),
-        Orientationd(keys=KEYS, axcodes="RAS", labels=None),
-    ]
+def preprocessing(pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None) -> Compose:
+    """Load channel-first, map label values (`label_mapping`, stored → trained), RAS, optional
+    resampling to `pixdim` mm, z-score on nonzero voxels."""
+    steps = [LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True)]
+    if label_mapping:
+        stored, trained = zip(*sorted(label_mapping.items()))
+        steps.append(MapLabelValued(keys="label", orig_labels=list(stored), target_labels=list(trained)))
+    steps.append(Orientationd(keys=KEYS, axcodes="RAS", labels=None))
     if pixdim is not None:
         steps.append(Spacingd(keys=KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     steps += [
@@ -49,11 +54,13 @@ def preprocessing(pixdim: Sequence[float] | None = None) -> Compose:
     return Compose(steps)
 
 
-def training_preprocessing(patch_size: Sequence[int], pixdim: Sequence[float] | None = None) -> Compose:
+def training_preprocessing(
+    patch_size: Sequence[int], pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None
+) -> Compose:
     """`preprocessing`, padding to at least `patch_size`, then the label's foreground/background voxel indices."""
     return Compose(
         [
-            *preprocessing(pixdim).transforms,
+            *preprocessing(pixdim, label_mapping).transforms,
             SpatialPadd(keys=KEYS, spatial_size=tuple(patch_size)),
             FgBgToIndicesd(keys="label"),
             # plain tensors as `preprocessing` gives; int32 indices take half the memory of int64

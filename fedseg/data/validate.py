@@ -18,6 +18,8 @@ Each problem has a kind code (stable, for scripts and tests), the file and a des
 from __future__ import annotations
 
 import zlib
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,7 @@ class ValidationReport:
     layout: str
     subjects: int
     num_classes: int | None
-    channels: int | None
+    channels: int | None  # the expected count when given, else the count most subjects have
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -83,22 +85,27 @@ def validate_site(
     affine_tolerance: float = DEFAULT_AFFINE_TOLERANCE,
     min_subjects: int = MIN_SUBJECTS,
     memo_file: Path | None = None,
+    label_values: Collection[int] | None = None,
 ) -> ValidationReport:
-    """Check every subject of a site; classes default to the `labels` of dataset.json.
+    """Check every subject of a site. Allowed label values: `label_values` (e.g. BraTS 0, 1, 2, 3, 4),
+    else 0 .. num_classes − 1, else the keys of dataset.json's `labels`.
 
     With `memo_file`, subjects whose files are unchanged since the last check are not read again
     (see `fedseg.data.validation_memo`)."""
     memo = ValidationMemo(memo_file)
     listing = scan_site(site_dir)
     classes = num_classes if num_classes is not None else listing.declared_classes
+    if label_values is None and num_classes is not None:
+        label_values = range(num_classes)
+    allowed = sorted(label_values if label_values is not None else listing.declared_values or ()) or None
     report = ValidationReport(str(listing.site_dir), listing.layout, len(listing.subjects), classes, channels)
     report.problems.extend(listing.errors)
     usable, seen_channels = 0, {}
     for subject in listing.subjects:
-        key = memo.key(subject, classes, affine_tolerance)
+        key = memo.key(subject, allowed, affine_tolerance)
         found = memo.get(key)
         if found is None:
-            found = _check_subject(subject, classes, affine_tolerance)
+            found = _check_subject(subject, allowed, affine_tolerance)
             memo.put(key, *found)
         problems, n_channels = found
         report.problems.extend(problems)
@@ -106,6 +113,8 @@ def validate_site(
             seen_channels[subject.images[0]] = n_channels
         usable += not any(p.severity == "error" for p in problems)
     report.problems.extend(_check_channels(seen_channels, channels))
+    if channels is None and seen_channels:
+        report.channels = Counter(seen_channels.values()).most_common(1)[0][0]
     if listing.layout not in ("missing", "unknown") and usable < min_subjects:
         report.problems.append(Problem(
             "error", "too-few-subjects", str(listing.site_dir),
@@ -116,17 +125,21 @@ def validate_site(
 
 
 def check_site(
-    site_dir: str | Path, num_classes: int | None = None, channels: int | None = None, memo_file: Path | None = None
+    site_dir: str | Path,
+    num_classes: int | None = None,
+    channels: int | None = None,
+    memo_file: Path | None = None,
+    label_values: Collection[int] | None = None,
 ) -> ValidationReport:
     """Validate and raise SiteDataError (message with files, `public` with kinds only) on errors."""
-    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file)
+    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file, label_values=label_values)
     if not report.ok:
         raise SiteDataError("; ".join(map(str, report.errors)), public_summary(report.errors))
     return report
 
 
 def _check_subject(
-    subject: Subject, num_classes: int | None, tolerance: float
+    subject: Subject, allowed: list[int] | None, tolerance: float
 ) -> tuple[list[Problem], int | None]:
     """Problems of one subject and its channel count (None when its images cannot be read)."""
     problems: list[Problem] = []
@@ -146,7 +159,7 @@ def _check_subject(
     for volume in good_images:
         problems.extend(_check_finite(volume))
     if label is not None:
-        problems.extend(_check_finite(label) or _check_label_values(label, num_classes))
+        problems.extend(_check_finite(label) or _check_label_values(label, allowed))
     return problems, channels
 
 
@@ -195,16 +208,16 @@ def _check_finite(volume: _Volume) -> list[Problem]:
     return [_error("non-finite", volume.path, f"{bad} NaN or infinite voxels")] if bad else []
 
 
-def _check_label_values(label: _Volume, num_classes: int | None) -> list[Problem]:
+def _check_label_values(label: _Volume, allowed: list[int] | None) -> list[Problem]:
     values = np.unique(label.data)
     if not np.all(values == np.round(values)):
         odd = values[values != np.round(values)][:5]
         return [_error("label-values", label.path, f"non-integer label values, e.g. {_fmt(odd)}")]
-    if num_classes is not None:
-        outside = values[(values < 0) | (values >= num_classes)]
+    if allowed is not None:
+        outside = values[~np.isin(values, allowed)]
         if outside.size:
             return [_error("label-values", label.path,
-                           f"label values {_fmt(outside[:10])} outside the declared classes 0..{num_classes - 1}")]
+                           f"label values {_fmt(outside[:10])} outside the declared classes {_ranges(allowed)}")]
     if not np.any(values != 0):
         return [Problem("warning", "empty-label", str(label.path), "label has no foreground voxels")]
     return []
@@ -220,6 +233,13 @@ def _check_channels(seen: dict[Path, int], expected: int | None) -> list[Problem
     usual = max(counts, key=list(seen.values()).count)
     return [_error("channels", path, f"{n} image channels, most subjects have {usual}")
             for path, n in seen.items() if n != usual]
+
+
+def _ranges(values: list[int]) -> str:
+    """0..3 for a contiguous list, else the values: 0, 1, 2, 4."""
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
 
 
 def _error(kind: str, path: Path, fault: str) -> Problem:

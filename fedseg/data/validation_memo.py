@@ -3,7 +3,7 @@
 A site validates its data before every message it answers; in deployment each message is a fresh
 process, so without a memo every voxel of every scan would be read again each time. An entry is
 reused only while the subject's files keep their size and modification time and the checks'
-settings (classes, affine tolerance) are the same; anything else is checked afresh. The memo lives
+settings (allowed label values, affine tolerance) are the same; anything else is checked afresh. The memo lives
 in the site's own state folder and never leaves the site.
 """
 
@@ -27,10 +27,10 @@ class ValidationMemo:
         self._entries = self._load()
         self._used: dict[str, dict] = {}
 
-    def key(self, subject: Subject, num_classes: int | None, tolerance: float) -> str | None:
+    def key(self, subject: Subject, label_values: list[int] | None, tolerance: float) -> str | None:
         """The subject's key, or None when a file cannot be inspected (it is then checked, not memoised)."""
         try:
-            return json.dumps([file_stamps((*subject.images, subject.label)), num_classes, tolerance])
+            return json.dumps([file_stamps((*subject.images, subject.label)), label_values, tolerance])
         except OSError:
             return None
 

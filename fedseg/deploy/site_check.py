@@ -25,6 +25,7 @@ class DryRun:
     """What one forward pass on one of the site's volumes showed."""
 
     volume_shape: tuple[int, ...]
+    channels: int
     output_shape: tuple[int, ...]
     seconds: float
     device: str
@@ -33,24 +34,32 @@ class DryRun:
     def line(self, config: RunConfig) -> str:
         return (
             f"dry run: {config.model} ({self.parameters:,} parameters) on {self.device}: volume "
-            f"{'x'.join(map(str, self.volume_shape))} -> {self.output_shape[0]} class maps in {self.seconds:.2f} s"
+            f"{'x'.join(map(str, self.volume_shape))}, {self.channels} channel(s) -> {self.output_shape[0]} output maps "
+            f"in {self.seconds:.2f} s"
         )
 
 
 def check_site_ready(data_dir: str | Path, config: RunConfig) -> tuple[ValidationReport, DryRun | None]:
-    """Validate the site's data; when it has no errors, do the dry forward pass."""
-    report = validate_site(data_dir, num_classes=config.num_classes)
-    return report, (dry_forward(data_dir, config) if report.ok else None)
+    """Validate the site's data (label values of the run's label scheme; channels: the run's
+    `in-channels` when set, else whatever the subjects agree on); when it has no errors, do the dry
+    forward pass with a network taking that many channels."""
+    report = validate_site(data_dir, channels=config.in_channels or None,
+                           label_values=config.labels.allowed_label_values)
+    return report, (dry_forward(data_dir, config, report.channels or 1) if report.ok else None)
 
 
-def dry_forward(data_dir: str | Path, config: RunConfig) -> DryRun:
+def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int) -> DryRun:
     """Sliding-window logits of an untrained model on the site's first volume."""
-    volume = evaluation_dataset(load_datalist(data_dir)[:1], config.spacing)[0]["image"]
+    labels = config.labels
+    volume = evaluation_dataset(load_datalist(data_dir)[:1], config.spacing, label_mapping=labels.label_mapping)[0]
+    volume = volume["image"]
     trainer = SegmentationTrainer(
         model_name=config.model,
         num_classes=config.num_classes,
         patch_size=config.patch_size,
+        in_channels=in_channels,
         batch_size=config.batch_size,
+        labels=labels,
     )
     started = time.perf_counter()
     logits = trainer.predict_logits(torch.as_tensor(volume)[None])
@@ -58,6 +67,7 @@ def dry_forward(data_dir: str | Path, config: RunConfig) -> DryRun:
         raise ValueError("the dry forward pass produced non-finite outputs")
     return DryRun(
         volume_shape=tuple(volume.shape[1:]),
+        channels=int(volume.shape[0]),
         output_shape=tuple(logits.shape[1:]),
         seconds=time.perf_counter() - started,
         device=str(trainer.device),

@@ -25,12 +25,12 @@ from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
+from fedseg.data.sites import with_input_channels
 from fedseg.experiments.arms import POOLED, Arm, plan_arms
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
 from fedseg.federation import Federation
-from fedseg.metrics import dice_per_class
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
@@ -90,14 +90,14 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
         if arm.evaluated:
             dp_kind, epsilon, delta = privacy = _privacy(folder)
             rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
-            write_cases(folder / CASES, rows, spec.run_config().num_classes - 1)
+            write_cases(folder / CASES, rows, spec.run_config().labels.structures)
             inside = [r.score for r in rows if not r.outside]
             echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
                  + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else ""))
         model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
         seconds = time.perf_counter() - started
         ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
-        _collect_cases(results, arms)
+        _collect_cases(results, arms, spec.run_config().labels.structures)
         echo(f"    done in {seconds:.0f} s")
     return results
 
@@ -125,7 +125,7 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
         **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
            "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
     )
-    config = RunConfig.from_mapping(values)
+    config = with_input_channels(RunConfig.from_mapping(values))
     nodes = []
     for node in arm.nodes:  # each site's state (privacy ledger, preprocessed cache) stays in this experiment
         data_dir = _node_dir(spec, arm, node, splits, results)
@@ -144,7 +144,10 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
     model = ModelCheckpoint(
         arrays.to_torch_state_dict(), config.model, config.num_classes, config.patch_size,
         pixdim=config.spacing,  # the grid the ClientApps trained at (None: each scan's stored grid)
+        in_channels=config.in_channels,
         description=f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}",
+        label_scheme=config.label_scheme,
+        region_training=config.region_training,
     )
     model.save(folder / MODEL)
     return model
@@ -179,11 +182,13 @@ def _privacy(folder: Path) -> Privacy:
 
 
 def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
-    spacing = spec.run_config().spacing  # evaluate on the grid the models were trained at
-    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing)) for k, s in enumerate(splits)]
+    config = spec.run_config()  # evaluate on the grid the models were trained at, with their label values
+    spacing, mapping = config.spacing, config.labels.label_mapping
+    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping))
+            for k, s in enumerate(splits)]
     if spec.outside_dir is not None:
         items = load_datalist(spec.outside_dir)
-        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items, spacing)))
+        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items, spacing, label_mapping=mapping)))
     return sets
 
 
@@ -193,18 +198,20 @@ def _evaluate(
 ) -> list[CaseRow]:
     """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
     trainers = [model.trainer() for model in models]
+    labels = models[0].labels
     rows = []
     for test in tests:
         own = not arm.trained_on.startswith("site-") or arm.trained_on == test.name
         for index, batch in enumerate(DataLoader(test.dataset, batch_size=1, num_workers=0)):
-            probabilities = torch.stack([torch.softmax(t.predict_logits(batch["image"]), 1) for t in trainers]).mean(0)
-            dice = dice_per_class(probabilities.cpu(), batch["label"])[0].tolist()
+            probabilities = torch.stack([labels.probabilities(t.predict_logits(batch["image"])) for t in trainers])
+            probabilities = probabilities.mean(0).cpu()
+            dice = labels.dice(probabilities, batch["label"])[0].tolist()
             subject = test.items[index]["subject"]
             rows.append(CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice),
                                 *privacy))
             if own and index < overlay_cases:
                 _save_overlay(results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
-                              batch["image"][0, 0], batch["label"][0, 0], probabilities.argmax(1)[0].cpu())
+                              batch["image"][0, 0], batch["label"][0, 0], labels.label_map(probabilities)[0, 0])
     return rows
 
 
@@ -216,9 +223,9 @@ def _save_overlay(path: Path, image: torch.Tensor, truth: torch.Tensor, predicti
                         truth=truth[..., z].numpy().astype(np.uint8), prediction=prediction[..., z].numpy().astype(np.uint8))
 
 
-def _collect_cases(results: Path, arms: Sequence[Arm]) -> None:
+def _collect_cases(results: Path, arms: Sequence[Arm], structures: Sequence[str]) -> None:
     """cases.csv = the rows of every finished, evaluated arm, in plan order."""
     files = [results / ARMS / arm.id / CASES for arm in arms if arm.evaluated]
     rows = [row for path in files if path.is_file() for row in read_cases(path)]
     if rows:
-        write_cases(results / CASES, rows)
+        write_cases(results / CASES, rows, structures)

@@ -4,7 +4,8 @@ Columns: `arm` (e.g. private, centralized, fedavg), `kind` (private, centralized
 cyclic, leave-one-out, finetuned, ensemble), `trained_on` (a site, `pooled`, `federation`,
 `without-site-1`, ...), `tested_on` (a site's held-out test split, or the outside institution),
 `outside` (1 for the outside institution), `subject`, then `dice_1`, `dice_2`, ... (foreground
-classes; empty where a class is absent from both truth and prediction), then the model's privacy
+classes; empty where a class is absent from the truth) or, with the BraTS label scheme, `dice_WT`,
+`dice_TC`, `dice_ET` (tumour regions; BraTS rule for empty regions, see fedseg.labels), then the model's privacy
 guarantee: `dp_kind` (`sample-level`: DP-SGD at the sites, protects one subject's scans at a site;
 `client-level`: the dp-noised strategy, protects a whole site's participation), `epsilon` and `delta`
 (final cumulative ε at δ; for DP-SGD the largest ε over the sites). All three are empty for a model
@@ -62,11 +63,13 @@ class CaseRow:
         return sum(values) / len(values) if values else math.nan
 
 
-def write_cases(path: Path, rows: Iterable[CaseRow], num_classes: int | None = None) -> None:
-    """Write rows as CSV (header included); `num_classes` foreground classes, else from the rows."""
+def write_cases(path: Path, rows: Iterable[CaseRow], structures: Sequence[str] | None = None) -> None:
+    """Write rows as CSV (header included); one Dice column per scored structure (default: classes
+    1, 2, … as many as the rows have)."""
     rows = list(rows)
-    width = num_classes if num_classes is not None else max((len(r.dice) for r in rows), default=0)
-    header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{i}" for i in range(1, width + 1)), *PRIVACY_COLUMNS]
+    if structures is None:
+        structures = [str(i) for i in range(1, max((len(r.dice) for r in rows), default=0) + 1)]
+    header = [*KEY_COLUMNS, *(f"{DICE_PREFIX}{name}" for name in structures), *PRIVACY_COLUMNS]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -96,6 +99,16 @@ def read_cases(path: Path) -> list[CaseRow]:
     if not rows:
         raise CasesError(f"{path}: no result rows")
     return rows
+
+
+def read_structures(path: Path) -> tuple[str, ...]:
+    """Names of the scored structures in a cases.csv header (`dice_1` → "1", `dice_WT` → "WT")."""
+    try:
+        with Path(path).open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+    except OSError as err:
+        raise CasesError(f"{path}: cannot read cases file: {err}") from err
+    return tuple(name[len(DICE_PREFIX):] for name in header if name.startswith(DICE_PREFIX))
 
 
 def _optional(value: float, fmt: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedseg.report import plots
-from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases
+from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.tables import (
     Cell,
@@ -18,6 +18,7 @@ from fedseg.report.tables import (
     paired_tests,
     privacy_points,
     privacy_references,
+    structure_summaries,
     test_sets,
 )
 
@@ -35,14 +36,17 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     out = Path(out_dir) if out_dir is not None else results_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = read_cases(results_dir / CASES)
+    structures = read_structures(results_dir / CASES)
     sections = [
         f"# Experiment report: {results_dir.resolve().name}",
         f"From `{CASES}`: {len(rows)} rows, {len(models(rows))} models, {len(test_sets(rows))} test sets. "
-        "A case's Dice is the mean over the foreground classes present; cells are mean ± sd (n cases).",
+        f"A case's Dice is the mean over the scored structures ({', '.join(structures)}); cells are mean ± sd "
+        "(n cases).",
         "## Cross-site Dice (trained on × tested on)",
         matrix_table(rows),
         "## Arms",
         arms_table(rows),
+        *(["## Dice per structure", structure_table(rows, structures)] if len(structures) > 1 else []),
         "## Paired tests against each private model (same internal test cases)",
         paired_table(rows),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
@@ -70,6 +74,19 @@ def arms_table(rows: Sequence[CaseRow]) -> str:
         [s.arm, s.kind, _cell(s.internal), _cell(s.outside), _number(s.percent_of_centralized, "{:.1f} %")]
         for s in arm_summaries(rows)
     ]
+    return _markdown(header, body)
+
+
+def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
+    """Per arm, each structure's internal Dice with % of centralized, and its outside Dice."""
+    summaries = {(s.arm, s.structure): s for s in structure_summaries(rows, structures)}
+    header = ["arm", *(f"{name} internal (% of centralized)" for name in structures),
+              *(f"{name} outside" for name in structures)]
+    body = []
+    for arm in dict.fromkeys(r.arm for r in rows):
+        cells = [summaries[(arm, name)] for name in structures]
+        body.append([arm, *(f"{c.internal.mean:.3f} ({_number(c.percent_of_centralized, '{:.1f} %')})"
+                            if c.internal.n else "–" for c in cells), *(_cell(c.outside) for c in cells)])
     return _markdown(header, body)
 
 

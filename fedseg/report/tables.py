@@ -111,6 +111,34 @@ def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
     ]
 
 
+@dataclass(frozen=True)
+class StructureSummary:
+    """One arm, one scored structure (class or tumour region): internal and outside Dice, % of centralized."""
+
+    arm: str
+    structure: str
+    internal: Cell
+    outside: Cell
+    percent_of_centralized: float
+
+
+def structure_summaries(rows: Sequence[CaseRow], structures: Sequence[str]) -> list[StructureSummary]:
+    """Per arm and per structure (the i-th Dice column): the arm summary restricted to that structure."""
+    arms = list(dict.fromkeys(r.arm for r in rows))
+    central = next((r.arm for r in rows if r.kind == "centralized"), None)
+    out = []
+    for index, structure in enumerate(structures):
+        def cell(arm: str, outside: bool, index: int = index) -> Cell:
+            return Cell.of([r.dice[index] for r in rows if r.arm == arm and r.outside == outside])
+
+        reference = cell(central, False).mean if central is not None else math.nan
+        for arm in arms:
+            internal = cell(arm, False)
+            percent = 100.0 * internal.mean / reference if reference > 0 else math.nan
+            out.append(StructureSummary(arm, structure, internal, cell(arm, True), percent))
+    return out
+
+
 def privacy_points(rows: Sequence[CaseRow]) -> list[PrivacyPoint]:
     """Every model trained with DP, ordered by DP kind, then ε."""
     points = []

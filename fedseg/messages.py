@@ -1,0 +1,35 @@
+"""The site ↔ server message contract in one place: instruction keys, reply metrics, error codes.
+
+Instructions (train, evaluate, query) carry the global weights in an ArrayRecord "arrays" and these
+keys in a ConfigRecord "config". Replies carry the site's weights (train only) and one MetricRecord
+"metrics" of aggregate numbers: nothing else leaves a site (tests/test_message_audit.py).
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- instruction keys (ConfigRecord "config")
+CONFIG = "config"
+ARRAYS = "arrays"
+SERVER_ROUND = "server-round"  # set by Flower's strategies in configure_train / configure_evaluate
+LOCAL_EPOCHS = "local-epochs"
+LEARNING_RATE = "learning-rate"
+RUN_KEY = "run-key"  # names the run to the sites (their ε ledger), stable across resumes
+PROXIMAL_MU = "proximal-mu"  # FedProx
+IN_CHANNELS = "in-channels"  # image channels of the global model; a site with other data answers CHANNELS_CODE
+
+# ---------------------------------------------------------------- reply metrics (MetricRecord "metrics")
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+VAL_DICE = "val-dice"
+TRAIN_SECONDS = "train-seconds"
+DICE = "dice"  # mean Dice over the scored structures (fedseg.labels)
+EVAL_SECONDS = "eval-seconds"
+SITE_ID = "site-id"
+# per scored structure: LabelScheme.metric_names (dice-class-1, …, or dice-WT, dice-TC, dice-ET);
+# with DP-SGD also fedseg.privacy's dp-epsilon, dp-delta, dp-noise-multiplier
+
+# ---------------------------------------------------------------- error reply codes
+SITE_ERROR_CODE = 100  # the site's data or training failed; the reason has no paths or subject ids
+PRIVACY_BUDGET_CODE = 101  # DP-SGD: the next fit would exceed dp-target-epsilon; the site trains no more
+CHANNELS_CODE = 102  # the site's images have another channel count than the global model takes
