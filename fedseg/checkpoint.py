@@ -2,8 +2,9 @@
 
 `checkpoint.pt` is rewritten atomically after every finished round. It holds the global
 weights, the round, the strategy's state (`strategy.state_dict()`, e.g. a privacy
-accountant), the server's random number generator states, the history and which Flower
-node is which site (so a resumed run names a site that dies before it answers). It is loaded
+accountant, or a server optimizer's moments as tensors), the server's random number generator
+states, the history and which Flower node is which site (so a resumed run names a site that
+dies before it answers). It is loaded
 with `torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
 """
 

@@ -15,10 +15,12 @@ Contract for every strategy (built-in or plugin), all on top of Flower's message
   (a reply near the `max-update-ratio` limit gets its exact norm; `Reply.update_norm` is then
   measured on first use); the mean is recomputed if a reply is dropped afterwards. With an
   overridden `combine`, the checks measure every exact update norm for it.
-- `state_dict()` → a JSON-serialisable dict (str keys; int, float, str, bool, lists, dicts) of
-  everything the strategy must remember across rounds (e.g. a privacy accountant, a cyclic
-  position). A resumed run builds the strategy from the same run config, calls
-  `load_state_dict(state)` once, then continues with the next round. Default: stateless.
+- `state_dict()` → a dict (str keys; int, float, str, bool, lists, dicts, and torch tensors for
+  array state such as a server optimizer's moments) of everything the strategy must remember
+  across rounds (e.g. a privacy accountant, a cyclic position). It is stored in checkpoint.pt
+  (read back with `torch.load(weights_only=True)`). A resumed run builds the strategy from the
+  same run config, calls `load_state_dict(state)` once, then continues with the next round.
+  Default: stateless.
 - `round_report(server_round)` → a JSON-serialisable dict stored in history.json under the
   round's "strategy" key (default: the replies dropped in that round, with their reasons).
 """
@@ -58,6 +60,7 @@ class Reply:
     global_arrays: ArrayRecord = field(repr=False, compare=False)
     views: Mapping[str, np.ndarray] = field(repr=False, compare=False)
     measured_norm: float | None = field(default=None, repr=False, compare=False)
+    message: Message | None = field(default=None, repr=False, compare=False)  # the reply as received
 
     @cached_property
     def update_norm(self) -> float:
@@ -126,7 +129,7 @@ class FedSegStrategy(FlowerFedAvg):
         return ""
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state to checkpoint (default: none)."""
+        """State to checkpoint: plain values and torch tensors (default: none)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -149,9 +152,16 @@ class FedSegStrategy(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model (replies are checked against it), then sample every site."""
+        """Remember the global model (replies are checked against it), then make the instructions."""
         self._global = arrays
         self._dropped = []
+        return self.train_instructions(server_round, arrays, config, grid)
+
+    def train_instructions(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's train messages (default: Flower's FedAvg sampling every site). A strategy
+        that wraps another Flower strategy hands this to it."""
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -168,7 +178,7 @@ class FedSegStrategy(FlowerFedAvg):
                 self._drop(message, "train", reason)
             else:
                 messages.append(message)
-                candidates.append(reply)
+                candidates.append(replace(reply, message=message))
         fused = type(self).combine is FedSegStrategy.combine
         weights = self.site_weights(candidates) if fused else []  # unchecked replies: may not sum to > 0
         coefficients = [w / sum(weights) for w in weights] if sum(weights) > 0 else None

@@ -1,4 +1,9 @@
-"""Strategy names → classes: built-ins, `module:Class`, and plugins of the `fedseg.strategies` group.
+"""Strategy names → classes: built-ins, `flower:Class`, `module:Class`, and plugins of the
+`fedseg.strategies` group.
+
+Flower's own strategies (a built-in name such as `fedadam`, `flower:<Class>` for any class of
+`flwr.serverapp.strategy`, or `module:Class` naming a Flower `Strategy` subclass) are wrapped by
+`strategies.flower`: fedseg checks the replies, the Flower strategy aggregates them.
 
 `build_strategy(config)` is what the ServerApp calls before any training: it finds the class,
 checks the run config's `<strategy>.<parameter>` keys against the declared parameters and
@@ -10,6 +15,8 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import EntryPoint, entry_points
 
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
 from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from strategies.base import FedSegStrategy
 from strategies.cyclic import Cyclic
@@ -17,10 +24,13 @@ from strategies.dice_weighted import DiceWeighted
 from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx
+from strategies.flower import NAMED as FLOWER_NAMED
+from strategies.flower import find_flower_class, flower_catalog, wrap
 
 ENTRY_POINT_GROUP = "fedseg.strategies"
+FLOWER_PREFIX = "flower:"
 BUILTIN: dict[str, type[FedSegStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, Cyclic)
+    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, Cyclic, *FLOWER_NAMED)
 }
 
 
@@ -35,9 +45,13 @@ def installed_names() -> list[str]:
 
 
 def resolve(spec: str) -> type[FedSegStrategy]:
-    """The strategy class for a built-in name, a plugin name or `module:Class`."""
-    if ":" in spec:
+    """The strategy class for a built-in name, a plugin name, `flower:Class` or `module:Class`."""
+    if spec.startswith(FLOWER_PREFIX):
+        cls = wrap(find_flower_class(spec.removeprefix(FLOWER_PREFIX)), frozenset(BUILTIN))
+    elif ":" in spec:
         cls = _import_class(spec)
+        if isinstance(cls, type) and issubclass(cls, FlowerStrategy) and not issubclass(cls, FedSegStrategy):
+            cls = wrap(cls, frozenset(BUILTIN))
     elif spec in BUILTIN:
         cls = BUILTIN[spec]
     elif spec in (plugins := plugin_entry_points()):
@@ -45,10 +59,12 @@ def resolve(spec: str) -> type[FedSegStrategy]:
     else:
         raise ConfigError(
             f"run-config 'strategy' is '{spec}'; installed strategies: {', '.join(installed_names())} "
-            f"(or give 'package.module:Class', or install a plugin registering under '{ENTRY_POINT_GROUP}')"
+            f"(or give '{FLOWER_PREFIX}<Flower strategy class>' or 'package.module:Class', or install a plugin "
+            f"registering under '{ENTRY_POINT_GROUP}')"
         )
     if not (isinstance(cls, type) and issubclass(cls, FedSegStrategy)):
-        raise ConfigError(f"strategy '{spec}' is {cls!r}, not a subclass of strategies.base.FedSegStrategy")
+        raise ConfigError(f"strategy '{spec}' is {cls!r}, not a subclass of strategies.base.FedSegStrategy "
+                          "or flwr.serverapp.strategy.Strategy")
     return cls
 
 
@@ -56,7 +72,7 @@ def build_strategy(config: RunConfig) -> FedSegStrategy:
     """Build the configured strategy with its checked parameters (fails before any round)."""
     cls = resolve(config.strategy)
     namespace = cls.strategy_name()
-    namespaces = {*installed_names(), namespace}
+    namespaces = {*installed_names(), *flower_namespaces(), namespace}
     values = {}
     for key, value in config.strategy_params.items():
         owner, _, param = key.partition(STRATEGY_PARAM_SEPARATOR)
@@ -68,6 +84,13 @@ def build_strategy(config: RunConfig) -> FedSegStrategy:
                 f"'<strategy>.<parameter>' with strategy one of: {', '.join(sorted(namespaces))}"
             )
     return cls.from_config(config, values)
+
+
+def flower_namespaces() -> set[str]:
+    """Parameter namespaces of Flower's other strategies (`flower:QFedAvg` → `qfedavg`), so their keys
+    may stay in a run config that selects another strategy."""
+    names = (class_name.lower() for class_name in flower_catalog())
+    return {f"flower-{name}" if name in BUILTIN else name for name in names}
 
 
 def _import_class(spec: str) -> object:
@@ -85,7 +108,7 @@ def _import_class(spec: str) -> object:
 def _load_plugin(ep: EntryPoint) -> object:
     try:
         cls = ep.load()
-    except Exception as err:  # noqa: BLE001 - a broken plugin must say which one it is
+    except Exception as err:
         raise ConfigError(f"strategy plugin '{ep.name}' ({ep.value}) failed to load: {err}") from err
     name = getattr(cls, "strategy_name", lambda: ep.name)()
     if name != ep.name:
@@ -98,6 +121,8 @@ def describe_installed() -> list[str]:
     lines = []
     for name in installed_names():
         source = "built-in" if name in BUILTIN else f"plugin {plugin_entry_points()[name].value}"
+        if name in BUILTIN and hasattr(BUILTIN[name], "flower_class"):
+            source = f"built-in, Flower {BUILTIN[name].flower_class.__name__}"
         try:
             cls = resolve(name)
         except ConfigError as err:
@@ -106,4 +131,10 @@ def describe_installed() -> list[str]:
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         lines.append(f"{name} ({source}): {summary}")
         lines.extend(f"    {name}.{p.name}  {p.describe()}" for p in cls.declared_params())
+    catalog = flower_catalog()
+    named = {cls.flower_class.__name__ for cls in FLOWER_NAMED}
+    usable = [c for c, reason in catalog.items() if not reason and c not in named]
+    lines.append(f"{FLOWER_PREFIX}<Class> (Flower's other strategies, parameters from their constructors): "
+                 + ", ".join(usable))
+    lines.extend(f"    {FLOWER_PREFIX}{c}: unusable: {reason}" for c, reason in catalog.items() if reason)
     return lines

@@ -28,13 +28,16 @@ def test_module_class_spec() -> None:
     assert type(build(strategy="strategies.fedavg:FedAvg")) is FedAvg
     with pytest.raises(ConfigError, match="module 'strategies.fedavg' has no 'Nope'"):
         build(strategy="strategies.fedavg:Nope")
-    with pytest.raises(ConfigError, match="not a subclass of strategies.base.FedSegStrategy"):
+    with pytest.raises(ConfigError, match="not a subclass of strategies.base.FedSegStrategy or flwr.serverapp"):
         build(strategy="collections:OrderedDict")
+    flower_fedadam = build(strategy="flwr.serverapp.strategy:FedAdam")  # a Flower class: wrapped, built-in name
+    assert type(flower_fedadam) is BUILTIN["fedadam"] and type(flower_fedadam.inner).__name__ == "FedAdam"
 
 
 def test_unknown_strategy_lists_installed_ones() -> None:
     with pytest.raises(ConfigError, match="'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
-                                          "dice-weighted, dp-noised, cyclic"):
+                                          "dice-weighted, dp-noised, cyclic, fedadam, fedyogi, fedadagrad, fedavgm, "
+                                          "fedtrimmedavg, fedmedian, krum.* \\(or give 'flower:<Flower strategy class>'"):
         build(strategy="fedsgd")
 
 
