@@ -1,4 +1,4 @@
-"""Flower ClientApp (Message API): train → fit from the global weights; evaluate → test Dice;
+"""Flower ClientApp (Message API): train → fit from the global weights; evaluate → test and validation Dice;
 query → answer the server's probe of a dropped site.
 
 Replies carry only the weight arrays and aggregate metrics (counts, loss, Dice, seconds).
@@ -45,6 +45,7 @@ def train(msg: Message, context: Context) -> Message:
             prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
             seed=site.fit_seed(server_round),
             privacy=privacy,
+            learning_rate=float(config.get(m.LEARNING_RATE, site.config.learning_rate)),
         )
         validation = site.trainer.evaluate(site.val_set)
     except Exception as err:  # noqa: BLE001 - any site failure becomes an error reply, not a crash
@@ -71,10 +72,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = runtime_for(context, _in_channels(msg))
         started = time.perf_counter()
         result = site.trainer.evaluate(site.test_set, weights=state_from_record(msg.content[m.ARRAYS]))
+        validation = site.trainer.evaluate(site.val_set)  # the server picks its best round on these
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
     site.trainer.release_memory()
     metrics = evaluation_metrics(result, site.trainer.labels)
+    metrics[m.VAL_DICE] = validation.mean_dice
     metrics[m.EVAL_SECONDS] = time.perf_counter() - started
     metrics[m.SITE_ID] = site.site_id
     return Message(content=RecordDict({m.METRICS: metrics}), reply_to=msg)

@@ -24,6 +24,7 @@ from fedseg.data.datalist import SiteDataError, SiteSplit
 from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
 from fedseg.data.sites import input_channels, load_site_split, site_dir_for
 from fedseg.data.validate import check_site
+from fedseg.optim import optimizer_factory
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
 
@@ -119,6 +120,7 @@ def _build_runtime(
         dp_compatible=config.dp_sgd,
         compile=config.torch_compile,
         labels=labels,
+        optimizer=optimizer_factory(config.optimizer, config.weight_decay, config.momentum),
     )
     runtime = SiteRuntime(
         config=config,

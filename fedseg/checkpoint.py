@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord
 
 from fedseg.atomic import atomic_path
 from fedseg.config import ConfigError, RunConfig
+from fedseg.data.sites import with_input_channels
 from fedseg.history import History
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -83,7 +84,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
 def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Path) -> None:
     """Fail before any round if the run config changed what the interrupted run computes."""
     saved = checkpoint.history.config
-    current = config.to_dict()
+    current = with_input_channels(config).to_dict()  # as the run recorded it: in-channels resolved
     changed = sorted(
         key for key in set(saved) | set(current)
         if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)

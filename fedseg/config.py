@@ -16,6 +16,7 @@ from typing import Any
 
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.models import MODEL_NAMES, PATCH_MULTIPLE
+from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
 # (a TOML table `[fedprox]` / `[tool.flwr.app.config.fedprox]` flattens to the same dotted keys).
@@ -37,6 +38,12 @@ class RunConfig:
     num_server_rounds: int = 6
     local_epochs: int = 3
     learning_rate: float = 0.01
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_schedule: str = "constant"
+    warmup_rounds: int = 0
+    lr_final_ratio: float = 0.0
     strategy: str = "fedavg"
     model: str = "unet"
     num_classes: int = 3
@@ -69,6 +76,11 @@ class RunConfig:
     def uses_synthetic_data(self) -> bool:
         """True when sites are generated on the fly instead of read from disk."""
         return self.data_dir == "synthetic"
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """The sites' learning rate in round `server_round` (fedseg.optim.round_learning_rate)."""
+        return round_learning_rate(self.learning_rate, server_round, self.num_server_rounds, self.lr_schedule,
+                                   self.warmup_rounds, self.lr_final_ratio)
 
     @property
     def labels(self) -> LabelScheme:
@@ -123,6 +135,7 @@ class RunConfig:
                 raise ConfigError(f"run-config '{key}' must be >= 1, got {value}")
         if not 0.0 < self.learning_rate < 10.0:
             raise ConfigError(f"run-config 'learning-rate' must be in (0, 10), got {self.learning_rate}")
+        _validate_optimizer(self)
         if self.round_timeout <= 0:
             raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
         if self.num_classes < 2:
@@ -153,6 +166,24 @@ class RunConfig:
                 f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
             )
         _validate_dp(self)
+
+
+def _validate_optimizer(config: RunConfig) -> None:
+    """`optimizer`, its settings and the learning-rate schedule over the federated budget (fedseg.optim)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"run-config 'optimizer' is '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    if not 0.0 <= config.weight_decay < 1.0:
+        raise ConfigError(f"run-config 'weight-decay' must be in [0, 1), got {config.weight_decay}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise ConfigError(f"run-config 'momentum' must be in [0, 1), got {config.momentum}")
+    if config.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"run-config 'lr-schedule' is '{config.lr_schedule}'; choose one of: {', '.join(SCHEDULES)}")
+    if not 0 <= config.warmup_rounds < config.num_server_rounds:
+        raise ConfigError(
+            f"run-config 'warmup-rounds' must be in [0, num-server-rounds), got {config.warmup_rounds}"
+        )
+    if not 0.0 <= config.lr_final_ratio <= 1.0:
+        raise ConfigError(f"run-config 'lr-final-ratio' must be in [0, 1], got {config.lr_final_ratio}")
 
 
 def _validate_labels(config: RunConfig) -> None:

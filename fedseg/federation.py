@@ -2,7 +2,8 @@
 
 fedseg runs its own loop over a Flower strategy's configure/aggregate hooks (instead of
 `Strategy.start`) so that it can keep per-site metrics and failures in history.json,
-write history.json and the checkpoint after every round (model.pt once the run ends),
+write history.json and the checkpoint after every round (best-model.pt whenever the global
+model reaches its best mean validation Dice over the sites; model.pt once the run ends),
 resume from a checkpoint, and go on without sites that died:
 
 - A site that does not answer within `round-timeout`, or that the SuperLink reports as
@@ -39,11 +40,11 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
 from fedseg import messages as m
-from fedseg.atomic import atomic_path
 from fedseg.checkpoint import Checkpoint, restore_strategy, rng_state, set_rng_state, strategy_state
 from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
 from fedseg.history import History, RoundRecord
+from fedseg.model_checkpoint import ModelCheckpoint
 from strategies.base import strategy_round_report
 
 # Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.
@@ -54,6 +55,7 @@ NODE_MINIMUMS = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
 # The metric a reply must carry (finite) to be counted in history.json, per stage.
 RECORDED_METRIC = {"train": m.TRAIN_LOSS, "evaluate": m.DICE}
 POLL_SECONDS = 1.0
+FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"  # run-folder model files (fedseg.model_checkpoint format)
 
 
 class FederationError(RuntimeError):
@@ -128,13 +130,13 @@ class Federation:
             record.strategy = strategy_round_report(self.strategy, server_round)
             record.seconds = time.perf_counter() - started
             self._finish_round(arrays, history, record)
-        save_model(arrays, self.run_dir / "model.pt")
+        self._save_model(arrays, FINAL_MODEL, f"final model after round {history.rounds[-1].round}")
         return arrays, history
 
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
         config = self._instruction(
-            {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.learning_rate,
+            {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.round_learning_rate(server_round),
              m.RUN_KEY: run_key(self.run_dir)}
         )
         replies = self._stage(
@@ -157,6 +159,11 @@ class Federation:
         self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
         return record
 
+    def _save_model(self, arrays: ArrayRecord, name: str, what: str) -> None:
+        """Write global weights in the model file format `fedseg predict` reads (fedseg.model_checkpoint)."""
+        description = f"fedseg run {self.run_dir.name}: {what}"
+        ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description).save(self.run_dir / name)
+
     def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:
         """An instruction's config: `values` plus what every site must know (the model's input channels)."""
         return ConfigRecord({**values, m.IN_CHANNELS: self.config.in_channels})
@@ -164,6 +171,9 @@ class Federation:
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
         """Record the round and write the run folder: history and checkpoint (which holds the weights)."""
         history.rounds.append(record)
+        if record.round and history.best_round == record.round:  # before the checkpoint: a resume redoes it
+            self._save_model(arrays, BEST_MODEL, f"best model: round {record.round}, mean validation Dice "
+                                                 f"{record.val_dice:.4f} over the sites")
         history.save(self.run_dir / "history.json")
         Checkpoint(
             round=record.round,
@@ -316,10 +326,6 @@ def _numeric_metrics(content: RecordDict) -> dict[str, float]:
     return values
 
 
-def save_model(arrays: ArrayRecord, path: Path) -> None:
-    """Write the global weights as a torch state dict, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(arrays.to_torch_state_dict(), tmp)
 
 
 def run_key(run_dir: Path) -> str:

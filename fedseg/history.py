@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.atomic import atomic_write_text
+from fedseg.messages import VAL_DICE
 
 
 @dataclass
@@ -31,6 +32,11 @@ class RoundRecord:
         return _mean(site["dice"] for site in self.eval.values())
 
     @property
+    def val_dice(self) -> float:
+        """Unweighted mean over sites of the global model's validation Dice (NaN when no site sent one)."""
+        return _mean(site[VAL_DICE] for site in self.eval.values() if VAL_DICE in site)
+
+    @property
     def train_loss(self) -> float:
         return _mean(site["train-loss"] for site in self.train.values())
 
@@ -38,6 +44,7 @@ class RoundRecord:
         return {
             "round": self.round,
             "mean_dice": self.mean_dice,
+            "val_dice": self.val_dice,
             "train_loss": self.train_loss,
             "seconds": self.seconds,
             "eval": self.eval,
@@ -67,13 +74,20 @@ class History:
     def final_dice(self) -> float:
         return self.rounds[-1].mean_dice if self.rounds else math.nan
 
+    @property
+    def best_round(self) -> int | None:
+        """The trained round whose global model has the best mean validation Dice (the earliest on ties)."""
+        scored = [(r.val_dice, -r.round) for r in self.rounds if r.round > 0 and not math.isnan(r.val_dice)]
+        return -max(scored)[1] if scored else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "rounds": [r.to_dict() for r in self.rounds], **self.extra}
+        return {"config": self.config, "rounds": [r.to_dict() for r in self.rounds], "best_round": self.best_round,
+                **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
         """Inverse of `to_dict`: the history a checkpoint or history.json holds."""
-        extra = {key: value for key, value in data.items() if key not in ("config", "rounds")}
+        extra = {key: value for key, value in data.items() if key not in ("config", "rounds", "best_round")}
         return cls(config=data["config"], rounds=[RoundRecord.from_dict(r) for r in data["rounds"]], extra=extra)
 
     def save(self, path: Path) -> None:

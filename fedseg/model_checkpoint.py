@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedseg.atomic import atomic_path
+from fedseg.config import RunConfig
 from fedseg.labels import LabelScheme
 from fedseg.trainer import SegmentationTrainer
 
@@ -45,6 +46,21 @@ class ModelCheckpoint:
     def labels(self) -> LabelScheme:
         """What the network's outputs mean."""
         return LabelScheme(self.label_scheme, self.num_classes, self.region_training)
+
+    @classmethod
+    def from_config(cls, state_dict: Mapping[str, torch.Tensor], config: RunConfig, description: str) -> ModelCheckpoint:
+        """The weights of a run with `config` (its in-channels resolved) and how to apply them."""
+        return cls(
+            state_dict=state_dict,
+            model=config.model,
+            num_classes=config.num_classes,
+            patch_size=config.patch_size,
+            pixdim=config.spacing,  # the grid the sites trained at (None: each scan's stored grid)
+            in_channels=config.in_channels or 1,
+            description=description,
+            label_scheme=config.label_scheme,
+            region_training=config.region_training,
+        )
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file beside `path`, then a rename)."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
+from fedseg.optim import OptimizerFactory, optimizer_factory
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 
 StateDict = Mapping[str, torch.Tensor]
@@ -76,6 +77,7 @@ class SegmentationTrainer:
         compile: bool = False,
         dp_compatible: bool = False,
         labels: LabelScheme | None = None,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.labels = labels or LabelScheme("classes", num_classes)
@@ -87,6 +89,7 @@ class SegmentationTrainer:
         self.learning_rate = learning_rate
         self.amp = amp and self.device.type == "cuda"
         self.loss_fn = self.labels.loss()
+        self.make_optimizer = optimizer or optimizer_factory("adam")
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
         # and the state dict keys stay on the plain module, which shares its parameters.
         self._train_forward: nn.Module = torch.compile(self.model) if compile else self.model
@@ -109,8 +112,10 @@ class SegmentationTrainer:
         prox_mu: float = 0.0,
         seed: int | None = None,
         privacy: SitePrivacy | None = None,
+        learning_rate: float | None = None,
     ) -> FitResult:
-        """Train `epochs` passes over `dataset`; with prox_mu > 0 add (mu/2)·‖w − w_start‖².
+        """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's); with
+        prox_mu > 0 add (mu/2)·‖w − w_start‖².
 
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
         sampling, per-subject clipping and noise; the proximal term is refused there.
@@ -122,7 +127,7 @@ class SegmentationTrainer:
         if start_weights is not None:
             self.set_weights(start_weights)
         anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+        optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
         if privacy is None:
             loader = DataLoader(
                 dataset,

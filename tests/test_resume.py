@@ -12,6 +12,7 @@ import torch
 from fedseg.checkpoint import CHECKPOINT_FILE, load_checkpoint, resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.history import History
+from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.server_app import initial_weights
 from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 
@@ -60,7 +61,7 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, task_identity: None) -> No
     assert dice_by_round(history) == dice_by_round(reference_history)
     saved = json.loads((interrupted_dir / "history.json").read_text())
     assert [r["round"] for r in saved["rounds"]] == list(range(ROUNDS + 1))
-    on_disk = torch.load(interrupted_dir / "model.pt", weights_only=True)
+    on_disk = ModelCheckpoint.load(interrupted_dir / "model.pt").state_dict
     assert all(torch.equal(on_disk[k], reference_state[k]) for k in reference_state)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import TINY_RUN, flwr_run, read_history
+from fedseg.model_checkpoint import ModelCheckpoint
 
 
 def test_two_site_simulation_improves_dice(tmp_path: Path) -> None:
@@ -21,8 +22,13 @@ def test_two_site_simulation_improves_dice(tmp_path: Path) -> None:
     # Initial random model vs the federated model after two rounds: training must help.
     assert rounds[-1]["mean_dice"] > rounds[0]["mean_dice"] + 0.1
     assert all(site["train-loss"] > 0 for site in rounds[-1]["train"].values())
-    state = torch.load(next(output.glob("*/model.pt")), weights_only=True)
+    run_dir = next(output.glob("*/history.json")).parent
+    state = ModelCheckpoint.load(run_dir / "model.pt").state_dict
     assert all(torch.isfinite(t.float()).all() for t in state.values())
+    # the best round's model is kept beside the final one, in the same format
+    assert history["best_round"] in (1, 2)
+    best = ModelCheckpoint.load(run_dir / "best-model.pt")
+    assert f"round {history['best_round']}" in best.description
     assert "final mean Dice" in result.stdout
 
 

@@ -141,14 +141,8 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
         initial = initial_weights(config)
     with server_identity():
         arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder).run(initial, resume)
-    model = ModelCheckpoint(
-        arrays.to_torch_state_dict(), config.model, config.num_classes, config.patch_size,
-        pixdim=config.spacing,  # the grid the ClientApps trained at (None: each scan's stored grid)
-        in_channels=config.in_channels,
-        description=f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}",
-        label_scheme=config.label_scheme,
-        region_training=config.region_training,
-    )
+    description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
+    model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
     model.save(folder / MODEL)
     return model
 

@@ -1,0 +1,59 @@
+"""Optimizers the sites train with, and the learning rate of each round over the federated budget.
+
+The schedule runs over the whole federation, not one site's fit: the server computes the rate of
+round r (warm-up, then constant, cosine or polynomial decay to `lr-final-ratio` × learning-rate)
+and sends it with the round's train instruction, so every site trains round r at the same rate
+and a site that rejoins late picks up where the federation is. Within a round the rate is constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "poly")
+POLY_POWER = 0.9  # as nnU-Net's polynomial decay
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+
+def optimizer_factory(name: str = "adam", weight_decay: float = 0.0, momentum: float = 0.9) -> OptimizerFactory:
+    """A function (parameters, learning rate) → torch optimizer: Adam, AdamW (decoupled weight decay)
+    or SGD with Nesterov momentum."""
+    if name == "adam":
+        return lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return lambda params, lr: torch.optim.SGD(
+            params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
+        )
+    raise ValueError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def round_learning_rate(
+    base: float, server_round: int, total_rounds: int, schedule: str = "constant", warmup_rounds: int = 0,
+    final_ratio: float = 0.0,
+) -> float:
+    """The learning rate of round `server_round` (1-based) of `total_rounds`.
+
+    Warm-up: rounds 1 .. warmup_rounds ramp linearly up to `base` (round k: base · k / (warmup + 1)).
+    Then `constant`, `cosine` (base → final_ratio · base along half a cosine) or `poly`
+    (base · (1 − t)^0.9, floored at final_ratio · base), with t running from 0 at the first round
+    after warm-up to 1 at the last round."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr-schedule '{schedule}'; choose one of: {', '.join(SCHEDULES)}")
+    if server_round <= warmup_rounds:
+        return base * server_round / (warmup_rounds + 1)
+    if schedule == "constant":
+        return base
+    decay_rounds = max(total_rounds - warmup_rounds - 1, 1)
+    t = min(max((server_round - warmup_rounds - 1) / decay_rounds, 0.0), 1.0)
+    floor = final_ratio * base
+    if schedule == "cosine":
+        return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return max(base * (1.0 - t) ** POLY_POWER, floor)
