@@ -15,7 +15,9 @@ import time
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.site_runtime import ChannelMismatch, runtime_for
+from clients.local_round import train_round
+from clients.personal import PersonalState
+from clients.site_runtime import ChannelMismatch, runtime_for, site_state_dir
 from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
@@ -31,53 +33,53 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the received global weights."""
+    """Local training from the received global weights (clients.local_round)."""
     try:
         config = msg.content[m.CONFIG]
         site = runtime_for(context, int(config.get(m.IN_CHANNELS, 0)))
-        server_round = int(config.get(m.SERVER_ROUND, 0))
         # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
-        privacy = site.privacy_for(context, str(config.get(m.RUN_KEY, context.run_id)))
-        result = site.trainer.fit(
-            site.train_set,
-            epochs=int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs)),
-            start_weights=state_from_record(msg.content[m.ARRAYS]),
-            prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
-            seed=site.fit_seed(server_round),
-            privacy=privacy,
-            learning_rate=float(config.get(m.LEARNING_RATE, site.config.learning_rate)),
-        )
+        run = str(config.get(m.RUN_KEY, context.run_id))
+        privacy = site.privacy_for(context, run)
+        done = train_round(site, msg.content, config, PersonalState(site_state_dir(context), run), privacy)
         validation = site.trainer.evaluate(site.val_set)
     except Exception as err:  # noqa: BLE001 - any site failure becomes an error reply, not a crash
         return _error_reply(msg, "train", err)
     metrics = MetricRecord(
         {
-            m.NUM_EXAMPLES: result.num_examples,
-            m.TRAIN_LOSS: result.train_loss,
+            m.NUM_EXAMPLES: done.result.num_examples,
+            m.TRAIN_LOSS: done.result.train_loss,
             m.VAL_DICE: validation.mean_dice,
-            m.TRAIN_SECONDS: result.seconds,
+            m.TRAIN_SECONDS: done.result.seconds,
             m.SITE_ID: site.site_id,
             **(privacy.metrics() if privacy else {}),  # sample-level ε so far at δ; the ledger stays here
         }
     )
-    arrays = ArrayRecord(site.trainer.get_weights())
+    records = {m.ARRAYS: ArrayRecord(done.weights), **{k: ArrayRecord(v) for k, v in done.extra_arrays.items()}}
     site.trainer.release_memory()  # the next simulated client in this process may need the GPU memory
-    return Message(content=RecordDict({m.ARRAYS: arrays, m.METRICS: metrics}), reply_to=msg)
+    return Message(content=RecordDict({**records, m.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Dice of the received global weights on the site's held-out test split."""
+    """Dice of the received global weights on the site's held-out test split (and validation split,
+    for the server's best-round choice); with a personal model (FedBN, Ditto) also its test Dice."""
     try:
         site = runtime_for(context, _in_channels(msg))
         started = time.perf_counter()
-        result = site.trainer.evaluate(site.test_set, weights=state_from_record(msg.content[m.ARRAYS]))
+        received = state_from_record(msg.content[m.ARRAYS])
+        result = site.trainer.evaluate(site.test_set, weights=received)
         validation = site.trainer.evaluate(site.val_set)  # the server picks its best round on these
+        config = msg.content.config_records.get(m.CONFIG)
+        run = str(config.get(m.RUN_KEY, context.run_id)) if config is not None else str(context.run_id)
+        own = PersonalState(site_state_dir(context), run).personal_model(received)
+        personal = site.trainer.evaluate(site.test_set, weights=own) if own is not None else None
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
     site.trainer.release_memory()
     metrics = evaluation_metrics(result, site.trainer.labels)
     metrics[m.VAL_DICE] = validation.mean_dice
+    if personal is not None:
+        metrics[m.PERSONAL_DICE] = personal.mean_dice
     metrics[m.EVAL_SECONDS] = time.perf_counter() - started
     metrics[m.SITE_ID] = site.site_id
     return Message(content=RecordDict({m.METRICS: metrics}), reply_to=msg)

@@ -136,8 +136,7 @@ class Federation:
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
         config = self._instruction(
-            {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.round_learning_rate(server_round),
-             m.RUN_KEY: run_key(self.run_dir)}
+            {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.round_learning_rate(server_round)}
         )
         replies = self._stage(
             "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record
@@ -165,8 +164,8 @@ class Federation:
         ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description).save(self.run_dir / name)
 
     def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:
-        """An instruction's config: `values` plus what every site must know (the model's input channels)."""
-        return ConfigRecord({**values, m.IN_CHANNELS: self.config.in_channels})
+        """An instruction's config: `values` plus what every site must know (the run, the model's input channels)."""
+        return ConfigRecord({**values, m.RUN_KEY: run_key(self.run_dir), m.IN_CHANNELS: self.config.in_channels})
 
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
         """Record the round and write the run folder: history and checkpoint (which holds the weights)."""

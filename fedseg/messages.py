@@ -16,6 +16,9 @@ LEARNING_RATE = "learning-rate"
 RUN_KEY = "run-key"  # names the run to the sites (their ε ledger), stable across resumes
 PROXIMAL_MU = "proximal-mu"  # FedProx
 IN_CHANNELS = "in-channels"  # image channels of the global model; a site with other data answers CHANNELS_CODE
+LOCAL_NORM = "local-norm"  # FedBN: the site keeps its own normalisation layers; they are not in arrays either way
+DITTO_LAMBDA = "ditto-lambda"  # Ditto: the site also trains its personal model, held near the global one
+SCAFFOLD_C = "scaffold-c"  # SCAFFOLD: ArrayRecord of the server control variate c (train instructions)
 
 # ---------------------------------------------------------------- reply metrics (MetricRecord "metrics")
 METRICS = "metrics"
@@ -26,6 +29,8 @@ TRAIN_SECONDS = "train-seconds"
 DICE = "dice"  # mean Dice over the scored structures (fedseg.labels)
 EVAL_SECONDS = "eval-seconds"
 SITE_ID = "site-id"
+PERSONAL_DICE = "personal-dice"  # evaluate: test Dice of the site's personal model (FedBN, Ditto)
+SCAFFOLD_DC = "scaffold-dc"  # train reply: ArrayRecord of the change of the site's control variate cᵢ
 # per scored structure: LabelScheme.metric_names (dice-class-1, …, or dice-WT, dice-TC, dice-ET);
 # with DP-SGD also fedseg.privacy's dp-epsilon, dp-delta, dp-noise-multiplier
 

@@ -58,6 +58,16 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 PATCH_MULTIPLE: dict[str, int] = {"unet": 8, "segresnet": 8, "dynunet": 8, "ahnet": 32}
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # batch / instance, group, layer
+
+
+def norm_state_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the model's normalisation layers: affine weights, biases, running statistics
+    (what FedBN keeps at each site; none for non-affine instance norm as in the `unet` preset)."""
+    prefixes = [f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS)]
+    return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
+
+
 def build_model(name: str, in_channels: int, out_channels: int) -> nn.Module:
     """Return a fresh, randomly initialised network `name` (see MODEL_NAMES)."""
     try:

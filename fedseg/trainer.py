@@ -38,6 +38,7 @@ class FitResult:
     train_loss: float
     num_examples: int
     seconds: float
+    steps: int = 0  # optimizer steps taken
 
 
 @dataclass(frozen=True)
@@ -113,20 +114,31 @@ class SegmentationTrainer:
         seed: int | None = None,
         privacy: SitePrivacy | None = None,
         learning_rate: float | None = None,
+        prox_anchor: StateDict | None = None,
+        gradient_correction: StateDict | None = None,
     ) -> FitResult:
-        """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's); with
-        prox_mu > 0 add (mu/2)·‖w − w_start‖².
+        """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's).
 
+        With prox_mu > 0 add (mu/2)·‖w − a‖² to the loss, a = `prox_anchor` (Ditto: the global
+        model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
+        parameter name) is added to every gradient before each step.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
-        sampling, per-subject clipping and noise; the proximal term is refused there.
+        sampling, per-subject clipping and noise; proximal terms and corrections are refused there.
         """
-        if privacy is not None and prox_mu > 0:
-            raise ValueError("DP-SGD cannot train FedProx's proximal term (Opacus replaces the gradient)")
+        if privacy is not None and (prox_mu > 0 or gradient_correction is not None):
+            raise ValueError("DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces "
+                             "the gradient)")
         if seed is not None:
             _seed_everything(seed, dataset, keep_cudnn_flags=self.device.type == "cuda")
         if start_weights is not None:
             self.set_weights(start_weights)
-        anchor = [p.detach().clone() for p in self.model.parameters()] if prox_mu > 0 else None
+        anchor = None
+        if prox_mu > 0:
+            source = prox_anchor if prox_anchor is not None else dict(self.model.named_parameters())
+            anchor = [source[name].detach().to(self.device).clone() for name, _ in self.model.named_parameters()]
+        correction = None
+        if gradient_correction is not None:
+            correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
         optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
         if privacy is None:
             loader = DataLoader(
@@ -153,6 +165,9 @@ class SegmentationTrainer:
                     if anchor is not None:
                         loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
                     loss.backward()
+                    for param, extra in correction or ():
+                        if param.grad is not None:
+                            param.grad.add_(extra)
                     optimizer.step()
                     total_loss += loss.detach()
                     steps += 1
@@ -160,6 +175,7 @@ class SegmentationTrainer:
             train_loss=float(total_loss) / max(steps, 1),
             num_examples=len(dataset),
             seconds=time.perf_counter() - started,
+            steps=steps,
         )
 
     def release_memory(self) -> None:

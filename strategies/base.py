@@ -28,7 +28,7 @@ Contract for every strategy (built-in or plugin), all on top of Flower's message
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from logging import INFO, WARNING
@@ -42,10 +42,10 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg.config import RunConfig
+from fedseg.messages import NUM_EXAMPLES, SITE_ID
 from strategies.aggregate import array_view, sweep, weighted_sum
 from strategies.params import Param, resolve_params
 
-NUM_EXAMPLES = "num-examples"
 _BOUND_SLACK = 1e-3  # margin for rounding in the float32 block norms behind the triangle-inequality bound
 
 
@@ -80,6 +80,7 @@ class FedSegStrategy(FlowerFedAvg):
               minimum=0.0),
     )
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES,)
+    reply_records: ClassVar[tuple[str, ...]] = ()  # ArrayRecords a reply carries besides the model (SCAFFOLD)
     max_update_ratio: float
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:
@@ -173,7 +174,8 @@ class FedSegStrategy(FlowerFedAvg):
         for message in replies:
             if message.has_error():
                 continue
-            reply, reason = check_train_content(message.content, self.global_arrays, specs, self.required_metrics)
+            reply, reason = check_train_content(message.content, self.global_arrays, specs, self.required_metrics,
+                                                self.reply_records)
             if reply is None:
                 self._drop(message, "train", reason)
             else:
@@ -254,16 +256,21 @@ def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricR
 
 def check_train_content(
     content: RecordDict, global_arrays: ArrayRecord, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-    required: Iterable[str],
+    required: Iterable[str], extra_records: Collection[str] = (),
 ) -> tuple[Reply | None, str]:
-    """A `Reply` if the content has the required metrics and arrays matching the global model's
-    keys, shapes and dtypes (`specs`); otherwise None and the reason. Reads only the arrays' headers."""
+    """A `Reply` if the content has the required metrics and one ArrayRecord (besides the strategy's
+    `extra_records`, each required) matching the global model's keys, shapes and dtypes (`specs`);
+    otherwise None and the reason. Reads only the arrays' headers."""
     metrics, reason = check_metrics(content, required)
     if metrics is None:
         return None, reason
-    if len(content.array_records) != 1:
-        return None, f"expected one ArrayRecord, got {len(content.array_records)}"
-    arrays = next(iter(content.array_records.values()))
+    missing_extra = sorted(set(extra_records) - set(content.array_records))
+    if missing_extra:
+        return None, f"ArrayRecord(s) {missing_extra} missing"
+    models = [name for name in content.array_records if name not in extra_records]
+    if len(models) != 1:
+        return None, f"expected one model ArrayRecord, got {len(models)}"
+    arrays = content.array_records[models[0]]
     if set(arrays) != set(specs):
         missing, extra = sorted(set(specs) - set(arrays)), sorted(set(arrays) - set(specs))
         return None, f"array keys differ from the global model (missing {missing}, unexpected {extra})"
@@ -309,7 +316,7 @@ def site_name(message: Message) -> str:
 
 
 def site_name_from(metrics: MetricRecord) -> str:
-    value = metrics.get("site-id")
+    value = metrics.get(SITE_ID)
     return f"site-{int(value)}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from flwr.common.logger import log
 
+from fedseg.messages import VAL_DICE
 from strategies.base import NUM_EXAMPLES, FedSegStrategy, Reply
 from strategies.params import Param
 
-VAL_DICE = "val-dice"
 
 
 def dice_weights(dice: list[float], examples: list[float], example_mix: float) -> list[float]:

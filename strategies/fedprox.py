@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedseg.messages import PROXIMAL_MU
 from strategies.fedavg import FedAvg
 from strategies.params import Param
 
@@ -26,5 +27,5 @@ class FedProx(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["proximal-mu"] = self.proximal_mu
+        config[PROXIMAL_MU] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)

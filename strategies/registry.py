@@ -23,14 +23,17 @@ from strategies.cyclic import Cyclic
 from strategies.dice_weighted import DiceWeighted
 from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
+from strategies.ditto import Ditto
+from strategies.fedbn import FedBN
 from strategies.fedprox import FedProx
+from strategies.scaffold import Scaffold
 from strategies.flower import NAMED as FLOWER_NAMED
 from strategies.flower import find_flower_class, flower_catalog, wrap
 
 ENTRY_POINT_GROUP = "fedseg.strategies"
 FLOWER_PREFIX = "flower:"
 BUILTIN: dict[str, type[FedSegStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, Cyclic, *FLOWER_NAMED)
+    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
 }
 
 

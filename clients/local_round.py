@@ -1,0 +1,81 @@
+"""One train instruction at a site: the local fit from the global model, plus what personalised and
+variance-reduced strategies ask of it (FedBN, Ditto, SCAFFOLD; see clients.personal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, Tensors, scaffold_update
+from clients.site_runtime import SiteRuntime
+from clients.weights import state_from_record
+from fedseg import messages as m
+from fedseg.models import norm_state_keys
+from fedseg.privacy import SitePrivacy
+from fedseg.trainer import FitResult
+
+DITTO_SEED_OFFSET = 7919  # the personal fit draws other patches than the global one
+
+
+@dataclass
+class LocalRound:
+    """What the site sends back: its model (without its own layers), extra records and the fit's numbers."""
+
+    weights: Tensors
+    result: FitResult
+    extra_arrays: dict[str, Tensors] = field(default_factory=dict)
+
+
+def train_round(
+    site: SiteRuntime, content: RecordDict, config: ConfigRecord, personal: PersonalState,
+    privacy: SitePrivacy | None,
+) -> LocalRound:
+    """Fit from the global weights in `content` as `config` says; keep and send what the strategy asks."""
+    trainer = site.trainer
+    server_round = int(config.get(m.SERVER_ROUND, 0))
+    learning_rate = float(config.get(m.LEARNING_RATE, site.config.learning_rate))
+    epochs = int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs))
+    received = state_from_record(content[m.ARRAYS])
+    local_norm = bool(config.get(m.LOCAL_NORM, False))
+    ditto_lambda = float(config.get(m.DITTO_LAMBDA, 0.0))
+    scaffold = m.SCAFFOLD_C in content.array_records
+    if (local_norm or ditto_lambda or scaffold) and privacy is not None:
+        raise ValueError("FedBN, Ditto and SCAFFOLD do not combine with DP-SGD at the sites")
+
+    start = dict(received)
+    if local_norm:  # the site's own normalisation layers, its initial ones in its first round
+        norms = personal.load(NORMS) or {k: v for k, v in trainer.get_weights().items() if k in _norm_keys(site)}
+        start = {**start, **norms}
+    correction, variate, server_variate = None, None, None
+    if scaffold:
+        server_variate = state_from_record(content[m.SCAFFOLD_C])
+        variate = personal.load(SCAFFOLD) or {k: torch.zeros_like(v, dtype=torch.float32)
+                                              for k, v in server_variate.items()}
+        correction = {k: server_variate[k] - variate[k] for k in server_variate}
+    result = trainer.fit(
+        site.train_set, epochs=epochs, start_weights=start, prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
+        seed=site.fit_seed(server_round), privacy=privacy, learning_rate=learning_rate,
+        gradient_correction=correction,
+    )
+    weights = trainer.get_weights()
+    out = LocalRound(weights, result)
+    if local_norm:
+        personal.save(NORMS, {k: weights[k] for k in _norm_keys(site)})
+        out.weights = {k: v for k, v in weights.items() if k not in _norm_keys(site)}
+    if scaffold:
+        updated, change = scaffold_update(variate, server_variate, start, weights, result.steps, learning_rate)
+        personal.save(SCAFFOLD, updated)
+        out.extra_arrays[m.SCAFFOLD_DC] = change
+    if ditto_lambda:
+        own = personal.load(DITTO) or dict(received)
+        trainer.fit(site.train_set, epochs=epochs, start_weights=own, prox_mu=ditto_lambda, prox_anchor=received,
+                    seed=site.fit_seed(server_round) + DITTO_SEED_OFFSET, learning_rate=learning_rate)
+        personal.save(DITTO, trainer.get_weights())
+        trainer.set_weights(weights)  # the validation Dice in the reply is the sent model's
+    return out
+
+
+def _norm_keys(site: SiteRuntime) -> frozenset[str]:
+    return norm_state_keys(site.trainer.model)

@@ -1,0 +1,70 @@
+"""What a site keeps of its own between rounds and never sends: FedBN's normalisation layers,
+Ditto's personal model and SCAFFOLD's control variate cᵢ.
+
+Each lives in the site's state dir as `personal/<run-key>/<name>.pt` (written atomically), so a
+deployed site (a fresh process per message), a site that was dropped and rejoins, and a resumed run
+(same run key) all find it again; runs never share it.
+
+The round logic the ClientApp applies around the plain local fit:
+
+- FedBN (`local-norm`): the site starts from the global shared layers plus its own normalisation
+  layers (its initial ones in its first round) and replies without normalisation layers.
+- Ditto (`ditto-lambda` = λ): after the usual local fit (the reply), the site trains its personal
+  model v for the same epochs on min L(v) + λ/2‖v − w_global‖² (Li et al. 2021) and keeps it.
+- SCAFFOLD (`scaffold-c` = c): the local fit adds c − cᵢ to every gradient; then
+  cᵢ⁺ = cᵢ − c + (x − yᵢ) / (K·η) (Karimireddy et al. 2020, option II; x the global model, yᵢ the
+  site's model after K steps at rate η); the site keeps cᵢ⁺ and replies Δcᵢ = cᵢ⁺ − cᵢ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedseg.atomic import atomic_path
+
+Tensors = dict[str, torch.Tensor]
+NORMS, DITTO, SCAFFOLD = "fedbn-norms", "ditto-personal", "scaffold-variate"
+
+
+@dataclass(frozen=True)
+class PersonalState:
+    """The site's own tensors for one run."""
+
+    state_dir: Path
+    run_key: str
+
+    @property
+    def folder(self) -> Path:
+        return self.state_dir / "personal" / self.run_key
+
+    def load(self, name: str) -> Tensors | None:
+        path = self.folder / f"{name}.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    def save(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"{name}.pt") as tmp:
+            torch.save({key: value.detach().cpu().clone() for key, value in tensors.items()}, tmp)
+
+    def personal_model(self, global_state: Mapping[str, torch.Tensor]) -> Tensors | None:
+        """The site's personal model: Ditto's, else the global model with the site's own
+        normalisation layers (FedBN); None when the run keeps nothing personal here."""
+        ditto = self.load(DITTO)
+        if ditto is not None:
+            return ditto
+        norms = self.load(NORMS)
+        return {**global_state, **norms} if norms is not None else None
+
+
+def scaffold_update(
+    variate: Mapping[str, torch.Tensor], server: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+    end: Mapping[str, torch.Tensor], steps: int, learning_rate: float,
+) -> tuple[Tensors, Tensors]:
+    """(cᵢ⁺, Δcᵢ) of SCAFFOLD option II for the keys of `variate` (see the module docstring)."""
+    scale = 1.0 / (max(steps, 1) * learning_rate)
+    updated = {k: variate[k] - server[k] + (start[k].float() - end[k].float()) * scale for k in variate}
+    return updated, {k: updated[k] - variate[k] for k in variate}

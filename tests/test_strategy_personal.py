@@ -1,0 +1,135 @@
+"""SCAFFOLD against client drift, FedBN's local normalisation layers, Ditto's personal models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, scaffold_update
+from fedseg.config import ConfigError, RunConfig
+from fedseg.federation import run_key
+from fedseg.models import build_model, norm_state_keys
+from fedseg.cache import cache_root
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
+from strategies.fedavg import FedAvg
+from strategies.registry import build_strategy
+from strategies.scaffold import Scaffold
+from strategy_replies import StubGrid, arrays_of, as_numpy, reply
+
+__all__ = ["task_identity"]  # the fixture
+
+# ---------------------------------------------------------------------- SCAFFOLD on a drifting problem
+# Site i minimises f_i(w) = ½‖A_i w − b_i‖² with very different A_i, b_i; many local SGD steps make
+# FedAvg settle away from the optimum of Σ f_i (client drift); SCAFFOLD's correction removes that.
+RNG = np.random.default_rng(0)
+SITES = [(np.diag(RNG.uniform(0.2, 3.0, 4)) @ RNG.normal(size=(4, 4)), RNG.normal(0, 3, 4)) for _ in range(3)]
+OPTIMUM = np.linalg.solve(sum(a.T @ a for a, _ in SITES), sum(a.T @ b for a, b in SITES))
+STEPS, LR = 20, 0.02
+
+
+def _local_sgd(a: np.ndarray, b: np.ndarray, w: np.ndarray, correction: np.ndarray) -> np.ndarray:
+    for _ in range(STEPS):
+        w = w - LR * (a.T @ (a @ w - b) + correction)
+    return w
+
+
+def _federate(strategy: FedAvg, rounds: int) -> float:
+    """Distance to the optimum of the global model after `rounds` rounds; sites keep cᵢ as clients do."""
+    w = np.zeros(4, np.float32)
+    variates = [torch.zeros(4) for _ in SITES]
+    for server_round in range(1, rounds + 1):
+        messages = list(strategy.configure_train(server_round, arrays_of({"w": w}), ConfigRecord({}),
+                                                 StubGrid([1, 2, 3])))
+        replies = []
+        for site, (message, (a, b)) in enumerate(zip(messages, SITES, strict=True)):
+            scaffold = "scaffold-c" in message.content.array_records
+            c = torch.from_numpy(as_numpy(message.content["scaffold-c"])["w"]) if scaffold else torch.zeros(4)
+            end = _local_sgd(a, b, w.astype(np.float64), (c - variates[site]).numpy()).astype(np.float32)
+            answer = reply(message, {"w": end}, num_examples=10, site_id=site)
+            if scaffold:
+                updated, change = scaffold_update({"w": variates[site]}, {"w": c}, {"w": torch.from_numpy(w)},
+                                                  {"w": torch.from_numpy(end)}, STEPS, LR)
+                variates[site] = updated["w"]
+                answer.content["scaffold-dc"] = arrays_of({"w": change["w"].numpy()})
+            replies.append(answer)
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        w = as_numpy(arrays)["w"]
+    return float(np.linalg.norm(w - OPTIMUM))
+
+
+def test_scaffold_removes_the_client_drift_fedavg_has(task_identity: None) -> None:
+    fedavg, scaffold = _federate(FedAvg(min_sites=3), 60), _federate(Scaffold(min_sites=3), 60)
+    assert fedavg > 0.3, "the problem must make FedAvg drift"
+    assert scaffold < 0.02 and scaffold < fedavg / 20, (fedavg, scaffold)
+
+
+def test_scaffold_checkpoints_its_variate_and_drops_a_bad_change(task_identity: None) -> None:
+    strategy = Scaffold(min_sites=2)
+    global_state = {"w": np.zeros(3, np.float32), "steps": np.array([5], np.int64)}
+    messages = list(strategy.configure_train(1, arrays_of(global_state), ConfigRecord({}), StubGrid([1, 2])))
+    assert set(as_numpy(messages[0].content["scaffold-c"])) == {"w"}  # floating arrays only
+    good = reply(messages[0], {"w": np.ones(3, np.float32), "steps": np.array([5])}, num_examples=4, site_id=0)
+    good.content["scaffold-dc"] = arrays_of({"w": np.full(3, 2.0, np.float32)})
+    bad = reply(messages[1], {"w": np.ones(3, np.float32), "steps": np.array([5])}, num_examples=4, site_id=1)
+    bad.content["scaffold-dc"] = arrays_of({"w": np.array([1.0, np.nan, 0.0], np.float32)})
+    strategy.aggregate_train(1, [good, bad])
+    assert [d["site"] for d in strategy.round_report(1)["dropped-replies"]] == ["site-1"]
+    np.testing.assert_array_equal(strategy.variate["w"].numpy(), [2.0, 2.0, 2.0])  # one known site: N = 1
+    restored = Scaffold(min_sites=2)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.sites == {"site-0"} and torch.equal(restored.variate["w"], strategy.variate["w"])
+
+
+def test_scaffold_update_is_option_two() -> None:
+    updated, change = scaffold_update({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])},
+                                      {"w": torch.tensor([2.0])}, {"w": torch.tensor([1.0])}, steps=4, learning_rate=0.5)
+    assert updated["w"].item() == pytest.approx(1.0 - 0.5 + (2.0 - 1.0) / (4 * 0.5))
+    assert change["w"].item() == pytest.approx(updated["w"].item() - 1.0)
+
+
+# ---------------------------------------------------------------------- FedBN and Ditto in a federation
+def _state_dir(site: int) -> Path:
+    """A simulated site's state dir (clients.site_runtime.site_state_dir without node config)."""
+    return cache_root() / "site-state" / f"site-{site}"
+
+
+def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"strategy": "fedbn", "model": "dynunet", "num-server-rounds": 2})
+    grid = InProcessGrid(values, 2)
+    final, history = run_federation(grid, values, tmp_path / "run")
+    norms = norm_state_keys(build_model("dynunet", 1, 3))
+    assert norms  # dynunet's instance norms are affine: there is something to keep local
+    train_sends = [m for sent in grid.sent for m in sent if m.metadata.message_type == "train"]
+    train_replies = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert len(train_replies) == 4 and not any(r.has_error() for r in train_replies)
+    for message in train_sends + train_replies:  # neither direction carries a normalisation layer
+        assert not norms & set(message.content["arrays"]), "normalisation layers in a message"
+    # the global model's normalisation layers are the initial ones; the sites' own ones differ from them
+    torch.manual_seed(values["seed"])
+    initial = build_model("dynunet", 1, 3).state_dict()
+    global_state = final.to_torch_state_dict()
+    assert all(torch.equal(global_state[k], initial[k]) for k in norms)
+    kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(NORMS)
+            for s in range(2)]
+    assert all(site is not None and set(site) == norms for site in kept)
+    assert any(not torch.equal(kept[0][k], initial[k]) for k in norms)  # trained locally ...
+    assert any(not torch.equal(kept[0][k], kept[1][k]) for k in norms)  # ... differently at each site
+    last = history.rounds[-1].eval
+    assert all("personal-dice" in site and "dice" in site for site in last.values())  # side by side
+
+
+def test_ditto_keeps_a_personal_model_and_reports_it(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"strategy": "ditto", "ditto.lambda": 0.5, "num-server-rounds": 2})
+    _, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    personal = PersonalState(_state_dir(0), run_key(tmp_path / "run")).load(DITTO)
+    assert personal is not None and set(personal) == set(build_model("unet", 1, 3).state_dict())
+    last = history.rounds[-1].eval
+    assert all(0.0 <= site["personal-dice"] <= 1.0 for site in last.values())
+    assert any(site["personal-dice"] != site["dice"] for site in last.values())
+    with pytest.raises(ConfigError, match="'ditto' cannot run with 'dp-sgd'"):
+        build_strategy(RunConfig.from_mapping({"strategy": "ditto", "dp-sgd": True, "dp-noise-multiplier": 1.0}))
+    assert PersonalState(_state_dir(0), run_key(tmp_path / "run")).load(SCAFFOLD) is None
