@@ -9,6 +9,7 @@ experiment is started again; an interrupted federated arm resumes from its last 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -30,7 +31,8 @@ from fedseg.experiments.arms import POOLED, Arm, plan_arms
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
-from fedseg.federation import Federation
+from clients.personal import PersonalState
+from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
@@ -90,6 +92,8 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
         if arm.evaluated:
             dp_kind, epsilon, delta = privacy = _privacy(folder)
             rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
+            if arm.kind == "federated":
+                rows += _personal_rows(spec, arm, models[0], tests, results, folder)
             write_cases(folder / CASES, rows, spec.run_config().labels.structures)
             inside = [r.score for r in rows if not r.outside]
             echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
@@ -206,6 +210,23 @@ def _evaluate(
             if own and index < overlay_cases:
                 _save_overlay(results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
                               batch["image"][0, 0], batch["label"][0, 0], labels.label_map(probabilities)[0, 0])
+    return rows
+
+
+def _personal_rows(
+    spec: ExperimentSpec, arm: Arm, model: ModelCheckpoint, tests: Sequence[TestSet], results: Path, folder: Path
+) -> list[CaseRow]:
+    """Each site's personal model (FedBN, Ditto; kept in its state dir) on its own test split, as arm
+    `<name>-personal` trained on that site; nothing for strategies without personal models."""
+    rows = []
+    for node in arm.nodes:
+        state_dir = results / SITE_STATE / spec.site_dir(node).name
+        weights = PersonalState(state_dir, run_key(folder)).personal_model(model.state_dict)
+        if weights is None:
+            continue
+        personal = dataclasses.replace(model, state_dict=weights, description=f"{arm.name} personal, site-{node}")
+        site = Arm(f"{arm.name}-personal", "personal", f"site-{node}", (node,))
+        rows += _evaluate(site, [personal], [tests[node]], results, 0, ("", math.nan, math.nan))
     return rows
 
 

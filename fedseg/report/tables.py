@@ -14,7 +14,7 @@ from scipy import stats
 from fedseg.report.cases import CaseRow, mean_sd
 
 Model = tuple[str, str]  # (arm, trained_on)
-COMPARED_KINDS = ("federated", "cyclic", "centralized")  # compared case by case with each private model
+COMPARED_KINDS = ("federated", "personal", "cyclic", "centralized")  # compared case by case with each private model
 REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference lines of Dice vs ε
 
 
