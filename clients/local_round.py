@@ -46,12 +46,13 @@ def train_round(
 
     start = dict(received)
     if local_norm:  # the site's own normalisation layers, its initial ones in its first round
-        norms = personal.load(NORMS) or {k: v for k, v in trainer.get_weights().items() if k in _norm_keys(site)}
+        initial = {k: v for k, v in trainer.get_weights().items() if k in _norm_keys(site)}
+        norms = personal.load(NORMS, server_round) or initial
         start = {**start, **norms}
     correction, variate, server_variate = None, None, None
     if scaffold:
         server_variate = state_from_record(content[m.SCAFFOLD_C])
-        variate = personal.load(SCAFFOLD) or {k: torch.zeros_like(v, dtype=torch.float32)
+        variate = personal.load(SCAFFOLD, server_round) or {k: torch.zeros_like(v, dtype=torch.float32)
                                               for k, v in server_variate.items()}
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
     result = trainer.fit(
@@ -62,17 +63,17 @@ def train_round(
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
     if local_norm:
-        personal.save(NORMS, {k: weights[k] for k in _norm_keys(site)})
+        personal.save(NORMS, {k: weights[k] for k in _norm_keys(site)}, server_round)
         out.weights = {k: v for k, v in weights.items() if k not in _norm_keys(site)}
     if scaffold:
         updated, change = scaffold_update(variate, server_variate, start, weights, result.steps, learning_rate)
-        personal.save(SCAFFOLD, updated)
+        personal.save(SCAFFOLD, updated, server_round)
         out.extra_arrays[m.SCAFFOLD_DC] = change
     if ditto_lambda:
-        own = personal.load(DITTO) or dict(received)
+        own = personal.load(DITTO, server_round) or dict(received)
         trainer.fit(site.train_set, epochs=epochs, start_weights=own, prox_mu=ditto_lambda, prox_anchor=received,
                     seed=site.fit_seed(server_round) + DITTO_SEED_OFFSET, learning_rate=learning_rate)
-        personal.save(DITTO, trainer.get_weights())
+        personal.save(DITTO, trainer.get_weights(), server_round)
         trainer.set_weights(weights)  # the validation Dice in the reply is the sent model's
     return out
 

@@ -3,7 +3,9 @@ Ditto's personal model and SCAFFOLD's control variate cᵢ.
 
 Each lives in the site's state dir as `personal/<run-key>/<name>.pt` (written atomically), so a
 deployed site (a fresh process per message), a site that was dropped and rejoins, and a resumed run
-(same run key) all find it again; runs never share it.
+(same run key) all find it again; runs never share it. Each file also holds the version from before
+its last round: when a server that died after the sites trained resumes and sends that round again,
+the site starts from the same state as the first time.
 
 The round logic the ClientApp applies around the plain local fit:
 
@@ -41,14 +43,23 @@ class PersonalState:
     def folder(self) -> Path:
         return self.state_dir / "personal" / self.run_key
 
-    def load(self, name: str) -> Tensors | None:
+    def load(self, name: str, server_round: int | None = None) -> Tensors | None:
+        """The tensors as they were before round `server_round` (default: the latest)."""
         path = self.folder / f"{name}.pt"
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if server_round is not None and saved["round"] >= server_round:  # that round is being sent again
+            return saved["previous"]
+        return saved["current"]
 
-    def save(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    def save(self, name: str, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
+        """Keep `tensors` as the state after round `server_round`."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        previous = self.load(name, server_round)
         with atomic_path(self.folder / f"{name}.pt") as tmp:
-            torch.save({key: value.detach().cpu().clone() for key, value in tensors.items()}, tmp)
+            current = {key: value.detach().cpu().clone() for key, value in tensors.items()}
+            torch.save({"round": server_round, "current": current, "previous": previous}, tmp)
 
     def personal_model(self, global_state: Mapping[str, torch.Tensor]) -> Tensors | None:
         """The site's personal model: Ditto's, else the global model with the site's own

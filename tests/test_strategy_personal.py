@@ -14,7 +14,9 @@ from fedseg.config import ConfigError, RunConfig
 from fedseg.federation import run_key
 from fedseg.models import build_model, norm_state_keys
 from fedseg.cache import cache_root
-from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
+from fedseg.checkpoint import resume_checkpoint
+from fedseg.server_app import initial_weights
+from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 from strategies.fedavg import FedAvg
 from strategies.registry import build_strategy
 from strategies.scaffold import Scaffold
@@ -133,3 +135,32 @@ def test_ditto_keeps_a_personal_model_and_reports_it(tmp_path: Path, task_identi
     with pytest.raises(ConfigError, match="'ditto' cannot run with 'dp-sgd'"):
         build_strategy(RunConfig.from_mapping({"strategy": "ditto", "dp-sgd": True, "dp-noise-multiplier": 1.0}))
     assert PersonalState(_state_dir(0), run_key(tmp_path / "run")).load(SCAFFOLD) is None
+
+
+class ServerCrash(Exception):
+    """Stands in for the server process dying."""
+
+
+@pytest.mark.parametrize("strategy, model", [("scaffold", "unet"), ("ditto", "unet"), ("fedbn", "dynunet")])
+def test_a_server_dying_after_the_sites_trained_resumes_bit_identically(
+    tmp_path: Path, task_identity: None, strategy: str, model: str
+) -> None:
+    """The sites updated their own state in round 2, the server died before its checkpoint; the
+    resumed run sends round 2 again and the sites start it from the state they had the first time."""
+    values = tiny_config(tmp_path, **{"strategy": strategy, "model": model, "num-server-rounds": 2})
+    reference, _ = run_federation(InProcessGrid(values, 2), values, tmp_path / "reference")
+    grid = InProcessGrid(values, 2)
+
+    def die_after_training(messages: list) -> None:
+        if messages and messages[0].metadata.message_type == "evaluate" and \
+                int(messages[0].content["config"]["server-round"]) == 2:
+            raise ServerCrash("server died after the sites trained round 2")
+
+    grid.before_send = die_after_training
+    with pytest.raises(ServerCrash):
+        run_federation(grid, values, tmp_path / "interrupted")
+    fed = federation(InProcessGrid(values, 2), {**values, "resume-from": str(tmp_path / "interrupted")},
+                     tmp_path / "interrupted")
+    resumed, _ = fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+    expected, got = reference.to_torch_state_dict(), resumed.to_torch_state_dict()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
