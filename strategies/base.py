@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedseg.config import RunConfig
+from fedseg.config import ConfigError, RunConfig
 from fedseg.messages import NUM_EXAMPLES, SITE_ID
 from strategies.aggregate import array_view, sweep, weighted_sum
 from strategies.params import Param, resolve_params
@@ -81,6 +81,7 @@ class FedSegStrategy(FlowerFedAvg):
     )
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES,)
     reply_records: ClassVar[tuple[str, ...]] = ()  # ArrayRecords a reply carries besides the model (SCAFFOLD)
+    dp_sgd_conflict: ClassVar[str] = ""  # why the strategy cannot train with DP-SGD at the sites ("" = it can)
     max_update_ratio: float
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:
@@ -114,7 +115,14 @@ class FedSegStrategy(FlowerFedAvg):
     @classmethod
     def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
         """Build from the run config and this strategy's parameter values (hyphenated names)."""
+        cls.check_config(config)
         return cls(min_sites=config.min_sites, **values)
+
+    @classmethod
+    def check_config(cls, config: RunConfig) -> None:
+        """Refuse run-config settings this strategy cannot train with (before round 1)."""
+        if config.dp_sgd and cls.dp_sgd_conflict:
+            raise ConfigError(f"strategy '{cls.strategy_name()}' cannot run with 'dp-sgd': {cls.dp_sgd_conflict}")
 
     # ------------------------------------------------------------------ hooks for subclasses
     def site_weights(self, replies: list[Reply]) -> list[float]:

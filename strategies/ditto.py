@@ -11,15 +11,12 @@ costs twice the local compute of FedAvg for the same rounds × local epochs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedseg.config import ConfigError, RunConfig
 from fedseg.messages import DITTO_LAMBDA
-from strategies.base import FedSegStrategy
 from strategies.fedavg import FedAvg
 from strategies.params import Param
 
@@ -30,13 +27,7 @@ class Ditto(FedAvg):
     name = "ditto"
     params = (Param("lambda", float, 0.1, "weight λ of the personal model's pull λ/2‖v − w_global‖²",
                     minimum=1e-6, maximum=1e6),)
-
-    @classmethod
-    def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
-        if config.dp_sgd:
-            raise ConfigError("strategy 'ditto' cannot run with 'dp-sgd': its personal fit has a proximal term, "
-                              "which DP-SGD drops")
-        return super().from_config(config, values)
+    dp_sgd_conflict = "its personal fit has a proximal term, which DP-SGD drops"
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from fedseg.config import ConfigError, RunConfig
+from fedseg.config import RunConfig
 from fedseg.messages import LOCAL_NORM
 from fedseg.models import build_model, norm_state_keys
 from strategies.base import FedSegStrategy
@@ -29,6 +29,7 @@ class FedBN(FedAvg):
     """FedAvg of the shared layers; normalisation layers stay local at every site."""
 
     name = "fedbn"
+    dp_sgd_conflict = "the sites' own normalisation layers would be trained outside the privacy accounting"
 
     def __init__(self, min_sites: int = 2, norm_keys: Iterable[str] = (), **params: Any) -> None:
         super().__init__(min_sites=min_sites, **params)
@@ -37,9 +38,7 @@ class FedBN(FedAvg):
 
     @classmethod
     def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
-        if config.dp_sgd:
-            raise ConfigError("strategy 'fedbn' cannot run with 'dp-sgd' (Opacus' per-sample gradients need "
-                              "networks without batch statistics, and the local layers would escape the accounting)")
+        cls.check_config(config)
         keys = norm_state_keys(build_model(config.model, 1, config.labels.out_channels))
         return cls(min_sites=config.min_sites, norm_keys=keys, **values)
 

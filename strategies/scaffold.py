@@ -21,10 +21,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedseg.config import ConfigError, RunConfig
 from fedseg.messages import SCAFFOLD_C, SCAFFOLD_DC
 from strategies.aggregate import array_view
-from strategies.base import FedSegStrategy, Reply
+from strategies.base import Reply
 from strategies.fedavg import FedAvg
 
 
@@ -33,18 +32,12 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
     reply_records = (SCAFFOLD_DC,)
+    dp_sgd_conflict = "its gradient correction is replaced by Opacus' clipped, noised gradient"
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:
         super().__init__(min_sites=min_sites, **params)
         self.variate: dict[str, torch.Tensor] = {}
         self.sites: set[str] = set()
-
-    @classmethod
-    def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
-        if config.dp_sgd:
-            raise ConfigError("strategy 'scaffold' cannot run with 'dp-sgd': its gradient correction is replaced "
-                              "by Opacus' clipped, noised gradient")
-        return super().from_config(config, values)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import flwr_run, read_history
+from conftest import TINY_RUN, flwr_run, read_history
 from fedseg import messages as m
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import load_datalist
@@ -23,17 +23,7 @@ from inprocess_grid import InProcessGrid, run_federation, task_identity
 
 __all__ = ["task_identity"]  # the fixture
 
-BRATS_RUN = {
-    "synthetic-anatomy": "brain",
-    "label-scheme": "brats",
-    "num-classes": 4,
-    "synthetic-size": 24,
-    "synthetic-subjects": 5,
-    "patch-size": "16,16,16",
-    "batch-size": 2,
-    "local-epochs": 2,
-    "learning-rate": 0.01,
-}
+BRATS_RUN = {**TINY_RUN, "synthetic-anatomy": "brain", "label-scheme": "brats", "num-classes": 4}
 REGION_METRICS = ("dice-WT", "dice-TC", "dice-ET")
 
 
