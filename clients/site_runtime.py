@@ -130,7 +130,8 @@ def _build_runtime(
         # DP-SGD's privacy unit is the subject: one patch per subject per draw (see fedseg.privacy)
         train_set=training_dataset(
             split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=1 if config.dp_sgd else 2,
-            label_mapping=labels.label_mapping,
+            label_mapping=labels.label_mapping, augmentation=config.augmentation,
+            invert_probability=config.augmentation_invert,
         ),
         val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping),
         test_set=evaluation_dataset(split.test, config.spacing, cache_dir, labels.label_mapping),

@@ -23,7 +23,9 @@ from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
 from fedseg.data.datalist import Datalist, file_stamps
-from fedseg.data.transforms import augmentation, preprocessing, training_preprocessing
+from fedseg.data.nifti_guard import guard_datalist
+from fedseg.data.transforms import augmentation as random_part
+from fedseg.data.transforms import preprocessing, training_preprocessing
 
 PIPELINE_PREFIX = "pre-"
 UNUSED_DAYS = 30.0  # pipeline folders not used for this long are pruned when a site starts work
@@ -36,11 +38,16 @@ def training_dataset(
     cache_dir: str | Path | None = None,
     samples_per_volume: int = 2,
     label_mapping: Mapping[int, int] | None = None,
+    augmentation: str = "standard",
+    invert_probability: float = 0.0,
 ) -> Dataset:
-    """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation."""
+    """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation
+    preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability`: "shift"'s
+    contrast inversion). The preset is not part of the cache key: it only acts after the cache."""
     deterministic = training_preprocessing(patch_size, pixdim, label_mapping)
     settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping)}
-    return _cached(items, deterministic, settings, augmentation(patch_size, samples_per_volume), cache_dir)
+    random = random_part(patch_size, samples_per_volume, preset=augmentation, invert_probability=invert_probability)
+    return _cached(items, deterministic, settings, random, cache_dir)
 
 
 def evaluation_dataset(
@@ -62,7 +69,9 @@ def _mapping_setting(label_mapping: Mapping[int, int] | None) -> dict:
 def _cached(
     items: Datalist, deterministic: Compose, settings: dict, random: Compose | None, cache_dir: str | Path | None
 ) -> Dataset:
-    """`deterministic` cached (memory, or disk under a folder keyed by its steps and `settings`), then `random`."""
+    """`deterministic` cached (memory, or disk under a folder keyed by its steps and `settings`), then `random`.
+    Every file's header is checked first (fedseg.data.nifti_guard: no header bomb reaches LoadImaged)."""
+    guard_datalist(items, settings.get("pixdim"))
     steps = list(deterministic.transforms) + (list(random.transforms) if random is not None else [])
     pipeline = Compose(steps)
     if cache_dir is None:

@@ -7,34 +7,80 @@ mm (1 mm isotropic in the study; None keeps the stored grid), z-score the image 
 per channel.
 Training adds, still deterministic, padding to at least one patch and the label's foreground and
 background voxel indices, so the random crops of every epoch do not rescan the whole volume.
+
+The random part (`augmentation`) is chosen by preset name (`AUGMENTATIONS`, run-config key
+`augmentation`): "standard" (crops, flips, small affine, intensity scale/shift), "shift" (for
+institutions no site resembles: also bias field, gamma, histogram shift, noise, blur/sharpen,
+thick slices, larger rotations and scalings, optional contrast inversion) or "none" (crops only).
+It runs on patches of the z-scored image, after the cached deterministic part.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     EnsureTyped,
     FgBgToIndicesd,
     LoadImaged,
     MapLabelValued,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSharpend,
+    RandGaussianSmoothd,
+    RandHistogramShiftd,
+    Randomizable,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SpatialPadd,
     Spacingd,
+    SpatialPadd,
 )
+from monai.utils import MAX_SEED
+from monai.utils.type_conversion import convert_to_dst_type
 
 KEYS = ("image", "label")
 STUDY_PIXDIM = (1.0, 1.0, 1.0)
 FG_INDICES, BG_INDICES = "label_fg_indices", "label_bg_indices"  # FgBgToIndicesd's default output keys
+AUGMENTATIONS: tuple[str, ...] = ("standard", "shift", "none")  # run-config 'augmentation'
+
+# The "shift" preset: what differs between institutions, drawn per patch and per image channel
+# (modalities are separate acquisitions). Ranges cover the synthetic sites' differences and go
+# somewhat beyond them, since an unseen institution is by definition not one of them; each effect
+# has a probability well below 1 so that most patches still look like the site's own scans.
+SHIFT_ROTATION_DEG = 20.0  # "standard": 10°; positioning and stored-axis tilt vary more across sites
+SHIFT_SCALE = 0.2  # "standard": 0.1; habitus and voxel-size calibration
+SHIFT_AFFINE_PROB = 0.4  # "standard": 0.3
+SHIFT_THICK_SLICES_PROB = 0.25
+SHIFT_SLICE_FACTOR = (1.5, 3.5)  # slice thickness ÷ grid spacing: the sites have 1, 1.6 and 2.4 mm, outside 3 mm
+SHIFT_BIAS_PROB = 0.3
+SHIFT_BIAS_DEGREE = 2  # smooth over a patch, as a receive coil's field is over a body region
+SHIFT_BIAS_COEFF = (-0.1, 0.1)  # a patch's max/min gain about 1.6 (median), at most about 2.2
+SHIFT_GAMMA_PROB = 0.3
+SHIFT_GAMMA = (0.7, 1.5)  # nnU-Net's range; the patch's mean and std are kept (still z-scored)
+SHIFT_HISTOGRAM_PROB = 0.2
+SHIFT_HISTOGRAM_POINTS = (5, 10)  # monotone piecewise-linear remap: tissue contrasts of another protocol
+SHIFT_INTENSITY_PROB = 0.5
+SHIFT_INTENSITY = 0.2  # ± scale factor and ± shift in z units ("standard": 0.1): residual normalisation error
+SHIFT_SMOOTH_PROB = 0.15
+SHIFT_SMOOTH_SIGMA = (0.5, 1.0)  # voxels: a softer reconstruction kernel, in-plane partial volume
+SHIFT_SHARPEN_PROB = 0.1
+SHIFT_SHARPEN_ALPHA = (2.0, 8.0)  # MONAI's default (10, 30) is far beyond any scanner's edge enhancement
+SHIFT_NOISE_PROB = 0.2
+SHIFT_NOISE_STD = 0.15  # z units, drawn in [0, this], added to the noise a site has (synthetic: 0.09 to 0.31)
 
 
 def preprocessing(pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None) -> Compose:
@@ -72,35 +118,150 @@ def training_preprocessing(
 
 
 def augmentation(
-    patch_size: Sequence[int], samples_per_volume: int = 2, max_rotation_deg: float = 10.0, max_scale: float = 0.1
+    patch_size: Sequence[int],
+    samples_per_volume: int = 2,
+    max_rotation_deg: float = 10.0,
+    max_scale: float = 0.1,
+    *,
+    preset: str = "standard",
+    invert_probability: float = 0.0,
 ) -> Compose:
-    """Positive/negative patch crops (from `training_preprocessing`'s indices), flips, small rotations
-    and scalings, intensity jitter."""
-    angle = math.radians(max_rotation_deg)
-    return Compose(
-        [
-            RandCropByPosNegLabeld(
-                keys=KEYS,
-                label_key="label",
-                spatial_size=tuple(patch_size),
-                pos=1,
-                neg=1,
-                num_samples=samples_per_volume,
-                fg_indices_key=FG_INDICES,
-                bg_indices_key=BG_INDICES,
-            ),
-            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
-            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=2),
-            RandAffined(
-                keys=KEYS,
-                prob=0.3,
-                rotate_range=(angle, angle, angle),
-                scale_range=(max_scale, max_scale, max_scale),
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            ),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        ]
+    """The random training part of preset `preset` (one of `AUGMENTATIONS`), on `training_preprocessing`'s output.
+
+    Every preset starts with positive/negative patch crops from the cached indices. "standard" adds
+    flips, rotations up to `max_rotation_deg` and scalings up to `max_scale` (p 0.3), intensity
+    scale/shift (the pipeline of the prostate study, unchanged). "shift" adds to flips and larger
+    affines (`SHIFT_*`), per image channel: simulated thick slices, bias field, gamma, histogram
+    shift, intensity scale/shift, blur or sharpening, Gaussian noise; then, with
+    `invert_probability` > 0, negates the whole z-scored image (contrast inversion, e.g. T1 vs T2)
+    with that probability. "none" crops only.
+    """
+    if preset not in AUGMENTATIONS:
+        raise ValueError(f"augmentation preset '{preset}': choose one of {', '.join(AUGMENTATIONS)}")
+    if not 0.0 <= invert_probability <= 1.0:
+        raise ValueError(f"invert_probability must be in [0, 1], got {invert_probability}")
+    crop = RandCropByPosNegLabeld(
+        keys=KEYS,
+        label_key="label",
+        spatial_size=tuple(patch_size),
+        pos=1,
+        neg=1,
+        num_samples=samples_per_volume,
+        fg_indices_key=FG_INDICES,
+        bg_indices_key=BG_INDICES,
     )
+    if preset == "none":
+        return Compose([crop])
+    if preset == "standard":
+        return Compose([crop, *_flips(), _affine(max_rotation_deg, max_scale, 0.3),
+                        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)])
+    steps = [crop, *_flips(), _affine(SHIFT_ROTATION_DEG, SHIFT_SCALE, SHIFT_AFFINE_PROB),
+             ChannelWised("image", Compose(_scanner_effects("image")))]
+    if invert_probability > 0:  # 0: no inversion step at all
+        steps.append(RandNegated("image", prob=invert_probability))
+    return Compose(steps)
+
+
+def _flips() -> list[RandFlipd]:
+    return [RandFlipd(keys=KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)]
+
+
+def _affine(max_rotation_deg: float, max_scale: float, prob: float) -> RandAffined:
+    angle = math.radians(max_rotation_deg)
+    return RandAffined(
+        keys=KEYS,
+        prob=prob,
+        rotate_range=(angle, angle, angle),
+        scale_range=(max_scale, max_scale, max_scale),
+        mode=("bilinear", "nearest"),
+        padding_mode="border",
+    )
+
+
+def _scanner_effects(key: str) -> list:
+    """The "shift" preset's acquisition differences, on one z-scored image channel (labels untouched)."""
+    return [
+        RandThickSlicesd(key, prob=SHIFT_THICK_SLICES_PROB, factor_range=SHIFT_SLICE_FACTOR),
+        RandBiasFieldd(key, degree=SHIFT_BIAS_DEGREE, coeff_range=SHIFT_BIAS_COEFF, prob=SHIFT_BIAS_PROB),
+        RandAdjustContrastd(key, prob=SHIFT_GAMMA_PROB, gamma=SHIFT_GAMMA, retain_stats=True),
+        RandHistogramShiftd(key, num_control_points=SHIFT_HISTOGRAM_POINTS, prob=SHIFT_HISTOGRAM_PROB),
+        RandScaleIntensityd(key, factors=SHIFT_INTENSITY, prob=SHIFT_INTENSITY_PROB),
+        RandShiftIntensityd(key, offsets=SHIFT_INTENSITY, prob=SHIFT_INTENSITY_PROB),
+        RandGaussianSmoothd(key, sigma_x=SHIFT_SMOOTH_SIGMA, sigma_y=SHIFT_SMOOTH_SIGMA, sigma_z=SHIFT_SMOOTH_SIGMA,
+                            prob=SHIFT_SMOOTH_PROB),
+        RandGaussianSharpend(key, alpha=SHIFT_SHARPEN_ALPHA, prob=SHIFT_SHARPEN_PROB),
+        RandGaussianNoised(key, prob=SHIFT_NOISE_PROB, std=SHIFT_NOISE_STD),  # last: noise is not blurred
+    ]
+
+
+class ChannelWised(Randomizable, MapTransform):
+    """Applies `transform` (a dictionary transform of `keys`) to every channel of `keys` on its own,
+    so that each channel (modality) gets its own random draws; one channel: `transform` itself."""
+
+    def __init__(self, keys: KeysCollection, transform: Compose) -> None:
+        MapTransform.__init__(self, keys)
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ChannelWised:
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED, dtype="uint32")))
+        return self
+
+    def randomize(self, data: object = None) -> None:  # the inner transforms draw their own
+        pass
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            channels = [self.transform({key: image[c : c + 1]})[key] for c in range(image.shape[0])]
+            d[key] = convert_to_dst_type(torch.cat([torch.as_tensor(c) for c in channels]), image)[0]
+        return d
+
+
+class RandThickSlicesd(RandomizableTransform, MapTransform):
+    """Thick slices resampled to the training grid: along one random axis, averages about `factor`
+    neighbouring slices (`factor` drawn from `factor_range`) and interpolates linearly back."""
+
+    def __init__(self, keys: KeysCollection, prob: float, factor_range: tuple[float, float]) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.factor_range = factor_range
+        self.axis, self.factor = 2, 1.0
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self.axis = int(self.R.randint(3))
+            self.factor = float(self.R.uniform(*self.factor_range))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            shape = list(image.shape[1:])
+            thick = list(shape)
+            thick[self.axis] = max(1, round(shape[self.axis] / self.factor))
+            low = F.interpolate(image[None].float(), size=thick, mode="area")
+            d[key] = convert_to_dst_type(F.interpolate(low, size=shape, mode="trilinear")[0], d[key])[0]
+        return d
+
+
+class RandNegated(RandomizableTransform, MapTransform):
+    """Negates `keys` with probability `prob`: on a z-scored image, an inverted contrast (bright ↔ dark)."""
+
+    def __init__(self, keys: KeysCollection, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = -d[key]
+        return d
