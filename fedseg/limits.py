@@ -1,0 +1,7 @@
+"""Upper bounds on what fedseg loads and trains, shared by the checks of run configs, site data and model files."""
+
+from __future__ import annotations
+
+MAX_CHANNELS = 64  # image channels (modalities) of a volume or a model
+MAX_NUM_CLASSES = 256  # classes incl. background: a label map holds class numbers 0..255
+DEFAULT_MAX_VOXELS = 512**3  # voxels per channel a site loads unless it sets its own limit (fedseg.data.nifti_guard)
