@@ -9,7 +9,7 @@ import nibabel as nib
 import pytest
 from test_data_validate import image, label, save
 
-import fedseg.data.validate as validate
+import fedseg.data.nifti_guard as nifti_guard
 from fedseg.data.validate import validate_site
 
 
@@ -31,7 +31,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(Path(path).name)
         return load(path, *args, **kwargs)
 
-    monkeypatch.setattr(validate.nib, "load", counting_load)
+    monkeypatch.setattr(nifti_guard.nib, "load", counting_load)
     return seen
 
 

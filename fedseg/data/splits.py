@@ -2,14 +2,17 @@
 
 A split names subject ids only. `load_or_make_split` writes `<split_dir>/split-seed<seed>.json`
 the first time and reuses it afterwards, so a later run (or a resumed one) sees the same subjects
-even if the splitting code changes; a file that disagrees with the site's subjects is an error.
+even if the splitting code changes; a file that disagrees with the site's subjects, leaves a part
+empty or names an id in two parts is an error.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from monai.data import partition_dataset
@@ -83,9 +86,25 @@ def load_or_make_split(items: Datalist, seed: int, split_dir: Path) -> SiteSplit
 
 
 def _read_split(path: Path) -> SplitIds:
+    """The saved split: three lists of subject ids, each part non-empty, no id in two parts."""
     try:
-        data = json.loads(path.read_text())
-        return SplitIds(train=list(data["train"]), val=list(data["val"]), test=list(data["test"]))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        message = f"{path}: unreadable split file ({err}); delete it to split again"
-        raise SiteDataError(message, "the site's saved split file is unreadable") from err
+        data = json.loads(path.read_bytes())
+        parts = {part: data[part] for part in ("train", "val", "test")}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        message = f"{path}: unreadable split file ({type(err).__name__}: {err}); delete it to split again"
+        raise SiteDataError(message, "the site's saved split file is unreadable") from None
+    for part, ids in parts.items():
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            _bad_split(path, f"'{part}' must be a list of subject ids")
+        if not ids:
+            _bad_split(path, f"'{part}' is empty; every part needs at least one subject")
+    named = [sid for ids in parts.values() for sid in ids]
+    twice = sorted(sid for sid, n in Counter(named).items() if n > 1)
+    if twice:
+        _bad_split(path, f"{len(twice)} subject id(s) named more than once, e.g. {twice[:3]}")
+    return SplitIds(**parts)
+
+
+def _bad_split(path: Path, fault: str) -> NoReturn:
+    raise SiteDataError(f"{path}: invalid split file: {fault}; delete it to split again",
+                        "the site's saved split file is invalid")

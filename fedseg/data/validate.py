@@ -2,14 +2,18 @@
 
 Each problem has a kind code (stable, for scripts and tests), the file and a description:
 
-    not-a-site, manifest, missing-file, image-without-label, label-without-image, duplicate-id
-        (layout, from `scan_site`)
-    unreadable        file cannot be read or is corrupt (e.g. a truncated .nii.gz)
+    not-a-site, manifest, missing-file, image-without-label, label-without-image, duplicate-id,
+    outside-site      (layout, from `scan_site`)
+    unreadable        file cannot be read or is corrupt (e.g. a truncated .nii.gz, or a header that
+                      claims more voxels than the file can hold)
+    not-nifti, voxel-type, too-large, affine-invalid
+                      the header checks of fedseg.data.nifti_guard, made before any voxel is read
     dimensions        image not 3D/4D, or label not 3D
     shape-mismatch    image and label (or two modalities) differ in voxel grid shape
     affine-mismatch   voxel spacing, orientation or origin differ beyond the tolerance
     non-finite        NaN or infinite voxels
-    label-values      label values non-integer or outside the declared classes
+    label-values      label values non-integer, negative, above MAX_LABEL_VALUE, or outside the
+                      declared classes
     empty-label       label has no foreground (warning)
     channels          channel count differs from the expected one, or between subjects
     too-few-subjects  not enough usable subjects for a train / validation / test split
@@ -17,20 +21,31 @@ Each problem has a kind code (stable, for scripts and tests), the file and a des
 
 from __future__ import annotations
 
-import zlib
+import math
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from fedseg.data.datalist import Problem, SiteDataError, Subject, public_summary, scan_site
+from fedseg.data.nifti_guard import VolumeError, load_nifti, max_voxels_setting
 from fedseg.data.splits import MIN_SUBJECTS
 from fedseg.data.validation_memo import ValidationMemo
+from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 
 DEFAULT_AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines), as differences of affine entries
+MAX_AFFINE_TOLERANCE = 10.0  # mm: beyond this the affine check means nothing
+MAX_LABEL_VALUE = MAX_NUM_CLASSES - 1  # a label value trains class `value` (BraTS: 4 → 3)
+
+
+class SettingError(ValueError):
+    """A validation setting (`key`, as the command-line option is named) is out of range."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
 
 
 @dataclass
@@ -86,14 +101,21 @@ def validate_site(
     min_subjects: int = MIN_SUBJECTS,
     memo_file: Path | None = None,
     label_values: Collection[int] | None = None,
+    max_voxels: int | None = None,
+    allow_outside: bool | None = None,
 ) -> ValidationReport:
     """Check every subject of a site. Allowed label values: `label_values` (e.g. BraTS 0, 1, 2, 3, 4),
-    else 0 .. num_classes − 1, else the keys of dataset.json's `labels`.
+    else 0 .. num_classes − 1, else the keys of dataset.json's `labels`, else 0 .. MAX_LABEL_VALUE.
+    `max_voxels`: the largest volume (voxels per channel) the site loads (fedseg.data.nifti_guard);
+    `allow_outside`: files may lie outside the site folder (fedseg.data.datalist.scan_site).
+    SettingError when a setting is out of range.
 
     With `memo_file`, subjects whose files are unchanged since the last check are not read again
     (see `fedseg.data.validation_memo`)."""
+    check_settings(num_classes, channels, affine_tolerance)
+    max_voxels = max_voxels_setting(max_voxels)
     memo = ValidationMemo(memo_file)
-    listing = scan_site(site_dir)
+    listing = scan_site(site_dir, allow_outside)
     classes = num_classes if num_classes is not None else listing.declared_classes
     if label_values is None and num_classes is not None:
         label_values = range(num_classes)
@@ -105,7 +127,7 @@ def validate_site(
         key = memo.key(subject, allowed, affine_tolerance)
         found = memo.get(key)
         if found is None:
-            found = _check_subject(subject, allowed, affine_tolerance)
+            found = _check_subject(subject, allowed, affine_tolerance, max_voxels)
             memo.put(key, *found)
         problems, n_channels = found
         report.problems.extend(problems)
@@ -130,21 +152,33 @@ def check_site(
     channels: int | None = None,
     memo_file: Path | None = None,
     label_values: Collection[int] | None = None,
+    max_voxels: int | None = None,
 ) -> ValidationReport:
     """Validate and raise SiteDataError (message with files, `public` with kinds only) on errors."""
-    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file, label_values=label_values)
+    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file, label_values=label_values,
+                           max_voxels=max_voxels)
     if not report.ok:
         raise SiteDataError("; ".join(map(str, report.errors)), public_summary(report.errors))
     return report
 
 
+def check_settings(num_classes: int | None, channels: int | None, tolerance: float) -> None:
+    """SettingError unless the class count, channel count and affine tolerance make sense."""
+    if num_classes is not None and not 2 <= num_classes <= MAX_NUM_CLASSES:
+        raise SettingError("num-classes", f"must be 2 (background + 1) to {MAX_NUM_CLASSES}, got {num_classes}")
+    if channels is not None and not 1 <= channels <= MAX_CHANNELS:
+        raise SettingError("channels", f"must be 1 to {MAX_CHANNELS}, got {channels}")
+    if not (math.isfinite(tolerance) and 0 <= tolerance <= MAX_AFFINE_TOLERANCE):
+        raise SettingError("tolerance", f"must be a number of mm in [0, {MAX_AFFINE_TOLERANCE:g}], got {tolerance}")
+
+
 def _check_subject(
-    subject: Subject, allowed: list[int] | None, tolerance: float
+    subject: Subject, allowed: list[int] | None, tolerance: float, max_voxels: int | None = None
 ) -> tuple[list[Problem], int | None]:
     """Problems of one subject and its channel count (None when its images cannot be read)."""
     problems: list[Problem] = []
-    images = [_read(path, problems) for path in subject.images]
-    label = _read(subject.label, problems)
+    images = [_read(path, problems, max_voxels) for path in subject.images]
+    label = _read(subject.label, problems, max_voxels)
     channels = None
     good_images = [v for v in images if v is not None and _image_dims_ok(v, len(subject.images) > 1, problems)]
     if len(good_images) == len(images):
@@ -163,15 +197,14 @@ def _check_subject(
     return problems, channels
 
 
-def _read(path: Path, problems: list[Problem]) -> _Volume | None:
-    """Load header and voxels; a read failure becomes an `unreadable` problem."""
+def _read(path: Path, problems: list[Problem], max_voxels: int | None = None) -> _Volume | None:
+    """Check the header (fedseg.data.nifti_guard), then load the voxels; a fault becomes a problem."""
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
-        problems.append(_error("unreadable", path, f"cannot read (corrupt or truncated?): {err}"))
+        header, data = load_nifti(path, max_voxels)
+    except VolumeError as err:
+        problems.append(_error(err.kind, path, err.fault))
         return None
-    return _Volume(path, tuple(int(n) for n in data.shape), np.asarray(image.affine, dtype=float), data)
+    return _Volume(path, header.shape, header.affine, data)
 
 
 def _image_dims_ok(volume: _Volume, multi_file: bool, problems: list[Problem]) -> bool:
@@ -213,6 +246,10 @@ def _check_label_values(label: _Volume, allowed: list[int] | None) -> list[Probl
     if not np.all(values == np.round(values)):
         odd = values[values != np.round(values)][:5]
         return [_error("label-values", label.path, f"non-integer label values, e.g. {_fmt(odd)}")]
+    odd = values[(values < 0) | (values > MAX_LABEL_VALUE)]
+    if allowed is None and odd.size:
+        return [_error("label-values", label.path, f"label values {_fmt(odd[:10])}: labels are class numbers 0 to "
+                                                   f"{MAX_LABEL_VALUE} (give the class count to check them exactly)")]
     if allowed is not None:
         outside = values[~np.isin(values, allowed)]
         if outside.size:
