@@ -3,7 +3,8 @@
 A view is what the centralized arm (all sites pooled) and the k-fold submodels train on. It is
 a plain `images/` + `labels/` site folder of symbolic links (subject ids prefixed with the site,
 so pooled ids stay unique) plus `splits/split-seed<seed>.json`, which `load_site_split` reuses —
-so the ClientApp reads a view exactly as it reads a real site. Views live in the results folder.
+so the ClientApp reads a view exactly as it reads a real site. Views live in the results folder
+and hold the file `allow-outside-data` (their links leave the folder by design; see fedseg.data.datalist).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedseg.data.datalist import SiteSplit
+from fedseg.data.datalist import ALLOW_OUTSIDE_FILE, SiteSplit
 from fedseg.data.sites import SPLITS_FOLDER, load_site_split
 from fedseg.data.splits import kfold_ids
 
@@ -57,6 +58,7 @@ def write_view(folder: Path, parts: Sequence[SitePart], seed: int) -> Path:
             for item in getattr(part, role):
                 roles[role].append(_link_subject(folder, f"site{part.site}-{item['subject']}", item))
     (folder / SPLITS_FOLDER / f"split-seed{seed}.json").write_text(json.dumps(roles, indent=2))
+    (folder / ALLOW_OUTSIDE_FILE).write_text("fedseg data view: its links point to the real sites' files\n")
     return folder
 
 
