@@ -10,6 +10,7 @@ Format (a `torch.save`d dict, loaded with `weights_only=True`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 
 from fedseg.atomic import atomic_path
 from fedseg.config import RunConfig
-from fedseg.labels import LabelScheme
+from fedseg.labels import SCHEMES, LabelScheme
+from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
+from fedseg.models import MODEL_NAMES, build_model
 from fedseg.trainer import SegmentationTrainer
 
 FORMAT = "fedseg-model/1"
@@ -84,24 +87,41 @@ class ModelCheckpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCheckpoint:
+        """Read and check a model file: its fields, and that its weights fit the network they name
+        (CheckpointError naming the file and the fault otherwise)."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as err:
-            raise CheckpointError(f"{path}: cannot read model file: {err}") from err
+        except Exception as err:  # noqa: BLE001 - torch.load parses untrusted bytes; any failure means unreadable
+            raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {_first_line(err)}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
-        pixdim = data["pixdim"]
-        return cls(
-            state_dict=data["state_dict"],
-            model=data["model"],
-            num_classes=int(data["num_classes"]),
-            patch_size=_triple(data["patch_size"], int),
-            pixdim=_triple(pixdim, float) if pixdim is not None else None,
-            in_channels=int(data["in_channels"]),
-            description=str(data.get("description", "")),
-            label_scheme=str(data.get("label_scheme", "classes")),
-            region_training=bool(data.get("region_training", False)),
-        )
+        try:
+            checkpoint = cls(**_checked_fields(data))
+            checkpoint.labels  # noqa: B018 - the label scheme checks itself (e.g. brats has 4 classes)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a usable fedseg model file: {_first_line(err)}") from None
+        fault = checkpoint.weights_fault()
+        if fault:
+            raise CheckpointError(f"{path}: weights do not fit model '{checkpoint.model}' with "
+                                  f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: {fault}")
+        return checkpoint
+
+    def weights_fault(self) -> str | None:
+        """What in `state_dict` differs from the named network's parameters (names, shapes), else None."""
+        expected = build_model(self.model, self.in_channels, self.labels.out_channels).state_dict()
+        missing = sorted(set(expected) - set(self.state_dict))
+        extra = sorted(set(self.state_dict) - set(expected))
+        if missing or extra:
+            return f"{len(missing)} missing and {len(extra)} unexpected weight(s), e.g. {(missing + extra)[:2]}"
+        for key, tensor in expected.items():
+            found = self.state_dict[key]
+            if tuple(found.shape) != tuple(tensor.shape):
+                return f"'{key}' has shape {tuple(found.shape)}, the network's is {tuple(tensor.shape)}"
+            if tensor.is_floating_point() and not found.is_floating_point():
+                return f"'{key}' holds {found.dtype}, not floating-point numbers"
+            if found.is_floating_point() and not bool(torch.isfinite(found).all()):
+                return f"'{key}' holds NaN or infinite values"
+        return None
 
     def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference)."""
@@ -113,5 +133,52 @@ class ModelCheckpoint:
         return trainer
 
 
-def _triple(values: Sequence, kind: type) -> tuple:
+def _checked_fields(data: Mapping) -> dict:
+    """The dataclass fields of a loaded model file; TypeError/ValueError naming the first bad one."""
+    weights = data["state_dict"]
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in weights.items()):
+        raise TypeError("'state_dict' must map names to tensors")
+    model = data["model"]
+    if model not in MODEL_NAMES:
+        raise ValueError(f"'model' is {model!r}; known: {', '.join(MODEL_NAMES)}")
+    pixdim = data["pixdim"]
+    fields = {
+        "state_dict": weights,
+        "model": model,
+        "num_classes": _whole(data, "num_classes", 2, MAX_NUM_CLASSES),
+        "patch_size": _triple(data["patch_size"], int, "patch_size"),
+        "pixdim": _triple(pixdim, float, "pixdim") if pixdim is not None else None,
+        "in_channels": _whole(data, "in_channels", 1, MAX_CHANNELS),
+        "description": str(data.get("description", "")),
+        "label_scheme": data.get("label_scheme", "classes"),
+        "region_training": data.get("region_training", False),
+    }
+    if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
+        raise ValueError(f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "
+                         f"{fields['region_training']!r}: label scheme one of {', '.join(SCHEMES)}, and true or false")
+    if not all(8 <= p <= 512 for p in fields["patch_size"]):
+        raise ValueError(f"'patch_size' {fields['patch_size']} must be 8 to 512 per axis")
+    if fields["pixdim"] is not None and not all(0 < p < math.inf for p in fields["pixdim"]):
+        raise ValueError(f"'pixdim' {fields['pixdim']} must be finite and > 0")
+    return fields
+
+
+def _whole(data: Mapping, key: str, low: int, high: int) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"'{key}' must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _triple(values: Sequence, kind: type, key: str = "value") -> tuple:
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(f"'{key}' must be a list of 3 numbers, got {values!r}")
     return tuple(kind(v) for v in values)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__

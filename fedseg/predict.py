@@ -7,10 +7,17 @@ inference, and its probabilities (softmax per class, or sigmoid per BraTS region
 to the input's grid with MONAI's `Invertd` (undoing resampling and reorientation). Several models:
 probabilities are averaged (the prostate study's fold ensemble). The label map is written with the
 first input's affine and header, in the data's own label values (BraTS: enhancing tumour as 4).
+
+Nothing is read before every input's header passed fedseg.data.nifti_guard (NIfTI, 3D/4D, real
+voxels, a size the file can hold and the site's voxel limit allows, also on the model's grid), and
+nothing is written unless every case succeeds: outputs go to temporary files renamed at the end. An
+input with a NaN or infinite voxel is refused (a model would turn it into an all-background map).
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +28,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged, NormalizeIntensityd, Orientationd, Spacingd
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
+from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.trainer import SegmentationTrainer
 
 Case = tuple[Path, ...]  # one case: a 3D/4D file, or one 3D file per modality
 
@@ -43,29 +52,41 @@ def inference_pipeline(pixdim: Sequence[float] | None) -> Compose:
     return Compose(steps)
 
 
-def probabilities(model: ModelCheckpoint, case: Case | Path, device: str | torch.device | None = None) -> torch.Tensor:
+def probabilities(
+    model: ModelCheckpoint, case: Case | Path, device: str | torch.device | None = None,
+    trainer: SegmentationTrainer | None = None,
+) -> torch.Tensor:
     """Probabilities (model outputs, *input shape) of one model, on the input's voxel grid."""
     case = _as_case(case)
     pipeline = inference_pipeline(model.pixdim)
-    data = pipeline({"image": str(case[0]) if len(case) == 1 else [str(path) for path in case]})
+    load, rest = pipeline.transforms[0], Compose(pipeline.transforms[1:])
+    data = load({"image": str(case[0]) if len(case) == 1 else [str(path) for path in case]})
+    image = data["image"]
+    if not bool(torch.isfinite(torch.as_tensor(image)).all()):
+        bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
+        raise PredictError(f"{case[0]}: {bad} NaN or infinite voxel(s); fix or mask them (the model would "
+                           "return background there and around them)")
+    data = rest(data)
     image = data["image"]
     if image.shape[0] != model.in_channels:
         raise PredictError(f"{case[0]}: the case has {image.shape[0]} channel(s), the model takes "
                            f"{model.in_channels} (give one file per modality, in the model's order)")
-    logits = model.trainer(device).predict_logits(image[None]).cpu()
+    logits = (trainer or model.trainer(device)).predict_logits(image[None]).cpu()
     scores = model.labels.probabilities(logits)[0]
     data["pred"] = MetaTensor(scores, meta=image.meta, applied_operations=image.applied_operations)
     inverse = Invertd(keys="pred", transform=pipeline, orig_keys="image", nearest_interp=False)
     return torch.as_tensor(inverse(data)["pred"])
 
 
-def predict_volume(models: Sequence[ModelCheckpoint], case: Case | Path) -> nib.Nifti1Image:
+def predict_volume(
+    models: Sequence[ModelCheckpoint], case: Case | Path, trainers: Sequence[SegmentationTrainer] | None = None
+) -> nib.Nifti1Image:
     """Label map of the mean probability of `models`, with the (first) input's shape, affine and header."""
     case = _as_case(case)
-    if len({(m.labels.kind, m.labels.out_channels, m.num_classes) for m in models}) != 1:
-        raise PredictError("the models of an ensemble must have the same num-classes and label scheme")
+    _check_ensemble(models)
     labels_scheme = models[0].labels
-    mean = torch.stack([probabilities(m, case) for m in models]).mean(dim=0)
+    trainers = trainers or [None] * len(models)
+    mean = torch.stack([probabilities(m, case, trainer=t) for m, t in zip(models, trainers, strict=True)]).mean(dim=0)
     source = nib.load(str(case[0]))
     labels = labels_scheme.label_map(mean[None])[0, 0].numpy().astype(np.uint8)
     if labels_scheme.kind == "brats":
@@ -80,14 +101,18 @@ def predict_volume(models: Sequence[ModelCheckpoint], case: Case | Path) -> nib.
 
 
 def predict(
-    model_paths: Sequence[str | Path], inputs: str | Path | Sequence[str | Path], output_path: str | Path
+    model_paths: Sequence[str | Path], inputs: str | Path | Sequence[str | Path], output_path: str | Path,
+    max_voxels: int | None = None,
 ) -> list[Path]:
     """Segment one case (one file, or one file per modality), or every case of a folder into an
     output folder; return the outputs. In a folder, files `<id>_0000.nii.gz`, `<id>_0001.nii.gz`, …
-    are the modalities of case `<id>` (written as `<id>.nii.gz`); other files are one case each."""
+    are the modalities of case `<id>` (written as `<id>.nii.gz`); other files are one case each.
+    `max_voxels`: the largest volume accepted (voxels per channel, also on each model's grid;
+    fedseg.data.nifti_guard). All outputs are written, or none (PredictError naming the file)."""
     if not model_paths:
         raise PredictError("give at least one --model checkpoint")
     models = [ModelCheckpoint.load(path) for path in model_paths]
+    _check_ensemble(models)
     sources = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     target = Path(output_path)
     if len(sources) == 1 and sources[0].is_dir():
@@ -99,9 +124,108 @@ def predict(
                                                                    if source.is_dir() else ""))
         pairs = [(tuple(sources), target)]
     for case, out_path in pairs:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(predict_volume(models, case), str(out_path))
+        _check_case(case, models, max_voxels)
+        _check_output(out_path, case)
+    trainers = [model.trainer() for model in models]
+    written: list[tuple[Path, Path]] = []  # (temporary file, output)
+    created = _missing_folders({out.parent for _, out in pairs})
+    done = False
+    try:
+        for case, out_path in pairs:
+            try:
+                image = predict_volume(models, case, trainers)
+            except PredictError:
+                raise
+            except (RuntimeError, ValueError, OSError, IndexError, TypeError) as err:  # failures inside MONAI/torch
+                raise PredictError(f"{case[0]}: cannot segment: {type(err).__name__}: {_first_line(err)}") from None
+            written.append((_write_temporary(image, out_path), out_path))
+        for tmp, out_path in written:
+            os.replace(tmp, out_path)
+        done = True
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        if not done:
+            for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+                _remove_if_empty(folder)
     return [out for _, out in pairs]
+
+
+def _check_ensemble(models: Sequence[ModelCheckpoint]) -> None:
+    if len({(m.labels.kind, m.labels.out_channels, m.num_classes) for m in models}) != 1:
+        raise PredictError("the models of an ensemble must have the same num-classes and label scheme")
+
+
+def _check_case(case: Case, models: Sequence[ModelCheckpoint], max_voxels: int | None) -> list[NiftiHeader]:
+    """Every file's header (fedseg.data.nifti_guard, on each model's grid), modality files 3D on one grid,
+    and the channel count the models take; VolumeError or PredictError naming the file."""
+    headers = [inspect_nifti(path, max_voxels) for path in case]
+    for model in models:
+        if model.pixdim is not None:
+            for path in case:
+                inspect_nifti(path, max_voxels, model.pixdim)
+    if len(case) > 1:
+        for header in headers:
+            if len(header.shape) != 3:
+                raise PredictError(f"{header.path}: each modality file must be 3D, got shape {header.shape}")
+            if header.shape != headers[0].shape:
+                raise PredictError(f"{header.path}: voxel grid {header.shape} differs from {case[0].name} "
+                                   f"{headers[0].shape}")
+    channels = sum(header.channels for header in headers)
+    if channels != models[0].in_channels:
+        raise PredictError(f"{case[0]}: the case has {channels} channel(s), the model takes "
+                           f"{models[0].in_channels} (give one file per modality, in the model's order)")
+    return headers
+
+
+def _check_output(out_path: Path, case: Case) -> None:
+    """The output must be a NIfTI file name, not an input, not a folder, in a folder we may write."""
+    if not out_path.name.endswith(NIFTI_SUFFIXES):
+        raise PredictError(f"{out_path}: the output must be a .nii or .nii.gz file name")
+    if out_path.is_dir():
+        raise PredictError(f"{out_path}: the output is a folder; give a file name (or a folder of inputs)")
+    if any(out_path.resolve() == path.resolve() for path in case):
+        raise PredictError(f"{out_path}: the output would overwrite its own input")
+    folder = out_path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PredictError(f"{out_path}: cannot write here ({folder} is not a folder this user may write to)")
+
+
+def _missing_folders(folders: set[Path]) -> list[Path]:
+    """The folders (and their missing parents) that writing into `folders` creates."""
+    missing: set[Path] = set()
+    for folder in folders:
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing)
+
+
+def _write_temporary(image: nib.Nifti1Image, out_path: Path) -> Path:
+    """`image` saved beside `out_path` under a temporary name (same suffix, so nibabel compresses alike)."""
+    suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else ".nii"
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, str(tmp))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PredictError(f"{out_path}: cannot write: {err.strerror or err}") from None
+    return tmp
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
 
 
 def _as_case(case: Case | Path) -> Case:
@@ -110,9 +234,14 @@ def _as_case(case: Case | Path) -> Case:
 
 def folder_cases(folder: Path, target: Path) -> list[tuple[Case, Path]]:
     """The cases of a folder and their output files (modality files grouped by case id)."""
-    files = sorted(path for path in folder.iterdir() if path.is_file() and path.name.endswith(NIFTI_SUFFIXES))
+    try:
+        files = sorted(path for path in folder.iterdir() if path.is_file() and path.name.endswith(NIFTI_SUFFIXES))
+    except OSError as err:
+        raise PredictError(f"{folder}: cannot list the folder: {err.strerror or err}") from None
     if not files:
         raise PredictError(f"{folder}: no .nii or .nii.gz files in this folder")
+    if target.exists() and not target.is_dir():
+        raise PredictError(f"{target}: the output of a folder of cases must be a folder")
     groups: dict[str, list[Path]] = {}  # output file name → the case's files
     for path in files:
         case_id = subject_id_of(path)
