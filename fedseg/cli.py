@@ -1,10 +1,24 @@
-"""The `fedseg` command line (typer). Each command is a thin wrapper over a library function."""
+"""The `fedseg` command line (typer). Each command is a thin wrapper over a library function.
+
+Every command runs inside `_boundary`: bad input ends in one line `error: <file or key>: <what is
+wrong>` and a non-zero exit, never in a traceback. fedseg's own errors (bad config, data, model
+files, inputs, key files) and I/O errors exit 2; anything else is a bug and says so (exit 1;
+FEDSEG_DEBUG=1 shows the traceback).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
 import typer
 
 import fedseg
+
+DEBUG_ENV = "FEDSEG_DEBUG"
 
 app = typer.Typer(
     name="fedseg",
@@ -14,15 +28,64 @@ app = typer.Typer(
 )
 
 
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """fedseg's error types whose messages name the file or key (imported only when one is raised)."""
+    from fedseg.config import ConfigError
+    from fedseg.data.datalist import SiteDataError
+    from fedseg.data.validate import SettingError
+    from fedseg.deploy.certs import CertError
+    from fedseg.experiments.runner import ExperimentError
+    from fedseg.model_checkpoint import CheckpointError
+    from fedseg.predict import PredictError
+    from fedseg.report.cases import CasesError
+
+    return ConfigError, SiteDataError, SettingError, CertError, ExperimentError, CheckpointError, PredictError, CasesError
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: <message>` (one line) to stderr and exit with `code`."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code=code)
+
+
+def _boundary(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command; turn any exception into one `error:` line and a non-zero exit (see the module doc)."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MemoryError:
+            fail("out of memory (a volume or model too large for this machine? see --max-voxels)", 1)
+        except OSError as err:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            fail(f"{where}{err.strerror or err}")
+        except Exception as err:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            if isinstance(err, _known_errors()):
+                fail(str(err))
+            fail(f"unexpected {type(err).__name__}: {err} (a fedseg bug; {DEBUG_ENV}=1 shows the traceback)", 1)
+
+    return guarded
+
+
 @app.command()
+@_boundary
 def version() -> None:
     """Print the installed fedseg version."""
     typer.echo(fedseg.__version__)
 
 
 @app.command("check-config")
+@_boundary
 def check_config(path: str = typer.Argument(..., help="TOML file of run-config keys, or an experiment spec")) -> None:
-    """Validate a run config or an experiment spec ([experiment] table) without training anything."""
+    """Validate a run config or an experiment spec ([experiment] table) without training anything.
+    Keys of a strategy other than the selected one are ignored by a run: they get a warning."""
     from fedseg.config import ConfigError, RunConfig, read_toml
     from fedseg.experiments import ExperimentSpec
     from fedseg.experiments.arms import plan_arms
@@ -40,32 +103,55 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
         config = RunConfig.from_toml(path)
         build_strategy(config)
     except ConfigError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
+        fail(err if str(err).startswith(f"{path}:") else f"{path}: {err}")
+    for key in unused_strategy_keys(config):
+        typer.echo(f"warning: {path}: run-config key '{key}' belongs to another strategy than the selected "
+                   f"'{config.strategy}'; a run ignores it", err=True)
     for key, value in config.to_dict().items():
         typer.echo(f"{key} = {value!r}")
 
 
+def unused_strategy_keys(config: Any) -> list[str]:
+    """The `<strategy>.<parameter>` keys of `config` that the selected strategy does not read."""
+    from fedseg.config import STRATEGY_PARAM_SEPARATOR
+    from strategies.registry import resolve
+
+    namespace = resolve(config.strategy).strategy_name()
+    return sorted(key for key in config.strategy_params if key.partition(STRATEGY_PARAM_SEPARATOR)[0] != namespace)
+
+
+MAX_VOXELS_HELP = "largest volume this site loads, in voxels per channel (default: $FEDSEG_MAX_VOXELS or 512^3)"
+ALLOW_OUTSIDE_HELP = "accept files (links, manifest paths) outside the site folder (else: a file 'allow-outside-data' there)"
+
+
 @app.command("validate-data")
+@_boundary
 def validate_data(
     site_dir: str = typer.Argument(..., help="a site folder: MSD dataset.json, or images/ + labels/"),
     num_classes: int = typer.Option(None, help="classes incl. background (default: dataset.json labels)"),
     channels: int = typer.Option(None, help="image channels the run expects (default: consistent across subjects)"),
     tolerance: float = typer.Option(1e-3, help="largest allowed image/label affine difference (mm)"),
+    max_voxels: int = typer.Option(None, help=MAX_VOXELS_HELP),
+    allow_outside_data: bool = typer.Option(None, "--allow-outside-data", help=ALLOW_OUTSIDE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a site's data; print every problem; exit 1 when there are errors."""
     import json
 
-    from fedseg.data.validate import validate_site
+    from fedseg.data.validate import SettingError, validate_site
 
-    report = validate_site(site_dir, num_classes=num_classes, channels=channels, affine_tolerance=tolerance)
+    try:
+        report = validate_site(site_dir, num_classes=num_classes, channels=channels, affine_tolerance=tolerance,
+                               max_voxels=max_voxels, allow_outside=allow_outside_data)
+    except (SettingError, ValueError) as err:
+        fail(f"--{err}" if isinstance(err, SettingError) else err)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
     if not report.ok:
         raise typer.Exit(code=1)
 
 
 @app.command()
+@_boundary
 def synth(
     out: str = typer.Argument(..., help="output folder: site-0 ... site-<n-1> and outside"),
     size: str = typer.Option("small", help="tiny (CI, seconds) | small (CPU experiments) | full"),
@@ -96,6 +182,7 @@ def synth(
 
 
 @app.command("strategies")
+@_boundary
 def strategies_command() -> None:
     """List installed strategies (built-in and plugins) with their run-config parameters."""
     from strategies.registry import describe_installed
@@ -110,21 +197,20 @@ app.add_typer(site_app, name="site")
 
 
 @app.command()
+@_boundary
 def certs(
     out: str = typer.Argument(..., help="folder to write ca.crt, server.crt/.key and sites/<name>/auth.key/.pub"),
     host: list[str] = typer.Option(..., "--host", help="server host name or IP the sites dial (repeatable)"),
     site: list[str] = typer.Option(..., "--site", help="site name (repeatable); one auth key pair each"),
     connection: str = typer.Option("fedseg", help="flwr connection name used in the printed commands"),
-    port: int = typer.Option(9092, help="SuperLink port used in the printed commands"),
+    port: int = typer.Option(9092, min=1, max=65535, help="SuperLink port used in the printed commands"),
+    force: bool = typer.Option(False, help="replace existing keys and certificates in OUT (never through links)"),
 ) -> None:
-    """Make a CA, the SuperLink's TLS certificate and per-site SuperNode key pairs."""
+    """Make a CA, the SuperLink's TLS certificate and per-site SuperNode key pairs (all or none;
+    existing files only replaced with --force)."""
     from fedseg.deploy.certs import make_certs
 
-    try:
-        bundle = make_certs(out, host, site)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
+    bundle = make_certs(out, host, site, force=force)
     typer.echo(f"CA certificate (give to every site): {bundle.ca_cert}")
     typer.echo(f"SuperLink certificate and key (stay on the server): {bundle.server_cert}, {bundle.server_key}")
     typer.echo("Register the sites once the SuperLink runs:")
@@ -137,6 +223,7 @@ def certs(
 
 
 @app.command()
+@_boundary
 def server(
     certs_dir: str = typer.Option(None, "--certs", help="folder from `fedseg certs` (ca.crt, server.crt, server.key)"),
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
@@ -167,20 +254,27 @@ def server(
 
 
 @site_app.command("check")
+@_boundary
 def site_check(
     data_dir: str = typer.Option(..., "--data-dir", help="this site's data folder"),
     config: str = typer.Option(None, help="run-config TOML (model, classes, patch size); default: built-in"),
+    max_voxels: int = typer.Option(None, help=MAX_VOXELS_HELP),
+    allow_outside_data: bool = typer.Option(None, "--allow-outside-data", help=ALLOW_OUTSIDE_HELP),
 ) -> None:
     """Validate this site's data, then run the model once on one volume; exit 1 on problems."""
     from fedseg.config import ConfigError, RunConfig
+    from fedseg.data.nifti_guard import voxel_limit
     from fedseg.deploy.site_check import check_site_ready
 
     try:
         run_config = RunConfig.from_toml(config) if config else RunConfig()
     except ConfigError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
-    report, dry_run = check_site_ready(data_dir, run_config)
+        fail(err if str(err).startswith(f"{config}:") else f"{config}: {err}")
+    try:
+        with voxel_limit(max_voxels):
+            report, dry_run = check_site_ready(data_dir, run_config, allow_outside_data)
+    except ValueError as err:
+        fail(f"--max-voxels: {err}")
     typer.echo("\n".join(report.lines()))
     if dry_run is None:
         typer.echo("not ready: fix the errors above, then check again", err=True)
@@ -190,6 +284,7 @@ def site_check(
 
 
 @site_app.command("join")
+@_boundary
 def site_join(
     superlink: str = typer.Option(..., help="HOST:PORT of the federation's SuperLink"),
     data_dir: str = typer.Option(..., "--data-dir", help="this site's data folder (never leaves the site)"),
@@ -198,23 +293,29 @@ def site_join(
     ca: str = typer.Option(None, help="the federation's ca.crt (TLS)"),
     auth_key: str = typer.Option(None, help="this site's private auth key (sites/<name>/auth.key)"),
     insecure: bool = typer.Option(False, help="no TLS and no authentication: only for a local trial"),
-    local_port: int = typer.Option(9094, help="port of the SuperNode's local runtime API (localhost)"),
+    local_port: int = typer.Option(9094, min=1, max=65535, help="port of the SuperNode's local runtime API (localhost)"),
+    max_voxels: int = typer.Option(None, min=1, help=MAX_VOXELS_HELP + "; set for the SuperNode's apps"),
     print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
 ) -> None:
     """Start this site's Flower SuperNode with its data folder and site number."""
+    from fedseg.data.nifti_guard import MAX_VOXELS_ENV
     from fedseg.deploy.launch import exec_flower, shell_line, supernode_command
 
     if insecure == (ca is not None):
         typer.echo("error: give --ca (and --auth-key), or --insecure for a local trial", err=True)
         raise typer.Exit(code=2)
     command = supernode_command(superlink, data_dir, site_id, ca, auth_key, local_port)
-    typer.echo(f"site {name}: {shell_line(command)}")
+    limit = f"{MAX_VOXELS_ENV}={max_voxels} " if max_voxels else ""
+    typer.echo(f"site {name}: {limit}{shell_line(command)}")
+    if max_voxels and not print_only:
+        os.environ[MAX_VOXELS_ENV] = str(max_voxels)  # the SuperNode and the apps it starts inherit it
     if not print_only:
         exec_flower(command)
 
 
 
 @app.command()
+@_boundary
 def experiment(config: str = typer.Argument(..., help="experiment TOML (see configs/experiment-*.toml)")) -> None:
     """Run every arm of an experiment (finished arms are skipped when started again); write cases.csv."""
     from fedseg.config import ConfigError
@@ -229,6 +330,7 @@ def experiment(config: str = typer.Argument(..., help="experiment TOML (see conf
 
 
 @app.command()
+@_boundary
 def report(
     results_dir: str = typer.Argument(..., help="results folder holding cases.csv"),
     out: str = typer.Option(None, help="where report.md and the plots go (default: RESULTS_DIR)"),
@@ -245,6 +347,7 @@ def report(
 
 
 @app.command()
+@_boundary
 def predict(
     paths: list[str] = typer.Argument(
         ..., metavar="INPUT... OUTPUT",
@@ -252,22 +355,23 @@ def predict(
              "output file; or a folder of cases (<id>_0000.nii.gz, <id>_0001.nii.gz, ... grouped) and an output folder",
     ),
     model: list[str] = typer.Option(..., help="model checkpoint; repeat for an ensemble (probabilities averaged)"),
+    max_voxels: int = typer.Option(None, help="largest input volume, in voxels per channel, also on the model's grid "
+                                              "(default: $FEDSEG_MAX_VOXELS or 512^3)"),
 ) -> None:
-    """Segment volumes; the labels are written on the input's grid (shape, spacing, affine)."""
-    from fedseg.model_checkpoint import CheckpointError
-    from fedseg.predict import PredictError
+    """Segment volumes; the labels are written on the input's grid (shape, spacing, affine). All
+    outputs are written, or none; inputs with NaN or infinite voxels are refused."""
+    from fedseg.data.nifti_guard import max_voxels_setting
     from fedseg.predict import predict as run_predict
 
     if len(paths) < 2:
-        typer.echo("error: give the input file(s) or folder, then the output", err=True)
-        raise typer.Exit(code=2)
+        fail(f"{paths[0]}: give the input file(s) or folder, then the output file or folder")
     try:
-        outputs = run_predict(model, paths[:-1], paths[-1])
-    except (PredictError, CheckpointError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
-    for path in outputs:
+        limit = max_voxels_setting(max_voxels)
+    except ValueError as err:
+        fail(f"--max-voxels: {err}")
+    for path in run_predict(model, paths[:-1], paths[-1], max_voxels=limit):
         typer.echo(path)
+
 
 if __name__ == "__main__":
     app()

@@ -38,3 +38,6 @@ SCAFFOLD_DC = "scaffold-dc"  # train reply: ArrayRecord of the change of the sit
 SITE_ERROR_CODE = 100  # the site's data or training failed; the reason has no paths or subject ids
 PRIVACY_BUDGET_CODE = 101  # DP-SGD: the next fit would exceed dp-target-epsilon; the site trains no more
 CHANNELS_CODE = 102  # the site's images have another channel count than the global model takes
+OUT_OF_MEMORY_CODE = 103  # the site ran out of (GPU) memory; the reason says only that
+# An error reply's reason is built from fixed text, kinds and counts (clients.client_app.public_reason),
+# never from an exception's message.

@@ -7,6 +7,11 @@ Everything is made with python `cryptography` (no openssl shell-outs):
   (EC P-384, OpenSSH format as `flower-supernode --auth-supernode-private-key` and
   `flwr supernode register` expect). The private key stays at the site; the public key is
   registered with the SuperLink.
+
+Key files are written safely: every file is first written under a temporary name (keys 0600,
+created exclusively, never through a link) and renamed into place only when all were written;
+folders are created 0700; an existing file is replaced only with `force`, and a symbolic link at a
+target (or at a folder under `out_dir`) is always refused, so a planted link cannot redirect a key.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825  # browsers' and most TLS stacks' upper bound for server certificates
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class CertError(ValueError):
+    """Certificates cannot be made or written; the message names the host, site or file."""
 
 
 @dataclass(frozen=True)
@@ -51,47 +62,132 @@ class CertBundle:
         return [f"flwr supernode register {s.public_key} {connection} --name {s.name}" for s in self.sites]
 
 
-def make_certs(out_dir: str | Path, hosts: list[str], sites: list[str], days: int = VALID_DAYS) -> CertBundle:
-    """Write a CA, a server certificate valid for `hosts`, and an auth key pair per site."""
+def make_certs(
+    out_dir: str | Path, hosts: list[str], sites: list[str], days: int = VALID_DAYS, force: bool = False
+) -> CertBundle:
+    """Write a CA, a server certificate valid for `hosts`, and an auth key pair per site; all files
+    or none. Existing files are replaced only with `force`; links are refused (CertError)."""
     if not hosts:
-        raise ValueError("give at least one host name or IP address for the server certificate")
+        raise CertError("give at least one host name or IP address for the server certificate")
+    for host in hosts:
+        _check_host(host)
     for name in sites:
         if not _SITE_NAME.match(name):
-            raise ValueError(f"site name '{name}' must be 1-63 letters, digits, '.', '_' or '-'")
+            raise CertError(f"site name '{name}' must be 1-63 letters, digits, '.', '_' or '-'")
     if len(set(sites)) != len(sites):
-        raise ValueError(f"site names must be unique, got {sites}")
+        raise CertError(f"site names must be unique, got {sites}")
+    if not 1 <= days <= VALID_DAYS:
+        raise CertError(f"days must be 1 to {VALID_DAYS}, got {days}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key, days)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = _server_certificate(server_key.public_key(), hosts, ca_key, ca_cert, days)
-    return CertBundle(
-        ca_cert=_write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        ca_key=_write(out / "ca.key", _pem_private(ca_key), private=True),
-        server_cert=_write(out / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM)),
-        server_key=_write(out / "server.key", _pem_private(server_key), private=True),
-        sites=[_site_keys(out / "sites" / name, name) for name in sites],
-    )
+    files = {
+        out / "ca.crt": (ca_cert.public_bytes(serialization.Encoding.PEM), False),
+        out / "ca.key": (_pem_private(ca_key), True),
+        out / "server.crt": (server_cert.public_bytes(serialization.Encoding.PEM), False),
+        out / "server.key": (_pem_private(server_key), True),
+    }
+    keys = []
+    for name in sites:
+        site_keys, site_files = _site_key_files(out / "sites" / name, name)
+        keys.append(site_keys)
+        files.update(site_files)
+    write_key_files(files, out, force)
+    return CertBundle(ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.crt",
+                      server_key=out / "server.key", sites=keys)
 
 
-def make_site_keys(site_dir: str | Path, name: str) -> SiteKeys:
+def make_site_keys(site_dir: str | Path, name: str, force: bool = False) -> SiteKeys:
     """One site's SuperNode auth key pair (a site may also make its own and send only auth.pub)."""
-    return _site_keys(Path(site_dir), name)
+    if not _SITE_NAME.match(name):
+        raise CertError(f"site name '{name}' must be 1-63 letters, digits, '.', '_' or '-'")
+    keys, files = _site_key_files(Path(site_dir), name)
+    write_key_files(files, Path(site_dir), force)
+    return keys
 
 
-def _site_keys(site_dir: Path, name: str) -> SiteKeys:
-    site_dir.mkdir(parents=True, exist_ok=True)
+def _site_key_files(site_dir: Path, name: str) -> tuple[SiteKeys, dict[Path, tuple[bytes, bool]]]:
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return SiteKeys(
-        name=name,
-        private_key=_write(site_dir / "auth.key", private, private=True),
-        public_key=_write(site_dir / "auth.pub", public + f" {name}\n".encode()),
-    )
+    keys = SiteKeys(name=name, private_key=site_dir / "auth.key", public_key=site_dir / "auth.pub")
+    return keys, {keys.private_key: (private, True), keys.public_key: (public + f" {name}\n".encode(), False)}
+
+
+def _check_host(host: str) -> None:
+    """An IP address or a DNS name (letters, digits, '-', dot-separated labels; '*' as the first label)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if not (0 < len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)):
+        raise CertError(f"host {host!r} is neither an IP address nor a DNS name (letters, digits, '-', dots)")
+
+
+def write_key_files(files: dict[Path, tuple[bytes, bool]], root: Path, force: bool = False) -> None:
+    """Write {path: (bytes, private)} all or nothing: refuse links (at a target or a folder between
+    `root` and it) and, without `force`, existing files; create folders 0700, private files 0600."""
+    for path in files:
+        for folder in [path.parent, *path.parent.parents]:
+            if folder == root.parent or folder == folder.parent:
+                break
+            if folder != root and folder.is_symlink():
+                raise CertError(f"{folder}: is a symbolic link; refusing to write keys through it")
+            if folder.exists() and not folder.is_dir():
+                raise CertError(f"{folder}: exists and is not a folder")
+        if path.is_symlink():
+            raise CertError(f"{path}: is a symbolic link; refusing to write through it (remove it first)")
+        if path.exists() and not force:
+            raise CertError(f"{path}: exists; refusing to replace it (give --force to make new keys)")
+        if path.exists() and not path.is_file():
+            raise CertError(f"{path}: exists and is not a regular file")
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, (data, private) in files.items():
+            _make_folders(path.parent)
+            written.append((_write_temporary(path, data, private), path))
+        for tmp, path in written:
+            os.replace(tmp, path)  # replaces a file (never follows a link: the name itself is replaced)
+    except OSError as err:
+        raise CertError(f"{err.filename or root}: cannot write: {err.strerror or err}") from None
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+
+
+def _make_folders(folder: Path) -> None:
+    """Create `folder` and missing parents with mode 0700 (the umask cannot widen it)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)
+
+
+def _write_temporary(path: Path, data: bytes, private: bool) -> Path:
+    """`data` in a new file beside `path` (exclusive, no link followed; 0600 or 0644), synced to disk."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600 if private else 0o644)
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
@@ -166,14 +262,3 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    """Write bytes; private keys are created readable by the owner only (0600)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    if private:
-        os.chmod(path, 0o600)
-    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fedseg.config import RunConfig
-from fedseg.data.datalist import load_datalist
+from fedseg.data.datalist import Problem, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.validate import ValidationReport, validate_site
 from fedseg.trainer import SegmentationTrainer
@@ -39,19 +39,34 @@ class DryRun:
         )
 
 
-def check_site_ready(data_dir: str | Path, config: RunConfig) -> tuple[ValidationReport, DryRun | None]:
+def check_site_ready(
+    data_dir: str | Path, config: RunConfig, allow_outside: bool | None = None
+) -> tuple[ValidationReport, DryRun | None]:
     """Validate the site's data (label values of the run's label scheme; channels: the run's
     `in-channels` when set, else whatever the subjects agree on); when it has no errors, do the dry
-    forward pass with a network taking that many channels."""
+    forward pass with a network taking that many channels. A failing dry run (inside MONAI or the
+    network, e.g. out of memory) becomes a `dry-run` error of the report, with the cause."""
     report = validate_site(data_dir, channels=config.in_channels or None,
-                           label_values=config.labels.allowed_label_values)
-    return report, (dry_forward(data_dir, config, report.channels or 1) if report.ok else None)
+                           label_values=config.labels.allowed_label_values, allow_outside=allow_outside)
+    if not report.ok:
+        return report, None
+    try:
+        return report, dry_forward(data_dir, config, report.channels or 1, allow_outside)
+    except Exception as err:  # noqa: BLE001 - whatever fails in MONAI or torch is what the check must report
+        text = (str(err).strip().splitlines() or [""])[0][:300]
+        cause = err.__cause__ if isinstance(err, RuntimeError) and err.__cause__ is not None else None
+        if cause is not None:  # MONAI wraps a transform's error: "applying transform ..." -> say what failed
+            text = f"{text}: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
+        report.problems.append(Problem("error", "dry-run", str(data_dir),
+                                       f"the dry forward pass failed: {type(err).__name__}: {text}"))
+        return report, None
 
 
-def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int) -> DryRun:
+def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int, allow_outside: bool | None = None) -> DryRun:
     """Sliding-window logits of an untrained model on the site's first volume."""
     labels = config.labels
-    volume = evaluation_dataset(load_datalist(data_dir)[:1], config.spacing, label_mapping=labels.label_mapping)[0]
+    items = load_datalist(data_dir, allow_outside)[:1]
+    volume = evaluation_dataset(items, config.spacing, label_mapping=labels.label_mapping)[0]
     volume = volume["image"]
     trainer = SegmentationTrainer(
         model_name=config.model,

@@ -30,6 +30,7 @@ The sweep's other DP settings come from [run] (dp-max-grad-norm, dp-delta, dp-ac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,12 @@ EXPERIMENT_KEYS = {
     "ensemble-folds", "ensemble-arms", "overlay-cases", "dp-sgd-noise-multipliers", "dp-noised-noise-multipliers",
 }
 SWEEPS = ("dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
+# The TOML type of each [experiment] key (the sweeps are checked by _noise_values).
+KEY_TYPES: dict[str, type] = {
+    "name": str, "data-dir": str, "sites": int, "outside": str, "output-dir": str, "arms": list, "strategies": list,
+    "finetune-rounds": int, "ensemble-folds": int, "ensemble-arms": list, "overlay-cases": int,
+}
+UPPER_BOUNDS = {"sites": 1000, "finetune-rounds": 100_000, "ensemble-folds": 100, "overlay-cases": 1000}
 RUN_KEYS_SET_BY_ARMS = ("strategy", "data-dir", "output-dir", "min-sites", "resume-from")
 
 
@@ -102,7 +109,11 @@ class ExperimentSpec:
         unknown_tables = set(data) - {"experiment", "run"}
         if unknown_tables or "experiment" not in data:
             raise ConfigError(f"needs an [experiment] table and an optional [run] table; unexpected: {sorted(unknown_tables)}")
+        for table in ("experiment", "run"):
+            if not isinstance(data.get(table, {}), Mapping):
+                raise ConfigError(f"'{table}' must be a table ([{table}]), got {type(data[table]).__name__}")
         experiment = dict(data["experiment"])
+        _check_types(experiment)
         unknown = set(experiment) - EXPERIMENT_KEYS
         if unknown:
             raise ConfigError(f"unknown [experiment] key(s) {sorted(unknown)}; valid: {', '.join(sorted(EXPERIMENT_KEYS))}")
@@ -126,10 +137,20 @@ class ExperimentSpec:
 
     def validate(self) -> None:
         """Check names, counts and the run config before anything trains."""
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"[experiment] 'name' must be a plain folder name, got {self.name!r}")
+        for key, value in (("name", self.name), ("outside", self.outside)):
+            if not _plain_name(value) and (key == "name" or value):
+                raise ConfigError(f"[experiment] '{key}' must be a plain folder name, got {value!r}")
+        for key, value in (("data-dir", self.data_dir), ("output-dir", self.output_dir)):
+            if not value.strip() or any(c in value for c in "\0\n\r"):
+                raise ConfigError(f"[experiment] '{key}' must name a folder, got {value!r}")
+        if not Path(self.output_dir).expanduser().is_absolute() and Path(os.path.normpath(self.output_dir)).parts[:1] == ("..",):
+            raise ConfigError(f"[experiment] 'output-dir' {self.output_dir!r} climbs out of the working folder; give a "
+                              "folder below it, or an absolute path")
         if self.sites < 2:
             raise ConfigError(f"[experiment] 'sites' must be >= 2, got {self.sites}")
+        for key, bound in UPPER_BOUNDS.items():
+            if getattr(self, key.replace("-", "_")) > bound:
+                raise ConfigError(f"[experiment] '{key}' must be <= {bound}, got {getattr(self, key.replace('-', '_'))}")
         bad = [arm for arm in self.arms if arm not in ARM_KINDS]
         if bad or not self.arms:
             raise ConfigError(f"[experiment] 'arms' has {bad or 'nothing'}; choose from: {', '.join(ARM_KINDS)}")
@@ -160,6 +181,28 @@ class ExperimentSpec:
             build_strategy(self.run_config(strategy=first, **{"dp-sgd": True, "dp-noise-multiplier": z}))
         for z in self.dp_noised_noise_multipliers:
             build_strategy(self.run_config(strategy="dp-noised", **{"dp-noised.noise-multiplier": z}))
+
+
+def _check_types(experiment: Mapping[str, Any]) -> None:
+    """Each known [experiment] key has its TOML type (lists: of strings), else ConfigError naming it."""
+    for key, kind in KEY_TYPES.items():
+        if key not in experiment:
+            continue
+        value = experiment[key]
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            wanted = {int: "a whole number", str: "a string", list: "a list of strings"}[kind]
+            raise ConfigError(f"[experiment] '{key}' must be {wanted}, got {value!r}")
+
+
+def _plain_name(value: str) -> bool:
+    """A folder name without separators that stays in its parent (not '.' or '..')."""
+    return bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\\0\n\r")
 
 
 def _noise_values(key: str, values: Any) -> tuple[float, ...]:
