@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.data.transforms import AUGMENTATIONS
 from fedseg.labels import SCHEMES, LabelScheme
+from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.models import MODEL_NAMES, PATCH_MULTIPLE
 from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
 
@@ -24,7 +28,17 @@ STRATEGY_PARAM_SEPARATOR = "."
 
 DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # Opacus accountants for DP-SGD's ε
 SYNTHETIC_ANATOMIES: tuple[str, ...] = ("pelvis", "brain")  # fedseg.data.synth.ANATOMIES
-MAX_CHANNELS = 64
+# Upper bounds of sizes: beyond them a run cannot finish (or a site cannot hold one batch).
+UPPER_BOUNDS = {
+    "num-server-rounds": 100_000, "local-epochs": 10_000, "batch-size": 1024, "synthetic-subjects": 1000,
+    "synthetic-size": 256, "min-sites": 10_000, "min-live-sites": 10_000, "num-classes": MAX_NUM_CLASSES,
+    "seed": 2**32 - 1, "round-timeout": 30 * 86400.0, "dp-noise-multiplier": 1000.0, "dp-max-grad-norm": 1e6,
+    "dp-target-epsilon": 1e6,
+}
+MAX_PATCH_SIDE = 512
+PATH_KEYS = ("data-dir", "output-dir", "resume-from")  # output-dir: relative ones may not climb out with '..'
+# 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
+STRATEGY_SPEC = re.compile(r"[A-Za-z0-9][\w.-]*|flower:[A-Za-z_]\w*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 class ConfigError(ValueError):
@@ -53,6 +67,8 @@ class RunConfig:
     patch_size: tuple[int, int, int] = (32, 32, 32)
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm per voxel to resample to; None: native grid
     batch_size: int = 2
+    augmentation: str = "standard"  # training augmentation preset (fedseg.data.transforms.AUGMENTATIONS)
+    augmentation_invert: float = 0.0  # "shift" only: probability of negating a z-scored patch
     data_dir: str = "synthetic"
     synthetic_subjects: int = 8
     synthetic_size: int = 40
@@ -102,6 +118,8 @@ class RunConfig:
         strategy_params: dict[str, Any] = {}
         for key, value in values.items():
             if STRATEGY_PARAM_SEPARATOR in key:
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"run-config '{key}' must be a finite number, got {value}")
                 strategy_params[key] = value
             elif key in known:
                 kwargs[known[key].name] = _coerce(key, value, known[key].type)
@@ -133,6 +151,7 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"run-config '{key}' must be >= 1, got {value}")
+        _validate_bounds(self)
         if not 0.0 < self.learning_rate < 10.0:
             raise ConfigError(f"run-config 'learning-rate' must be in (0, 10), got {self.learning_rate}")
         _validate_optimizer(self)
@@ -165,7 +184,55 @@ class RunConfig:
             raise ConfigError(
                 f"run-config 'patch-size' {self.patch_size} exceeds 'synthetic-size' {self.synthetic_size}"
             )
+        _validate_augmentation(self)
         _validate_dp(self)
+
+
+def _validate_augmentation(config: RunConfig) -> None:
+    """`augmentation` (a preset of fedseg.data.transforms) and `augmentation-invert` (used by "shift" only)."""
+    if config.augmentation not in AUGMENTATIONS:
+        raise ConfigError(
+            f"run-config 'augmentation' is '{config.augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}"
+        )
+    if not 0.0 <= config.augmentation_invert <= 1.0:
+        raise ConfigError(f"run-config 'augmentation-invert' must be in [0, 1], got {config.augmentation_invert}")
+    if config.augmentation_invert > 0 and config.augmentation != "shift":
+        raise ConfigError(
+            f"run-config 'augmentation-invert' is {config.augmentation_invert} but only augmentation 'shift' inverts "
+            f"contrast (augmentation is '{config.augmentation}'): set augmentation = \"shift\" or the inversion to 0"
+        )
+
+
+def _validate_bounds(config: RunConfig) -> None:
+    """Finite numbers, upper bounds of sizes, a seed >= 0, min-live-sites <= min-sites, usable paths."""
+    values = config.to_dict()
+    for item in dataclasses.fields(config):
+        key, value = item.name.replace("_", "-"), getattr(config, item.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"run-config '{key}' must be a finite number, got {values[key]}")
+    for key, bound in UPPER_BOUNDS.items():
+        if values[key] > bound:
+            raise ConfigError(f"run-config '{key}' must be <= {bound:g}, got {values[key]}")
+    if config.seed < 0:
+        raise ConfigError(f"run-config 'seed' must be >= 0, got {config.seed}")
+    if not STRATEGY_SPEC.fullmatch(config.strategy):
+        raise ConfigError(f"run-config 'strategy' is {config.strategy!r}: give a strategy name, "
+                          "'flower:<Class>' or 'package.module:Class'")
+    if max(config.patch_size) > MAX_PATCH_SIDE:
+        raise ConfigError(f"run-config 'patch-size' must be <= {MAX_PATCH_SIDE} per axis, got {config.patch_size}")
+    if config.min_live_sites > config.min_sites:
+        raise ConfigError(f"run-config 'min-live-sites' ({config.min_live_sites}) must be <= 'min-sites' "
+                          f"({config.min_sites}): a run never has more live sites than it started with")
+    for key in PATH_KEYS:
+        if any(c in values[key] for c in "\0\n\r"):
+            raise ConfigError(f"run-config '{key}' holds a NUL or line-break character: {values[key]!r}")
+    output = Path(config.output_dir)
+    if not config.output_dir.strip():
+        raise ConfigError("run-config 'output-dir' must name a folder, got ''")
+    if not output.expanduser().is_absolute() and os.path.normpath(output).split(os.sep)[0] == "..":
+        raise ConfigError(f"run-config 'output-dir' {config.output_dir!r} climbs out of the working folder; "
+                          "give a folder below it, or an absolute path")
 
 
 def _validate_optimizer(config: RunConfig) -> None:
@@ -279,7 +346,11 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """Parse a TOML file; ConfigError naming the file when it cannot be read or parsed."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: cannot read {what}: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: cannot read {what}: nested too deeply") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path}: cannot read {what}: {err}") from err
 
