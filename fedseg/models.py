@@ -21,7 +21,7 @@ def _unet(in_channels: int, out_channels: int) -> nn.Module:
         channels=(16, 32, 64, 128),
         strides=(2, 2, 2),
         num_res_units=2,
-        norm="instance",
+        norm=("instance", {"affine": True}),  # affine, as nnU-Net's: FedBN has per-site scales and shifts to keep
     )
 
 
@@ -63,7 +63,7 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # ba
 
 def norm_state_keys(model: nn.Module) -> frozenset[str]:
     """State-dict keys of the model's normalisation layers: affine weights, biases, running statistics
-    (what FedBN keeps at each site; none for non-affine instance norm as in the `unet` preset)."""
+    (what FedBN keeps at each site)."""
     prefixes = [f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS)]
     return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
 

@@ -6,8 +6,8 @@ own normalisation layers (clients.personal) and replies without them, so they ne
 and are never overwritten there. The global model keeps the server's normalisation layers (the
 initial ones), so it is still a complete network: the one tested on the outside institution; each
 site's personal model (shared layers + its own normalisation) is evaluated beside it.
-Networks without normalisation parameters (the `unet` preset: instance norm without affine) make
-fedbn plain FedAvg; use `segresnet` or `dynunet`.
+A network without normalisation parameters (e.g. instance norm without affine weights) makes fedbn
+plain FedAvg; every built-in preset has them.
 """
 
 from __future__ import annotations

@@ -100,11 +100,11 @@ def _state_dir(site: int) -> Path:
 
 
 def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_identity: None) -> None:
-    values = tiny_config(tmp_path, **{"strategy": "fedbn", "model": "dynunet", "num-server-rounds": 2})
+    values = tiny_config(tmp_path, **{"strategy": "fedbn", "num-server-rounds": 2})
     grid = InProcessGrid(values, 2)
     final, history = run_federation(grid, values, tmp_path / "run")
-    norms = norm_state_keys(build_model("dynunet", 1, 3))
-    assert norms  # dynunet's instance norms are affine: there is something to keep local
+    norms = norm_state_keys(build_model("unet", 1, 3))
+    assert norms  # affine instance norms: there is something to keep local
     train_sends = [m for sent in grid.sent for m in sent if m.metadata.message_type == "train"]
     train_replies = [r for r in grid.replies if r.metadata.message_type == "train"]
     assert len(train_replies) == 4 and not any(r.has_error() for r in train_replies)
@@ -112,7 +112,7 @@ def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_iden
         assert not norms & set(message.content["arrays"]), "normalisation layers in a message"
     # the global model's normalisation layers are the initial ones; the sites' own ones differ from them
     torch.manual_seed(values["seed"])
-    initial = build_model("dynunet", 1, 3).state_dict()
+    initial = build_model("unet", 1, 3).state_dict()
     global_state = final.to_torch_state_dict()
     assert all(torch.equal(global_state[k], initial[k]) for k in norms)
     kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(NORMS)
@@ -141,7 +141,7 @@ class ServerCrash(Exception):
     """Stands in for the server process dying."""
 
 
-@pytest.mark.parametrize("strategy, model", [("scaffold", "unet"), ("ditto", "unet"), ("fedbn", "dynunet")])
+@pytest.mark.parametrize("strategy, model", [("scaffold", "unet"), ("ditto", "unet"), ("fedbn", "unet")])
 def test_a_server_dying_after_the_sites_trained_resumes_bit_identically(
     tmp_path: Path, task_identity: None, strategy: str, model: str
 ) -> None:
