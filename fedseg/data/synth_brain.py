@@ -36,7 +36,7 @@ from fedseg.data.synth import _bias_field, _rotation
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 MODALITY_NAMES = ("T1", "T1-Gd", "T2", "FLAIR")
 BRAIN_LABELS = {0: "background", 1: "necrotic / non-enhancing tumour core", 2: "edema", 4: "enhancing tumour"}
-BRAIN_GENERATOR_VERSION = 1  # bump when the images change, so cached synthetic brain sites are regenerated
+BRAIN_GENERATOR_VERSION = 2  # bump when the images change, so cached synthetic brain sites are regenerated
 TISSUES = ("skin", "fat", "bone", "marrow", "csf", "gm", "wm", "deep", "edema", "nonenh", "enhancing", "necrosis")
 
 
@@ -48,34 +48,34 @@ def _contrast(t1: dict[str, float], t1ce: dict[str, float], t2: dict[str, float]
 
 
 _T1 = {"skin": 0.45, "fat": 1.0, "bone": 0.04, "marrow": 0.75, "csf": 0.12, "gm": 0.45, "wm": 0.7, "deep": 0.52,
-       "edema": 0.38, "nonenh": 0.32, "enhancing": 0.48, "necrosis": 0.15}
+       "edema": 0.4, "nonenh": 0.28, "enhancing": 0.48, "necrosis": 0.15}
 _T2 = {"skin": 0.35, "fat": 0.65, "bone": 0.03, "marrow": 0.45, "csf": 1.0, "gm": 0.58, "wm": 0.4, "deep": 0.5,
-       "edema": 0.82, "nonenh": 0.8, "enhancing": 0.62, "necrosis": 0.95}
+       "edema": 0.8, "nonenh": 0.92, "enhancing": 0.62, "necrosis": 0.95}
 _FLAIR = {"skin": 0.35, "fat": 0.6, "bone": 0.03, "marrow": 0.4, "csf": 0.06, "gm": 0.52, "wm": 0.4, "deep": 0.48,
-          "edema": 1.0, "nonenh": 0.88, "enhancing": 0.7, "necrosis": 0.3}
+          "edema": 1.0, "nonenh": 0.72, "enhancing": 0.7, "necrosis": 0.3}
 _ENHANCED = {"skin": 0.55, "enhancing": 1.05}
 
 BRAIN_CONTRASTS = {  # field strength and sequences
     "3T": _contrast(_T1, _ENHANCED, _T2, _FLAIR),
     # lower T1 grey/white contrast, weaker enhancement, incomplete CSF suppression
     "1.5T": _contrast({**_T1, "gm": 0.5, "wm": 0.64, "csf": 0.2, "edema": 0.45}, {**_ENHANCED, "enhancing": 0.98},
-                      {**_T2, "csf": 0.92, "gm": 0.62, "wm": 0.46, "edema": 0.72, "nonenh": 0.7},
-                      {**_FLAIR, "csf": 0.16, "gm": 0.5, "wm": 0.44, "edema": 0.82, "nonenh": 0.74}),
+                      {**_T2, "csf": 0.92, "gm": 0.62, "wm": 0.46, "edema": 0.72, "nonenh": 0.84},
+                      {**_FLAIR, "csf": 0.16, "gm": 0.5, "wm": 0.44, "edema": 0.82, "nonenh": 0.62}),
     # 3D gradient echo T1 (MPRAGE) and 3D FLAIR: strong grey/white contrast, less bright fat
     "3T-3D": _contrast({**_T1, "fat": 0.8, "gm": 0.38, "wm": 0.8, "csf": 0.06, "marrow": 0.6},
                        {**_ENHANCED, "enhancing": 1.0},
                        {**_T2, "gm": 0.62, "wm": 0.36, "edema": 0.9},
                        {**_FLAIR, "csf": 0.03, "gm": 0.62, "wm": 0.36, "edema": 0.95, "necrosis": 0.2}),
     # 2D spin echo: very bright fat, flat grey/white contrast, bright edema on T1-Gd
-    "1.5T-SE": _contrast({**_T1, "gm": 0.48, "wm": 0.6, "csf": 0.24, "edema": 0.46, "nonenh": 0.42},
+    "1.5T-SE": _contrast({**_T1, "gm": 0.48, "wm": 0.6, "csf": 0.24, "edema": 0.46, "nonenh": 0.34},
                          {**_ENHANCED, "enhancing": 1.05, "edema": 0.5},
                          {**_T2, "csf": 0.88, "gm": 0.56, "wm": 0.46, "edema": 0.68, "necrosis": 0.8},
-                         {**_FLAIR, "csf": 0.2, "gm": 0.56, "wm": 0.47, "edema": 0.8, "nonenh": 0.72}),
+                         {**_FLAIR, "csf": 0.2, "gm": 0.56, "wm": 0.47, "edema": 0.8, "nonenh": 0.6}),
     # low-field open scanner: low contrast everywhere
     "1T-open": _contrast({**_T1, "gm": 0.5, "wm": 0.58, "csf": 0.26, "edema": 0.48, "necrosis": 0.3},
                          {**_ENHANCED, "enhancing": 0.95},
-                         {**_T2, "csf": 0.84, "gm": 0.56, "wm": 0.48, "edema": 0.66, "nonenh": 0.66, "necrosis": 0.78},
-                         {**_FLAIR, "csf": 0.24, "gm": 0.52, "wm": 0.46, "edema": 0.72, "nonenh": 0.66}),
+                         {**_T2, "csf": 0.84, "gm": 0.56, "wm": 0.48, "edema": 0.66, "nonenh": 0.78, "necrosis": 0.78},
+                         {**_FLAIR, "csf": 0.24, "gm": 0.52, "wm": 0.46, "edema": 0.72, "nonenh": 0.56}),
 }
 
 
@@ -101,19 +101,19 @@ class BrainInstitution:
 BRAIN_INSTITUTIONS = (
     BrainInstitution("A", "3T", (1.0, 1.0, 1.0), 1.0, 0.03, 0.15, True, 0.8, (0.9, 1.2), 0.0, 1.0,
                      (1000.0, 1200.0, 1500.0, 900.0), False),
-    BrainInstitution("B", "1.5T", (1.0, 1.0, 3.0), 1.05, 0.06, 0.35, False, 0.6, (0.8, 1.1), 1.5, 2.5,
+    BrainInstitution("B", "1.5T", (1.0, 1.0, 3.0), 1.05, 0.06, 0.35, False, 0.6, (0.8, 1.1), 1.0, 2.5,
                      (450.0, 520.0, 800.0, 400.0), True),
-    BrainInstitution("C", "3T-3D", (1.0, 1.0, 1.0), 0.95, 0.04, 0.25, True, 0.3, (0.7, 1.0), -1.0, 0.5,
+    BrainInstitution("C", "3T-3D", (1.0, 1.0, 1.0), 0.95, 0.04, 0.25, True, 0.3, (0.8, 1.1), -0.5, 1.5,
                      (2400.0, 2600.0, 3000.0, 2000.0), False),
-    BrainInstitution("D", "1.5T-SE", (0.9, 0.9, 5.0), 1.1, 0.08, 0.3, False, 0.9, (1.0, 1.3), 1.0, 1.5,
+    BrainInstitution("D", "1.5T-SE", (0.9, 0.9, 5.0), 1.1, 0.08, 0.3, False, 0.9, (1.0, 1.3), 1.0, 0.5,
                      (600.0, 700.0, 900.0, 500.0), False),
     BrainInstitution("E", "3T", (1.0, 1.0, 2.0), 1.0, 0.05, 0.45, True, 1.0, (0.9, 1.3), 0.5, 0.3,
                      (3000.0, 3300.0, 4000.0, 2800.0), True),
-    BrainInstitution("F", "1.5T", (1.2, 1.2, 1.2), 1.0, 0.05, 0.2, True, 0.5, (0.8, 1.1), -1.5, 0.8,
+    BrainInstitution("F", "1.5T", (1.2, 1.2, 1.2), 1.0, 0.05, 0.2, True, 0.5, (0.8, 1.1), -1.0, 0.8,
                      (800.0, 900.0, 1100.0, 700.0), False),
     BrainInstitution("G", "3T-3D", (0.8, 0.8, 1.6), 1.05, 0.03, 0.4, False, 0.7, (0.9, 1.2), 0.5, 2.0,
                      (1500.0, 1600.0, 2000.0, 1300.0), True),
-    BrainInstitution("H", "1.5T-SE", (1.0, 1.0, 4.0), 1.0, 0.07, 0.25, True, 0.2, (0.7, 1.0), 2.0, 0.4,
+    BrainInstitution("H", "1.5T-SE", (1.0, 1.0, 4.0), 1.0, 0.07, 0.25, True, 0.2, (0.8, 1.1), 1.5, 0.4,
                      (350.0, 420.0, 600.0, 300.0), False),
     BrainInstitution("I", "3T", (1.0, 1.0, 1.0), 1.1, 0.02, 0.5, False, 0.6, (0.8, 1.2), -0.5, 1.2,
                      (1800.0, 2000.0, 2500.0, 1600.0), True),
@@ -146,7 +146,7 @@ def render_brain_subject(
     for region, tissue in subject.layers:
         occupancy = np.clip(0.5 - subject.sdf[region] / ramp, 0.0, 1.0)
         box = _bounding_box(occupancy > 0)  # inner regions are small: paint only around them
-        amplitude = 0.12 if tissue in _TUMOUR else 0.04
+        amplitude = 0.08 if tissue in _TUMOUR else 0.04
         image[box] += occupancy[box][..., None] * (contrast[tissue] * (1.0 + amplitude * texture[box]) - image[box])
     shape = subject.shape
     image = image.reshape(*shape, subject.sub, 4).mean(-2)
