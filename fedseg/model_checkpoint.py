@@ -19,6 +19,7 @@ import torch
 
 from fedseg.atomic import atomic_path
 from fedseg.config import RunConfig
+from fedseg.errors import first_line
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.models import MODEL_NAMES, build_model
@@ -92,14 +93,14 @@ class ModelCheckpoint:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch.load parses untrusted bytes; any failure means unreadable
-            raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {_first_line(err)}") from None
+            raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
         try:
             checkpoint = cls(**_checked_fields(data))
             checkpoint.labels  # noqa: B018 - the label scheme checks itself (e.g. brats has 4 classes)
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a usable fedseg model file: {_first_line(err)}") from None
+            raise CheckpointError(f"{path}: not a usable fedseg model file: {first_line(err)}") from None
         fault = checkpoint.weights_fault()
         if fault:
             raise CheckpointError(f"{path}: weights do not fit model '{checkpoint.model}' with "
@@ -178,7 +179,3 @@ def _triple(values: Sequence, kind: type, key: str = "value") -> tuple:
         raise ValueError(f"'{key}' must be a list of 3 numbers, got {values!r}")
     return tuple(kind(v) for v in values)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__

@@ -29,6 +29,7 @@ from monai.transforms import Compose, Invertd, LoadImaged, NormalizeIntensityd, 
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
 from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti
+from fedseg.errors import first_line
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.trainer import SegmentationTrainer
@@ -137,7 +138,7 @@ def predict(
             except PredictError:
                 raise
             except (RuntimeError, ValueError, OSError, IndexError, TypeError) as err:  # failures inside MONAI/torch
-                raise PredictError(f"{case[0]}: cannot segment: {type(err).__name__}: {_first_line(err)}") from None
+                raise PredictError(f"{case[0]}: cannot segment: {type(err).__name__}: {first_line(err)}") from None
             written.append((_write_temporary(image, out_path), out_path))
         for tmp, out_path in written:
             os.replace(tmp, out_path)
@@ -222,10 +223,6 @@ def _remove_if_empty(folder: Path) -> None:
     except OSError:
         pass
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 def _as_case(case: Case | Path) -> Case:

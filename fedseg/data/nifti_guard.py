@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, SiteDataError
+from fedseg.errors import first_line
 from fedseg.limits import DEFAULT_MAX_VOXELS, MAX_CHANNELS
 
 MAX_VOXELS_ENV = "FEDSEG_MAX_VOXELS"
@@ -122,7 +123,7 @@ def inspect_nifti(
         affine = np.asarray(image.affine, dtype=float)
     except Exception as err:  # noqa: BLE001 - nibabel parses untrusted bytes: any failure means unreadable
         raise VolumeError("unreadable", path, f"cannot read the NIfTI header (corrupt or truncated?): "
-                                              f"{type(err).__name__}: {_first_line(err)}") from None
+                                              f"{type(err).__name__}: {first_line(err)}") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError("not-nifti", path, f"not a NIfTI image ({type(image).__name__})")
     if dtype.kind not in "iuf" or dtype.itemsize > 8:
@@ -167,7 +168,7 @@ def load_nifti(
     try:
         data = np.asanyarray(header.image.dataobj)
     except Exception as err:  # noqa: BLE001 - as above; the size was bounded by the header checks
-        raise VolumeError("unreadable", path, f"cannot read (corrupt or truncated?): {_first_line(err)}") from None
+        raise VolumeError("unreadable", path, f"cannot read (corrupt or truncated?): {first_line(err)}") from None
     return header, data
 
 
@@ -188,10 +189,6 @@ def guard_datalist(items: Iterable[dict], pixdim: Sequence[float] | None = None,
         public = "site data invalid: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
         raise SiteDataError("; ".join(map(str, faults)), public)
 
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def _size(shape: Sequence[int]) -> str:

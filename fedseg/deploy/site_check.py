@@ -17,6 +17,7 @@ from fedseg.config import RunConfig
 from fedseg.data.datalist import Problem, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.validate import ValidationReport, validate_site
+from fedseg.errors import first_line
 from fedseg.trainer import SegmentationTrainer
 
 
@@ -53,10 +54,10 @@ def check_site_ready(
     try:
         return report, dry_forward(data_dir, config, report.channels or 1, allow_outside)
     except Exception as err:  # noqa: BLE001 - whatever fails in MONAI or torch is what the check must report
-        text = (str(err).strip().splitlines() or [""])[0][:300]
+        text = first_line(err)
         cause = err.__cause__ if isinstance(err, RuntimeError) and err.__cause__ is not None else None
         if cause is not None:  # MONAI wraps a transform's error: "applying transform ..." -> say what failed
-            text = f"{text}: {type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:300]}"
+            text = f"{text}: {type(cause).__name__}: {first_line(cause)}"
         report.problems.append(Problem("error", "dry-run", str(data_dir),
                                        f"the dry forward pass failed: {type(err).__name__}: {text}"))
         return report, None
