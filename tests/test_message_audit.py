@@ -73,3 +73,46 @@ def test_a_corrupt_scan_fails_its_site_without_naming_the_subject(tmp_path: Path
     subject = scan.name.split(".")[0]
     assert all(subject not in reason and str(tmp_path) not in reason for reason in reasons), reasons
     assert history.rounds[-1].failures
+
+
+ALLOWED_REASON = re.compile(
+    r"^(train|evaluate|probe) failed at this site: \w+: (site data invalid: (\d+ x [a-z-]+(, )?)+|"
+    r"message withheld \(it may name files or subjects\)|out of memory|the site's [\w ,'()-]+|"
+    r"privacy budget reached: [^/\\]+) \(details in the site's log\)$"
+)
+
+
+def test_every_kind_of_reply_is_audited_dp_probe_and_error(tmp_path: Path, task_identity: None) -> None:
+    """DP-SGD train replies (dp-* metrics), evaluate replies, a probe (query) reply of a site that rejoins,
+    and error replies of a site whose folder and file names hold spaces and a subject id."""
+    broken = tmp_path / "ward 7" / "patient 0042 scan"
+    for sub in ("images", "labels"):
+        (broken / sub).mkdir(parents=True)
+        (broken / sub / "patient 0042 t1 scan.nii.gz").write_bytes(b"\x1f\x8b not a scan")
+    values = tiny_config(tmp_path, **{"num-server-rounds": 2, "min-sites": 3, "round-timeout": 5.0, "dp-sgd": True,
+                                      "dp-noise-multiplier": 1.0})
+    nodes = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 1, "num-partitions": 3},
+             {"data-dir": str(broken), "site-id": 2}]
+    grid = InProcessGrid(values, 3, node_configs=nodes)
+
+    def before_send(messages: list[Message]) -> None:  # site-1's node leaves as round 1 trains, is back to evaluate
+        kind = messages[0].metadata.message_type if messages else ""
+        if kind in ("train", "evaluate") and int(messages[0].content["config"]["server-round"]) == 1:
+            (grid.killed.add if kind == "train" else grid.killed.discard)(grid.node_of(1))
+
+    grid.before_send = before_send
+    run_federation(grid, values, tmp_path / "run")
+    model_shapes = {k: tuple(v.shape) for k, v in build_model("unet", 1, 3).state_dict().items()}
+    kinds = {(reply.metadata.message_type, reply.has_error()) for reply in grid.replies}
+    assert {("train", False), ("evaluate", False), ("query", False), ("train", True), ("evaluate", True)} <= kinds
+    for reply in grid.replies:
+        if reply.has_error():
+            reason = reply.error.reason
+            assert ALLOWED_REASON.match(reason), reason
+            assert not any(leak in reason for leak in ("ward", "0042", "patient", "scan", "t1", str(tmp_path))), reason
+        elif reply.metadata.message_type == "query":
+            assert not reply.content.array_records and dict(reply.content["metrics"]) == {"site-id": 1}
+        else:
+            assert_only_weights_and_aggregates(reply, model_shapes)
+            if reply.metadata.message_type == "train":
+                assert {"dp-epsilon", "dp-delta", "dp-noise-multiplier"} <= set(reply.content["metrics"])
