@@ -9,9 +9,9 @@ federation goes on without it.
 from __future__ import annotations
 
 import logging
-import re
 import time
 
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -26,7 +26,6 @@ from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.trainer import EvalResult
 
 log = logging.getLogger("fedseg.client")
-_PATH_LIKE = re.compile(r"[^\s'\"]*[/\\][^\s'\":]*")
 
 app = ClientApp()
 
@@ -110,18 +109,27 @@ def _in_channels(msg: Message) -> int:
 
 
 def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
-    """Log the full error locally; send the server the fault without paths or subject ids."""
+    """Log the full error locally; send the server a code and a reason built without the error's text."""
     log.error("%s failed at this site: %s: %s", stage, type(err).__name__, err)
-    detail = err.public if isinstance(err, SiteDataError) else redact_paths(str(err))
-    reason = f"{stage} failed at this site: {type(err).__name__}: {detail} (details in the site's log)"
+    reason = f"{stage} failed at this site: {type(err).__name__}: {public_reason(err)} (details in the site's log)"
     code = m.SITE_ERROR_CODE
     if isinstance(err, PrivacyBudgetExceeded):
         code = m.PRIVACY_BUDGET_CODE
     elif isinstance(err, ChannelMismatch):
         code = m.CHANNELS_CODE
+    elif isinstance(err, MemoryError | torch.OutOfMemoryError):
+        code = m.OUT_OF_MEMORY_CODE
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def redact_paths(text: str) -> str:
-    """Replace anything path-like with <path> so no file or folder name leaves the site."""
-    return _PATH_LIKE.sub("<path>", text)
+def public_reason(err: Exception) -> str:
+    """What may leave the site about `err`, by construction (an allow-list): a SiteDataError's `public`
+    text (kinds and counts), the privacy budget's numbers, or a fixed phrase. An exception's own
+    message is never sent: paths, file names (with spaces or not) and subject ids can hide anywhere in it."""
+    if isinstance(err, SiteDataError):
+        return err.public
+    if isinstance(err, PrivacyBudgetExceeded):
+        return str(err)  # fedseg.privacy builds it from ε, the budget and δ only
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return "out of memory"
+    return "message withheld (it may name files or subjects)"
