@@ -58,7 +58,7 @@ def train_round(
     result = trainer.fit(
         site.train_set, epochs=epochs, start_weights=start, prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
         seed=site.fit_seed(server_round), privacy=privacy, learning_rate=learning_rate,
-        gradient_correction=correction,
+        gradient_correction=correction, average_gradients=scaffold,
     )
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
@@ -66,7 +66,7 @@ def train_round(
         personal.save(NORMS, {k: weights[k] for k in _norm_keys(site)}, server_round)
         out.weights = {k: v for k, v in weights.items() if k not in _norm_keys(site)}
     if scaffold:
-        updated, change = scaffold_update(variate, server_variate, start, weights, result.steps, learning_rate)
+        updated, change = scaffold_update(variate, result.mean_gradients or {})
         personal.save(SCAFFOLD, updated, server_round)
         out.extra_arrays[m.SCAFFOLD_DC] = change
     if ditto_lambda:

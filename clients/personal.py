@@ -13,9 +13,12 @@ The round logic the ClientApp applies around the plain local fit:
   layers (its initial ones in its first round) and replies without normalisation layers.
 - Ditto (`ditto-lambda` = λ): after the usual local fit (the reply), the site trains its personal
   model v for the same epochs on min L(v) + λ/2‖v − w_global‖² (Li et al. 2021) and keeps it.
-- SCAFFOLD (`scaffold-c` = c): the local fit adds c − cᵢ to every gradient; then
-  cᵢ⁺ = cᵢ − c + (x − yᵢ) / (K·η) (Karimireddy et al. 2020, option II; x the global model, yᵢ the
-  site's model after K steps at rate η); the site keeps cᵢ⁺ and replies Δcᵢ = cᵢ⁺ − cᵢ.
+- SCAFFOLD (`scaffold-c` = c): the local fit adds c − cᵢ to every gradient; then cᵢ⁺ is the mean
+  of the site's raw minibatch gradients over its K local steps (Karimireddy et al. 2020's option I,
+  the local gradient, averaged along the local path). Their option II, (x − yᵢ)/(K·η), equals that
+  mean only for plain SGD: under Adam it measures normalised steps of size ~1 per weight and the
+  correction swamps the gradients (measured: the model never learned). The site keeps cᵢ⁺ and
+  replies Δcᵢ = cᵢ⁺ − cᵢ.
 """
 
 from __future__ import annotations
@@ -72,10 +75,9 @@ class PersonalState:
 
 
 def scaffold_update(
-    variate: Mapping[str, torch.Tensor], server: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
-    end: Mapping[str, torch.Tensor], steps: int, learning_rate: float,
+    variate: Mapping[str, torch.Tensor], mean_gradients: Mapping[str, torch.Tensor]
 ) -> tuple[Tensors, Tensors]:
-    """(cᵢ⁺, Δcᵢ) of SCAFFOLD option II for the keys of `variate` (see the module docstring)."""
-    scale = 1.0 / (max(steps, 1) * learning_rate)
-    updated = {k: variate[k] - server[k] + (start[k].float() - end[k].float()) * scale for k in variate}
+    """(cᵢ⁺, Δcᵢ) for the keys of `variate`: the mean local gradient where the site has one (network
+    parameters), the old value elsewhere (e.g. normalisation statistics)."""
+    updated = {k: mean_gradients[k].float() if k in mean_gradients else variate[k] for k in variate}
     return updated, {k: updated[k] - variate[k] for k in variate}

@@ -39,6 +39,7 @@ class FitResult:
     num_examples: int
     seconds: float
     steps: int = 0  # optimizer steps taken
+    mean_gradients: dict[str, torch.Tensor] | None = None  # per parameter, the raw gradients' mean over the steps
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,14 @@ class SegmentationTrainer:
         learning_rate: float | None = None,
         prox_anchor: StateDict | None = None,
         gradient_correction: StateDict | None = None,
+        average_gradients: bool = False,
     ) -> FitResult:
         """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's).
 
         With prox_mu > 0 add (mu/2)·‖w − a‖² to the loss, a = `prox_anchor` (Ditto: the global
         model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
-        parameter name) is added to every gradient before each step.
+        parameter name) is added to every gradient before each step; with `average_gradients` the
+        result carries each parameter's mean raw gradient (before the correction) over the steps.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
         sampling, per-subject clipping and noise; proximal terms and corrections are refused there.
         """
@@ -136,6 +139,8 @@ class SegmentationTrainer:
         if prox_mu > 0:
             source = prox_anchor if prox_anchor is not None else dict(self.model.named_parameters())
             anchor = [source[name].detach().to(self.device).clone() for name, _ in self.model.named_parameters()]
+        named = list(self.model.named_parameters())
+        gradient_sums = {name: torch.zeros_like(p) for name, p in named} if average_gradients else None
         correction = None
         if gradient_correction is not None:
             correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
@@ -165,6 +170,9 @@ class SegmentationTrainer:
                     if anchor is not None:
                         loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
                     loss.backward()
+                    for name, param in named if gradient_sums is not None else ():
+                        if param.grad is not None:
+                            gradient_sums[name] += param.grad
                     for param, extra in correction or ():
                         if param.grad is not None:
                             param.grad.add_(extra)
@@ -176,6 +184,7 @@ class SegmentationTrainer:
             num_examples=len(dataset),
             seconds=time.perf_counter() - started,
             steps=steps,
+            mean_gradients={k: (v / max(steps, 1)).cpu() for k, v in gradient_sums.items()} if gradient_sums else None,
         )
 
     def release_memory(self) -> None:

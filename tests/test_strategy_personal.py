@@ -33,10 +33,14 @@ OPTIMUM = np.linalg.solve(sum(a.T @ a for a, _ in SITES), sum(a.T @ b for a, b i
 STEPS, LR = 20, 0.02
 
 
-def _local_sgd(a: np.ndarray, b: np.ndarray, w: np.ndarray, correction: np.ndarray) -> np.ndarray:
+def _local_sgd(a: np.ndarray, b: np.ndarray, w: np.ndarray, correction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model after the local steps and the mean raw gradient along them (what the trainer reports)."""
+    total = np.zeros_like(w)
     for _ in range(STEPS):
-        w = w - LR * (a.T @ (a @ w - b) + correction)
-    return w
+        gradient = a.T @ (a @ w - b)
+        total += gradient
+        w = w - LR * (gradient + correction)
+    return w, total / STEPS
 
 
 def _federate(strategy: FedAvg, rounds: int) -> float:
@@ -50,11 +54,11 @@ def _federate(strategy: FedAvg, rounds: int) -> float:
         for site, (message, (a, b)) in enumerate(zip(messages, SITES, strict=True)):
             scaffold = "scaffold-c" in message.content.array_records
             c = torch.from_numpy(as_numpy(message.content["scaffold-c"])["w"]) if scaffold else torch.zeros(4)
-            end = _local_sgd(a, b, w.astype(np.float64), (c - variates[site]).numpy()).astype(np.float32)
+            end, mean_gradient = _local_sgd(a, b, w.astype(np.float64), (c - variates[site]).numpy())
+            end = end.astype(np.float32)
             answer = reply(message, {"w": end}, num_examples=10, site_id=site)
             if scaffold:
-                updated, change = scaffold_update({"w": variates[site]}, {"w": c}, {"w": torch.from_numpy(w)},
-                                                  {"w": torch.from_numpy(end)}, STEPS, LR)
+                updated, change = scaffold_update({"w": variates[site]}, {"w": torch.from_numpy(mean_gradient)})
                 variates[site] = updated["w"]
                 answer.content["scaffold-dc"] = arrays_of({"w": change["w"].numpy()})
             replies.append(answer)
@@ -86,11 +90,11 @@ def test_scaffold_checkpoints_its_variate_and_drops_a_bad_change(task_identity: 
     assert restored.sites == {"site-0"} and torch.equal(restored.variate["w"], strategy.variate["w"])
 
 
-def test_scaffold_update_is_option_two() -> None:
-    updated, change = scaffold_update({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])},
-                                      {"w": torch.tensor([2.0])}, {"w": torch.tensor([1.0])}, steps=4, learning_rate=0.5)
-    assert updated["w"].item() == pytest.approx(1.0 - 0.5 + (2.0 - 1.0) / (4 * 0.5))
-    assert change["w"].item() == pytest.approx(updated["w"].item() - 1.0)
+def test_scaffold_variate_is_the_mean_local_gradient() -> None:
+    updated, change = scaffold_update({"w": torch.tensor([1.0]), "stat": torch.tensor([3.0])},
+                                      {"w": torch.tensor([0.25])})
+    assert updated == {"w": torch.tensor([0.25]), "stat": torch.tensor([3.0])}
+    assert change["w"].item() == pytest.approx(-0.75) and change["stat"].item() == 0.0
 
 
 # ---------------------------------------------------------------------- FedBN and Ditto in a federation
