@@ -24,7 +24,9 @@ resume from a checkpoint, and go on without sites that died:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,7 +57,8 @@ NODE_MINIMUMS = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
 # The metric a reply must carry (finite) to be counted in history.json, per stage.
 RECORDED_METRIC = {"train": m.TRAIN_LOSS, "evaluate": m.DICE}
 POLL_SECONDS = 1.0
-FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"  # run-folder model files (fedseg.model_checkpoint format)
+FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"
+RUN_KEY = "run-key"  # history.json: the key that names the run to the sites  # run-folder model files (fedseg.model_checkpoint format)
 
 
 class FederationError(RuntimeError):
@@ -103,6 +106,7 @@ class Federation:
     _site_names: dict[int, str] = field(default_factory=dict, init=False)
     _dropped: set[int] = field(default_factory=set, init=False)
     _probes: dict[str, int] = field(default_factory=dict, init=False)  # pending probe's message id → dropped node
+    _run_key: str = field(default="", init=False)
     _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
 
@@ -117,7 +121,8 @@ class Federation:
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:
-            arrays, history = initial, History(config=self.config.to_dict())
+            arrays, history = initial, History(config=self.config.to_dict(), extra={RUN_KEY: new_run_key(self.run_dir)})
+            self._run_key = history.extra[RUN_KEY]
             record = self._evaluate(0, arrays, RoundRecord(round=0))
             self._finish_round(arrays, history, record)
         else:
@@ -165,7 +170,7 @@ class Federation:
 
     def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:
         """An instruction's config: `values` plus what every site must know (the run, the model's input channels)."""
-        return ConfigRecord({**values, m.RUN_KEY: run_key(self.run_dir), m.IN_CHANNELS: self.config.in_channels})
+        return ConfigRecord({**values, m.RUN_KEY: self._run_key, m.IN_CHANNELS: self.config.in_channels})
 
     def _finish_round(self, arrays: ArrayRecord, history: History, record: RoundRecord) -> None:
         """Record the round and write the run folder: history and checkpoint (which holds the weights)."""
@@ -185,6 +190,7 @@ class Federation:
         self._report(record)
 
     def _restore(self, checkpoint: Checkpoint) -> tuple[ArrayRecord, History]:
+        self._run_key = checkpoint.history.extra.get(RUN_KEY) or _legacy_run_key(self.run_dir)
         restore_strategy(self.strategy, checkpoint.strategy_state)
         set_rng_state(checkpoint.rng_state)
         self._site_names.update(checkpoint.site_names)
@@ -327,7 +333,20 @@ def _numeric_metrics(content: RecordDict) -> dict[str, float]:
 
 
 
+def new_run_key(run_dir: Path) -> str:
+    """Names a new run to the sites (their ε ledger, their own model state): kept in history.json and
+    the checkpoint, so a resumed run keeps it; a new run in the same folder (e.g. an experiment arm
+    started again after its folder was deleted) gets another, so it never inherits the old run's state."""
+    return f"{run_dir.name}-{secrets.token_hex(5)}"
+
+
 def run_key(run_dir: Path) -> str:
-    """Names this run to the sites (e.g. their ε ledger): stable across resumes, unique per run folder."""
+    """The run key recorded in `run_dir`'s history.json (runs before run keys were recorded: derived
+    from the folder's path, as they were)."""
+    history = json.loads((run_dir / "history.json").read_text())
+    return history.get(RUN_KEY) or _legacy_run_key(run_dir)
+
+
+def _legacy_run_key(run_dir: Path) -> str:
     digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:10]
     return f"{run_dir.name}-{digest}"
