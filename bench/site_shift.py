@@ -5,6 +5,7 @@ every model on every site's test split and on the outside institution (all its s
 
     python bench/site_shift.py --size small --steps 300 --pooled-steps 600
     python bench/site_shift.py --anatomy brain --size tiny --steps 150 --pooled-steps 300 --patch 24
+    python bench/site_shift.py --size small --steps 150 --pooled-steps 300 --patch 24 --augmentation shift --invert 0.3
 
 Prints the matrix (mean foreground Dice over the classes the test cases have) and, per single-site
 model, home Dice, worst away Dice and the gap; `--json FILE` also writes them. Runs in a few minutes
@@ -29,6 +30,7 @@ from fedseg.data.datasets import evaluation_dataset, training_dataset
 from fedseg.data.sites import load_site_split
 from fedseg.data.synth import ANATOMIES, synthesize
 from fedseg.data.synth_brain import MODALITIES
+from fedseg.data.transforms import AUGMENTATIONS
 from fedseg.trainer import EvalResult, SegmentationTrainer
 
 PIXDIM = (1.0, 1.0, 1.0)  # the prostate study's resampling (BraTS is 1 mm isotropic too)
@@ -43,7 +45,9 @@ def train(items: list[dict], steps: int, args: argparse.Namespace, cache: Path) 
     trainer = SegmentationTrainer("unet", BRAIN_CLASSES if brain else args.num_classes, patch,
                                   in_channels=len(MODALITIES) if brain else 1, batch_size=2, learning_rate=args.lr)
     epochs = math.ceil(steps / math.ceil(len(items) / trainer.batch_size))
-    trainer.fit(training_dataset(items, patch, PIXDIM, cache_dir=cache), epochs=epochs, seed=args.seed)
+    train_set = training_dataset(items, patch, PIXDIM, cache_dir=cache, augmentation=args.augmentation,
+                                 invert_probability=args.invert)
+    trainer.fit(train_set, epochs=epochs, seed=args.seed)
     return trainer
 
 
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--pooled-steps", type=int, default=600, help="optimiser steps of the pooled model")
     parser.add_argument("--patch", type=int, default=32, help="cubic training patch side (voxels)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--augmentation", default="standard", choices=AUGMENTATIONS, help="training augmentation preset")
+    parser.add_argument("--invert", type=float, default=0.0, help="'shift' only: contrast inversion probability")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
