@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,3 +27,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def publish_site_folder(tmp: Path, site_dir: Path, manifest: dict) -> Path:
+    """Write `manifest` as `tmp/dataset.json`, then rename the fully written folder `tmp` to
+    `site_dir`; if another process published the same folder first, keep theirs (identical)."""
+    (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        os.replace(tmp, site_dir)
+    except OSError:
+        shutil.rmtree(tmp)
+    return site_dir

@@ -20,8 +20,6 @@ instead (fedseg.data.synth_brain: four modalities, labels 0, 1, 2, 4; `num_class
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from fedseg.atomic import publish_site_folder
 from fedseg.cache import cache_root
 
 if TYPE_CHECKING:
@@ -166,12 +165,7 @@ def write_site(
         "test": [],
         "institution": asdict(inst),
     }
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.replace(tmp, site_dir)
-    except OSError:  # another process wrote the same site first: its copy is identical
-        shutil.rmtree(tmp)
-    return site_dir
+    return publish_site_folder(tmp, site_dir, meta)
 
 
 def synthesize(

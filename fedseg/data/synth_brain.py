@@ -20,9 +20,6 @@ BraTS layout `<site>/<id>/<id>_{t1,t1ce,t2,flair,seg}.nii.gz` with an MSD-style 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fedseg.atomic import publish_site_folder
 from fedseg.data.synth import _bias_field, _rotation
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -217,12 +215,7 @@ def write_brain_site(
         "test": [],
         "institution": asdict(inst),
     }
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.replace(tmp, site_dir)
-    except OSError:  # another process wrote the same site first: its copy is identical
-        shutil.rmtree(tmp)
-    return site_dir
+    return publish_site_folder(tmp, site_dir, meta)
 
 
 # ------------------------------------------------------------------------------------------ internals
