@@ -48,7 +48,6 @@ from fedseg.report.layout import (
     overlay_case,
 )
 from fedseg.server_app import initial_weights
-from fedseg.trainer import SegmentationTrainer
 from strategies.registry import build_strategy
 
 SPEC_FILE = "experiment.json"
