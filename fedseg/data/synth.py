@@ -329,9 +329,11 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength:
     return np.exp(strength * poly / np.abs(coeffs).sum())
 
 
-def _stored(image: np.ndarray, label: np.ndarray, inst: Institution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Arrays and affine as the institution stores them (RAS, or LPS with flipped x and y)."""
-    shape = np.array(image.shape)
+def _stored(image: np.ndarray, label: np.ndarray, inst: Institution | BrainInstitution
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Arrays (an image may carry modalities on a 4th axis) and affine as the institution stores them
+    (RAS, or LPS with flipped x and y); the grid is the label's."""
+    shape = np.array(label.shape)
     spacing = np.array(inst.spacing)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = (0.5 - shape / 2) * spacing

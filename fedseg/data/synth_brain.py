@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from fedseg.atomic import publish_site_folder
-from fedseg.data.synth import _bias_field, _rotation
+from fedseg.data.synth import _bias_field, _rotation, _stored
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 MODALITY_NAMES = ("T1", "T1-Gd", "T2", "FLAIR")
@@ -358,16 +358,3 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(hits[0], hits[-1] + 1) if hits.size else slice(0, 0))
     return tuple(box)
-
-
-def _stored(image: np.ndarray, label: np.ndarray, inst: BrainInstitution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Arrays (image with modalities last) and affine as the institution stores them (RAS, or LPS)."""
-    shape = np.array(label.shape)
-    spacing = np.array(inst.spacing)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = (0.5 - shape / 2) * spacing
-    if inst.lps:
-        image, label = image[::-1, ::-1].copy(), label[::-1, ::-1].copy()
-        affine[:2, :2] *= -1
-        affine[:2, 3] *= -1
-    return image, label, affine
