@@ -45,9 +45,11 @@ def train_round(
         raise ValueError("FedBN, Ditto and SCAFFOLD do not combine with DP-SGD at the sites")
 
     start = dict(received)
+    norm_keys = norm_state_keys(trainer.model) if local_norm else frozenset()
     if local_norm:  # the site's own normalisation layers, its initial ones in its first round
-        initial = {k: v for k, v in trainer.get_weights().items() if k in _norm_keys(site)}
-        norms = personal.load(NORMS, server_round) or initial
+        norms = personal.load(NORMS, server_round)
+        if norms is None:
+            norms = {k: v for k, v in trainer.get_weights().items() if k in norm_keys}
         start = {**start, **norms}
     correction, variate, server_variate = None, None, None
     if scaffold:
@@ -63,8 +65,8 @@ def train_round(
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
     if local_norm:
-        personal.save(NORMS, {k: weights[k] for k in _norm_keys(site)}, server_round)
-        out.weights = {k: v for k, v in weights.items() if k not in _norm_keys(site)}
+        personal.save(NORMS, {k: weights[k] for k in norm_keys}, server_round)
+        out.weights = {k: v for k, v in weights.items() if k not in norm_keys}
     if scaffold:
         updated, change = scaffold_update(variate, result.mean_gradients or {})
         personal.save(SCAFFOLD, updated, server_round)
@@ -76,7 +78,3 @@ def train_round(
         personal.save(DITTO, trainer.get_weights(), server_round)
         trainer.set_weights(weights)  # the validation Dice in the reply is the sent model's
     return out
-
-
-def _norm_keys(site: SiteRuntime) -> frozenset[str]:
-    return norm_state_keys(site.trainer.model)
