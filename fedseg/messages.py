@@ -39,5 +39,34 @@ SITE_ERROR_CODE = 100  # the site's data or training failed; the reason has no p
 PRIVACY_BUDGET_CODE = 101  # DP-SGD: the next fit would exceed dp-target-epsilon; the site trains no more
 CHANNELS_CODE = 102  # the site's images have another channel count than the global model takes
 OUT_OF_MEMORY_CODE = 103  # the site ran out of (GPU) memory; the reason says only that
+SECAGG_CODE = 104  # secure aggregation: the site refused (its update failed its own checks, or a stage message
+# did not fit its state of the round); the reason is a fixed phrase
 # An error reply's reason is built from fixed text, kinds and counts (clients.client_app.public_reason),
 # never from an exception's message.
+
+# ---------------------------------------------------------------- secure aggregation (fedseg.secagg)
+# The stages of a secure round are train messages with these actions ("train.<action>"); their
+# protocol values travel in a ConfigRecord SECAGG (with RUN_KEY and SERVER_ROUND naming the round).
+SECAGG_SETUP = "secagg-setup"  # → index, count, threshold; ← the site's two public keys
+SECAGG_SHARE = "secagg-share"  # → every participant's public keys; ← encrypted shares, one per other site
+SECAGG_TRAIN = "secagg-train"  # → train instruction + shares for the site; ← metrics + SECAGG_MASKED
+SECAGG_UNMASK = "secagg-unmask"  # → survivors, dropped; ← their seed shares, their mask-key shares
+SECAGG = "secagg"
+SECAGG_INDEX = "index"
+SECAGG_COUNT = "count"
+SECAGG_THRESHOLD = "threshold"
+SECAGG_CIPHER_KEY = "cipher-key"  # X25519 public key for the share transport
+SECAGG_MASK_KEY = "mask-key"  # X25519 public key for the pairwise masks
+SECAGG_PARTICIPANTS = "participants"
+SECAGG_CIPHER_KEYS = "cipher-keys"
+SECAGG_MASK_KEYS = "mask-keys"
+SECAGG_DESTINATIONS = "destinations"
+SECAGG_SOURCES = "sources"
+SECAGG_SHARES = "shares"  # AES-GCM ciphertexts of (seed share, mask-key share), site to site
+SECAGG_BOUND = "bound"  # largest |update value| a site may encode (run-config secure-aggregation-bound)
+SECAGG_MAX_UPDATE_RATIO = "max-update-ratio"  # the strategy's update-norm check, run by the site
+SECAGG_SURVIVORS = "survivors"
+SECAGG_DROPPED = "dropped"
+SECAGG_SEED_SHARES = "seed-shares"
+SECAGG_KEY_SHARES = "key-shares"
+SECAGG_MASKED = "secagg-masked"  # train reply: ArrayRecord of the masked, encoded update (uint64)
