@@ -20,7 +20,7 @@ from fedseg.data.transforms import AUGMENTATIONS
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.models import MODEL_NAMES, PATCH_MULTIPLE
-from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
+from fedseg.optim import OPTIMIZER_STATES, OPTIMIZERS, SCHEDULES, round_learning_rate
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
 # (a TOML table `[fedprox]` / `[tool.flwr.app.config.fedprox]` flattens to the same dotted keys).
@@ -53,6 +53,7 @@ class RunConfig:
     local_epochs: int = 3
     learning_rate: float = 0.01
     optimizer: str = "adam"
+    optimizer_state: str = "reset"  # "keep": each site's optimizer moments carry over to its next round
     weight_decay: float = 0.0
     momentum: float = 0.9
     lr_schedule: str = "constant"
@@ -239,6 +240,10 @@ def _validate_optimizer(config: RunConfig) -> None:
     """`optimizer`, its settings and the learning-rate schedule over the federated budget (fedseg.optim)."""
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"run-config 'optimizer' is '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    if config.optimizer_state not in OPTIMIZER_STATES:
+        raise ConfigError(
+            f"run-config 'optimizer-state' is '{config.optimizer_state}'; choose one of: {', '.join(OPTIMIZER_STATES)}"
+        )
     if not 0.0 <= config.weight_decay < 1.0:
         raise ConfigError(f"run-config 'weight-decay' must be in [0, 1), got {config.weight_decay}")
     if not 0.0 <= config.momentum < 1.0:
