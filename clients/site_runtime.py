@@ -24,6 +24,7 @@ from fedseg.data.datalist import SiteDataError, SiteSplit
 from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
 from fedseg.data.sites import input_channels, load_site_split, site_dir_for
 from fedseg.data.validate import check_site
+from fedseg.model_spec import model_spec
 from fedseg.optim import optimizer_factory
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
@@ -109,9 +110,11 @@ def _build_runtime(
         raise ChannelMismatch(report.channels or 0, expected)
     cache_dir = Path(state_dir) / PREPROCESSED
     split = load_site_split(site_dir, seed=config.seed)
+    spec = model_spec(config)  # a bundle's network_def, resolved
     torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
     trainer = SegmentationTrainer(
-        model_name=config.model,
+        model_name=spec.name,
+        model_args=spec.args,
         num_classes=config.num_classes,
         patch_size=config.patch_size,
         in_channels=expected or report.channels or 1,

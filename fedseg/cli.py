@@ -228,12 +228,14 @@ def server(
     certs_dir: str = typer.Option(None, "--certs", help="folder from `fedseg certs` (ca.crt, server.crt, server.key)"),
     host: str = typer.Option("0.0.0.0", help="address to listen on"),
     port: int = typer.Option(9092, help="port for SuperNodes and run submission (firewall it, see SECURITY.md)"),
+    address: str = typer.Option(None, help="host name sites and `flwr` dial (default: the certificate's first name)"),
     node_auth: bool = typer.Option(True, help="accept only registered SuperNodes"),
     insecure: bool = typer.Option(False, help="no TLS: only for a local trial on one machine"),
     database: str = typer.Option(None, help="SQLite file for the SuperLink's state (default: in memory)"),
     print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
 ) -> None:
-    """Start the SuperLink of a federation (TLS and SuperNode authentication on by default)."""
+    """Start the SuperLink of a federation (TLS and SuperNode authentication on by default). Refuses to
+    start when its certificate cannot serve the printed address or the SuperExec's host name."""
     from fedseg.deploy.launch import TlsFiles, connection_toml, exec_flower, shell_line, superlink_command
 
     if (certs_dir is None) != insecure:
@@ -245,23 +247,73 @@ def server(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
     command = superlink_command(tls, host=host, port=port, node_auth=node_auth, database=database)
+    if tls is None:
+        typer.echo("Connection for `flwr run . fedseg` (add to $FLWR_HOME/config.toml, default ~/.flwr/config.toml):")
+        typer.echo(connection_toml("fedseg", f"{address or (host if host != '0.0.0.0' else '127.0.0.1')}:{port}", None))
+        typer.echo(shell_line(command))
+        if not print_only:
+            exec_flower(command)
+        return
+    _serve_tls(tls, command, host, port, address, print_only)
+
+
+def _serve_tls(tls: Any, command: list[str], host: str, port: int, address: str | None, print_only: bool) -> None:
+    """Check the certificate for the printed address and the SuperExec's host, print, run both processes."""
+    from fedseg.deploy.launch import connection_toml, shell_line, superexec_command
+    from fedseg.deploy.server_process import run_server
+    from fedseg.deploy.server_tls import (
+        ServerCertificate,
+        check_server_files,
+        superexec_host,
+    )
+
+    cert = ServerCertificate.load(tls.server_cert)
+    public = address or (cert.names[0] if cert.names else host)
+    local = superexec_host(cert, host)
+    check_server_files(tls.ca_cert, tls.server_cert, tls.server_key, [public, local])
+    local_address = f"[{local}]:{port}" if ":" in local else f"{local}:{port}"
+    public_address = f"[{public}]:{port}" if ":" in public else f"{public}:{port}"
     typer.echo("Connection for `flwr run . fedseg` (add to $FLWR_HOME/config.toml, default ~/.flwr/config.toml):")
-    typer.echo(connection_toml("fedseg", f"{host if host != '0.0.0.0' else '127.0.0.1'}:{port}",
-                               tls.ca_cert if tls else None))
+    typer.echo(connection_toml("fedseg", public_address, tls.ca_cert))
     typer.echo(shell_line(command))
+    typer.echo(shell_line(superexec_command(local_address, tls.ca_cert, parent_pid=None)) + " --parent-pid <SuperLink>")
     if not print_only:
-        exec_flower(command)
+        raise typer.Exit(code=run_server(command, lambda pid: superexec_command(local_address, tls.ca_cert, pid),
+                                          local_address, tls.ca_cert, echo=typer.echo))
 
 
 @site_app.command("check")
 @_boundary
 def site_check(
-    data_dir: str = typer.Option(..., "--data-dir", help="this site's data folder"),
+    data_dir: str = typer.Option(None, "--data-dir", help="this site's data folder"),
     config: str = typer.Option(None, help="run-config TOML (model, classes, patch size); default: built-in"),
     max_voxels: int = typer.Option(None, help=MAX_VOXELS_HELP),
     allow_outside_data: bool = typer.Option(None, "--allow-outside-data", help=ALLOW_OUTSIDE_HELP),
+    superlink: str = typer.Option(None, help="HOST:PORT of the SuperLink: check it is reachable and TLS verifies"),
+    ca: str = typer.Option(None, help="the federation's ca.crt (with --superlink)"),
 ) -> None:
-    """Validate this site's data, then run the model once on one volume; exit 1 on problems."""
+    """Check that this site can join: the SuperLink is reachable and its TLS certificate verifies for
+    that name (--superlink, --ca); the data validates and the model runs once on one volume
+    (--data-dir). Exit 1 on problems."""
+    if data_dir is None and superlink is None:
+        fail("give --data-dir (check the data), --superlink HOST:PORT --ca ca.crt (check the connection), or both")
+    if (superlink is None) != (ca is None):
+        fail("--superlink and --ca go together: the SuperLink's address and the federation's ca.crt")
+    if superlink is not None:
+        from fedseg.deploy.superlink_probe import probe_superlink
+
+        probe = probe_superlink(superlink, ca)
+        typer.echo("\n".join(probe.lines))
+        if not probe.ok:
+            typer.echo("not ready: the SuperLink cannot be reached or verified", err=True)
+            raise typer.Exit(code=1)
+    if data_dir is not None:
+        _check_site_data(data_dir, config, max_voxels, allow_outside_data)
+    typer.echo("ready to join")
+
+
+def _check_site_data(data_dir: str, config: str | None, max_voxels: int | None, allow_outside_data: bool | None) -> None:
+    """Validate the site's data, then one dry forward pass; exit 1 on problems."""
     from fedseg.config import ConfigError, RunConfig
     from fedseg.data.nifti_guard import voxel_limit
     from fedseg.deploy.site_check import check_site_ready
@@ -280,7 +332,6 @@ def site_check(
         typer.echo("not ready: fix the errors above, then check again", err=True)
         raise typer.Exit(code=1)
     typer.echo(dry_run.line(run_config))
-    typer.echo("ready to join")
 
 
 @site_app.command("join")

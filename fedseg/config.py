@@ -19,7 +19,8 @@ from typing import Any
 from fedseg.data.transforms import AUGMENTATIONS
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
-from fedseg.models import MODEL_NAMES, PATCH_MULTIPLE
+from fedseg.model_args import ModelArgsError, parse_model_args
+from fedseg.models import PATCH_MULTIPLE, ModelError, model_choices, model_kwargs, network_kind
 from fedseg.optim import OPTIMIZER_STATES, OPTIMIZERS, SCHEDULES, round_learning_rate
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
@@ -36,7 +37,7 @@ UPPER_BOUNDS = {
     "dp-target-epsilon": 1e6,
 }
 MAX_PATCH_SIDE = 512
-PATH_KEYS = ("data-dir", "output-dir", "resume-from")  # output-dir: relative ones may not climb out with '..'
+PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")  # output-dir: relative ones may not climb out with '..'
 # 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
 STRATEGY_SPEC = re.compile(r"[A-Za-z0-9][\w.-]*|flower:[A-Za-z_]\w*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -61,6 +62,9 @@ class RunConfig:
     lr_final_ratio: float = 0.0
     strategy: str = "fedavg"
     model: str = "unet"
+    model_args: str = ""  # the network's keyword arguments, "init_filters=16, dropout_prob=0.1" (fedseg.model_args)
+    bundle: str = ""  # a MONAI bundle folder whose network is trained (model = "bundle"; fedseg.bundle)
+    init_from: str = ""  # initial global weights: a fedseg model file, run folder or bundle (fedseg.initial_model)
     num_classes: int = 3
     in_channels: int = 0  # image channels (modalities); 0: inferred from the data (fedseg.data.sites)
     label_scheme: str = "classes"
@@ -98,6 +102,11 @@ class RunConfig:
         """The sites' learning rate in round `server_round` (fedseg.optim.round_learning_rate)."""
         return round_learning_rate(self.learning_rate, server_round, self.num_server_rounds, self.lr_schedule,
                                    self.warmup_rounds, self.lr_final_ratio)
+
+    @property
+    def network_args(self) -> dict[str, Any]:
+        """`model-args` as keyword arguments (fedseg.model_args)."""
+        return parse_model_args(self.model_args)
 
     @property
     def labels(self) -> LabelScheme:
@@ -160,11 +169,10 @@ class RunConfig:
             raise ConfigError(f"run-config 'round-timeout' must be > 0 seconds, got {self.round_timeout}")
         if self.num_classes < 2:
             raise ConfigError(f"run-config 'num-classes' must be >= 2 (background + 1), got {self.num_classes}")
-        if self.model not in MODEL_NAMES:
-            raise ConfigError(f"run-config 'model' is '{self.model}'; choose one of: {', '.join(MODEL_NAMES)}")
+        _validate_model(self)
         if any(p < 8 for p in self.patch_size):
             raise ConfigError(f"run-config 'patch-size' must be >= 8 per axis, got {self.patch_size}")
-        multiple = PATCH_MULTIPLE[self.model]
+        multiple = PATCH_MULTIPLE.get(self.model, 1)
         if any(p % multiple for p in self.patch_size):
             raise ConfigError(
                 f"run-config 'patch-size' {self.patch_size}: model '{self.model}' needs every side to be a multiple "
@@ -187,6 +195,26 @@ class RunConfig:
             )
         _validate_augmentation(self)
         _validate_dp(self)
+
+
+def _validate_model(config: RunConfig) -> None:
+    """`model`, `model-args` and `bundle`: a known network whose signature takes the arguments (the network
+    itself is built and run once on a dummy batch before round 1, fedseg.network_check)."""
+    if config.model == "bundle" or config.bundle:
+        if not (config.model == "bundle" and config.bundle):
+            raise ConfigError("run-config 'bundle' and model = \"bundle\" go together: set both to train a MONAI "
+                              f"bundle's network (model is {config.model!r}, bundle {config.bundle!r})")
+        if config.model_args:
+            raise ConfigError("run-config 'model-args' does not apply to a bundle: its network_def gives the arguments")
+        return
+    try:
+        network_kind(config.model)
+    except ModelError:
+        raise ConfigError(f"run-config 'model' is '{config.model}'; choose one of: {model_choices()}") from None
+    try:
+        model_kwargs(config.model, 1, 2, config.network_args)
+    except (ModelArgsError, ModelError) as err:
+        raise ConfigError(f"run-config 'model-args': {err}") from None
 
 
 def _validate_augmentation(config: RunConfig) -> None:

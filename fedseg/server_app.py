@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedseg.bundle import differences, read_bundle
 from fedseg.checkpoint import resume_checkpoint
 from fedseg.config import RunConfig
-from fedseg.data.sites import input_channels, with_input_channels
+from fedseg.data.sites import with_input_channels
 from fedseg.federation import Federation
 from fedseg.history import History
-from fedseg.models import build_model
-from fedseg.privacy import make_dp_compatible, privacy_summary
+from fedseg.initial_model import initial_model
+from fedseg.model_spec import checked_network
+from fedseg.privacy import privacy_summary
 from strategies.registry import build_strategy
 
 app = ServerApp()
@@ -28,10 +29,14 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the config, build the strategy and the initial model, run all rounds."""
     config = with_input_channels(RunConfig.from_mapping(context.run_config))
     strategy = build_strategy(config)
+    network, parameters = checked_network(config)  # built and run on a dummy batch: fails before round 1
     checkpoint = resume_checkpoint(config)
     run_dir = Path(config.resume_from).expanduser().resolve() if checkpoint else new_run_dir(config)
-    log(INFO, "[fedseg] strategy %s, model %s (%d input channel(s)), %d rounds; run folder %s",
-        config.strategy, config.model, config.in_channels, config.num_server_rounds, run_dir)
+    log(INFO, "[fedseg] strategy %s, model %s [%s] (%d input channel(s), %s parameters), %d rounds; run folder %s",
+        config.strategy, network, network.source, config.in_channels, f"{parameters:,}", config.num_server_rounds,
+        run_dir)
+    for line in bundle_differences(config):
+        log(WARNING, "[fedseg] bundle: %s", line)
     _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config), resume=checkpoint)
     log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
         history.final_dice, history.rounds[0].mean_dice, run_dir)
@@ -52,10 +57,18 @@ def structure_summary(history: History, config: RunConfig) -> str:
 
 
 def initial_weights(config: RunConfig) -> ArrayRecord:
-    """Seeded random initial model, the same on every run with the same seed."""
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, input_channels(config), config.labels.out_channels)
-    return ArrayRecord((make_dp_compatible(model) if config.dp_sgd else model).state_dict())
+    """The initial global model: seeded random weights (the same on every run with the same seed), or
+    run-config `init-from`'s (fedseg.initial_model)."""
+    initial = initial_model(config)
+    log(INFO, "[fedseg] initial model: %s", initial)
+    return ArrayRecord(initial.state_dict)
+
+
+def bundle_differences(config: RunConfig) -> list[str]:
+    """Where a bundle's pre/post-processing differs from the run's (fedseg.bundle), else []."""
+    if config.model != "bundle":
+        return []
+    return differences(read_bundle(config.bundle), config.spacing, config.patch_size)
 
 
 def new_run_dir(config: RunConfig) -> Path:

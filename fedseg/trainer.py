@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,10 +82,11 @@ class SegmentationTrainer:
         dp_compatible: bool = False,
         labels: LabelScheme | None = None,
         optimizer: OptimizerFactory | None = None,
+        model_args: Mapping[str, Any] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.labels = labels or LabelScheme("classes", num_classes)
-        model = build_model(model_name, in_channels, self.labels.out_channels)
+        model = build_model(model_name, in_channels, self.labels.out_channels, model_args)  # fedseg.models
         self.model: nn.Module = (make_dp_compatible(model) if dp_compatible else model).to(self.device)
         self.num_classes = num_classes
         self.patch_size = tuple(patch_size)

@@ -2,7 +2,8 @@
 
 Everything is made with python `cryptography` (no openssl shell-outs):
 - `ca.crt` / `ca.key`: a private certificate authority; give `ca.crt` to every site.
-- `server.crt` / `server.key`: the SuperLink's TLS certificate for the given host names / IPs.
+- `server.crt` / `server.key`: the SuperLink's TLS certificate for the given host names / IPs, and
+  always for `localhost`: the SuperLink's own SuperExec dials it on its machine by that name.
 - `sites/<name>/auth.key` / `auth.pub`: the site's SuperNode authentication key pair
   (EC P-384, OpenSSH format as `flower-supernode --auth-supernode-private-key` and
   `flwr supernode register` expect). The private key stays at the site; the public key is
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825  # browsers' and most TLS stacks' upper bound for server certificates
+LOCAL_NAME = "localhost"  # every server certificate names it: the SuperLink's own SuperExec dials it
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -65,7 +67,7 @@ class CertBundle:
 def make_certs(
     out_dir: str | Path, hosts: list[str], sites: list[str], days: int = VALID_DAYS, force: bool = False
 ) -> CertBundle:
-    """Write a CA, a server certificate valid for `hosts`, and an auth key pair per site; all files
+    """Write a CA, a server certificate valid for `hosts` (and localhost), and an auth key pair per site; all files
     or none. Existing files are replaced only with `force`; links are refused (CertError)."""
     if not hosts:
         raise CertError("give at least one host name or IP address for the server certificate")
@@ -82,7 +84,8 @@ def make_certs(
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = _ca_certificate(ca_key, days)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = _server_certificate(server_key.public_key(), hosts, ca_key, ca_cert, days)
+    names = hosts if LOCAL_NAME in hosts else [*hosts, LOCAL_NAME]
+    server_cert = _server_certificate(server_key.public_key(), names, ca_key, ca_cert, days)
     files = {
         out / "ca.crt": (ca_cert.public_bytes(serialization.Encoding.PEM), False),
         out / "ca.key": (_pem_private(ca_key), True),

@@ -1,7 +1,9 @@
 """Command lines of the Flower processes a real federation runs, and the `flwr` connection entry.
 
 - Coordinating site: `flower-superlink` (TLS, SuperNode authentication on by default,
-  runtime dependency installation off: the server never pip-installs what a run asks for).
+  runtime dependency installation off: the server never pip-installs what a run asks for) and,
+  with TLS, its `flower-superexec` started apart (process isolation) so that it dials the SuperLink
+  by a name the certificate covers (Flower's own would dial 127.0.0.1 for a 0.0.0.0 listener).
 - Each hospital: `flower-supernode` with its data folder and site number as node config.
 - Whoever submits runs: a named connection in `$FLWR_HOME/config.toml` for `flwr run`.
 """
@@ -44,18 +46,27 @@ def superlink_command(
     node_auth: bool = True,
     database: str | None = None,
 ) -> list[str]:
-    """`flower-superlink` with TLS (None: --insecure, for local trials only) and node auth."""
+    """`flower-superlink` with TLS (None: --insecure, for local trials only) and node auth. With TLS
+    the SuperExec is not Flower's auto-started one (`--isolation process`): see `superexec_command`."""
     command = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if tls is None:
         command.append("--insecure")
     else:
         command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                    "--ssl-keyfile", str(tls.server_key)]
+                    "--ssl-keyfile", str(tls.server_key), "--isolation", "process"]
     if node_auth:
         command.append("--enable-supernode-auth")
     if database:
         command += ["--database", database]
     return command
+
+
+def superexec_command(runtime_address: str, ca_cert: str | Path, parent_pid: int | None = None) -> list[str]:
+    """`flower-superexec` running the ServerApps of the SuperLink at `runtime_address` ('host:port', the
+    host a name of the SuperLink's certificate), verifying it with `ca_cert`; it stops with `parent_pid`."""
+    command = ["flower-superexec", "--runtime-api-address", runtime_address,
+               "--root-certificates", str(Path(ca_cert).expanduser().resolve())]
+    return command + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
 
 
 def node_config(data_dir: str | Path, site_id: int) -> str:
@@ -101,7 +112,16 @@ def shell_line(command: list[str]) -> str:
 
 def exec_flower(command: list[str]) -> None:
     """Replace this process with the Flower command (found beside this Python first, then on PATH)."""
+    program, *args = flower_program(command)
+    os.execvpe(program, [program, *args], flower_environment())
+
+
+def flower_program(command: list[str]) -> list[str]:
+    """The command with its program found beside this Python first (a virtual environment), then on PATH."""
     beside = Path(sys.executable).parent / command[0]
-    program = str(beside) if beside.is_file() else command[0]
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    os.execvpe(program, [program, *command[1:]], env)
+    return [str(beside) if beside.is_file() else command[0], *command[1:]]
+
+
+def flower_environment() -> dict[str, str]:
+    """This process's environment, with runtime dependency installation off."""
+    return {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
