@@ -1,31 +1,54 @@
 """A trained model as one file: weights plus what is needed to rebuild and apply the network.
 
-Format (a `torch.save`d dict, loaded with `weights_only=True`):
-`{"format": "fedseg-model/1", "state_dict": {name: tensor}, "model": "unet", "in_channels": 1,
-"num_classes": 3, "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
-"region_training": false, "description": "..."}`.
-`pixdim` is the voxel spacing (mm) the model was trained at (None: the stored grid, no resampling);
-`label_scheme` and `region_training` say what the outputs mean (fedseg.labels; absent: classes).
+Every model fedseg writes is in this format (a run's model.pt and best-model.pt, experiment arms'
+models, `fedseg import-model`); `fedseg predict` also reads a run's checkpoint.pt and a run folder.
+Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_only=True`):
+`{"format": "fedseg-model/2", "state_dict": {name: tensor}, "model": "SegResNet",
+"model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
+"patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
+"region_training": false, "preprocessing": {...}, "init_from": "", "fedseg_version": "0.1.0",
+"description": "..."}`.
+`model` and `model_args` rebuild the network (fedseg.models: a preset, a class of
+monai.networks.nets or a `fedseg.models` plugin; `model_source` says which, with the plugin's or
+bundle's name and version); `pixdim` is the voxel spacing (mm) the model was trained at (None: the
+stored grid, no resampling); `label_scheme` and `region_training` say what the outputs mean
+(fedseg.labels); `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING).
+Format 1 files (no model_args) are read as presets with their own arguments.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+import fedseg
 from fedseg.atomic import atomic_path
-from fedseg.config import RunConfig
+from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from fedseg.errors import first_line
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
-from fedseg.models import MODEL_NAMES, build_model
+from fedseg.model_args import format_model_args
+from fedseg.model_spec import model_spec
+from fedseg.models import ModelError, build_model, network_kind
 from fedseg.trainer import SegmentationTrainer
 
-FORMAT = "fedseg-model/1"
+FORMAT = "fedseg-model/2"
+READABLE_FORMATS = ("fedseg-model/1", FORMAT)
+RUN_MODEL, RUN_CHECKPOINT = "model.pt", "checkpoint.pt"  # in a run folder (fedseg.federation, fedseg.checkpoint)
+# What `fedseg predict` does to an image before the network (fedseg.predict.inference_pipeline), as in training.
+PREPROCESSING = {
+    "orientation": "RAS",
+    "resampling": "to pixdim, bilinear (labels: nearest); none when pixdim is None",
+    "intensity": "z-score per channel over the non-zero voxels",
+    "inference": "sliding window over patch_size, probabilities mapped back to the input grid",
+}
+CONVERT_HINT = ("make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
+                "(RUN.toml: the run config describing its network, channels, classes, patch size and spacing)")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +68,9 @@ class ModelCheckpoint:
     description: str = ""
     label_scheme: str = "classes"
     region_training: bool = False
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    model_source: str = "preset"
+    init_from: str = ""  # the weights the run started from (fedseg.initial_model), "" for random
 
     @property
     def labels(self) -> LabelScheme:
@@ -54,9 +80,13 @@ class ModelCheckpoint:
     @classmethod
     def from_config(cls, state_dict: Mapping[str, torch.Tensor], config: RunConfig, description: str) -> ModelCheckpoint:
         """The weights of a run with `config` (its in-channels resolved) and how to apply them."""
+        spec = model_spec(config)
         return cls(
             state_dict=state_dict,
-            model=config.model,
+            model=spec.name,
+            model_args=dict(spec.args),
+            model_source=spec.source,
+            init_from=config.init_from,
             num_classes=config.num_classes,
             patch_size=config.patch_size,
             pixdim=config.spacing,  # the grid the sites trained at (None: each scan's stored grid)
@@ -82,20 +112,29 @@ class ModelCheckpoint:
                     "description": self.description,
                     "label_scheme": self.label_scheme,
                     "region_training": self.region_training,
+                    "model_args": dict(self.model_args),
+                    "model_source": self.model_source,
+                    "init_from": self.init_from,
+                    "preprocessing": PREPROCESSING,
+                    "fedseg_version": fedseg.__version__,
                 },
                 tmp,
             )
 
+    @property
+    def network(self) -> str:
+        """The network as `name(arg=value, ...)`, for messages."""
+        return f"{self.model}({format_model_args(self.model_args)})" if self.model_args else self.model
+
     @classmethod
     def load(cls, path: str | Path) -> ModelCheckpoint:
-        """Read and check a model file: its fields, and that its weights fit the network they name
+        """A model file, a run's checkpoint.pt or a run folder (see `load_model_file`)."""
+        return load_model_file(path)
+
+    @classmethod
+    def from_fields(cls, data: Mapping, path: str | Path) -> ModelCheckpoint:
+        """Check a model file's fields, and that its weights fit the network they name
         (CheckpointError naming the file and the fault otherwise)."""
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch.load parses untrusted bytes; any failure means unreadable
-            raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
         try:
             checkpoint = cls(**_checked_fields(data))
             checkpoint.labels  # noqa: B018 - the label scheme checks itself (e.g. brats has 4 classes)
@@ -103,35 +142,121 @@ class ModelCheckpoint:
             raise CheckpointError(f"{path}: not a usable fedseg model file: {first_line(err)}") from None
         fault = checkpoint.weights_fault()
         if fault:
-            raise CheckpointError(f"{path}: weights do not fit model '{checkpoint.model}' with "
+            raise CheckpointError(f"{path}: weights do not fit model {checkpoint.network} with "
                                   f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: {fault}")
         return checkpoint
 
     def weights_fault(self) -> str | None:
         """What in `state_dict` differs from the named network's parameters (names, shapes), else None."""
-        expected = build_model(self.model, self.in_channels, self.labels.out_channels).state_dict()
-        missing = sorted(set(expected) - set(self.state_dict))
-        extra = sorted(set(self.state_dict) - set(expected))
-        if missing or extra:
-            return f"{len(missing)} missing and {len(extra)} unexpected weight(s), e.g. {(missing + extra)[:2]}"
-        for key, tensor in expected.items():
-            found = self.state_dict[key]
-            if tuple(found.shape) != tuple(tensor.shape):
-                return f"'{key}' has shape {tuple(found.shape)}, the network's is {tuple(tensor.shape)}"
-            if tensor.is_floating_point() and not found.is_floating_point():
-                return f"'{key}' holds {found.dtype}, not floating-point numbers"
-            if found.is_floating_point() and not bool(torch.isfinite(found).all()):
-                return f"'{key}' holds NaN or infinite values"
-        return None
+        expected = build_model(self.model, self.in_channels, self.labels.out_channels, self.model_args).state_dict()
+        return weights_fault(expected, self.state_dict)
 
     def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference)."""
         trainer = SegmentationTrainer(
             self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device,
-            labels=self.labels,
+            labels=self.labels, model_args=self.model_args,
         )
         trainer.set_weights(self.state_dict)
         return trainer
+
+
+def load_model_file(path: str | Path) -> ModelCheckpoint:
+    """Read a model file (fedseg-model/1 or /2), a run's checkpoint.pt, or a run folder (its model.pt);
+    CheckpointError naming the file, and for foreign files how to convert them."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (RUN_MODEL, RUN_CHECKPOINT):
+            if (path / name).is_file():
+                return load_model_file(path / name)
+        hint = " (a MONAI bundle: " + CONVERT_HINT.format(path=path) + ")" if (path / "configs").is_dir() else ""
+        raise CheckpointError(f"{path}: a folder without {RUN_MODEL} or {RUN_CHECKPOINT}{hint}")
+    data = _load(path)
+    if isinstance(data, dict) and data.get("format") in READABLE_FORMATS:
+        return ModelCheckpoint.from_fields(data, path)
+    if isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("fedseg-model/"):
+        raise CheckpointError(f"{path}: model format '{data['format']}' is newer than this fedseg reads "
+                              f"({', '.join(READABLE_FORMATS)}): upgrade fedseg")
+    if _is_run_checkpoint(data):
+        return _from_run_checkpoint(data, path)
+    if _state_dict_in(data) is not None:
+        raise CheckpointError(f"{path}: weights without their network (a bare state dict): {CONVERT_HINT.format(path=path)}")
+    raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in any file fedseg knows: a model file, a run's checkpoint.pt, or a state dict
+    (also under "state_dict" or "model", as checkpoint handlers save them); CheckpointError otherwise."""
+    path = Path(path)
+    data = _load(path)
+    if isinstance(data, dict) and data.get("format") in READABLE_FORMATS:
+        return dict(ModelCheckpoint.from_fields(data, path).state_dict)
+    if _is_run_checkpoint(data):
+        return dict(data["weights"])
+    state = _state_dict_in(data)
+    if state is None:
+        raise CheckpointError(f"{path}: holds no weights fedseg can read (a model file, a run's checkpoint.pt or a "
+                              "state dict mapping names to tensors)")
+    return state
+
+
+def weights_fault(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
+    """What in `found` differs from a network's state dict `expected` (names, shapes, values), else None."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        return f"{len(missing)} missing and {len(extra)} unexpected weight(s), e.g. {(missing + extra)[:2]}"
+    for key, tensor in expected.items():
+        value = found[key]
+        if tuple(value.shape) != tuple(tensor.shape):
+            return f"'{key}' has shape {tuple(value.shape)}, the network's is {tuple(tensor.shape)}"
+        if tensor.is_floating_point() and not value.is_floating_point():
+            return f"'{key}' holds {value.dtype}, not floating-point numbers"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"'{key}' holds NaN or infinite values"
+    return None
+
+
+def _load(path: Path) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load parses untrusted bytes; any failure means unreadable
+        hint = ""
+        if "TorchScript" in str(err) or "constants.pkl" in str(err):
+            hint = f" (a TorchScript file: fedseg reads weights; {CONVERT_HINT.format(path=path)} from its state dict)"
+        raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}{hint}") from None
+
+
+def _state_dict_in(data: object) -> dict[str, torch.Tensor] | None:
+    for candidate in (data, *(data.get(k) for k in ("state_dict", "model") if isinstance(data, dict))):
+        if isinstance(candidate, Mapping) and candidate and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()
+        ):
+            return dict(candidate)
+    return None
+
+
+def _is_run_checkpoint(data: object) -> bool:
+    return isinstance(data, dict) and {"weights", "history", "round"} <= set(data) and isinstance(data["history"], dict)
+
+
+def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
+    """A run's checkpoint.pt: its weights, described by the run config in its history."""
+    values = dict(data["history"].get("config", {}))
+    strategy_params = values.pop("strategy-params", {}) or {}
+    values.update({k: v for k, v in strategy_params.items() if STRATEGY_PARAM_SEPARATOR in k})
+    try:
+        config = RunConfig.from_mapping(values)
+        description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
+        model = ModelCheckpoint.from_config(dict(data["weights"]), config, description)
+    except (ConfigError, ModelError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}") from None
+    fault = model.weights_fault()
+    if fault:
+        raise CheckpointError(f"{path}: weights do not fit model {model.network}: {fault}")
+    return model
 
 
 def _checked_fields(data: Mapping) -> dict:
@@ -141,8 +266,17 @@ def _checked_fields(data: Mapping) -> dict:
                                                    for k, v in weights.items()):
         raise TypeError("'state_dict' must map names to tensors")
     model = data["model"]
-    if model not in MODEL_NAMES:
-        raise ValueError(f"'model' is {model!r}; known: {', '.join(MODEL_NAMES)}")
+    if not isinstance(model, str):
+        raise TypeError(f"'model' must be a network name, got {model!r}")
+    source = str(data.get("model_source", "preset"))
+    try:
+        network_kind(model)
+    except ModelError:
+        needs = f" (the file needs {source}: install it)" if source.startswith("plugin") else ""
+        raise ValueError(f"'model' is {model!r}, which this installation cannot build{needs}") from None
+    model_args = data.get("model_args", {})
+    if not isinstance(model_args, Mapping) or not all(isinstance(k, str) for k in model_args):
+        raise TypeError("'model_args' must map argument names to values")
     pixdim = data["pixdim"]
     fields = {
         "state_dict": weights,
@@ -154,6 +288,9 @@ def _checked_fields(data: Mapping) -> dict:
         "description": str(data.get("description", "")),
         "label_scheme": data.get("label_scheme", "classes"),
         "region_training": data.get("region_training", False),
+        "model_args": dict(model_args),
+        "model_source": source,
+        "init_from": str(data.get("init_from", "")),
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "

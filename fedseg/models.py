@@ -1,64 +1,140 @@
-"""MONAI 3D segmentation networks by name, all built as `build_model(name, in_ch, out_ch)`.
+"""3D segmentation networks by name: `build_model(name, in_ch, out_ch, args)`.
 
-Sizes are kept modest so CPU simulations stay quick; every network maps a
-`(batch, in_channels, D, H, W)` tensor to `(batch, out_channels, D, H, W)` logits.
-Spatial patch sides must be multiples of `PATCH_MULTIPLE[name]`.
+A name is one of
+- a preset (`MODEL_NAMES`): a MONAI network with fedseg's arguments, sized so CPU simulations stay
+  quick (`args` override them, e.g. `channels=(32, 64, 128, 256)` for "unet");
+- a network plugin installed under the `fedseg.models` entry-point group (fedseg.model_plugins);
+- a class of `monai.networks.nets` (`SegResNet`, `UNETR`, `SwinUNETR`, `BasicUNet`, ...), built
+  with `args` as its keyword arguments.
+fedseg sets `in_channels`, `out_channels` and `spatial_dims` (3); every network maps a
+`(batch, in_channels, D, H, W)` tensor to `(batch, out_channels, D, H, W)` logits (checked before
+round 1 by fedseg.network_check). Preset patch sides must be multiples of `PATCH_MULTIPLE[name]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import monai.networks.nets as monai_nets
 from monai.networks.nets import AHNet, DynUNet, SegResNet, UNet
 from torch import nn
 
+from fedseg.model_plugins import (
+    NetworkFactory,
+    load_plugin,
+    plugin_entry_points,
+    plugin_source,
+)
 
-def _unet(in_channels: int, out_channels: int) -> nn.Module:
-    return UNet(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=(16, 32, 64, 128),
-        strides=(2, 2, 2),
-        num_res_units=2,
-        norm=("instance", {"affine": True}),  # affine, as nnU-Net's: FedBN has per-site scales and shifts to keep
-    )
-
-
-def _segresnet(in_channels: int, out_channels: int) -> nn.Module:
-    return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, init_filters=8)
-
-
-def _dynunet(in_channels: int, out_channels: int) -> nn.Module:
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=[3, 3, 3, 3],
-        strides=[1, 2, 2, 2],
-        upsample_kernel_size=[2, 2, 2],
-        filters=[16, 32, 64, 128],
-    )
-
-
-def _ahnet(in_channels: int, out_channels: int) -> nn.Module:
-    # AHNet, the network of the prostate study (Sarma et al. 2021); its 3D form takes one channel.
-    if in_channels != 1:
-        raise ValueError(f"model 'ahnet' takes 1 input channel, got {in_channels}")
-    return AHNet(spatial_dims=3, in_channels=1, out_channels=out_channels, layers=(2, 2, 2, 2), psp_block_num=0)
-
-
-_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
-    "unet": _unet,
-    "segresnet": _segresnet,
-    "dynunet": _dynunet,
-    "ahnet": _ahnet,
+# preset name → (MONAI class, fedseg's keyword arguments)
+PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    # affine instance norm, as nnU-Net's: FedBN has per-site scales and shifts to keep
+    "unet": (UNet, {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 2,
+                    "norm": ("instance", {"affine": True})}),
+    "segresnet": (SegResNet, {"init_filters": 8}),
+    "dynunet": (DynUNet, {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
+                          "filters": [16, 32, 64, 128]}),
+    # AHNet, the network of the prostate study (Sarma et al. 2021); its 3D form takes one channel
+    "ahnet": (AHNet, {"layers": (2, 2, 2, 2), "psp_block_num": 0}),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
 PATCH_MULTIPLE: dict[str, int] = {"unet": 8, "segresnet": 8, "dynunet": 8, "ahnet": 32}
-
+SET_BY_FEDSEG = {"in_channels": "in-channels", "out_channels": "num-classes"}  # argument → the run-config key
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # batch / instance, group, layer
+
+
+class ModelError(ValueError):
+    """A network name or its arguments do not describe a network fedseg can build."""
+
+
+@dataclass(frozen=True)
+class NetworkKind:
+    """What a model name resolves to: the factory, its preset arguments and where it comes from."""
+
+    factory: NetworkFactory
+    defaults: Mapping[str, Any]
+    source: str  # "preset", "monai" or "plugin <distribution> <version>"
+
+
+def monai_network_names() -> list[str]:
+    """The classes of monai.networks.nets (not all of them segment: the check before round 1 tells)."""
+    return sorted(name for name, obj in vars(monai_nets).items()
+                  if isinstance(obj, type) and issubclass(obj, nn.Module) and not name.startswith("_"))
+
+
+def network_kind(name: str) -> NetworkKind:
+    """Resolve a model name: preset, then plugin, then MONAI class; ModelError listing the choices."""
+    if name in PRESETS:
+        cls, defaults = PRESETS[name]
+        return NetworkKind(cls, defaults, "preset")
+    plugins = plugin_entry_points(frozenset(PRESETS))
+    if name in plugins:
+        return NetworkKind(load_plugin(plugins[name]), {}, plugin_source(plugins[name]))
+    cls = getattr(monai_nets, name, None)
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and not name.startswith("_"):
+        return NetworkKind(cls, {}, "monai")
+    raise ModelError(f"unknown model '{name}'; choose one of: {model_choices()}")
+
+
+def model_choices() -> str:
+    """The model names a run config may give, for error messages."""
+    plugins = sorted(plugin_entry_points(frozenset(PRESETS)))
+    installed = f", or an installed plugin: {', '.join(plugins)}" if plugins else ""
+    return (f"{', '.join(MODEL_NAMES)}, \"bundle\" (with run-config 'bundle'), a class of monai.networks.nets "
+            f"(e.g. SegResNet, UNETR, BasicUNet){installed}")
+
+
+def model_kwargs(name: str, in_channels: int, out_channels: int, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments `build_model` passes, checked against the network's signature."""
+    kind = network_kind(name)
+    args = dict(args or {})
+    for arg, key in SET_BY_FEDSEG.items():
+        if arg in args:
+            raise ModelError(f"model argument '{arg}' is set by fedseg: give run-config '{key}' instead")
+    kwargs = {**kind.defaults, **args, "in_channels": in_channels, "out_channels": out_channels}
+    try:
+        parameters = inspect.signature(kind.factory).parameters
+    except (TypeError, ValueError):
+        return kwargs  # a builtin without a signature: the call itself will tell
+    if "spatial_dims" in parameters and "spatial_dims" not in kwargs:
+        kwargs["spatial_dims"] = 3
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not takes_any and not {"in_channels", "out_channels"} <= set(parameters):
+        raise ModelError(f"model '{name}' has no in_channels/out_channels arguments: not a segmentation "
+                         "network fedseg can build")
+    unknown = [arg for arg in args if arg not in parameters]
+    if unknown and not takes_any:
+        accepted = ", ".join(p for p in parameters if p not in (*SET_BY_FEDSEG, "spatial_dims"))
+        raise ModelError(f"model '{name}' takes no argument '{unknown[0]}' (its arguments: {accepted})")
+    try:
+        inspect.signature(kind.factory).bind(**kwargs)
+    except TypeError as err:
+        raise ModelError(f"model '{name}': {err}") from None
+    return kwargs
+
+
+def build_model(name: str, in_channels: int, out_channels: int, args: Mapping[str, Any] | None = None) -> nn.Module:
+    """A fresh, randomly initialised network `name` with `args` (see the module docstring)."""
+    if name == "ahnet" and in_channels != 1:
+        raise ModelError(f"model 'ahnet' takes 1 input channel, got {in_channels}")
+    kwargs = model_kwargs(name, in_channels, out_channels, args)
+    try:
+        model = network_kind(name).factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - a network's own argument checks (assert, ValueError, ...)
+        raise ModelError(f"model '{name}' cannot be built with these arguments: {type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable and frozen parameters (not buffers)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def norm_state_keys(model: nn.Module) -> frozenset[str]:
@@ -66,12 +142,3 @@ def norm_state_keys(model: nn.Module) -> frozenset[str]:
     (what FedBN keeps at each site)."""
     prefixes = [f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS)]
     return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
-
-
-def build_model(name: str, in_channels: int, out_channels: int) -> nn.Module:
-    """Return a fresh, randomly initialised network `name` (see MODEL_NAMES)."""
-    try:
-        builder = _BUILDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}") from None
-    return builder(in_channels, out_channels)
