@@ -130,9 +130,9 @@ def _build_runtime(
         site_id=site_id,
         split=split,
         trainer=trainer,
-        # DP-SGD's privacy unit is the subject: one patch per subject per draw (see fedseg.privacy)
+        # DP-SGD's privacy unit is the subject: K patches per subject per draw, one gradient (fedseg.privacy)
         train_set=training_dataset(
-            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=1 if config.dp_sgd else 2,
+            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=config.dp_augmentation_multiplicity if config.dp_sgd else 2,
             label_mapping=labels.label_mapping, augmentation=config.augmentation,
             invert_probability=config.augmentation_invert,
         ),

@@ -22,6 +22,7 @@ from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import ModelArgsError, parse_model_args
 from fedseg.models import PATCH_MULTIPLE, ModelError, model_choices, model_kwargs, network_kind
 from fedseg.optim import OPTIMIZER_STATES, OPTIMIZERS, SCHEDULES, round_learning_rate
+from fedseg.tracking.backends import parse_backends
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
 # (a TOML table `[fedprox]` / `[tool.flwr.app.config.fedprox]` flattens to the same dotted keys).
@@ -39,6 +40,8 @@ UPPER_BOUNDS = {
 MAX_PATCH_SIDE = 512
 PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")  # output-dir: relative ones may not climb out with '..'
 # 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # fedseg.trainer: mixed precision on a GPU
+MAX_NUM_WORKERS = 256
 STRATEGY_SPEC = re.compile(r"[A-Za-z0-9][\w.-]*|flower:[A-Za-z_]\w*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -91,6 +94,10 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
     torch_compile: bool = False
+    tracking: str = ""  # "tensorboard", "mlflow" or both, comma-separated (fedseg.tracking); "" = off
+    tracking_dir: str = ""  # where the trackers write; "" = the folder holding the run folders
+    num_workers: int = 0  # data-loading worker processes at each site (0: loading runs in the training process)
+    precision: str = "bf16"  # on a GPU: "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler)
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -195,6 +202,7 @@ class RunConfig:
             )
         _validate_augmentation(self)
         _validate_dp(self)
+        _validate_runtime(self)
 
 
 def _validate_model(config: RunConfig) -> None:
@@ -333,6 +341,21 @@ def _validate_dp(config: RunConfig) -> None:
             "run-config 'dp-sgd' cannot be combined with strategy 'fedprox': Opacus replaces the gradient by "
             "the clipped, noised per-subject sum, which drops the proximal term"
         )
+
+
+def _validate_runtime(config: RunConfig) -> None:
+    """`tracking` (backend names; whether they are installed is checked where the server runs),
+    `tracking-dir`, `num-workers` and `precision`."""
+    try:
+        parse_backends(config.tracking)
+    except ValueError as err:
+        raise ConfigError(f"run-config 'tracking': {err}") from None
+    if any(c in config.tracking_dir for c in "\0\n\r"):
+        raise ConfigError(f"run-config 'tracking-dir' holds a NUL or line-break character: {config.tracking_dir!r}")
+    if not 0 <= config.num_workers <= MAX_NUM_WORKERS:
+        raise ConfigError(f"run-config 'num-workers' must be 0 to {MAX_NUM_WORKERS}, got {config.num_workers}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"run-config 'precision' is '{config.precision}'; choose one of: {', '.join(PRECISIONS)}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -46,6 +46,7 @@ from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.tracking import NullTracker, Tracker
 from strategies.base import strategy_round_report
 
 # Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.
@@ -102,6 +103,7 @@ class Federation:
     strategy: Strategy
     config: RunConfig
     run_dir: Path
+    tracker: Tracker = field(default_factory=NullTracker)  # gets the config and every round; closed by run()
     _site_names: dict[int, str] = field(default_factory=dict, init=False)
     _dropped: set[int] = field(default_factory=set, init=False)
     _probes: dict[str, int] = field(default_factory=dict, init=False)  # pending probe's message id → dropped node
@@ -118,6 +120,16 @@ class Federation:
 
         With `resume`, continue after the checkpoint's last finished round instead.
         """
+        self.tracker.log_config(self.config.to_dict())
+        try:
+            result = self._run(initial, resume)
+        except BaseException:
+            self.tracker.close(failed=True)
+            raise
+        self.tracker.close()
+        return result
+
+    def _run(self, initial: ArrayRecord, resume: Checkpoint | None) -> tuple[ArrayRecord, History]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:
             arrays, history = initial, History(config=self.config.to_dict(), extra={RUN_KEY: new_run_key(self.run_dir)})
@@ -186,6 +198,7 @@ class Federation:
             history=history,
             site_names=self._site_names,
         ).save(self.run_dir)
+        self.tracker.log_round(record)
         self._report(record)
 
     def _restore(self, checkpoint: Checkpoint) -> tuple[ArrayRecord, History]:

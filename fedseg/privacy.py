@@ -1,10 +1,19 @@
 """Sample-level differential privacy at one site: Opacus DP-SGD, ε accounting, budget stop.
 
-Privacy unit: one training subject (volume). Under DP-SGD a site's training dataset yields
-exactly one random patch per subject per draw (samples-per-volume 1), Opacus samples subjects
-with Poisson sampling (rate q = 1 / ceil(subjects / batch-size)) and clips each subject's
-gradient to `max_grad_norm` before adding Gaussian noise, so the reported (ε, δ) bounds what the
-released weights reveal about any one subject of the site's training split.
+Privacy unit: one training subject (volume). Under DP-SGD a site's training dataset yields, per
+subject and draw, `dp-augmentation-multiplicity` K random patches (each differently augmented);
+Opacus samples subjects with Poisson sampling (rate q = 1 / ceil(subjects / batch-size), so
+`batch-size` is the expected logical batch), the K per-patch gradients of a subject are averaged
+into one per-subject gradient (augmentation multiplicity, De et al. 2022), which is clipped to
+`max_grad_norm` before Gaussian noise is added, so the reported (ε, δ) bounds what the released
+weights reveal about any one subject of the site's training split. Opacus' BatchMemoryManager
+splits a logical batch into physical ones of at most `dp-physical-batch-size` subjects; the noise
+is added once per logical batch.
+
+Noise source (`dp-noise-source`): "torch" is Opacus' default, torch's Mersenne Twister for the
+Poisson draws and Gaussians (seeded by the run's seed at each fit: reproducible, and so
+predictable to whoever knows the seed); "secure" draws both from fedseg.noise.SecureGaussian
+(ChaCha20 keyed by the OS CSPRNG, Opacus' four-Gaussian floating-point mitigation).
 
 The accountant's history (noise, sample rate, steps) of a run is kept on the site's disk
 (`PrivacyLedger`), so ε accumulates across rounds even when every message runs in a fresh
@@ -26,22 +35,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 _host_log_handlers = list(logging.root.handlers)
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.accountants import create_accountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.data_loader import wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.optimizers.optimizer import _mark_as_processed
 from opacus.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
 # Opacus calls logging.basicConfig() on import, which doubles every Flower log line: undo that.
 logging.root.handlers[:] = _host_log_handlers
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fedseg.atomic import atomic_write_text
+from fedseg.noise import SecureGaussian
 
 if TYPE_CHECKING:
     from fedseg.config import RunConfig
@@ -63,6 +76,9 @@ class DPSettings:
     target_epsilon: float = 0.0  # budget; 0 → none
     accountant: str = "rdp"
     planned_epochs: int = 0  # local epochs a site trains over the whole run (target-ε mode)
+    physical_batch_size: int = 0  # subjects per forward/backward pass; 0 → the logical batch size
+    augmentation_multiplicity: int = 1  # augmented patches per subject per draw (one privacy unit)
+    noise_source: str = "torch"  # "torch" (Opacus' default) or "secure" (fedseg.noise.SecureGaussian)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> DPSettings | None:
@@ -76,6 +92,9 @@ class DPSettings:
             target_epsilon=config.dp_target_epsilon,
             accountant=config.dp_accountant,
             planned_epochs=config.num_server_rounds * config.local_epochs,
+            physical_batch_size=config.dp_physical_batch_size,
+            augmentation_multiplicity=config.dp_augmentation_multiplicity,
+            noise_source=config.dp_noise_source,
         )
 
     def noise_for(self, sample_rate: float, steps_per_epoch: int) -> float:
@@ -142,6 +161,7 @@ class SitePrivacy:
 
     def __post_init__(self) -> None:
         self.epsilon = epsilon_of(self.ledger.load(), self.settings.delta, self.settings.accountant)
+        self._source = SecureGaussian() if self.settings.noise_source == "secure" else None
 
     @contextmanager
     def attach(
@@ -152,15 +172,19 @@ class SitePrivacy:
         Raises PrivacyBudgetExceeded, before touching the model, when the planned steps would
         take ε past `target_epsilon`.
         """
-        loader = DataLoader(SubjectPatches(dataset), batch_size=batch_size, num_workers=0)
-        steps_per_epoch = len(loader)
+        subjects = SubjectPatches(dataset, self.settings.augmentation_multiplicity)
+        secure = self.settings.noise_source == "secure"
+        steps_per_epoch = -(-len(subjects) // batch_size)
         sample_rate = 1.0 / steps_per_epoch  # what make_private derives from the loader
+        loader = (secure_poisson_loader(subjects, sample_rate, steps_per_epoch, self._source) if secure
+                  else DataLoader(subjects, batch_size=batch_size, num_workers=0))
         sigma = self.settings.noise_for(sample_rate, steps_per_epoch)
         history = self.ledger.load()
         self._check_budget(history + [(sigma, sample_rate, epochs * steps_per_epoch)])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in SECURITY.md
-            engine = PrivacyEngine(accountant=self.settings.accountant)
+            engine = (_SecureNoiseEngine(self._source, accountant=self.settings.accountant) if self._source
+                      else PrivacyEngine(accountant=self.settings.accountant))
         engine.accountant.history = list(history)
         hooks, dp_optimizer, dp_loader = engine.make_private(
             module=model,
@@ -169,12 +193,16 @@ class SitePrivacy:
             noise_multiplier=sigma,
             max_grad_norm=self.settings.max_grad_norm,
             wrap_model=False,
+            poisson_sampling=not secure,  # the secure loader draws its Poisson batches itself
         )
+        multiplicity = self.settings.augmentation_multiplicity
+        physical_size = min(self.settings.physical_batch_size or batch_size, batch_size)
         try:
             with BatchMemoryManager(
-                data_loader=dp_loader, max_physical_batch_size=batch_size, optimizer=dp_optimizer
+                data_loader=dp_loader, max_physical_batch_size=physical_size, optimizer=dp_optimizer
             ) as physical:
-                yield dp_optimizer, _DictBatches(physical, dp_optimizer), model
+                optimizer_view = _PerSubjectGradients(dp_optimizer, multiplicity) if multiplicity > 1 else dp_optimizer
+                yield optimizer_view, _DictBatches(physical, dp_optimizer), model
         finally:
             hooks.cleanup()
             self.ledger.save(engine.accountant.history)  # steps taken count even if the fit failed
@@ -202,23 +230,27 @@ class SitePrivacy:
 
 
 class SubjectPatches(Dataset):
-    """One (image, label) patch per subject from a MONAI patch dataset (the DP privacy unit)."""
+    """The `multiplicity` (image, label) patches one subject yields per draw from a MONAI patch
+    dataset (the DP privacy unit): tensors of shape (channels, D, H, W), or with multiplicity > 1
+    (multiplicity, channels, D, H, W)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, multiplicity: int = 1) -> None:
         self.dataset = dataset
+        self.multiplicity = multiplicity
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item: Any = self.dataset[index]
-        if isinstance(item, list):
-            if len(item) != 1:
-                raise ValueError(
-                    f"DP-SGD needs one patch per subject per draw (samples-per-volume 1), got {len(item)}"
-                )
-            item = item[0]
-        return item["image"], item["label"]
+        patches = item if isinstance(item, list) else [item]
+        if len(patches) != self.multiplicity:
+            raise ValueError(f"DP-SGD needs {self.multiplicity} patch(es) per subject per draw "
+                             f"(dp-augmentation-multiplicity), the dataset gave {len(patches)}")
+        if self.multiplicity == 1:
+            return patches[0]["image"], patches[0]["label"]
+        return (torch.stack([torch.as_tensor(p["image"]) for p in patches]),
+                torch.stack([torch.as_tensor(p["label"]) for p in patches]))
 
 
 @dataclass(frozen=True)
@@ -238,7 +270,82 @@ class _DictBatches:
             if len(image) == 0:
                 noise_only_step(self.optimizer)
                 continue
+            if image.dim() == 6:  # (subjects, multiplicity, C, D, H, W): the patches go through one by one
+                image, label = image.flatten(0, 1), label.flatten(0, 1)
             yield {"image": image, "label": label}
+
+
+@dataclass(frozen=True)
+class _PerSubjectGradients:
+    """The DP optimizer, with each subject's K per-patch gradients averaged into one before clipping
+    (augmentation multiplicity: the batch holds K consecutive patches per subject)."""
+
+    optimizer: DPOptimizer
+    multiplicity: int
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self) -> Any:
+        for param in self.optimizer.params:
+            sample = param.grad_sample
+            if sample is not None and len(sample):
+                param.grad_sample = sample.view(-1, self.multiplicity, *sample.shape[1:]).mean(dim=1)
+        return self.optimizer.step()
+
+
+class SecurePoissonSampler(Sampler[list[int]]):
+    """Opacus' Poisson batches (each subject in with probability `sample_rate`), drawn from a CSPRNG."""
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int, source: SecureGaussian) -> None:
+        self.num_samples, self.sample_rate, self.steps, self.source = num_samples, sample_rate, steps, source
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield [int(i) for i in np.flatnonzero(self.source.random(self.num_samples) < self.sample_rate)]
+
+
+def secure_poisson_loader(dataset: Dataset, sample_rate: float, steps: int, source: SecureGaussian) -> DataLoader:
+    """A loader of Poisson batches from `SecurePoissonSampler` (an empty batch is zero-length tensors)."""
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
+                                      dtypes=[x.dtype for x in first])
+    sampler = SecurePoissonSampler(len(dataset), sample_rate, steps, source)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer adding its Gaussian noise from a `SecureGaussian` instead of torch's generator."""
+
+    def __init__(self, *args: Any, source: SecureGaussian, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for param in self.params:
+            summed = param.summed_grad
+            noise = self.source.normal(0.0, std, summed.numel()) if std > 0 else np.zeros(summed.numel())
+            param.grad = (summed + torch.from_numpy(noise).to(summed).view_as(summed)).view_as(param)
+            _mark_as_processed(summed)
+
+
+class _SecureNoiseEngine(PrivacyEngine):
+    """A PrivacyEngine whose optimizer is a SecureNoiseDPOptimizer (flat clipping, one process)."""
+
+    def __init__(self, source: SecureGaussian, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+
+    def _prepare_optimizer(self, *, optimizer: torch.optim.Optimizer, **kwargs: Any) -> DPOptimizer:
+        made = super()._prepare_optimizer(optimizer=optimizer, **kwargs)
+        return SecureNoiseDPOptimizer(
+            made.original_optimizer, noise_multiplier=made.noise_multiplier, max_grad_norm=made.max_grad_norm,
+            expected_batch_size=made.expected_batch_size, loss_reduction=made.loss_reduction, source=self.source,
+        )
 
 
 def noise_only_step(optimizer: DPOptimizer) -> None:
