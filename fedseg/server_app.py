@@ -19,6 +19,7 @@ from fedseg.history import History
 from fedseg.initial_model import initial_model
 from fedseg.model_spec import checked_network
 from fedseg.privacy import privacy_summary
+from fedseg.tracking import open_run_tracker
 from strategies.registry import build_strategy
 
 app = ServerApp()
@@ -37,7 +38,8 @@ def main(grid: Grid, context: Context) -> None:
         run_dir)
     for line in bundle_differences(config):
         log(WARNING, "[fedseg] bundle: %s", line)
-    _, history = Federation(grid, strategy, config, run_dir).run(initial_weights(config), resume=checkpoint)
+    tracker = open_run_tracker(config, run_dir)
+    _, history = Federation(grid, strategy, config, run_dir, tracker).run(initial_weights(config), resume=checkpoint)
     log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
         history.final_dice, history.rounds[0].mean_dice, run_dir)
     if config.label_scheme != "classes":

@@ -48,6 +48,7 @@ from fedseg.report.layout import (
     overlay_case,
 )
 from fedseg.server_app import initial_weights
+from fedseg.tracking import open_run_tracker
 from strategies.registry import build_strategy
 
 SPEC_FILE = "experiment.json"
@@ -128,6 +129,7 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
         **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
            "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
     )
+    values["tracking-dir"] = values.get("tracking-dir") or str(results)  # one TensorBoard / MLflow view per experiment
     config = with_input_channels(RunConfig.from_mapping(values))
     nodes = []
     for node in arm.nodes:  # each site's state (privacy ledger, preprocessed cache) stays in this experiment
@@ -143,7 +145,8 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
     else:
         initial = initial_weights(config)
     with server_identity():
-        arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder).run(initial, resume)
+        tracker = open_run_tracker(config, folder, experiment=spec.name)
+        arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker).run(initial, resume)
     description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
     model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
     model.save(folder / MODEL)
