@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from inprocess_grid import InProcessGrid, run_federation, tiny_config
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config  # noqa: F401 - fixture
 
 from fedseg.config import ConfigError, RunConfig
 from fedseg.initial_model import initial_model
@@ -29,11 +29,12 @@ def test_model_args_are_plain_keyword_values() -> None:
 
 
 def test_a_monai_network_by_name_with_arguments() -> None:
-    config = RunConfig.from_mapping({"model": "SegResNet", "model-args": "init_filters=4, num_groups=4",
+    config = RunConfig.from_mapping({"model": "SegResNet", "model-args": "init_filters=4, norm=('group', {'num_groups': 4})",
                                      "patch-size": "16,16,16", "num-classes": 3, "in-channels": 2})
     spec, parameters = checked_network(config)
-    model = build_model("SegResNet", 2, 3, {"init_filters": 4, "num_groups": 4})
-    assert (spec.name, dict(spec.args), spec.source) == ("SegResNet", {"init_filters": 4, "num_groups": 4}, "monai")
+    args = {"init_filters": 4, "norm": ("group", {"num_groups": 4})}
+    model = build_model("SegResNet", 2, 3, args)
+    assert (spec.name, dict(spec.args), spec.source) == ("SegResNet", args, "monai")
     assert parameters == count_parameters(model) == sum(p.numel() for p in model.parameters())
     assert model.convInit.conv.in_channels == 2 and model.conv_final[-1].conv.out_channels == 3
     with torch.no_grad():
@@ -62,19 +63,21 @@ def test_a_bad_network_fails_with_one_line_naming_the_key(values: dict, message:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"model": "DenseNet121"}, "run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 16, 16, 16) "
-                               "to (2, 3), fedseg needs (2, 3, 16, 16, 16)"),
+    ({"model": "DenseNet121"}, "run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 32, 32, 32) "
+                               "to (2, 3), fedseg needs (2, 3, 32, 32, 32)"),
     ({"model": "SegResNetDS", "model-args": "dsdepth=2"},
      "run-config 'model-args': model 'SegResNetDS' returns list in training, fedseg needs one tensor of logits"),
-    ({"model": "unet", "model-args": "strides=(2, 2, 2, 2)"}, "run-config 'model-args': model 'unet'"),
+    ({"model": "UNet", "model-args": "channels=(4, 8, 16, 32), strides=(2, 2, 2)", "patch-size": "20,20,20"},
+     "run-config 'model-args': model 'UNet' fails on a batch of 2 patches of 20x20x20 voxels: RuntimeError: "),
 ])
 def test_the_network_is_run_on_a_dummy_batch_before_round_one(values: dict, message: str) -> None:
-    config = RunConfig.from_mapping({**values, "patch-size": "16,16,16", "in-channels": 1})
+    config = RunConfig.from_mapping({"patch-size": "32,32,32", **values, "in-channels": 1})
     with pytest.raises(ConfigError) as err:
         checked_network(config)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_init_from_starts_the_run_from_a_model_file(tmp_path: Path) -> None:
     values = tiny_config(tmp_path, **{"num-server-rounds": 1, "min-sites": 2})
     trained, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "first")
