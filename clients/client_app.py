@@ -10,19 +10,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from clients.local_round import train_round
+from clients.local_round import LocalRound, train_round
 from clients.personal import PersonalState
-from clients.site_runtime import ChannelMismatch, runtime_for, site_state_dir
+from clients.site_runtime import (
+    ChannelMismatch,
+    SiteRuntime,
+    runtime_for,
+    site_state_dir,
+)
 from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
 from fedseg.labels import LabelScheme
 from fedseg.privacy import PrivacyBudgetExceeded
+from fedseg.secagg import site as secagg_site
 from fedseg.trainer import EvalResult
 
 log = logging.getLogger("fedseg.client")
@@ -34,15 +49,64 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received global weights (clients.local_round)."""
     try:
-        config = msg.content[m.CONFIG]
-        site = runtime_for(context, int(config.get(m.IN_CHANNELS, 0)))
-        # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
-        run = str(config.get(m.RUN_KEY, context.run_id))
-        privacy = site.privacy_for(context, run)
-        done = train_round(site, msg.content, config, PersonalState(site_state_dir(context), run), privacy)
-        validation = site.trainer.evaluate(site.val_set)
+        site, done, metrics = _fit(msg, context)
     except Exception as err:  # noqa: BLE001 - any site failure becomes an error reply, not a crash
         return _error_reply(msg, "train", err)
+    records = {m.ARRAYS: ArrayRecord(done.weights), **{k: ArrayRecord(v) for k, v in done.extra_arrays.items()}}
+    site.trainer.release_memory()  # the next simulated client in this process may need the GPU memory
+    return Message(content=RecordDict({**records, m.METRICS: metrics}), reply_to=msg)
+
+
+@app.train(m.SECAGG_TRAIN)
+def secure_train(msg: Message, context: Context) -> Message:
+    """Secure aggregation's train stage: the same local fit, then the site checks its own update and
+    sends it only masked (fedseg.secagg.site); the metrics go as in a plain train reply."""
+    try:
+        site, done, metrics = _fit(msg, context)
+        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], done.weights,
+                                  float(metrics[m.NUM_EXAMPLES]))
+    except Exception as err:  # noqa: BLE001
+        return _error_reply(msg, "train", err)
+    site.trainer.release_memory()
+    return Message(content=RecordDict({m.SECAGG_MASKED: masked, m.METRICS: metrics}), reply_to=msg)
+
+
+@app.train(m.SECAGG_SETUP)
+def secure_setup(msg: Message, context: Context) -> Message:
+    """Secure aggregation: this round's key pairs; the reply holds the public keys."""
+    return _secagg_reply(msg, context, secagg_site.setup)
+
+
+@app.train(m.SECAGG_SHARE)
+def secure_share(msg: Message, context: Context) -> Message:
+    """Secure aggregation: the round secrets' shares, encrypted for each other site."""
+    return _secagg_reply(msg, context, secagg_site.share)
+
+
+@app.train(m.SECAGG_UNMASK)
+def secure_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation: the shares the server needs to remove the masks from the sum."""
+    return _secagg_reply(msg, context, secagg_site.unmask)
+
+
+def _secagg_reply(msg: Message, context: Context,
+                  stage: Callable[[ConfigRecord, Context], ConfigRecord]) -> Message:
+    try:
+        answer = stage(msg.content[m.SECAGG], context)
+    except Exception as err:  # noqa: BLE001
+        return _error_reply(msg, "secure aggregation", err)
+    return Message(content=RecordDict({m.SECAGG: answer}), reply_to=msg)
+
+
+def _fit(msg: Message, context: Context) -> tuple[SiteRuntime, LocalRound, MetricRecord]:
+    """The local fit an instruction asks for and the reply's metrics."""
+    config = msg.content[m.CONFIG]
+    site = runtime_for(context, int(config.get(m.IN_CHANNELS, 0)))
+    # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
+    run = str(config.get(m.RUN_KEY, context.run_id))
+    privacy = site.privacy_for(context, run)
+    done = train_round(site, msg.content, config, PersonalState(site_state_dir(context), run), privacy)
+    validation = site.trainer.evaluate(site.val_set)
     metrics = MetricRecord(
         {
             m.NUM_EXAMPLES: done.result.num_examples,
@@ -53,9 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             **(privacy.metrics() if privacy else {}),  # sample-level ε so far at δ; the ledger stays here
         }
     )
-    records = {m.ARRAYS: ArrayRecord(done.weights), **{k: ArrayRecord(v) for k, v in done.extra_arrays.items()}}
-    site.trainer.release_memory()  # the next simulated client in this process may need the GPU memory
-    return Message(content=RecordDict({**records, m.METRICS: metrics}), reply_to=msg)
+    return site, done, metrics
 
 
 @app.evaluate()
@@ -119,6 +181,8 @@ def _error_reply(msg: Message, stage: str, err: Exception) -> Message:
         code = m.CHANNELS_CODE
     elif isinstance(err, MemoryError | torch.OutOfMemoryError):
         code = m.OUT_OF_MEMORY_CODE
+    elif isinstance(err, secagg_site.UpdateRefused | secagg_site.SecureRoundError):
+        code = m.SECAGG_CODE
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
@@ -132,4 +196,6 @@ def public_reason(err: Exception) -> str:
         return str(err)  # fedseg.privacy builds it from ε, the budget and δ only
     if isinstance(err, MemoryError | torch.OutOfMemoryError):
         return "out of memory"
+    if isinstance(err, secagg_site.UpdateRefused | secagg_site.SecureRoundError):
+        return str(err)  # fedseg.secagg.site raises them with fixed phrases only
     return "message withheld (it may name files or subjects)"

@@ -94,6 +94,8 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
     torch_compile: bool = False
+    secure_aggregation: bool = False  # the server sees only the sum of the updates (fedseg.secagg)
+    secure_aggregation_bound: float = 16.0  # largest |update value| a site may send under secure aggregation
     tracking: str = ""  # "tensorboard", "mlflow" or both, comma-separated (fedseg.tracking); "" = off
     tracking_dir: str = ""  # where the trackers write; "" = the folder holding the run folders
     num_workers: int = 0  # data-loading worker processes at each site (0: loading runs in the training process)
@@ -202,6 +204,7 @@ class RunConfig:
             )
         _validate_augmentation(self)
         _validate_dp(self)
+        _validate_secure_aggregation(self)
         _validate_runtime(self)
 
 
@@ -313,6 +316,16 @@ def _validate_labels(config: RunConfig) -> None:
     if config.uses_synthetic_data and config.synthetic_anatomy == "brain" and config.label_scheme != "brats":
         raise ConfigError("run-config 'synthetic-anatomy' 'brain' writes BraTS labels: set label-scheme = \"brats\" "
                           "and num-classes = 4")
+
+
+def _validate_secure_aggregation(config: RunConfig) -> None:
+    """`secure-aggregation` needs three sites; its bound keeps the 64-bit ring from overflowing (fedseg.secagg.ring)."""
+    if not 0.0 < config.secure_aggregation_bound <= 2.0**20:
+        raise ConfigError(f"run-config 'secure-aggregation-bound' must be in (0, 2^20], got "
+                          f"{config.secure_aggregation_bound}")
+    if config.secure_aggregation and config.min_sites < 3:
+        raise ConfigError(f"run-config 'secure-aggregation' needs 'min-sites' >= 3, got {config.min_sites}: "
+                          "with two sites each one learns the other's update from the new global model")
 
 
 def _validate_dp(config: RunConfig) -> None:

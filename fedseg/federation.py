@@ -47,6 +47,7 @@ from fedseg.data.sites import with_input_channels
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.tracking import NullTracker, Tracker
+from fedseg.secagg.server import SecureAggregation, SecureAggregationError
 from strategies.base import strategy_round_report
 
 # Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.
@@ -110,10 +111,14 @@ class Federation:
     _run_key: str = field(default="", init=False)
     _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
+    _secure: SecureAggregation | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.config = with_input_channels(self.config)  # every site is told the global model's input channels
         self._minimums = {name: getattr(self.strategy, name) for name in NODE_MINIMUMS if hasattr(self.strategy, name)}
+        if self.config.secure_aggregation:  # the strategy was checked to compose (strategies.base)
+            self._secure = SecureAggregation(self.config.secure_aggregation_bound,
+                                             float(getattr(self.strategy, "max_update_ratio", 0.0)))
 
     def run(self, initial: ArrayRecord, resume: Checkpoint | None = None) -> tuple[ArrayRecord, History]:
         """Evaluate the initial model, then train and evaluate up to num-server-rounds.
@@ -154,15 +159,38 @@ class Federation:
         config = self._instruction(
             {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.round_learning_rate(server_round)}
         )
-        replies = self._stage(
-            "train", lambda grid: self.strategy.configure_train(server_round, arrays, config, grid), record
-        )
+        configure = lambda grid: self.strategy.configure_train(server_round, arrays, config, grid)
+        if self._secure is None:
+            replies = self._stage("train", configure, record)
+            aggregated = [reply for _, reply in replies]
+        else:
+            replies, aggregated = self._secure_train(server_round, configure, record)
         record.train = self._collect(replies, "train", record)
-        new_arrays, _ = self.strategy.aggregate_train(server_round, [reply for _, reply in replies])
+        new_arrays, _ = self.strategy.aggregate_train(server_round, aggregated)
         if new_arrays is None:
             log(WARNING, "round %d: no usable training reply; the global model is unchanged", server_round)
             return arrays
         return new_arrays
+
+    def _secure_train(
+        self, server_round: int, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord
+    ) -> tuple[list[tuple[int, Message]], list[Message]]:
+        """The train stage as a secure round (fedseg.secagg): the sites' masked replies (their metrics
+        go to the history) and at most one reply for the strategy, holding the unmasked mean model."""
+        assert self._secure is not None
+        messages = self._configure("train", configure, record)
+
+        def fail(node: int, reason: str, code: int | None) -> None:
+            self._fail(node, "train", reason, record, drop=code in NODE_GONE_ERRORS)
+
+        try:
+            result = self._secure.train(server_round, messages, lambda msgs: self._exchange("train", msgs, record),
+                                        fail)
+        except SecureAggregationError as err:
+            raise FederationError(str(err)) from None
+        if result.aggregate is None:
+            record.failures.append({"site": "all", "stage": "train", "reason": result.reason})
+        return self._ordered(result.replies), [result.aggregate] if result.aggregate is not None else []
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> RoundRecord:
         replies = self._stage(
@@ -217,10 +245,17 @@ class Federation:
 
         A reply's node is the one its instruction went to: error replies that the SuperLink makes
         (e.g. for a node whose heartbeat expired) come from the SuperLink's own node id."""
+        return self._ordered(self._exchange(stage, self._configure(stage, configure, record), record))
+
+    def _configure(self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord) -> list[Message]:
+        """The strategy's messages for the live sites (its minimum node counts lowered to their number)."""
         live = self._live_nodes(stage, record)
         for name, configured in self._minimums.items():
             setattr(self.strategy, name, max(1, min(configured, len(live))))
-        messages = list(configure(LiveGrid(self.grid, live)))
+        return list(configure(LiveGrid(self.grid, live)))
+
+    def _exchange(self, stage: str, messages: list[Message], record: RoundRecord) -> list[tuple[int, Message]]:
+        """Send, wait at most round-timeout; (node, reply) pairs; silent sites are dropped."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when sent
         pairs = [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
@@ -229,6 +264,9 @@ class Federation:
             self._fail(node, stage, reason, record, drop=True)
         for node, reply in pairs:
             self._learn_site_name(node, reply)
+        return pairs
+
+    def _ordered(self, pairs: list[tuple[int, Message]]) -> list[tuple[int, Message]]:
         return sorted(pairs, key=lambda pair: (self._site_name(pair[0]), pair[0]))
 
     def _live_nodes(self, stage: str, record: RoundRecord) -> list[int]:

@@ -47,10 +47,10 @@ SECAGG_CODE = 104  # secure aggregation: the site refused (its update failed its
 # ---------------------------------------------------------------- secure aggregation (fedseg.secagg)
 # The stages of a secure round are train messages with these actions ("train.<action>"); their
 # protocol values travel in a ConfigRecord SECAGG (with RUN_KEY and SERVER_ROUND naming the round).
-SECAGG_SETUP = "secagg-setup"  # → index, count, threshold; ← the site's two public keys
-SECAGG_SHARE = "secagg-share"  # → every participant's public keys; ← encrypted shares, one per other site
-SECAGG_TRAIN = "secagg-train"  # → train instruction + shares for the site; ← metrics + SECAGG_MASKED
-SECAGG_UNMASK = "secagg-unmask"  # → survivors, dropped; ← their seed shares, their mask-key shares
+SECAGG_SETUP = "secagg_setup"  # → index, count, threshold; ← the site's two public keys
+SECAGG_SHARE = "secagg_share"  # → every participant's public keys; ← encrypted shares, one per other site
+SECAGG_TRAIN = "secagg_train"  # → train instruction + shares for the site; ← metrics + SECAGG_MASKED
+SECAGG_UNMASK = "secagg_unmask"  # → survivors, dropped; ← their seed shares, their mask-key shares
 SECAGG = "secagg"
 SECAGG_INDEX = "index"
 SECAGG_COUNT = "count"

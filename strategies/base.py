@@ -82,6 +82,8 @@ class FedSegStrategy(FlowerFedAvg):
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES,)
     reply_records: ClassVar[tuple[str, ...]] = ()  # ArrayRecords a reply carries besides the model (SCAFFOLD)
     dp_sgd_conflict: ClassVar[str] = ""  # why the strategy cannot train with DP-SGD at the sites ("" = it can)
+    # why the strategy cannot run under secure aggregation ("" = it can; None: derived, see secure_aggregation_reason)
+    secure_aggregation_conflict: ClassVar[str | None] = None
     max_update_ratio: float
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:
@@ -123,6 +125,22 @@ class FedSegStrategy(FlowerFedAvg):
         """Refuse run-config settings this strategy cannot train with (before round 1)."""
         if config.dp_sgd and cls.dp_sgd_conflict:
             raise ConfigError(f"strategy '{cls.strategy_name()}' cannot run with 'dp-sgd': {cls.dp_sgd_conflict}")
+
+    @classmethod
+    def secure_aggregation_reason(cls) -> str:
+        """Why the strategy cannot aggregate from the examples-weighted mean of the replies alone (the only
+        thing secure aggregation reveals), or "": the declared `secure_aggregation_conflict`, else derived
+        from what it overrides."""
+        if cls.secure_aggregation_conflict is not None:
+            return cls.secure_aggregation_conflict
+        if cls.reply_records:
+            return f"its replies carry {', '.join(cls.reply_records)} besides the model, each needed per site"
+        for hook, need in (("combine", "builds the model from each site's update"),
+                           ("site_weights", "weights each site's update by its own rule"),
+                           ("check_reply", "checks each site's update")):
+            if getattr(cls, hook) is not getattr(FedSegStrategy, hook):
+                return f"it {need} ('{hook}'); the server only sees the examples-weighted sum"
+        return ""
 
     # ------------------------------------------------------------------ hooks for subclasses
     def site_weights(self, replies: list[Reply]) -> list[float]:

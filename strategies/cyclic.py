@@ -30,6 +30,7 @@ class Cyclic(FedSegStrategy):
     """One site per round, in site-id order; its model is the next global model."""
 
     name = "cyclic"
+    secure_aggregation_conflict = "it trains one site per round: the sum would be that site's update"
     params = (Param("cycles", int, 0, "passes over all sites before training stops (0: until the last round; "
                                       "1: IIL)", minimum=0),)
     cycles: int

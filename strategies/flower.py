@@ -61,6 +61,9 @@ INCOMPATIBLE = {
     "FedXgbBagging": "it aggregates XGBoost models (bytes), not the model's tensors",
     "FedXgbCyclic": "it aggregates XGBoost models (bytes), not the model's tensors",
 }
+# Flower strategies whose new model is a function of the examples-weighted mean of the replies (FedAvg,
+# then a server optimizer or momentum on it): they compose with secure aggregation.
+MEAN_BASED = frozenset({"FedAvg", "FedProx", "FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"})
 _POSITIVE = 1e-12  # smallest allowed value of a parameter that must be > 0
 _BELOW_ONE = 0.999999  # largest allowed value of a decay rate that must be < 1
 
@@ -92,6 +95,13 @@ class FlowerStrategy(FedSegStrategy):
         """The parameters handed to the Flower constructor (all but fedseg's own)."""
         own = {p.name for p in FedSegStrategy.declared_params()}
         return tuple(p for p in cls.declared_params() if p.name not in own)
+
+    @classmethod
+    def secure_aggregation_reason(cls) -> str:
+        if cls.flower_class.__name__ in MEAN_BASED:
+            return ""
+        return (f"Flower's {cls.flower_class.__name__} does not aggregate the examples-weighted mean of the replies "
+                "(robust, per-site or loss-weighted rules need each site's update)")
 
     # ------------------------------------------------------------------ composition
     def train_instructions(

@@ -75,6 +75,8 @@ def build_strategy(config: RunConfig) -> FedSegStrategy:
     """Build the configured strategy with its checked parameters (fails before any round)."""
     cls = resolve(config.strategy)
     namespace = cls.strategy_name()
+    if config.secure_aggregation and (reason := cls.secure_aggregation_reason()):
+        raise ConfigError(f"strategy '{namespace}' cannot run with 'secure-aggregation': {reason}")
     namespaces = {*installed_names(), *flower_namespaces(), namespace}
     values = {}
     for key, value in config.strategy_params.items():

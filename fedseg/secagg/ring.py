@@ -1,0 +1,86 @@
+"""Fixed-point encoding of a weighted model update in the ring of integers modulo 2^64.
+
+A site with weight a (its `num-examples`) encodes its update Δ = w − g (its model minus the global
+model it received, every array in sorted key order, flattened) as
+
+    x = round(a · Δ · 2^f)   (f = FRACTION_BITS for floating arrays, 0 for integer buffers)
+
+stored as uint64: two's complement makes addition modulo 2^64 exact integer addition as long as
+the true sum stays inside (−2^63, 2^63). The server adds the masked vectors, removes the masks and
+divides by Σ a · 2^f. Error: every site rounds each coordinate by at most 1/2, so the weighted mean
+update is off by at most n / (2 · Σa · 2^f) ≤ 2^−(f+1) ≈ 1.2e−10 per coordinate before the cast to
+float32; integer buffers come out as FedAvg's rounded weighted mean exactly.
+
+Overflow cannot happen silently: each site checks |Δ| ≤ `secure-aggregation-bound` (B) on its
+floating arrays and |Δ| ≤ INTEGER_BOUND on integer buffers before it encodes, and the server checks
+from the public weights that Σa · max(B · 2^f, INTEGER_BOUND) + n < 2^63 before it unmasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from strategies.aggregate import array_view, is_float
+
+FRACTION_BITS = 32
+INTEGER_BOUND = 2.0**31  # largest |Δ| of an integer buffer (BatchNorm's num_batches_tracked) a site may send
+RING_LIMIT = 2.0**63
+
+
+def keys_of(arrays: ArrayRecord | Mapping[str, object]) -> list[str]:
+    """The order in which both sides flatten a model: sorted keys (independent of transport order)."""
+    return sorted(arrays)
+
+
+def layout(reference: ArrayRecord) -> list[tuple[str, np.ndarray]]:
+    """(key, read-only view) of the reference model's arrays in encoding order."""
+    return [(key, array_view(reference[key])) for key in keys_of(reference)]
+
+
+def update_vector(reference: ArrayRecord, weights: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(Δ as float64, per-coordinate scale exponent mask: True where the array is floating)."""
+    parts, floating = [], []
+    for key, ref in layout(reference):
+        own = np.asarray(weights[key])
+        if own.shape != ref.shape:
+            raise ValueError(f"array '{key}' has shape {list(own.shape)}, the global model {list(ref.shape)}")
+        parts.append(own.astype(np.float64).ravel() - ref.astype(np.float64).ravel())
+        floating.append(np.full(ref.size, is_float(ref)))
+    if not parts:
+        return np.zeros(0), np.zeros(0, bool)
+    return np.concatenate(parts), np.concatenate(floating)
+
+
+def encode(delta: np.ndarray, floating: np.ndarray, weight: float) -> np.ndarray:
+    """round(weight · Δ · 2^f) (2^0 on integer coordinates) as uint64 (two's complement)."""
+    scale = np.where(floating, weight * 2.0**FRACTION_BITS, weight)
+    return np.rint(delta * scale).astype(np.int64).view(np.uint64)
+
+
+def fits(total_weight: float, bound: float, participants: int) -> bool:
+    """True when the true sum of the encoded updates cannot leave (−2^63, 2^63)."""
+    largest = max(bound * 2.0**FRACTION_BITS, INTEGER_BOUND)
+    return total_weight * largest + participants < RING_LIMIT
+
+
+def decode(total: np.ndarray, total_weight: float, reference: ArrayRecord) -> ArrayRecord:
+    """The global model plus the weighted mean update, each array in the reference's dtype
+    (integer buffers rounded, as FedAvg does)."""
+    signed = total.view(np.int64)
+    out: dict[str, Array] = {}
+    offset = 0
+    for key, ref in layout(reference):
+        part = signed[offset:offset + ref.size].astype(np.float64)
+        offset += ref.size
+        if is_float(ref):
+            mean = part / (total_weight * 2.0**FRACTION_BITS)
+            value = ref.astype(np.float64).ravel() + mean
+        else:
+            value = np.rint(ref.astype(np.float64).ravel() + part / total_weight)
+        out[key] = Array(np.array(value.reshape(ref.shape), dtype=ref.dtype, order="C"))
+    if offset != signed.size:
+        raise ValueError(f"aggregate has {signed.size} values, the model {offset}")
+    return ArrayRecord({key: out[key] for key in reference})

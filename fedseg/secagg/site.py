@@ -1,0 +1,165 @@
+"""The site's side of a secure round: keys, shares, the masked update, the unmasking shares.
+
+The round's secrets (two X25519 private keys, the self-mask seed, the shares received) live in the
+site's Flower `Context.state`, which the SuperNode keeps between the messages of a run (also when
+each message runs in a fresh process); they are dropped once the site has answered the unmask
+request, or when the next round starts. The site answers an unmask request only if it is
+consistent: survivors and dropped sites disjoint, all of them participants, at least `threshold`
+survivors, itself among them. So an honest-but-curious server never gets both secrets (the self
+mask seed and the mask key) of one site from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+
+from fedseg import messages as m
+from fedseg.secagg import crypto, ring
+
+STATE = "secagg-state"  # Context.state record of the current secure round
+MASKED_KEY = "masked"  # the one array in the SECAGG_MASKED record
+
+
+class SecureRoundError(ValueError):
+    """A secure-aggregation message does not fit the site's state of the round (a fixed public text)."""
+
+
+class UpdateRefused(ValueError):
+    """The site's own update failed the checks it runs before masking (a fixed public text)."""
+
+
+def round_context(config: ConfigRecord) -> str:
+    """Names the round in every key label and associated data: run key and server round."""
+    return f"{config[m.RUN_KEY]}|{int(config[m.SERVER_ROUND])}"
+
+
+def setup(config: ConfigRecord, context: Context) -> ConfigRecord:
+    """Stage 1: fresh key pairs and self-mask seed for this round; reply the two public keys."""
+    index, count, threshold = int(config[m.SECAGG_INDEX]), int(config[m.SECAGG_COUNT]), int(config[m.SECAGG_THRESHOLD])
+    if not (1 <= index <= count and 2 <= threshold <= count):
+        raise SecureRoundError("inconsistent secure-aggregation setup (index, count, threshold)")
+    cipher_key, mask_key = crypto.new_private_key(), crypto.new_private_key()
+    context.state[STATE] = ConfigRecord({
+        "round": round_context(config), "index": index, "count": count, "threshold": threshold,
+        "cipher-sk": crypto.private_bytes(cipher_key), "mask-sk": crypto.private_bytes(mask_key),
+        "seed": crypto.new_seed(),
+    })
+    return ConfigRecord({m.SECAGG_CIPHER_KEY: crypto.public_bytes(cipher_key),
+                         m.SECAGG_MASK_KEY: crypto.public_bytes(mask_key)})
+
+
+def share(config: ConfigRecord, context: Context) -> ConfigRecord:
+    """Stage 2: Shamir-share the seed and the mask key among the participants; each share encrypted
+    for its receiver (the server only forwards them)."""
+    state = _state(config, context, "cipher-sk")
+    participants = [int(i) for i in config[m.SECAGG_PARTICIPANTS]]
+    cipher_keys, mask_keys = list(config[m.SECAGG_CIPHER_KEYS]), list(config[m.SECAGG_MASK_KEYS])
+    index, threshold = int(state["index"]), int(state["threshold"])
+    own_cipher = crypto.private_key(state["cipher-sk"])
+    if (len(set(participants)) != len(participants) or index not in participants
+            or len(cipher_keys) != len(participants) or len(mask_keys) != len(participants)
+            or len(set(mask_keys)) != len(mask_keys) or len(participants) < threshold
+            or cipher_keys[participants.index(index)] != crypto.public_bytes(own_cipher)
+            or any(not 1 <= i <= int(state["count"]) for i in participants)):
+        raise SecureRoundError("inconsistent secure-aggregation key list")
+    seed_shares = crypto.create_shares(state["seed"], threshold, int(state["count"]))
+    key_shares = crypto.create_shares(state["mask-sk"], threshold, int(state["count"]))
+    destinations, ciphertexts = [], []
+    for peer, peer_cipher in zip(participants, cipher_keys, strict=True):
+        plaintext = seed_shares[peer - 1] + key_shares[peer - 1]
+        if peer == index:
+            state["own-share"] = plaintext
+            continue
+        key = crypto.agree(own_cipher, peer_cipher, crypto.pair_label("shares", state["round"], index, peer))
+        destinations.append(peer)
+        ciphertexts.append(crypto.encrypt(key, plaintext, _associated(state["round"], index, peer)))
+    state["participants"], state["cipher-pks"], state["mask-pks"] = participants, cipher_keys, mask_keys
+    return ConfigRecord({m.SECAGG_DESTINATIONS: destinations, m.SECAGG_SHARES: ciphertexts})
+
+
+def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights: Mapping[str, np.ndarray],
+         weight: float) -> ArrayRecord:
+    """Stage 3 (after the local fit): check the own update, encode a·Δ in the ring, add the pairwise
+    masks of every other participant that shared its keys and the self mask."""
+    state = _state(config, context, "participants")
+    index = int(state["index"])
+    participants = [int(i) for i in config[m.SECAGG_PARTICIPANTS]]
+    sources = [int(i) for i in config[m.SECAGG_SOURCES]]
+    known = [int(i) for i in state["participants"]]
+    if (index not in participants or sorted(set(sources) | {index}) != sorted(participants)
+            or len(sources) != len(set(sources)) or not set(participants) <= set(known)
+            or len(participants) < int(state["threshold"])
+            or len(list(config[m.SECAGG_SHARES])) != len(sources)):
+        raise SecureRoundError("inconsistent secure-aggregation participant list")
+    state["sources"], state["received"] = sources, list(config[m.SECAGG_SHARES])
+    delta, floating = ring.update_vector(reference, weights)
+    check_update(delta, floating, reference, float(config[m.SECAGG_MAX_UPDATE_RATIO]), float(config[m.SECAGG_BOUND]))
+    vector = ring.encode(delta, floating, weight)
+    del delta, floating
+    own_mask = crypto.private_key(state["mask-sk"])
+    mask_keys = dict(zip(known, state["mask-pks"], strict=True))
+    for peer in participants:
+        if peer != index:
+            seed = crypto.agree(own_mask, mask_keys[peer], crypto.pair_label("mask", state["round"], index, peer))
+            crypto.add_mask(vector, seed, +1 if index < peer else -1)
+    crypto.add_mask(vector, state["seed"], +1)
+    return ArrayRecord({MASKED_KEY: Array(vector)})
+
+
+def unmask(config: ConfigRecord, context: Context) -> ConfigRecord:
+    """Stage 4: the seed shares of the survivors and the mask-key shares of the dropped sites; then
+    the round's secrets are forgotten."""
+    state = _state(config, context, "received")
+    index = int(state["index"])
+    survivors = [int(i) for i in config[m.SECAGG_SURVIVORS]]
+    dropped = [int(i) for i in config[m.SECAGG_DROPPED]]
+    participants = set(state["sources"]) | {index}
+    if (set(survivors) & set(dropped) or len(set(survivors)) != len(survivors)
+            or len(set(dropped)) != len(dropped) or index not in survivors
+            or not set(survivors) | set(dropped) <= participants or len(survivors) < int(state["threshold"])):
+        raise SecureRoundError("inconsistent secure-aggregation unmask request")
+    cipher_keys = dict(zip([int(i) for i in state["participants"]], state["cipher-pks"], strict=True))
+    own_cipher = crypto.private_key(state["cipher-sk"])
+    shares = {index: state["own-share"]}
+    for source, ciphertext in zip(state["sources"], state["received"], strict=True):
+        key = crypto.agree(own_cipher, cipher_keys[source], crypto.pair_label("shares", state["round"], source, index))
+        shares[int(source)] = crypto.decrypt(key, ciphertext, _associated(state["round"], int(source), index))
+    half = len(state["own-share"]) // 2
+    del context.state[STATE]
+    return ConfigRecord({m.SECAGG_SEED_SHARES: [shares[i][:half] for i in survivors],
+                         m.SECAGG_KEY_SHARES: [shares[i][half:] for i in dropped]})
+
+
+def check_update(delta: np.ndarray, floating: np.ndarray, reference: ArrayRecord, max_update_ratio: float,
+                 bound: float) -> None:
+    """The checks the server can no longer run on one reply, run by the site on its own update:
+    finite values, update norm ≤ max-update-ratio × max(global norm, 1) (as the strategies check;
+    0: off), every value within the ring's bounds (no overflow)."""
+    if not np.isfinite(delta).all():
+        raise UpdateRefused("the update holds non-finite values")
+    float_delta = delta[floating]
+    if max_update_ratio > 0:
+        reference_norm = np.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for _, v in ring.layout(reference)
+                                     if v.dtype.kind == "f"))
+        if np.linalg.norm(float_delta) > max_update_ratio * max(reference_norm, 1.0):
+            raise UpdateRefused("the update norm exceeds max-update-ratio × the global model's norm")
+    if float_delta.size and np.abs(float_delta).max() > bound:
+        raise UpdateRefused("an update value exceeds run-config 'secure-aggregation-bound'")
+    integer_delta = delta[~floating]
+    if integer_delta.size and np.abs(integer_delta).max() > ring.INTEGER_BOUND:
+        raise UpdateRefused("an integer buffer changed by more than the ring allows")
+
+
+def _state(config: ConfigRecord, context: Context, needs: str) -> ConfigRecord:
+    """The stored state of the round `config` names, which must have reached the stage holding `needs`."""
+    state = context.state.config_records.get(STATE)
+    if state is None or state["round"] != round_context(config) or needs not in state:
+        raise SecureRoundError("secure-aggregation message out of order for this round")
+    return state
+
+
+def _associated(round_name: str, source: int, destination: int) -> bytes:
+    return f"fedseg-secagg-share|{round_name}|{source}->{destination}".encode()

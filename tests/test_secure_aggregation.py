@@ -1,0 +1,280 @@
+"""Secure aggregation (fedseg.secagg): the unmasked sum equals FedAvg, one masked reply says nothing,
+a site lost mid-round is recovered, and the run config refuses what cannot compose.
+
+The protocol tests drive `SecureAggregation` over fedseg's LocalGrid with a ClientApp whose sites
+hold given weights (every message through Flower's wire encoding); the federation tests run the
+real ClientApp on tiny synthetic sites.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedseg import messages as m
+from fedseg.config import ConfigError, RunConfig
+from fedseg.experiments.local_grid import LocalGrid
+from fedseg.federation import FederationError
+from fedseg.secagg import ring
+from fedseg.secagg import site as secagg_site
+from fedseg.secagg.server import SecureAggregation
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config, wire  # noqa: F401
+from strategies.aggregate import weighted_sum
+from strategies.registry import build_strategy
+
+RUN = "run-test"
+# |secure − exact| per coordinate: 2^-33 from the fixed point, plus float32 rounding of the result
+TOLERANCE = 2.0**-33 + 1e-6
+
+
+def model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {"conv.weight": (rng.normal(size=(4, 3, 3)) * scale).astype(np.float32),
+            "conv.bias": (rng.normal(size=4) * scale).astype(np.float32),
+            "norm.num_batches_tracked": np.array(rng.integers(0, 50), dtype=np.int64)}
+
+
+class Sites:
+    """A ClientApp whose sites answer secure-aggregation messages with the weights given to them."""
+
+    def __init__(self, weights: dict[int, dict[str, np.ndarray]], examples: dict[int, int]) -> None:
+        self.weights, self.examples = weights, examples
+        self.dead_at: dict[int, str] = {}  # node → action at which it stops answering
+        self.masked: dict[int, np.ndarray] = {}
+        self.app = ClientApp()
+        for action in (m.SECAGG_SETUP, m.SECAGG_SHARE, m.SECAGG_UNMASK):
+            self.app.train(action)(self._stage)
+        self.app.train(m.SECAGG_TRAIN)(self._train)
+
+    def _stage(self, msg: Message, context: Context) -> Message:
+        stage = {f"train.{m.SECAGG_SETUP}": secagg_site.setup, f"train.{m.SECAGG_SHARE}": secagg_site.share,
+                 f"train.{m.SECAGG_UNMASK}": secagg_site.unmask}[msg.metadata.message_type]
+        return Message(RecordDict({m.SECAGG: stage(msg.content[m.SECAGG], context)}), reply_to=msg)
+
+    def _train(self, msg: Message, context: Context) -> Message:
+        node = context.node_id
+        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], self.weights[node],
+                                  float(self.examples[node]))
+        self.masked[node] = masked[secagg_site.MASKED_KEY].numpy()
+        metrics = MetricRecord({m.NUM_EXAMPLES: self.examples[node], m.TRAIN_LOSS: 0.5, m.SITE_ID: node})
+        return Message(RecordDict({m.SECAGG_MASKED: masked, m.METRICS: metrics}), reply_to=msg)
+
+
+class Grid(LocalGrid):
+    """LocalGrid through Flower's wire encoding; sites in `sites.dead_at` stop answering from that stage."""
+
+    def __init__(self, sites: Sites, nodes: int) -> None:
+        super().__init__({}, [{} for _ in range(nodes)],
+                         client_app=lambda msg, context: wire(sites.app(wire(msg), context)))  # type: ignore[arg-type]
+        self.sites = sites
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        stages = [m.SECAGG_SETUP, m.SECAGG_SHARE, m.SECAGG_TRAIN, m.SECAGG_UNMASK]
+        alive = [msg for msg in messages if stages.index(msg.metadata.message_type.partition(".")[2])
+                 < stages.index(self.sites.dead_at.get(msg.metadata.dst_node_id, "secagg_unmask")) + (
+                     msg.metadata.dst_node_id not in self.sites.dead_at)]
+        return super().send_and_receive(alive)
+
+
+def secure_round(sites: Sites, global_model: dict[str, np.ndarray], bound: float = 16.0):  # noqa: ANN201
+    grid = Grid(sites, len(sites.weights))
+    arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
+    config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1})
+    instructions = [Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=node,
+                            message_type="train") for node in grid.get_node_ids()]
+    failures: list[tuple[int, str]] = []
+
+    def exchange(messages: list[Message]) -> list[tuple[int, Message]]:
+        node_of = {id(msg): msg.metadata.dst_node_id for msg in messages}
+        replies = grid.send_and_receive(messages)
+        by_reply = {r.metadata.reply_to_message_id: r for r in replies}
+        return [(node_of[id(msg)], by_reply[msg.metadata.message_id]) for msg in messages
+                if msg.metadata.message_id in by_reply]
+
+    result = SecureAggregation(bound, 100.0).train(1, instructions, exchange,
+                                                   lambda node, reason, code: failures.append((node, reason)))
+    return result, arrays, failures
+
+
+def fedavg(arrays: ArrayRecord, weights: dict[int, dict[str, np.ndarray]], examples: dict[int, int],
+           nodes: list[int]) -> ArrayRecord:
+    total = sum(examples[n] for n in nodes)
+    return weighted_sum(arrays, [weights[n] for n in nodes], [examples[n] / total for n in nodes])
+
+
+def max_difference(a: ArrayRecord, b: ArrayRecord) -> float:
+    return max(float(np.abs(a[k].numpy().astype(np.float64) - b[k].numpy().astype(np.float64)).max()) for k in a)
+
+
+@pytest.fixture
+def five_sites(task_identity: None) -> tuple[Sites, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    global_model = model(rng)
+    nodes = range(100, 105)
+    weights = {n: {k: (v + model(rng, 0.05)[k]).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v + 7 * (n - 99))
+                   for k, v in global_model.items()} for n in nodes}
+    examples = {n: 10 + 13 * (n - 100) for n in nodes}
+    return Sites(weights, examples), global_model
+
+
+def test_unmasked_sum_equals_fedavg(five_sites: tuple[Sites, dict[str, np.ndarray]]) -> None:
+    sites, global_model = five_sites
+    result, arrays, failures = secure_round(sites, global_model)
+    assert failures == [] and result.aggregate is not None
+    secure = result.aggregate.content[m.ARRAYS]
+    exact = fedavg(arrays, sites.weights, sites.examples, sorted(sites.weights))
+    assert max_difference(secure, exact) <= TOLERANCE
+    counts = [int(sites.weights[n]["norm.num_batches_tracked"]) for n in sorted(sites.weights)]
+    expected = np.rint(np.average(counts, weights=[sites.examples[n] for n in sorted(sites.weights)]))
+    assert int(secure["norm.num_batches_tracked"].numpy()) == expected  # integer buffers: FedAvg's rounded mean
+    assert result.aggregate.content[m.METRICS][m.NUM_EXAMPLES] == sum(sites.examples.values())
+
+
+def test_masked_reply_is_unrelated_to_the_update(five_sites: tuple[Sites, dict[str, np.ndarray]]) -> None:
+    sites, global_model = five_sites
+    secure_round(sites, global_model)
+    arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
+    for node, masked in sites.masked.items():
+        delta, _ = ring.update_vector(arrays, sites.weights[node])
+        seen = masked.view(np.int64).astype(np.float64)
+        correlation = np.corrcoef(seen, delta)[0, 1]
+        assert abs(correlation) < 0.35, (node, correlation)  # 41 values: |r| of unrelated data stays below ~0.35
+        assert np.unique(masked).size == masked.size  # every word random, not the update's few distinct values
+
+
+def test_large_masked_reply_correlation_is_near_zero(task_identity: None) -> None:
+    rng = np.random.default_rng(1)
+    global_model = {"w": rng.normal(size=50_000).astype(np.float32)}
+    weights = {n: {"w": global_model["w"] + rng.normal(scale=0.1, size=50_000).astype(np.float32)}
+               for n in range(100, 103)}
+    sites = Sites(weights, {n: 20 for n in weights})
+    secure_round(sites, global_model)
+    for node, masked in sites.masked.items():
+        update = weights[node]["w"].astype(np.float64) - global_model["w"]
+        for seen in (masked.view(np.int64).astype(np.float64), masked.astype(np.float64)):
+            assert abs(np.corrcoef(seen, update)[0, 1]) < 0.03  # 50 000 values: |r| of unrelated data ~0.005
+
+
+def test_site_lost_while_training_is_recovered(five_sites: tuple[Sites, dict[str, np.ndarray]]) -> None:
+    sites, global_model = five_sites
+    sites.dead_at = {102: m.SECAGG_TRAIN, 104: m.SECAGG_UNMASK}  # one dies training, one before unmasking
+    result, arrays, _ = secure_round(sites, global_model)
+    assert result.aggregate is not None
+    survivors = [100, 101, 103, 104]  # 104 sent its masked update, then died: it is in the sum
+    exact = fedavg(arrays, sites.weights, sites.examples, survivors)
+    assert max_difference(result.aggregate.content[m.ARRAYS], exact) <= TOLERANCE
+
+
+def test_too_few_survivors_leave_the_model_unchanged(five_sites: tuple[Sites, dict[str, np.ndarray]]) -> None:
+    sites, global_model = five_sites
+    sites.dead_at = {101: m.SECAGG_TRAIN, 102: m.SECAGG_TRAIN, 103: m.SECAGG_TRAIN}  # t = 3 of 5
+    result, _, _ = secure_round(sites, global_model)
+    assert result.aggregate is None
+    assert "only 2 site(s) sent a masked update, 3 needed" in result.reason
+
+
+def test_site_refuses_an_update_beyond_the_bound(five_sites: tuple[Sites, dict[str, np.ndarray]]) -> None:
+    sites, global_model = five_sites
+    sites.weights[101]["conv.bias"] = sites.weights[101]["conv.bias"] + np.float32(40.0)
+    with pytest.raises(secagg_site.UpdateRefused, match="secure-aggregation-bound"):
+        secure_round(sites, global_model)
+
+
+def test_site_refuses_an_inconsistent_unmask_request(task_identity: None) -> None:
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_INDEX: 1, m.SECAGG_COUNT: 3,
+                           m.SECAGG_THRESHOLD: 2})
+    secagg_site.setup(config, context)
+    request = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_SURVIVORS: [1, 2], m.SECAGG_DROPPED: [2]})
+    with pytest.raises(secagg_site.SecureRoundError, match="out of order"):
+        secagg_site.unmask(request, context)  # before the site has shared anything
+
+
+# ---------------------------------------------------------------------- run config
+@pytest.mark.parametrize(("strategy", "fault"), [
+    ("dice-weighted", "validation Dice"), ("scaffold", "scaffold-dc"), ("cyclic", "one site per round"),
+    ("dp-noised", "each site's update"), ("krum", "Flower's Krum"),
+])
+def test_strategies_that_cannot_compose_are_refused(strategy: str, fault: str) -> None:
+    config = RunConfig.from_mapping({"strategy": strategy, "secure-aggregation": True, "min-sites": 3})
+    with pytest.raises(ConfigError, match=f"strategy '{strategy}' cannot run with 'secure-aggregation': .*{fault}"):
+        build_strategy(config)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedbn", "ditto", "fedadam", "fedavgm"])
+def test_mean_based_strategies_compose(strategy: str) -> None:
+    build_strategy(RunConfig.from_mapping({"strategy": strategy, "secure-aggregation": True, "min-sites": 3}))
+
+
+def test_secure_aggregation_needs_three_sites() -> None:
+    with pytest.raises(ConfigError, match="'secure-aggregation' needs 'min-sites' >= 3, got 2"):
+        RunConfig.from_mapping({"secure-aggregation": True})
+    with pytest.raises(ConfigError, match="'secure-aggregation-bound' must be in"):
+        RunConfig.from_mapping({"secure-aggregation-bound": 0.0})
+
+
+# ---------------------------------------------------------------------- federation with the real ClientApp
+def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path, task_identity: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}
+    mask = secagg_site.mask
+
+    def recording_mask(config, context, reference, weights, weight):  # noqa: ANN001, ANN202
+        sent[context.node_id] = ({k: v.detach().numpy().copy() for k, v in weights.items()}, weight)
+        return mask(config, context, reference, weights, weight)
+
+    monkeypatch.setattr(secagg_site, "mask", recording_mask)
+    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1})
+    grid = InProcessGrid(values, 3)
+    initial = None
+
+    def keep_initial(messages: list[Message]) -> None:
+        nonlocal initial
+        for message in messages:
+            if message.metadata.message_type == f"train.{m.SECAGG_TRAIN}" and initial is None:
+                initial = message.content[m.ARRAYS]
+
+    grid.before_send = keep_initial
+    final, history = run_federation(grid, values, tmp_path / "run")
+    assert sorted(sent) == [100, 101, 102] and initial is not None
+    nodes = sorted(sent)
+    total = sum(sent[n][1] for n in nodes)
+    exact = weighted_sum(initial, [sent[n][0] for n in nodes], [sent[n][1] / total for n in nodes])
+    assert max_difference(final, exact) <= TOLERANCE
+    plain_replies = [r for r in grid.replies if m.ARRAYS in r.content.array_records]
+    assert plain_replies == []  # no site sent its weights in the clear
+    assert sorted(history.rounds[1].train) == ["site-0", "site-1", "site-2"]  # per-site metrics still recorded
+
+
+def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1})
+    grid = InProcessGrid(values, 4)
+
+    def kill_while_training(messages: list[Message]) -> None:
+        if any(msg.metadata.message_type == f"train.{m.SECAGG_TRAIN}" for msg in messages):
+            grid.killed.add(grid.node_of(2))
+
+    grid.before_send = kill_while_training
+    _, history = run_federation(grid, values, tmp_path / "run")
+    record = history.rounds[1]
+    assert sorted(record.train) == ["site-0", "site-1", "site-3"]
+    assert "node-102" in record.dropped or "site-2" in record.dropped
+    assert not any(f["site"] == "all" for f in record.failures)  # the round's sum was unmasked
+
+
+def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 2})
+    grid = InProcessGrid(values, 3)
+
+    def kill_two(messages: list[Message]) -> None:
+        if any(msg.metadata.message_type == f"train.{m.SECAGG_TRAIN}" for msg in messages):
+            grid.killed.update({grid.node_of(1), grid.node_of(2)})
+
+    grid.before_send = kill_two
+    with pytest.raises(FederationError, match="secure aggregation needs at least 3 live sites"):
+        run_federation(grid, values, tmp_path / "run")
+    history = (tmp_path / "run" / "history.json").read_text()
+    assert '"round": 1' in history and "only 1 site(s) sent a masked update" in history  # round 1 recorded
