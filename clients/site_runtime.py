@@ -141,3 +141,8 @@ def _build_runtime(
     )
     prune_unused(cache_dir)  # the folders just opened are fresh; old grids' and patch sizes' go
     return runtime
+
+
+def forget_runtimes() -> None:
+    """Drop the cached runtimes: the next message validates the data (memo) and reopens it."""
+    _build_runtime.cache_clear()

@@ -348,20 +348,32 @@ def site_join(
     local_port: int = typer.Option(9094, min=1, max=65535, help="port of the SuperNode's local runtime API (localhost)"),
     max_voxels: int = typer.Option(None, min=1, help=MAX_VOXELS_HELP + "; set for the SuperNode's apps"),
     print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
+    warm_worker: bool = typer.Option(True, "--warm-worker/--no-warm-worker",
+                                     help="answer every message in one long-lived worker (data and model stay "
+                                          "loaded); off: Flower's fresh process per message does all the work"),
 ) -> None:
-    """Start this site's Flower SuperNode with its data folder and site number."""
+    """Start this site's Flower SuperNode with its data folder and site number (and its warm worker)."""
     from fedseg.data.nifti_guard import MAX_VOXELS_ENV
-    from fedseg.deploy.launch import exec_flower, shell_line, supernode_command
+    from fedseg.deploy.launch import (
+        exec_flower,
+        shell_line,
+        site_worker_socket,
+        start_site_worker,
+        supernode_command,
+    )
 
     if insecure == (ca is not None):
         typer.echo("error: give --ca (and --auth-key), or --insecure for a local trial", err=True)
         raise typer.Exit(code=2)
-    command = supernode_command(superlink, data_dir, site_id, ca, auth_key, local_port)
+    worker = site_worker_socket(data_dir) if warm_worker else None
+    command = supernode_command(superlink, data_dir, site_id, ca, auth_key, local_port, worker)
     limit = f"{MAX_VOXELS_ENV}={max_voxels} " if max_voxels else ""
     typer.echo(f"site {name}: {limit}{shell_line(command)}")
     if max_voxels and not print_only:
-        os.environ[MAX_VOXELS_ENV] = str(max_voxels)  # the SuperNode and the apps it starts inherit it
+        os.environ[MAX_VOXELS_ENV] = str(max_voxels)  # the SuperNode, its apps and the worker inherit it
     if not print_only:
+        if worker is not None:
+            start_site_worker(worker)
         exec_flower(command)
 
 

@@ -87,7 +87,7 @@ def certs(tmp_path: Path) -> Path:
     return tmp_path / "certs"
 
 
-def server(*args: str):  # noqa: ANN201
+def server(*args: str):
     return CliRunner().invoke(app, ["server", *args])
 
 
@@ -184,9 +184,9 @@ def test_probe_says_when_nothing_listens_or_the_name_is_unknown(certs: Path) -> 
     refused = probe_superlink(f"localhost:{port}", certs / "ca.crt")
     assert not refused.ok and "connection refused: nothing listens on that port" in refused.lines[-1]
     unknown = probe_superlink("no-such-host.invalid:9092", certs / "ca.crt")
-    assert not unknown.ok and unknown.lines == [
-        "superlink no-such-host.invalid:9092: cannot resolve 'no-such-host.invalid' "
-        f"({unknown.lines[0].split('(')[1].split(')')[0]}): check the name"]
+    assert not unknown.ok and len(unknown.lines) == 1
+    assert unknown.lines[0].startswith("superlink no-such-host.invalid:9092: cannot resolve 'no-such-host.invalid' (")
+    assert unknown.lines[0].endswith("): check the name")
 
 
 def test_site_check_superlink_prints_one_verdict_per_step_and_exits_1_on_a_fault(certs: Path) -> None:

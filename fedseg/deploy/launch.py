@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,12 @@ def superexec_command(runtime_address: str, ca_cert: str | Path, parent_pid: int
     return command + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
 
 
-def node_config(data_dir: str | Path, site_id: int) -> str:
-    """The SuperNode's node config: where this site's data lives and its site number."""
+def node_config(data_dir: str | Path, site_id: int, worker: str | Path | None = None) -> str:
+    """The SuperNode's node config: where this site's data lives, its site number and, when the site
+    runs a warm worker (fedseg.deploy.site_worker), that worker's socket."""
     folder = str(Path(data_dir).expanduser().resolve())
-    return f"data-dir={json.dumps(folder)} site-id={int(site_id)}"
+    config = f"data-dir={json.dumps(folder)} site-id={int(site_id)}"
+    return config + (f" worker={json.dumps(str(worker))}" if worker is not None else "")
 
 
 def supernode_command(
@@ -82,9 +85,10 @@ def supernode_command(
     root_certificates: str | Path | None,
     auth_key: str | Path | None,
     local_port: int = DEFAULT_LOCAL_PORT,
+    worker: str | Path | None = None,
 ) -> list[str]:
     """`flower-supernode` for one site; root_certificates None means --insecure (local trials)."""
-    command = ["flower-supernode", "--superlink", superlink, "--node-config", node_config(data_dir, site_id),
+    command = ["flower-supernode", "--superlink", superlink, "--node-config", node_config(data_dir, site_id, worker),
                "--host", "127.0.0.1", "--port", str(local_port)]
     if root_certificates is None:
         command.append("--insecure")
@@ -103,6 +107,21 @@ def connection_toml(name: str, address: str, root_certificates: str | Path | Non
     else:
         lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).expanduser().resolve()))}")
     return "\n".join(lines) + "\n"
+
+
+def site_worker_socket(data_dir: str | Path) -> Path:
+    """Where the warm worker of the site with data in `data_dir` listens (under $FEDSEG_CACHE)."""
+    from fedseg.cache import cache_root
+    from fedseg.deploy.site_worker import socket_path_for
+
+    return socket_path_for(str(Path(data_dir).expanduser().resolve()), cache_root())
+
+
+def start_site_worker(socket: Path) -> None:
+    """Start the site's warm worker (fedseg.deploy.site_worker) on `socket` as a child of this process,
+    which then becomes the SuperNode (exec keeps the process id): the worker ends with it."""
+    subprocess.Popen([sys.executable, "-m", "fedseg.deploy.site_worker", "--socket", str(socket),
+                      "--parent-pid", str(os.getpid())], env=flower_environment())
 
 
 def shell_line(command: list[str]) -> str:
