@@ -20,7 +20,8 @@ from flwr.serverapp import Grid
 
 from fedseg.config import RunConfig
 from fedseg.messages import LOCAL_NORM
-from fedseg.models import build_model, norm_state_keys
+from fedseg.model_spec import model_spec
+from fedseg.models import norm_state_keys
 from strategies.base import FedSegStrategy
 from strategies.fedavg import FedAvg
 
@@ -39,7 +40,7 @@ class FedBN(FedAvg):
     @classmethod
     def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
         cls.check_config(config)
-        keys = norm_state_keys(build_model(config.model, 1, config.labels.out_channels))
+        keys = norm_state_keys(model_spec(config).build(1, config.labels.out_channels))
         return cls(min_sites=config.min_sites, norm_keys=keys, **values)
 
     def configure_train(

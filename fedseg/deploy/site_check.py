@@ -18,6 +18,7 @@ from fedseg.data.datalist import Problem, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.validate import ValidationReport, validate_site
 from fedseg.errors import first_line
+from fedseg.model_spec import model_spec
 from fedseg.trainer import SegmentationTrainer
 
 
@@ -69,8 +70,10 @@ def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int, allow
     items = load_datalist(data_dir, allow_outside)[:1]
     volume = evaluation_dataset(items, config.spacing, label_mapping=labels.label_mapping)[0]
     volume = volume["image"]
+    spec = model_spec(config)
     trainer = SegmentationTrainer(
-        model_name=config.model,
+        model_name=spec.name,
+        model_args=spec.args,
         num_classes=config.num_classes,
         patch_size=config.patch_size,
         in_channels=in_channels,
