@@ -89,6 +89,7 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
     from fedseg.config import ConfigError, RunConfig, read_toml
     from fedseg.experiments import ExperimentSpec
     from fedseg.experiments.arms import plan_arms
+    from fedseg.model_spec import checked_network
     from strategies.registry import build_strategy
 
     try:
@@ -102,6 +103,7 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
             return
         config = RunConfig.from_toml(path)
         build_strategy(config)
+        network, parameters = checked_network(config)
     except ConfigError as err:
         fail(err if str(err).startswith(f"{path}:") else f"{path}: {err}")
     for key in unused_strategy_keys(config):
@@ -109,6 +111,7 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
                    f"'{config.strategy}'; a run ignores it", err=True)
     for key, value in config.to_dict().items():
         typer.echo(f"{key} = {value!r}")
+    typer.echo(f"network: {network} [{network.source}], {parameters:,} parameters")
 
 
 def unused_strategy_keys(config: Any) -> list[str]:
@@ -189,6 +192,31 @@ def strategies_command() -> None:
     from strategies.registry import describe_installed
 
     typer.echo("\n".join(describe_installed()))
+
+
+@app.command("models")
+@_boundary
+def models_command() -> None:
+    """List the networks `model` can name: presets, installed plugins (`fedseg.models`), MONAI's classes."""
+    from fedseg.models import describe_models
+
+    typer.echo("\n".join(describe_models()))
+
+
+@app.command("import-model")
+@_boundary
+def import_model(
+    weights: str = typer.Argument(..., help="a state-dict .pt file, a run's checkpoint.pt, or a MONAI bundle folder"),
+    out: str = typer.Option(..., help="the fedseg model file to write"),
+    config: str = typer.Option(None, help="run-config TOML naming the network, in-channels, num-classes, "
+                                          "label-scheme, patch-size and spacing (a bundle folder: optional)"),
+) -> None:
+    """Make a fedseg model file (what `fedseg predict` and `init-from` read) from other weights."""
+    from fedseg.model_import import import_model as run_import
+
+    model = run_import(weights, out, config)
+    typer.echo(f"{out}: {model.network} [{model.model_source}], {model.in_channels} channel(s), "
+               f"{model.num_classes} classes")
 
 
 
@@ -418,7 +446,9 @@ def predict(
         help="one case (a 3D/4D .nii/.nii.gz file, or one 3D file per modality in the model's order) and the "
              "output file; or a folder of cases (<id>_0000.nii.gz, <id>_0001.nii.gz, ... grouped) and an output folder",
     ),
-    model: list[str] = typer.Option(..., help="model checkpoint; repeat for an ensemble (probabilities averaged)"),
+    model: list[str] = typer.Option(..., help="a fedseg model file (a run's model.pt / best-model.pt, an experiment "
+                                              "arm's model), a run folder or its checkpoint.pt; repeat for an "
+                                              "ensemble (probabilities averaged)"),
     max_voxels: int = typer.Option(None, help="largest input volume, in voxels per channel, also on the model's grid "
                                               "(default: $FEDSEG_MAX_VOXELS or 512^3)"),
 ) -> None:

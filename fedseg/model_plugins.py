@@ -24,8 +24,8 @@ ENTRY_POINT_GROUP = "fedseg.models"
 NetworkFactory = Callable[..., nn.Module]
 
 
-class ModelPluginError(ValueError):
-    """A network plugin cannot be loaded."""
+class ModelError(ValueError):
+    """A network name or its arguments do not describe a network fedseg can build (also: a broken plugin)."""
 
 
 def plugin_entry_points(reserved: frozenset[str] = frozenset()) -> dict[str, EntryPoint]:
@@ -34,14 +34,14 @@ def plugin_entry_points(reserved: frozenset[str] = frozenset()) -> dict[str, Ent
 
 
 def load_plugin(ep: EntryPoint) -> NetworkFactory:
-    """The plugin's network class or function; ModelPluginError naming the entry point otherwise."""
+    """The plugin's network class or function; ModelError naming the entry point otherwise."""
     try:
         factory = ep.load()
     except Exception as err:  # noqa: BLE001 - a broken third-party package: one line naming it
-        raise ModelPluginError(f"network plugin '{ep.name}' ({ep.value}) failed to load: "
+        raise ModelError(f"network plugin '{ep.name}' ({ep.value}) failed to load: "
                                f"{type(err).__name__}: {err}") from None
     if not callable(factory):
-        raise ModelPluginError(f"network plugin '{ep.name}' ({ep.value}) is {factory!r}, not a class or function")
+        raise ModelError(f"network plugin '{ep.name}' ({ep.value}) is {factory!r}, not a class or function")
     return factory
 
 

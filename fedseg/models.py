@@ -23,6 +23,7 @@ from monai.networks.nets import AHNet, DynUNet, SegResNet, UNet
 from torch import nn
 
 from fedseg.model_plugins import (
+    ModelError,
     NetworkFactory,
     load_plugin,
     plugin_entry_points,
@@ -47,10 +48,6 @@ SET_BY_FEDSEG = {"in_channels": "in-channels", "out_channels": "num-classes"}  #
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # batch / instance, group, layer
 
 
-class ModelError(ValueError):
-    """A network name or its arguments do not describe a network fedseg can build."""
-
-
 @dataclass(frozen=True)
 class NetworkKind:
     """What a model name resolves to: the factory, its preset arguments and where it comes from."""
@@ -58,12 +55,6 @@ class NetworkKind:
     factory: NetworkFactory
     defaults: Mapping[str, Any]
     source: str  # "preset", "monai" or "plugin <distribution> <version>"
-
-
-def monai_network_names() -> list[str]:
-    """The classes of monai.networks.nets (not all of them segment: the check before round 1 tells)."""
-    return sorted(name for name, obj in vars(monai_nets).items()
-                  if isinstance(obj, type) and issubclass(obj, nn.Module) and not name.startswith("_"))
 
 
 def network_kind(name: str) -> NetworkKind:
@@ -142,3 +133,22 @@ def norm_state_keys(model: nn.Module) -> frozenset[str]:
     (what FedBN keeps at each site)."""
     prefixes = [f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS)]
     return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
+
+
+def describe_models() -> list[str]:
+    """Human-readable lines: presets with their arguments, installed plugins, MONAI's classes."""
+    from fedseg.model_args import format_model_args
+
+    lines = [f"{name} (preset, MONAI {cls.__name__}): {format_model_args(args)}" for name, (cls, args) in PRESETS.items()]
+    for name, ep in sorted(plugin_entry_points(frozenset(PRESETS)).items()):
+        try:
+            factory = load_plugin(ep)
+        except ModelError as err:
+            lines.append(f"{name} ({plugin_source(ep)}): unusable: {err}")
+            continue
+        summary = (factory.__doc__ or "").strip().splitlines()
+        lines.append(f"{name} ({plugin_source(ep)}, {ep.value})" + (f": {summary[0]}" if summary else ""))
+    lines.append("bundle: the network of a MONAI bundle folder (run-config 'bundle')")
+    lines.append("any segmentation network of monai.networks.nets by class name, e.g. SegResNet, UNet, DynUNet, "
+                 "BasicUNet, AttentionUnet, VNet, UNETR, SwinUNETR (arguments: run-config 'model-args')")
+    return lines

@@ -1,0 +1,34 @@
+"""`fedseg import-model`: weights from elsewhere → a fedseg model file that `fedseg predict` reads.
+
+The weights may be a state-dict file (also under "state_dict" or "model", as checkpoint handlers
+save them), a run's checkpoint.pt, an old model file, or a MONAI bundle folder; a run config (TOML)
+says what they are: the network (`model`, `model-args`, or `model = "bundle"` with `bundle`),
+`in-channels`, `num-classes`, `label-scheme`, `patch-size` and `spacing`. Without a run config a
+bundle folder is read with the defaults and its own network. The weights must fit the network
+name for name and shape (the check of run-config `init-from`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fedseg.config import RunConfig
+from fedseg.data.sites import with_input_channels
+from fedseg.initial_model import initial_model
+from fedseg.model_checkpoint import ModelCheckpoint
+
+
+def import_model(weights: str | Path, out: str | Path, config_path: str | Path | None = None) -> ModelCheckpoint:
+    """Write `weights`, described by the run config at `config_path`, as a fedseg model file `out`."""
+    weights = Path(weights).expanduser().resolve()
+    config = RunConfig.from_toml(config_path) if config_path else RunConfig()
+    if config_path is None and (weights / "configs").is_dir():
+        config = dataclasses.replace(config, model="bundle", bundle=str(weights))
+    config = dataclasses.replace(config, init_from=str(weights))
+    config.validate()
+    config = with_input_channels(config)
+    start = initial_model(config)
+    model = ModelCheckpoint.from_config(start.state_dict, config, f"imported from {weights.name}")
+    model.save(out)
+    return model
