@@ -82,16 +82,16 @@ def test_report_has_privacy_table_and_dice_vs_epsilon_plot(results: Path, tmp_pa
     report = build_report(results, tmp_path / "out").read_text()
     section = report.split("## Privacy: Dice vs ε\n\n", 1)[1].split("\n\n## ", 1)[0]
     lines = section.splitlines()
-    assert lines[0] == "| model | DP | ε | δ | internal test Dice | ε protects |"
+    assert lines[0] == "| model | DP | ε | δ | internal test Dice | % of non-DP federated | ε protects |"
     assert lines[2:7] == [
-        "| dp-noised-z1.0 | client-level | 3.50 | 1e-06 | 0.200 ± 0.082 (4) | a whole site's participation: "
+        "| dp-noised-z1.0 | client-level | 3.50 | 1e-06 | 0.200 ± 0.082 (4) | 33 % | a whole site's participation: "
         "whether any one site, with all its subjects, took part |",
-        "| fedavg-dpsgd-z2.0 | sample-level | 1.25 | 1e-05 | 0.300 ± 0.082 (4) | one subject's scans at a site: "
+        "| fedavg-dpsgd-z2.0 | sample-level | 1.25 | 1e-05 | 0.300 ± 0.082 (4) | 50 % | one subject's scans at a site: "
         "whether any single subject was in a site's training data |",
-        "| fedavg-dpsgd-z0.5 | sample-level | 40.00 | 1e-05 | 0.500 ± 0.082 (4) | one subject's scans at a site: "
+        "| fedavg-dpsgd-z0.5 | sample-level | 40.00 | 1e-05 | 0.500 ± 0.082 (4) | 83 % | one subject's scans at a site: "
         "whether any single subject was in a site's training data |",
-        "| centralized | none | – | – | 0.800 ± 0.082 (4) | nothing (trained without DP) |",
-        "| fedavg | none | – | – | 0.600 ± 0.082 (4) | nothing (trained without DP) |",
+        "| centralized | none | – | – | 0.800 ± 0.082 (4) | 133 % | nothing (trained without DP) |",
+        "| fedavg | none | – | – | 0.600 ± 0.082 (4) | 100 % | nothing (trained without DP) |",
     ]
     assert "![dice_vs_epsilon](dice_vs_epsilon.png)" in report
     png = (tmp_path / "out" / "dice_vs_epsilon.png").read_bytes()

@@ -105,15 +105,24 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
 
 def privacy_table(rows: Sequence[CaseRow]) -> str:
     """Each DP model's final ε and δ, internal-test Dice and what its ε protects; then the no-DP references."""
-    header = ["model", "DP", "ε", "δ", "internal test Dice", "ε protects"]
+    references = privacy_references(rows)
+    kinds = {row.model: row.kind for row in rows}
+    federated = [cell for m, cell in references.items() if kinds[m] == "federated"]
+    baseline = federated[0].mean if federated else math.nan
+
+    def share(cell: Cell) -> str:
+        return f"{100 * cell.mean / baseline:.0f} %" if baseline > 0 else "–"
+
+    header = ["model", "DP", "ε", "δ", "internal test Dice", "% of non-DP federated", "ε protects"]
     body = [[model_label(p.model, rows), p.dp_kind, _number(p.epsilon, "{:.2f}"), _number(p.delta, "{:g}"),
-             _cell(p.internal), PROTECTS[p.dp_kind]] for p in privacy_points(rows)]
-    body += [[model_label(m, rows), "none", "–", "–", _cell(cell), "nothing (trained without DP)"]
-             for m, cell in privacy_references(rows).items()]
+             _cell(p.internal), share(p.internal), PROTECTS[p.dp_kind]] for p in privacy_points(rows)]
+    body += [[model_label(m, rows), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
+             for m, cell in references.items()]
     return _markdown(header, body) + (
         "\n\nSmaller ε is stronger protection: the model changes the odds of telling whether the protected "
         "unit took part by at most a factor e^ε (except with probability δ). A DP-SGD model's ε is the largest "
-        "over its sites."
+        "over its sites. % of non-DP federated: internal test Dice relative to the first federated model "
+        "trained without DP."
     )
 
 
