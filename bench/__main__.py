@@ -1,4 +1,4 @@
-"""Entry point: `python -m bench {all|throughput|round|aggregation|scale|data} [--quick] [--device cuda]`."""
+"""Entry point: `python -m bench {all|throughput|round|aggregation|scale|data|secagg} [--quick] [--device cuda]`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ BENCHMARKS = {
     "aggregation": "bench.aggregation",  # 3. fedseg strategies vs Flower FedAvg vs bare mean
     "scale": "bench.scale",  # 4. 10 / 50 / 100 simulated sites
     "data": "bench.data_cache",  # 5. first vs cached data epoch
+    "startup": "bench.site_startup",  # 7. a site's fixed start-up cost per message, deployment vs simulation
+    "secagg": "bench.secagg",  # 6. secure-aggregation round vs plain FedAvg, 1.2 M / 20 M params, 3 / 10 sites
 }
 
 

@@ -12,8 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from inprocess_grid import (
+    InProcessGrid,
+    run_federation,
+    task_identity,
+    tiny_config,
+    wire,
+)
 
 from fedseg import messages as m
 from fedseg.config import ConfigError, RunConfig
@@ -22,10 +37,11 @@ from fedseg.federation import FederationError
 from fedseg.secagg import ring
 from fedseg.secagg import site as secagg_site
 from fedseg.secagg.server import SecureAggregation
-from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config, wire  # noqa: F401
 from strategies.aggregate import weighted_sum
 from strategies.registry import build_strategy
 
+__all__ = ["task_identity"]  # the fixture
+pytestmark = pytest.mark.usefixtures("task_identity")  # server-side Messages need the identity
 RUN = "run-test"
 # |secure − exact| per coordinate: 2^-33 from the fixed point, plus float32 rounding of the result
 TOLERANCE = 2.0**-33 + 1e-6
@@ -71,7 +87,7 @@ class Grid(LocalGrid):
                          client_app=lambda msg, context: wire(sites.app(wire(msg), context)))  # type: ignore[arg-type]
         self.sites = sites
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+    def send_and_receive(self, messages, *, timeout=None):
         stages = [m.SECAGG_SETUP, m.SECAGG_SHARE, m.SECAGG_TRAIN, m.SECAGG_UNMASK]
         alive = [msg for msg in messages if stages.index(msg.metadata.message_type.partition(".")[2])
                  < stages.index(self.sites.dead_at.get(msg.metadata.dst_node_id, "secagg_unmask")) + (
@@ -79,7 +95,7 @@ class Grid(LocalGrid):
         return super().send_and_receive(alive)
 
 
-def secure_round(sites: Sites, global_model: dict[str, np.ndarray], bound: float = 16.0):  # noqa: ANN201
+def secure_round(sites: Sites, global_model: dict[str, np.ndarray], bound: float = 16.0):
     grid = Grid(sites, len(sites.weights))
     arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
     config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1})
@@ -110,7 +126,7 @@ def max_difference(a: ArrayRecord, b: ArrayRecord) -> float:
 
 
 @pytest.fixture
-def five_sites(task_identity: None) -> tuple[Sites, dict[str, np.ndarray]]:
+def five_sites() -> tuple[Sites, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     global_model = model(rng)
     nodes = range(100, 105)
@@ -138,14 +154,15 @@ def test_masked_reply_is_unrelated_to_the_update(five_sites: tuple[Sites, dict[s
     secure_round(sites, global_model)
     arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
     for node, masked in sites.masked.items():
-        delta, _ = ring.update_vector(arrays, sites.weights[node])
+        delta = np.concatenate([(np.asarray(sites.weights[node][k], np.float64) - arrays[k].numpy()).ravel()
+                                for k in ring.keys_of(arrays)])
         seen = masked.view(np.int64).astype(np.float64)
         correlation = np.corrcoef(seen, delta)[0, 1]
         assert abs(correlation) < 0.35, (node, correlation)  # 41 values: |r| of unrelated data stays below ~0.35
         assert np.unique(masked).size == masked.size  # every word random, not the update's few distinct values
 
 
-def test_large_masked_reply_correlation_is_near_zero(task_identity: None) -> None:
+def test_large_masked_reply_correlation_is_near_zero() -> None:
     rng = np.random.default_rng(1)
     global_model = {"w": rng.normal(size=50_000).astype(np.float32)}
     weights = {n: {"w": global_model["w"] + rng.normal(scale=0.1, size=50_000).astype(np.float32)}
@@ -183,7 +200,7 @@ def test_site_refuses_an_update_beyond_the_bound(five_sites: tuple[Sites, dict[s
         secure_round(sites, global_model)
 
 
-def test_site_refuses_an_inconsistent_unmask_request(task_identity: None) -> None:
+def test_site_refuses_an_inconsistent_unmask_request() -> None:
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_INDEX: 1, m.SECAGG_COUNT: 3,
                            m.SECAGG_THRESHOLD: 2})
@@ -217,12 +234,12 @@ def test_secure_aggregation_needs_three_sites() -> None:
 
 
 # ---------------------------------------------------------------------- federation with the real ClientApp
-def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path, task_identity: None,
+def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}
     mask = secagg_site.mask
 
-    def recording_mask(config, context, reference, weights, weight):  # noqa: ANN001, ANN202
+    def recording_mask(config, context, reference, weights, weight):
         sent[context.node_id] = ({k: v.detach().numpy().copy() for k, v in weights.items()}, weight)
         return mask(config, context, reference, weights, weight)
 
@@ -249,7 +266,7 @@ def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path, task
     assert sorted(history.rounds[1].train) == ["site-0", "site-1", "site-2"]  # per-site metrics still recorded
 
 
-def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path, task_identity: None) -> None:
+def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path) -> None:
     values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1})
     grid = InProcessGrid(values, 4)
 
@@ -265,7 +282,7 @@ def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path, task_identi
     assert not any(f["site"] == "all" for f in record.failures)  # the round's sum was unmasked
 
 
-def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: Path, task_identity: None) -> None:
+def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: Path) -> None:
     values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 2})
     grid = InProcessGrid(values, 3)
 

@@ -19,11 +19,12 @@ from the public weights that Σa · max(B · 2^f, INTEGER_BOUND) + n < 2^63 befo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from strategies.aggregate import array_view, is_float
+from strategies.aggregate import BLOCK, array_view, is_float
 
 FRACTION_BITS = 32
 INTEGER_BOUND = 2.0**31  # largest |Δ| of an integer buffer (BatchNorm's num_batches_tracked) a site may send
@@ -40,24 +41,48 @@ def layout(reference: ArrayRecord) -> list[tuple[str, np.ndarray]]:
     return [(key, array_view(reference[key])) for key in keys_of(reference)]
 
 
-def update_vector(reference: ArrayRecord, weights: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(Δ as float64, per-coordinate scale exponent mask: True where the array is floating)."""
-    parts, floating = [], []
-    for key, ref in layout(reference):
+@dataclass(frozen=True)
+class UpdateStats:
+    """What the site's own checks need to know about its update Δ (measured while encoding)."""
+
+    finite: bool
+    float_norm: float  # ‖Δ‖ over the floating arrays
+    float_max: float  # max |Δ| over the floating arrays
+    integer_max: float  # max |Δ| over the integer buffers
+
+
+def encode_update(reference: ArrayRecord, weights: Mapping[str, np.ndarray],
+                  weight: float) -> tuple[np.ndarray, UpdateStats]:
+    """round(weight · Δ · 2^f) (2^0 on integer buffers) as uint64 words (two's complement) in
+    encoding order, and the update's statistics; computed block by block in float64 (Δ of float32
+    weights is exact there), so no model-sized float64 temporaries exist."""
+    specs = layout(reference)
+    out = np.empty(sum(ref.size for _, ref in specs), np.int64)
+    finite, squared, float_max, integer_max = True, 0.0, 0.0, 0.0
+    offset = 0
+    for key, ref in specs:
         own = np.asarray(weights[key])
         if own.shape != ref.shape:
             raise ValueError(f"array '{key}' has shape {list(own.shape)}, the global model {list(ref.shape)}")
-        parts.append(own.astype(np.float64).ravel() - ref.astype(np.float64).ravel())
-        floating.append(np.full(ref.size, is_float(ref)))
-    if not parts:
-        return np.zeros(0), np.zeros(0, bool)
-    return np.concatenate(parts), np.concatenate(floating)
-
-
-def encode(delta: np.ndarray, floating: np.ndarray, weight: float) -> np.ndarray:
-    """round(weight · Δ · 2^f) (2^0 on integer coordinates) as uint64 (two's complement)."""
-    scale = np.where(floating, weight * 2.0**FRACTION_BITS, weight)
-    return np.rint(delta * scale).astype(np.int64).view(np.uint64)
+        floating = is_float(ref)
+        scale = weight * 2.0**FRACTION_BITS if floating else weight
+        own_flat, ref_flat = own.reshape(-1), ref.reshape(-1)
+        for start in range(0, ref.size, BLOCK):
+            delta = own_flat[start:start + BLOCK].astype(np.float64)
+            delta -= ref_flat[start:start + BLOCK]
+            largest = float(np.abs(delta).max()) if delta.size else 0.0
+            finite = finite and np.isfinite(largest)
+            if floating:
+                squared += float(np.dot(delta, delta))
+                float_max = max(float_max, largest)
+            else:
+                integer_max = max(integer_max, largest)
+            delta *= scale
+            np.rint(delta, out=delta)
+            if finite:
+                out[offset + start:offset + start + delta.size] = delta
+        offset += ref.size
+    return out.view(np.uint64), UpdateStats(finite, float(np.sqrt(squared)), float_max, integer_max)
 
 
 def fits(total_weight: float, bound: float, participants: int) -> bool:

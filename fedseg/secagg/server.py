@@ -32,11 +32,12 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.logger import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg import messages as m
+from fedseg.flower_compat import aggregate_metricrecords
 from fedseg.secagg import crypto, ring
 from fedseg.secagg.site import MASKED_KEY, round_context
+from strategies.aggregate import array_view
 
 MIN_SITES = 3  # with two sites each one learns the other's update from the new global model
 
@@ -163,6 +164,8 @@ class _Round:
             })
             instruction = by_node[self.node_of[index]].content
             contents[index] = RecordDict({**dict(instruction.items()), m.SECAGG: secagg[m.SECAGG]})
+        log(INFO, "[fedseg] secure aggregation: round %d: %d site(s) train and mask their updates", self.server_round,
+            len(participants))
         pairs = self._exchange(m.SECAGG_TRAIN, contents)
         masked = {}
         index_of = {node: index for index, node in self.node_of.items()}
@@ -259,7 +262,7 @@ def _masked_vector(reply: Message, size: int) -> np.ndarray | None:
     if not isinstance(weight, (int, float)) or not 0 < weight < 2**53:
         return None
     try:
-        vector = record[MASKED_KEY].numpy()
+        vector = array_view(record[MASKED_KEY])  # zero-copy view of the received bytes
     except (ValueError, TypeError):
         return None
     return vector if vector.dtype == np.uint64 and vector.shape == (size,) else None

@@ -95,10 +95,8 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
             or len(list(config[m.SECAGG_SHARES])) != len(sources)):
         raise SecureRoundError("inconsistent secure-aggregation participant list")
     state["sources"], state["received"] = sources, list(config[m.SECAGG_SHARES])
-    delta, floating = ring.update_vector(reference, weights)
-    check_update(delta, floating, reference, float(config[m.SECAGG_MAX_UPDATE_RATIO]), float(config[m.SECAGG_BOUND]))
-    vector = ring.encode(delta, floating, weight)
-    del delta, floating
+    vector, stats = ring.encode_update(reference, weights, weight)
+    check_update(stats, reference, float(config[m.SECAGG_MAX_UPDATE_RATIO]), float(config[m.SECAGG_BOUND]))
     own_mask = crypto.private_key(state["mask-sk"])
     mask_keys = dict(zip(known, state["mask-pks"], strict=True))
     for peer in participants:
@@ -133,23 +131,20 @@ def unmask(config: ConfigRecord, context: Context) -> ConfigRecord:
                          m.SECAGG_KEY_SHARES: [shares[i][half:] for i in dropped]})
 
 
-def check_update(delta: np.ndarray, floating: np.ndarray, reference: ArrayRecord, max_update_ratio: float,
-                 bound: float) -> None:
+def check_update(stats: ring.UpdateStats, reference: ArrayRecord, max_update_ratio: float, bound: float) -> None:
     """The checks the server can no longer run on one reply, run by the site on its own update:
     finite values, update norm ≤ max-update-ratio × max(global norm, 1) (as the strategies check;
     0: off), every value within the ring's bounds (no overflow)."""
-    if not np.isfinite(delta).all():
+    if not stats.finite:
         raise UpdateRefused("the update holds non-finite values")
-    float_delta = delta[floating]
     if max_update_ratio > 0:
         reference_norm = np.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for _, v in ring.layout(reference)
                                      if v.dtype.kind == "f"))
-        if np.linalg.norm(float_delta) > max_update_ratio * max(reference_norm, 1.0):
+        if stats.float_norm > max_update_ratio * max(reference_norm, 1.0):
             raise UpdateRefused("the update norm exceeds max-update-ratio × the global model's norm")
-    if float_delta.size and np.abs(float_delta).max() > bound:
+    if stats.float_max > bound:
         raise UpdateRefused("an update value exceeds run-config 'secure-aggregation-bound'")
-    integer_delta = delta[~floating]
-    if integer_delta.size and np.abs(integer_delta).max() > ring.INTEGER_BOUND:
+    if stats.integer_max > ring.INTEGER_BOUND:
         raise UpdateRefused("an integer buffer changed by more than the ring allows")
 
 
