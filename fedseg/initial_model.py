@@ -1,8 +1,8 @@
 """The global model a new run starts from: seeded random weights, or run-config `init-from`.
 
 `init-from` names a fedseg model file (`model.pt`, `best-model.pt`, an experiment arm's model), a
-run folder (its `model.pt`), a run's `checkpoint.pt`, or a MONAI bundle folder (its
-`models/model.pt`). With `model = "bundle"` and no `init-from` the bundle's own weights are used when it
+run folder (its `model.pt`), a run's `checkpoint.pt`, a MONAI bundle folder (its `models/model.pt`),
+or a state-dict file (pretrained weights from elsewhere). With `model = "bundle"` and no `init-from` the bundle's own weights are used when it
 has them; `init-from = "random"` starts from seeded random weights either way. The weights must fit
 the run's network name for name and shape (ConfigError naming the file and the first misfit, before
 round 1). history.json keeps `init-from` with the run config; the server logs the file's SHA-256.
@@ -20,7 +20,7 @@ from torch import nn
 from fedseg.bundle import BundleError, bundle_weights, read_bundle
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.sites import input_channels
-from fedseg.model_checkpoint import CheckpointError, load_model_file, weights_fault
+from fedseg.model_checkpoint import CheckpointError, read_state_dict, weights_fault
 from fedseg.model_spec import model_spec
 from fedseg.privacy import make_dp_compatible
 
@@ -46,7 +46,7 @@ def initial_model(config: RunConfig) -> InitialModel:
     path = _weights_path(config)
     if path is None:
         return InitialModel(_prepared(model, config).state_dict(), f"random (seed {config.seed})")
-    state = _read_weights(path, config)
+    state = _read_weights(path)
     fault = weights_fault(model.state_dict(), state)
     if fault:
         raise ConfigError(f"run-config 'init-from': {path}: the weights do not fit the run's network "
@@ -84,10 +84,10 @@ def _weights_path(config: RunConfig) -> Path | None:
     return path
 
 
-def _read_weights(path: Path, config: RunConfig) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.parent.name == "models" and (path.parent.parent / "configs").is_dir():
             return bundle_weights(read_bundle(path.parent.parent))
-        return dict(load_model_file(path).state_dict)
+        return read_state_dict(path)
     except (BundleError, CheckpointError) as err:
         raise ConfigError(f"run-config 'init-from': {err}") from None

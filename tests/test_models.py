@@ -63,8 +63,8 @@ def test_a_bad_network_fails_with_one_line_naming_the_key(values: dict, message:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"model": "DenseNet121"}, "run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 32, 32, 32) "
-                               "to (2, 3), fedseg needs (2, 3, 32, 32, 32)"),
+    ({"model": "DenseNet121"}, ("run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 32, 32, 32) "
+                               "to (2, 3), fedseg needs (2, 3, 32, 32, 32)")),
     ({"model": "SegResNetDS", "model-args": "dsdepth=2"},
      "run-config 'model-args': model 'SegResNetDS' returns list in training, fedseg needs one tensor of logits"),
     ({"model": "UNet", "model-args": "channels=(4, 8, 16, 32), strides=(2, 2, 2)", "patch-size": "20,20,20"},
