@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from clients.personal import DITTO, NORMS, OPTIMIZER, SCAFFOLD, PersonalState, Tensors, scaffold_update
+from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, Tensors, scaffold_update
 from clients.site_runtime import SiteRuntime
 from clients.weights import state_from_record
 from fedseg import messages as m
@@ -57,16 +57,11 @@ def train_round(
         variate = personal.load(SCAFFOLD, server_round) or {k: torch.zeros_like(v, dtype=torch.float32)
                                               for k, v in server_variate.items()}
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
-    keep_optimizer = site.config.optimizer_state == "keep"
     result = trainer.fit(
         site.train_set, epochs=epochs, start_weights=start, prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
         seed=site.fit_seed(server_round), privacy=privacy, learning_rate=learning_rate,
         gradient_correction=correction, average_gradients=scaffold,
-        optimizer_state=personal.load(OPTIMIZER, server_round) if keep_optimizer else None,
-        keep_optimizer_state=keep_optimizer,
     )
-    if result.optimizer_state is not None:
-        personal.save(OPTIMIZER, result.optimizer_state, server_round)
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
     if local_norm:

@@ -1,6 +1,5 @@
 """What a site keeps of its own between rounds and never sends: FedBN's normalisation layers,
-Ditto's personal model, SCAFFOLD's control variate cᵢ and, with `optimizer-state = "keep"`, its
-optimizer's moments.
+Ditto's personal model and SCAFFOLD's control variate cᵢ.
 
 Each lives in the site's state dir as `personal/<run-key>/<name>.pt` (written atomically), so a
 deployed site (a fresh process per message), a site that was dropped and rejoins, and a resumed run
@@ -33,7 +32,7 @@ import torch
 from fedseg.atomic import atomic_path
 
 Tensors = dict[str, torch.Tensor]
-NORMS, DITTO, SCAFFOLD, OPTIMIZER = "fedbn-norms", "ditto-personal", "scaffold-variate", "optimizer-state"
+NORMS, DITTO, SCAFFOLD = "fedbn-norms", "ditto-personal", "scaffold-variate"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import ModelArgsError, parse_model_args
 from fedseg.models import PATCH_MULTIPLE, ModelError, model_choices, model_kwargs, network_kind
-from fedseg.optim import OPTIMIZER_STATES, OPTIMIZERS, SCHEDULES, round_learning_rate
+from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
 from fedseg.tracking.backends import parse_backends
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
@@ -57,7 +57,6 @@ class RunConfig:
     local_epochs: int = 3
     learning_rate: float = 0.01
     optimizer: str = "adam"
-    optimizer_state: str = "reset"  # "keep": each site's optimizer moments carry over to its next round
     weight_decay: float = 0.0
     momentum: float = 0.9
     lr_schedule: str = "constant"
@@ -279,10 +278,6 @@ def _validate_optimizer(config: RunConfig) -> None:
     """`optimizer`, its settings and the learning-rate schedule over the federated budget (fedseg.optim)."""
     if config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"run-config 'optimizer' is '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
-    if config.optimizer_state not in OPTIMIZER_STATES:
-        raise ConfigError(
-            f"run-config 'optimizer-state' is '{config.optimizer_state}'; choose one of: {', '.join(OPTIMIZER_STATES)}"
-        )
     if not 0.0 <= config.weight_decay < 1.0:
         raise ConfigError(f"run-config 'weight-decay' must be in [0, 1), got {config.weight_decay}")
     if not 0.0 <= config.momentum < 1.0:

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-OPTIMIZER_STATES = ("reset", "keep")  # a site's optimizer: new every round, or its moments kept across rounds
 SCHEDULES = ("constant", "cosine", "poly")
 POLY_POWER = 0.9  # as nnU-Net's polynomial decay
 
@@ -34,26 +33,6 @@ def optimizer_factory(name: str = "adam", weight_decay: float = 0.0, momentum: f
             params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
         )
     raise ValueError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state (Adam's moments and step, SGD's momentum) as flat tensors
-    named `<parameter index>/<field>`; the hyper-parameters (learning rate, ...) are not kept."""
-    flat = {}
-    for index, fields in optimizer.state_dict()["state"].items():
-        for field, value in fields.items():
-            flat[f"{index}/{field}"] = value.detach().cpu().clone() if torch.is_tensor(value) else torch.tensor(value)
-    return flat
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    """Restore what `optimizer_tensors` kept into a new optimizer over the same parameters; its
-    hyper-parameters (this round's learning rate) stay as constructed."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in flat.items():
-        index, field = name.split("/", 1)
-        state.setdefault(int(index), {})[field] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def round_learning_rate(

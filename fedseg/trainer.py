@@ -26,7 +26,7 @@ from torch import nn
 
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
-from fedseg.optim import OptimizerFactory, load_optimizer_tensors, optimizer_factory, optimizer_tensors
+from fedseg.optim import OptimizerFactory, optimizer_factory
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 
 StateDict = Mapping[str, torch.Tensor]
@@ -41,7 +41,6 @@ class FitResult:
     seconds: float
     steps: int = 0  # optimizer steps taken
     mean_gradients: dict[str, torch.Tensor] | None = None  # per parameter, the raw gradients' mean over the steps
-    optimizer_state: dict[str, torch.Tensor] | None = None  # fedseg.optim.optimizer_tensors after the fit, if asked
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,6 @@ class SegmentationTrainer:
         prox_anchor: StateDict | None = None,
         gradient_correction: StateDict | None = None,
         average_gradients: bool = False,
-        optimizer_state: dict[str, torch.Tensor] | None = None,
-        keep_optimizer_state: bool = False,
     ) -> FitResult:
         """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's).
 
@@ -130,8 +127,6 @@ class SegmentationTrainer:
         model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
         parameter name) is added to every gradient before each step; with `average_gradients` the
         result carries each parameter's mean raw gradient (before the correction) over the steps.
-        `optimizer_state` (fedseg.optim.optimizer_tensors of an earlier fit) resumes the optimizer's
-        moments; with `keep_optimizer_state` the result carries them after this fit.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
         sampling, per-subject clipping and noise; proximal terms and corrections are refused there.
         """
@@ -152,8 +147,6 @@ class SegmentationTrainer:
         if gradient_correction is not None:
             correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
         optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
-        if optimizer_state:
-            load_optimizer_tensors(optimizer, optimizer_state)
         if privacy is None:
             loader = DataLoader(
                 dataset,
@@ -194,7 +187,6 @@ class SegmentationTrainer:
             seconds=time.perf_counter() - started,
             steps=steps,
             mean_gradients={k: (v / max(steps, 1)).cpu() for k, v in gradient_sums.items()} if gradient_sums else None,
-            optimizer_state=optimizer_tensors(optimizer) if keep_optimizer_state else None,
         )
 
     def release_memory(self) -> None:

@@ -10,12 +10,9 @@ import pytest
 import torch
 
 import clients.site_runtime
-from clients.personal import OPTIMIZER, PersonalState
-from fedseg.cache import cache_root
-from fedseg.federation import run_key
 from fedseg.config import ConfigError, RunConfig
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.optim import load_optimizer_tensors, optimizer_factory, optimizer_tensors, round_learning_rate
+from fedseg.optim import optimizer_factory, round_learning_rate
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 __all__ = ["task_identity"]  # the fixture
@@ -85,54 +82,3 @@ def test_best_model_is_the_round_with_the_best_mean_validation_dice(tmp_path: Pa
     assert all(torch.equal(saved.state_dict[key], sent[key]) for key in sent)
     final = ModelCheckpoint.load(tmp_path / "run" / "model.pt")
     assert final.model == "unet" and final.in_channels == 1 and final.num_classes == 3
-
-
-@pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_a_kept_optimizer_state_continues_the_optimizer_exactly(name: str) -> None:
-    """Two rounds of k steps with the state carried over = 2k steps of one optimizer; a fresh one differs."""
-    torch.manual_seed(0)
-    data = [(torch.randn(4, 5), torch.randn(4, 2)) for _ in range(6)]
-    make = optimizer_factory(name, momentum=0.9)
-
-    def train(model: torch.nn.Linear, batches: list, state: dict | None) -> dict:
-        optimizer = make(model.parameters(), 0.05)
-        if state is not None:
-            load_optimizer_tensors(optimizer, state)
-        for x, y in batches:
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
-        return optimizer_tensors(optimizer)
-
-    torch.manual_seed(1)
-    continuous, split, fresh = torch.nn.Linear(5, 2), torch.nn.Linear(5, 2), torch.nn.Linear(5, 2)
-    split.load_state_dict(continuous.state_dict())
-    fresh.load_state_dict(continuous.state_dict())
-    train(continuous, data, None)
-    kept = train(split, data[:3], None)
-    train(split, data[3:], kept)
-    train(fresh, data[:3], None)
-    train(fresh, data[3:], None)
-    assert all(torch.equal(a, b) for a, b in zip(continuous.parameters(), split.parameters(), strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(continuous.parameters(), fresh.parameters(), strict=True))
-    with pytest.raises(ConfigError, match="'optimizer-state' is 'sometimes'"):
-        RunConfig.from_mapping({"optimizer-state": "sometimes"})
-
-
-def test_sites_keep_their_optimizer_state_across_rounds_and_never_send_it(
-    tmp_path: Path, task_identity: None
-) -> None:
-    values = tiny_config(tmp_path, **{"num-server-rounds": 2, "optimizer-state": "keep"})
-    grid = InProcessGrid(values, 2)
-    run_federation(grid, values, tmp_path / "run")
-    for site in range(2):
-        state = PersonalState(cache_root() / "site-state" / f"site-{site}", run_key(tmp_path / "run"))
-        after_one, after_two = state.load(OPTIMIZER, server_round=2), state.load(OPTIMIZER)
-        assert after_one is not None and after_two is not None
-        steps = {key: value for key, value in after_two.items() if key.endswith("/step")}
-        assert steps and all(value == 2 * after_one[key] > 0 for key, value in steps.items())  # round 2 went on
-    sent = {name for reply in grid.replies for name in reply.content.get("arrays", {})}
-    assert not any("/" in name for name in sent)  # only the network's weights leave a site
-    reset = tiny_config(tmp_path, **{"num-server-rounds": 1})
-    run_federation(InProcessGrid(reset, 2), reset, tmp_path / "reset")
-    assert PersonalState(cache_root() / "site-state" / "site-0", run_key(tmp_path / "reset")).load(OPTIMIZER) is None
