@@ -63,8 +63,9 @@ def secure_train(msg: Message, context: Context) -> Message:
     sends it only masked (fedseg.secagg.site); the metrics go as in a plain train reply."""
     try:
         site, done, metrics = _fit(msg, context)
+        noise = secagg_site.DistributedNoise.from_config(msg.content[m.CONFIG])  # dp-distributed
         masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], done.weights,
-                                  float(metrics[m.NUM_EXAMPLES]))
+                                  float(metrics[m.NUM_EXAMPLES]), noise)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "train", err)
     site.trainer.release_memory()

@@ -70,3 +70,9 @@ SECAGG_DROPPED = "dropped"
 SECAGG_SEED_SHARES = "seed-shares"
 SECAGG_KEY_SHARES = "key-shares"
 SECAGG_MASKED = "secagg-masked"  # train reply: ArrayRecord of the masked, encoded update (uint64)
+SECAGG_SUMMED = "secagg-summed"  # metric of the unmasked aggregate: how many sites' updates it sums
+# dp-distributed (instruction config): each site clips its update to norm DP_CLIP, adds Gaussian noise of
+# std DP_SITE_NOISE_STD from DP_SITE_NOISE_SOURCE and counts once (uniform weights)
+DP_CLIP = "dp-site-clip"
+DP_SITE_NOISE_STD = "dp-site-noise-std"
+DP_SITE_NOISE_SOURCE = "dp-site-noise-source"

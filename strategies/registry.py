@@ -21,6 +21,7 @@ from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from strategies.base import FedSegStrategy
 from strategies.cyclic import Cyclic
 from strategies.dice_weighted import DiceWeighted
+from strategies.dp_distributed import DPDistributed
 from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
 from strategies.ditto import Ditto
@@ -33,7 +34,7 @@ from strategies.flower import find_flower_class, flower_catalog, wrap
 ENTRY_POINT_GROUP = "fedseg.strategies"
 FLOWER_PREFIX = "flower:"
 BUILTIN: dict[str, type[FedSegStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
+    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, DPDistributed, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
 }
 
 

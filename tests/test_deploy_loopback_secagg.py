@@ -79,7 +79,7 @@ def test_secure_rounds_over_tls_recover_a_site_killed_while_training(three_sites
 
     output = three_sites.root / "runs"
     overrides = {**TINY, "num-server-rounds": 2, "output-dir": str(output), "min-sites": 3,
-                 "secure-aggregation": True, "round-timeout": 40.0}
+                 "secure-aggregation": True, "round-timeout": 120.0}
     code, log = flwr_run(three_sites, overrides, on_line=kill_site_c_in_round_2_training)
     assert code == 0 and "final mean Dice" in log, log
     assert killed == ["site-c"], log

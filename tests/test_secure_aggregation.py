@@ -60,6 +60,7 @@ class Sites:
         self.weights, self.examples = weights, examples
         self.dead_at: dict[int, str] = {}  # node → action at which it stops answering
         self.masked: dict[int, np.ndarray] = {}
+        self.noise: secagg_site.DistributedNoise | None = None  # dp-distributed at every site
         self.app = ClientApp()
         for action in (m.SECAGG_SETUP, m.SECAGG_SHARE, m.SECAGG_UNMASK):
             self.app.train(action)(self._stage)
@@ -72,8 +73,9 @@ class Sites:
 
     def _train(self, msg: Message, context: Context) -> Message:
         node = context.node_id
-        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], self.weights[node],
-                                  float(self.examples[node]))
+        weight = 1.0 if self.noise else float(self.examples[node])
+        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], self.weights[node], weight,
+                                  self.noise)
         self.masked[node] = masked[secagg_site.MASKED_KEY].numpy()
         metrics = MetricRecord({m.NUM_EXAMPLES: self.examples[node], m.TRAIN_LOSS: 0.5, m.SITE_ID: node})
         return Message(RecordDict({m.SECAGG_MASKED: masked, m.METRICS: metrics}), reply_to=msg)
@@ -95,10 +97,11 @@ class Grid(LocalGrid):
         return super().send_and_receive(alive)
 
 
-def secure_round(sites: Sites, global_model: dict[str, np.ndarray], bound: float = 16.0):
+def secure_round(sites: Sites, global_model: dict[str, np.ndarray], max_update_ratio: float = 100.0,
+                 extra: dict | None = None):
     grid = Grid(sites, len(sites.weights))
     arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
-    config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1})
+    config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, **(extra or {})})
     instructions = [Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=node,
                             message_type="train") for node in grid.get_node_ids()]
     failures: list[tuple[int, str]] = []
@@ -110,7 +113,7 @@ def secure_round(sites: Sites, global_model: dict[str, np.ndarray], bound: float
         return [(node_of[id(msg)], by_reply[msg.metadata.message_id]) for msg in messages
                 if msg.metadata.message_id in by_reply]
 
-    result = SecureAggregation(bound, 100.0).train(1, instructions, exchange,
+    result = SecureAggregation(16.0, max_update_ratio).train(1, instructions, exchange,
                                                    lambda node, reason, code: failures.append((node, reason)))
     return result, arrays, failures
 
@@ -239,9 +242,9 @@ def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path,
     sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}
     mask = secagg_site.mask
 
-    def recording_mask(config, context, reference, weights, weight):
+    def recording_mask(config, context, reference, weights, weight, privacy=None):
         sent[context.node_id] = ({k: v.detach().numpy().copy() for k, v in weights.items()}, weight)
-        return mask(config, context, reference, weights, weight)
+        return mask(config, context, reference, weights, weight, privacy)
 
     monkeypatch.setattr(secagg_site, "mask", recording_mask)
     values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1})
@@ -295,3 +298,70 @@ def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: P
         run_federation(grid, values, tmp_path / "run")
     history = (tmp_path / "run" / "history.json").read_text()
     assert '"round": 1' in history and "only 1 site(s) sent a masked update" in history  # round 1 recorded
+
+
+# ---------------------------------------------------------------------- distributed DP (dp-distributed)
+def dp_round(sites: Sites, global_model: dict[str, np.ndarray], clip: float, noise_std: float):
+    """One secure round whose sites clip to `clip` and add N(0, noise_std²) (dp-distributed's instruction)."""
+    sites.noise = secagg_site.DistributedNoise(clip, noise_std, "numpy")
+    result, _, _ = secure_round(sites, global_model, max_update_ratio=0.0, extra={m.DP_CLIP: clip})
+    return result
+
+
+def test_distributed_dp_without_noise_is_the_clipped_uniform_mean() -> None:
+    rng = np.random.default_rng(2)
+    global_model = {"w": rng.normal(size=1000).astype(np.float32), "n": np.array(5, dtype=np.int64)}
+    scales = {100: 0.2, 101: 1.0, 102: 3.0}  # update norms ≈ 0.2·√1000·0.1 ... some above the clip, some below
+    weights = {n: {"w": global_model["w"] + np.float32(s) * rng.normal(scale=0.1, size=1000).astype(np.float32),
+                   "n": np.array(9, dtype=np.int64)} for n, s in scales.items()}
+    sites = Sites(weights, {n: 10 * (n - 99) for n in weights})
+    result = dp_round(sites, global_model, clip=2.0, noise_std=0.0)
+    deltas = {n: weights[n]["w"].astype(np.float64) - global_model["w"] for n in weights}
+    clipped = [d * min(1.0, 2.0 / np.linalg.norm(d)) for d in deltas.values()]
+    expected = global_model["w"] + np.mean(clipped, axis=0)  # uniform weights, not num-examples
+    aggregate = result.aggregate.content[m.ARRAYS]
+    assert np.abs(aggregate["w"].numpy() - expected).max() <= TOLERANCE
+    assert int(aggregate["n"].numpy()) == 5  # integer buffers keep the global value under DP
+    assert result.aggregate.content[m.METRICS][m.SECAGG_SUMMED] == 3
+
+
+def test_distributed_dp_noise_of_the_sum_has_the_planned_std() -> None:
+    size, sites_count, clip, z = 40_000, 4, 1.0, 0.5
+    global_model = {"w": np.zeros(size, np.float32)}
+    weights = {n: {"w": np.zeros(size, np.float32)} for n in range(100, 100 + sites_count)}  # Δ = 0: pure noise
+    sites = Sites(weights, {n: 1 for n in weights})
+    result = dp_round(sites, global_model, clip, z * clip / np.sqrt(sites_count))
+    mean_noise = result.aggregate.content[m.ARRAYS]["w"].numpy().astype(np.float64)
+    # the sum carries N(0, (z·C)²); divided by k = m sites: std z·C/m
+    assert abs(mean_noise.std() / (z * clip / sites_count) - 1) < 0.03
+    assert abs(mean_noise.mean()) < 4 * z * clip / sites_count / np.sqrt(size)
+
+
+def test_dp_distributed_accounts_like_dp_noised_and_charges_dropouts() -> None:
+    from strategies.client_privacy import Release, epsilon_of
+
+    config = RunConfig.from_mapping({"strategy": "dp-distributed", "secure-aggregation": True, "min-sites": 3,
+                                     "dp-distributed.noise-multiplier": 1.2})
+    strategy = build_strategy(config)
+    for summed in (4, 4, 3):
+        strategy._sampled = 4
+        aggregate = Message(RecordDict({m.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+                                        m.METRICS: MetricRecord({m.NUM_EXAMPLES: 10, m.SECAGG_SUMMED: summed})}),
+                            dst_node_id=1, message_type="train")
+        strategy._global = aggregate.content[m.ARRAYS]
+        strategy.aggregate_train(1, [aggregate])
+    expected = epsilon_of([Release(1.2, "all", 4, 4)] * 2 + [Release(1.2 * np.sqrt(3 / 4), "all", 4, 4)], 1e-5)
+    assert strategy.epsilon() == pytest.approx(expected)
+    assert strategy.epsilon() > epsilon_of([Release(1.2, "all", 4, 4)] * 3, 1e-5)  # the dropout cost privacy
+    with pytest.raises(ConfigError, match="'dp-distributed' needs run-config 'secure-aggregation = true'"):
+        build_strategy(RunConfig.from_mapping({"strategy": "dp-distributed"}))
+
+
+def test_federation_with_dp_distributed_reports_epsilon(tmp_path: Path) -> None:
+    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1,
+                                      "strategy": "dp-distributed", "dp-distributed.noise-multiplier": 1.0,
+                                      "dp-distributed.clipping-norm": 0.5})
+    _, history = run_federation(InProcessGrid(values, 3), values, tmp_path / "run")
+    report = history.rounds[1].strategy
+    assert report["summed-sites"] == 3 and report["sampled-sites"] == 3
+    assert 0 < report["epsilon"] < float("inf")

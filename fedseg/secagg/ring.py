@@ -18,7 +18,7 @@ from the public weights that Σa · max(B · 2^f, INTEGER_BOUND) + n < 2^63 befo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,11 +51,29 @@ class UpdateStats:
     integer_max: float  # max |Δ| over the integer buffers
 
 
-def encode_update(reference: ArrayRecord, weights: Mapping[str, np.ndarray],
-                  weight: float) -> tuple[np.ndarray, UpdateStats]:
+def update_norm(reference: ArrayRecord, weights: Mapping[str, np.ndarray]) -> float:
+    """‖Δ‖ over the floating arrays (what a site clips by under distributed DP)."""
+    squared = 0.0
+    for key, ref in layout(reference):
+        if is_float(ref):
+            own_flat, ref_flat = np.asarray(weights[key]).reshape(-1), ref.reshape(-1)
+            for start in range(0, ref.size, BLOCK):
+                delta = own_flat[start:start + BLOCK].astype(np.float64)
+                delta -= ref_flat[start:start + BLOCK]
+                squared += float(np.dot(delta, delta))
+    return float(np.sqrt(squared))
+
+
+def encode_update(reference: ArrayRecord, weights: Mapping[str, np.ndarray], weight: float,
+                  clip_scale: float = 1.0, noise: Callable[[int], np.ndarray] | None = None,
+                  ) -> tuple[np.ndarray, UpdateStats]:
     """round(weight · Δ · 2^f) (2^0 on integer buffers) as uint64 words (two's complement) in
     encoding order, and the update's statistics; computed block by block in float64 (Δ of float32
-    weights is exact there), so no model-sized float64 temporaries exist."""
+    weights is exact there), so no model-sized float64 temporaries exist.
+
+    Distributed DP: floating values are sent as clip_scale · Δ + noise(size) and integer buffers as 0
+    (they keep the global model's value, as in dp-noised) once `noise` is given; `float_max` is then
+    measured on the values sent, the other statistics on Δ."""
     specs = layout(reference)
     out = np.empty(sum(ref.size for _, ref in specs), np.int64)
     finite, squared, float_max, integer_max = True, 0.0, 0.0, 0.0
@@ -74,9 +92,15 @@ def encode_update(reference: ArrayRecord, weights: Mapping[str, np.ndarray],
             finite = finite and np.isfinite(largest)
             if floating:
                 squared += float(np.dot(delta, delta))
+                if noise is not None:
+                    delta *= clip_scale
+                    delta += noise(delta.size)
+                    largest = float(np.abs(delta).max()) if delta.size else 0.0
                 float_max = max(float_max, largest)
             else:
                 integer_max = max(integer_max, largest)
+                if noise is not None:
+                    delta[:] = 0.0
             delta *= scale
             np.rint(delta, out=delta)
             if finite:

@@ -32,9 +32,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.logger import log
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg import messages as m
-from fedseg.flower_compat import aggregate_metricrecords
 from fedseg.secagg import crypto, ring
 from fedseg.secagg.site import MASKED_KEY, round_context
 from strategies.aggregate import array_view
@@ -100,7 +100,8 @@ class _Round:
         replies, masked = self._train(shares)
         if len(masked) < self.threshold:
             return SecureRoundResult(replies, None, self._too_few("sent a masked update", len(masked)))
-        weights = {i: float(_metrics(reply)[m.NUM_EXAMPLES]) for i, (reply, _) in masked.items()}
+        uniform = float(self.instructions[0].content[m.CONFIG].get(m.DP_CLIP, 0.0)) > 0  # dp-distributed
+        weights = {i: 1.0 if uniform else float(_metrics(reply)[m.NUM_EXAMPLES]) for i, (reply, _) in masked.items()}
         if not ring.fits(sum(weights.values()), self.owner.bound, len(masked)):
             return SecureRoundResult(replies, None, "the sites' total num-examples × secure-aggregation-bound "
                                                     "would overflow the 64-bit ring; lower the bound")
@@ -244,6 +245,7 @@ class _Round:
             records.append(RecordDict({m.METRICS: MetricRecord(metrics)}))
         metrics = aggregate_metricrecords(records, m.NUM_EXAMPLES)
         metrics[m.NUM_EXAMPLES] = sum(float(_metrics(reply)[m.NUM_EXAMPLES]) for reply in replies)
+        metrics[m.SECAGG_SUMMED] = len(records)
         content = RecordDict({m.ARRAYS: model, m.METRICS: metrics})
         return Message(content, dst_node_id=self.node_of[1], message_type=MessageType.TRAIN)
 

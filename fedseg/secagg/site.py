@@ -12,15 +12,34 @@ mask seed and the mask key) of one site from it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from fedseg import messages as m
+from fedseg.noise import gaussian_source
 from fedseg.secagg import crypto, ring
 
 STATE = "secagg-state"  # Context.state record of the current secure round
 MASKED_KEY = "masked"  # the one array in the SECAGG_MASKED record
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """dp-distributed at this site: clip the update to norm `clip`, add N(0, noise_std²) per value."""
+
+    clip: float
+    noise_std: float
+    source: str  # fedseg.noise: "numpy" or "secure"
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> DistributedNoise | None:
+        """The instruction's dp-distributed settings, None when the strategy asks for none."""
+        clip = float(config.get(m.DP_CLIP, 0.0))
+        if clip <= 0:
+            return None
+        return cls(clip, float(config.get(m.DP_SITE_NOISE_STD, 0.0)), str(config.get(m.DP_SITE_NOISE_SOURCE, "secure")))
 
 
 class SecureRoundError(ValueError):
@@ -81,9 +100,10 @@ def share(config: ConfigRecord, context: Context) -> ConfigRecord:
 
 
 def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights: Mapping[str, np.ndarray],
-         weight: float) -> ArrayRecord:
-    """Stage 3 (after the local fit): check the own update, encode a·Δ in the ring, add the pairwise
-    masks of every other participant that shared its keys and the self mask."""
+         weight: float, privacy: DistributedNoise | None = None) -> ArrayRecord:
+    """Stage 3 (after the local fit): check the own update, encode a·Δ in the ring (under distributed
+    DP: weight 1, Δ clipped and noised by `privacy`), add the pairwise masks of every other participant
+    that shared its keys and the self mask."""
     state = _state(config, context, "participants")
     index = int(state["index"])
     participants = [int(i) for i in config[m.SECAGG_PARTICIPANTS]]
@@ -95,7 +115,14 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
             or len(list(config[m.SECAGG_SHARES])) != len(sources)):
         raise SecureRoundError("inconsistent secure-aggregation participant list")
     state["sources"], state["received"] = sources, list(config[m.SECAGG_SHARES])
-    vector, stats = ring.encode_update(reference, weights, weight)
+    if privacy is None:
+        vector, stats = ring.encode_update(reference, weights, weight)
+    else:
+        norm = ring.update_norm(reference, weights)
+        scale = min(1.0, privacy.clip / norm) if norm > 0 else 1.0
+        source = gaussian_source(privacy.source)
+        vector, stats = ring.encode_update(reference, weights, 1.0, scale,
+                                           lambda size: source.normal(0.0, privacy.noise_std, size))
     check_update(stats, reference, float(config[m.SECAGG_MAX_UPDATE_RATIO]), float(config[m.SECAGG_BOUND]))
     own_mask = crypto.private_key(state["mask-sk"])
     mask_keys = dict(zip(known, state["mask-pks"], strict=True))
