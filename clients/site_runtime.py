@@ -134,7 +134,7 @@ def _build_runtime(
         train_set=training_dataset(
             split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=config.dp_augmentation_multiplicity if config.dp_sgd else 2,
             label_mapping=labels.label_mapping, augmentation=config.augmentation,
-            invert_probability=config.augmentation_invert,
+            invert_probability=config.augmentation_invert, remap_probability=config.augmentation_remap,
         ),
         val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping),
         test_set=evaluation_dataset(split.test, config.spacing, cache_dir, labels.label_mapping),

@@ -76,6 +76,7 @@ class RunConfig:
     batch_size: int = 2
     augmentation: str = "standard"  # training augmentation preset (fedseg.data.transforms.AUGMENTATIONS)
     augmentation_invert: float = 0.0  # "shift" only: probability of negating a z-scored patch
+    augmentation_remap: float = 0.0  # "shift" only: probability of a random tissue contrast per patch
     data_dir: str = "synthetic"
     synthetic_subjects: int = 8
     synthetic_size: int = 40
@@ -228,18 +229,21 @@ def _validate_model(config: RunConfig) -> None:
 
 
 def _validate_augmentation(config: RunConfig) -> None:
-    """`augmentation` (a preset of fedseg.data.transforms) and `augmentation-invert` (used by "shift" only)."""
+    """`augmentation` (a preset of fedseg.data.transforms), `augmentation-invert` and `augmentation-remap`
+    (probabilities "shift" uses)."""
     if config.augmentation not in AUGMENTATIONS:
         raise ConfigError(
             f"run-config 'augmentation' is '{config.augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}"
         )
-    if not 0.0 <= config.augmentation_invert <= 1.0:
-        raise ConfigError(f"run-config 'augmentation-invert' must be in [0, 1], got {config.augmentation_invert}")
-    if config.augmentation_invert > 0 and config.augmentation != "shift":
-        raise ConfigError(
-            f"run-config 'augmentation-invert' is {config.augmentation_invert} but only augmentation 'shift' inverts "
-            f"contrast (augmentation is '{config.augmentation}'): set augmentation = \"shift\" or the inversion to 0"
-        )
+    for key, value, effect in (("augmentation-invert", config.augmentation_invert, "inverts contrast"),
+                               ("augmentation-remap", config.augmentation_remap, "remaps tissue contrast")):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"run-config '{key}' must be in [0, 1], got {value}")
+        if value > 0 and config.augmentation != "shift":
+            raise ConfigError(
+                f"run-config '{key}' is {value} but only augmentation 'shift' {effect} (augmentation is "
+                f"'{config.augmentation}'): set augmentation = \"shift\" or '{key}' to 0"
+            )
 
 
 def _validate_bounds(config: RunConfig) -> None:

@@ -28,6 +28,7 @@ from fedseg.data.transforms import (
     FG_INDICES,
     KEYS,
     RandNegated,
+    RandTissueContrastd,
     augmentation,
     preprocessing,
     training_preprocessing,
@@ -51,8 +52,10 @@ def preprocessed(channels: int = 1, seed: int = 0) -> dict:
     return Compose(after_loading)({"image": torch.as_tensor(image, dtype=torch.float32), "label": torch.as_tensor(label)})
 
 
-def patches(preset: str, item: dict, seed: int, samples: int = 2, invert: float = 0.0) -> list[dict]:
-    pipeline = augmentation(PATCH, samples, preset=preset, invert_probability=invert)
+def patches(
+    preset: str, item: dict, seed: int, samples: int = 2, invert: float = 0.0, remap: float = 0.0
+) -> list[dict]:
+    pipeline = augmentation(PATCH, samples, preset=preset, invert_probability=invert, remap_probability=remap)
     pipeline.set_random_state(seed=seed)
     return pipeline(item)
 
@@ -144,6 +147,24 @@ def test_inversion_negates_the_same_draw(channels: int) -> None:
     assert 4 <= flipped <= 24  # about 12 of 40
 
 
+def test_tissue_contrast_remap_gives_random_structure_contrasts_on_the_same_shapes() -> None:
+    item = preprocessed(1)
+    assert not any(isinstance(step, RandTissueContrastd) for step in augmentation(PATCH, preset="shift").transforms)
+    plain, remapped = patches("shift", item, seed=3, samples=60), patches("shift", item, seed=3, samples=60, remap=1.0)
+    brighter, weak = 0, 0
+    for a, b in zip(plain, remapped, strict=True):
+        assert torch.equal(a["label"], b["label"]) and not torch.equal(a["image"], b["image"])
+        assert float(b["image"].mean()) == pytest.approx(0.0, abs=1e-4)
+        assert float(b["image"].std()) == pytest.approx(1.0, abs=1e-2)
+        label, image = b["label"][0], b["image"][0]
+        if (label == 1).any() and (label == 2).any():
+            brighter += float(image[label == 2].mean()) > float(image[label == 1].mean())
+        rank = np.corrcoef(a["image"].flatten().argsort().argsort(), b["image"].flatten().argsort().argsort())[0, 1]
+        weak += abs(rank) < 0.8  # a non-monotone curve: neither the old contrast nor its inversion
+    assert 10 <= brighter <= 50  # in the input, class 2 is always the brighter one
+    assert weak >= 10
+
+
 @pytest.mark.parametrize("preset", AUGMENTATIONS)
 def test_same_seed_same_patches(preset: str) -> None:
     item = preprocessed(4)
@@ -198,6 +219,8 @@ def test_config_keys() -> None:
         ({"augmentation": "shift", "augmentation-invert": -0.1}, "'augmentation-invert' must be in [0, 1]"),
         ({"augmentation-invert": "often"}, "'augmentation-invert' must be a number"),
         ({"augmentation-invert": 0.3}, "'augmentation-invert' is 0.3 but only augmentation 'shift' inverts"),
+        ({"augmentation": "shift", "augmentation-remap": 2}, "'augmentation-remap' must be in [0, 1], got 2"),
+        ({"augmentation-remap": 0.5}, "'augmentation-remap' is 0.5 but only augmentation 'shift' remaps"),
     ],
 )
 def test_config_errors_name_the_key(values: dict, message: str) -> None:

@@ -40,13 +40,15 @@ def training_dataset(
     label_mapping: Mapping[int, int] | None = None,
     augmentation: str = "standard",
     invert_probability: float = 0.0,
+    remap_probability: float = 0.0,
 ) -> Dataset:
     """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation
-    preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability`: "shift"'s
-    contrast inversion). The preset is not part of the cache key: it only acts after the cache."""
+    preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability` and
+    `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not part of the cache key: it only acts after the cache."""
     deterministic = training_preprocessing(patch_size, pixdim, label_mapping)
     settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping)}
-    random = random_part(patch_size, samples_per_volume, preset=augmentation, invert_probability=invert_probability)
+    random = random_part(patch_size, samples_per_volume, preset=augmentation, invert_probability=invert_probability,
+                         remap_probability=remap_probability)
     return _cached(items, deterministic, settings, random, cache_dir)
 
 

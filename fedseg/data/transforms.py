@@ -11,7 +11,8 @@ background voxel indices, so the random crops of every epoch do not rescan the w
 The random part (`augmentation`) is chosen by preset name (`AUGMENTATIONS`, run-config key
 `augmentation`): "standard" (crops, flips, small affine, intensity scale/shift), "shift" (for
 institutions no site resembles: also bias field, gamma, histogram shift, noise, blur/sharpen,
-thick slices, larger rotations and scalings, optional contrast inversion) or "none" (crops only).
+thick slices, larger rotations and scalings, optional contrast inversion and random tissue
+contrast) or "none" (crops only).
 It runs on patches of the z-scored image, after the cached deterministic part.
 """
 
@@ -80,6 +81,7 @@ SHIFT_SMOOTH_SIGMA = (0.5, 1.0)  # voxels: a softer reconstruction kernel, in-pl
 SHIFT_SHARPEN_PROB = 0.1
 SHIFT_SHARPEN_ALPHA = (2.0, 8.0)  # MONAI's default (10, 30) is far beyond any scanner's edge enhancement
 SHIFT_NOISE_PROB = 0.2
+REMAP_POINTS = (4, 8)  # control points of a random tissue-contrast curve over a patch's intensity range
 SHIFT_NOISE_STD = 0.15  # z units, drawn in [0, this], added to the noise a site has (synthetic: 0.09 to 0.31)
 
 
@@ -125,6 +127,7 @@ def augmentation(
     *,
     preset: str = "standard",
     invert_probability: float = 0.0,
+    remap_probability: float = 0.0,
 ) -> Compose:
     """The random training part of preset `preset` (one of `AUGMENTATIONS`), on `training_preprocessing`'s output.
 
@@ -134,12 +137,14 @@ def augmentation(
     affines (`SHIFT_*`), per image channel: simulated thick slices, bias field, gamma, histogram
     shift, intensity scale/shift, blur or sharpening, Gaussian noise; then, with
     `invert_probability` > 0, negates the whole z-scored image (contrast inversion, e.g. T1 vs T2)
-    with that probability. "none" crops only.
+    with that probability, and with `remap_probability` > 0 gives a patch a random tissue contrast
+    (RandTissueContrastd). "none" crops only.
     """
     if preset not in AUGMENTATIONS:
         raise ValueError(f"augmentation preset '{preset}': choose one of {', '.join(AUGMENTATIONS)}")
-    if not 0.0 <= invert_probability <= 1.0:
-        raise ValueError(f"invert_probability must be in [0, 1], got {invert_probability}")
+    for name, value in (("invert_probability", invert_probability), ("remap_probability", remap_probability)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     crop = RandCropByPosNegLabeld(
         keys=KEYS,
         label_key="label",
@@ -158,7 +163,9 @@ def augmentation(
                         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)])
     steps = [crop, *_flips(), _affine(SHIFT_ROTATION_DEG, SHIFT_SCALE, SHIFT_AFFINE_PROB),
              ChannelWised("image", Compose(_scanner_effects("image")))]
-    if invert_probability > 0:  # 0: no inversion step at all
+    if remap_probability > 0:  # 0: no step at all
+        steps.append(RandTissueContrastd("image", prob=remap_probability))
+    if invert_probability > 0:
         steps.append(RandNegated("image", prob=invert_probability))
     return Compose(steps)
 
@@ -265,3 +272,40 @@ class RandNegated(RandomizableTransform, MapTransform):
             for key in self.key_iterator(d):
                 d[key] = -d[key]
         return d
+
+
+class RandTissueContrastd(RandomizableTransform, MapTransform):
+    """With probability `prob`, gives each channel of `keys` a random tissue contrast: its intensities
+    pass through a random, generally non-monotone, piecewise-linear curve (REMAP_POINTS control points
+    over the patch's 0.5–99.5 % intensity range, values uniform in [-1, 1]) and are z-scored again.
+
+    Shapes stay, contrasts do not: an unseen protocol can darken a tissue that every site shows
+    bright (fat suppression) or invert one boundary but not another, which no monotone remap or
+    global inversion produces. Training on random contrasts (as SynthSeg does with whole synthetic
+    images, Billot et al. 2023) pushes the network towards shape cues.
+    """
+
+    def __init__(self, keys: KeysCollection, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key]).float()
+            out = torch.stack([self._remap(channel) for channel in image])
+            d[key] = convert_to_dst_type(out, d[key])[0]
+        return d
+
+    def _remap(self, channel: torch.Tensor) -> torch.Tensor:
+        points = int(self.R.randint(REMAP_POINTS[0], REMAP_POINTS[1] + 1))
+        values = torch.as_tensor(self.R.uniform(-1.0, 1.0, points), dtype=torch.float32)
+        low, high = torch.quantile(channel.flatten(), torch.tensor([0.005, 0.995]))
+        position = (channel.clamp(low, high) - low) / (high - low).clamp_min(1e-6) * (points - 1)
+        left = position.floor().clamp(max=points - 2).long()
+        weight = position - left
+        curve = values[left] * (1 - weight) + values[left + 1] * weight
+        return (curve - curve.mean()) / curve.std().clamp_min(1e-6)
