@@ -13,7 +13,7 @@ from scipy import stats
 from fedseg.report import build_report
 from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
 from fedseg.report.layout import ArmInfo
-from fedseg.report.tables import arm_summaries, cross_site_matrix, paired_tests
+from fedseg.report.tables import arm_summaries, bootstrap_ci, cross_site_matrix, fdr_adjusted, paired_tests
 
 SITE0, SITE1 = ("a", "b", "c"), ("d", "e", "f")
 # per-case scores by model and test set (fedavg's first case has classes 0.7 and 0.9 → 0.8)
@@ -87,6 +87,28 @@ def test_paired_tests_have_hand_computed_p_values(cases_csv: Path) -> None:
     # against private site-1 the signed ranks split 11 : 10 — exact two-sided P = 1
     mixed = tests[(("fedavg", "federation"), ("private", "site-1"))]
     assert mixed.p_wilcoxon == pytest.approx(1.0)
+    # Benjamini–Hochberg over the 4 tests: q_(i) = min over j >= i of p_(j) · 4 / j (p sorted ascending)
+    for kind in ("wilcoxon", "ttest"):
+        ps = sorted(getattr(t, f"p_{kind}") for t in tests.values())
+        expected = [min(p * 4 / j for j, p in enumerate(ps, start=1) if j >= i) for i in range(1, 5)]
+        assert sorted(getattr(t, f"q_{kind}") for t in tests.values()) == pytest.approx(expected)
+
+
+def test_false_discovery_rate_adjustment_by_hand() -> None:
+    # sorted 0.01, 0.03, 0.04 (m = 3): 0.04·3/3 = 0.04; 0.03·3/2 = 0.045 → 0.04 (monotone); 0.01·3/1 = 0.03
+    adjusted = fdr_adjusted([0.01, 0.04, math.nan, 0.03])
+    assert adjusted[:2] + adjusted[3:] == pytest.approx([0.03, 0.04, 0.04]) and math.isnan(adjusted[2])
+    assert fdr_adjusted([0.2]) == [0.2] and fdr_adjusted([]) == []
+
+
+def test_bootstrap_interval_of_the_mean_by_hand() -> None:
+    # two cases 0 and 1: a resample's mean is 0, 0.5 or 1 with P 1/4, 1/2, 1/4 → the 2.5 % and 97.5 % points are 0, 1
+    assert bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    # cases 0, 0, 0, 1: the mean is k/4 with k ~ Binomial(4, 1/4): P(k = 0) = 0.32 > 2.5 %, P(k <= 2) = 0.95 < 97.5 %
+    # <= P(k <= 3) = 0.996 → (0, 0.75)
+    assert bootstrap_ci([0.0, 0.0, 0.0, 1.0, math.nan]) == (0.0, 0.75)
+    assert bootstrap_ci([0.6, 0.6, 0.6]) == (0.6, 0.6)
+    assert all(math.isnan(b) for b in bootstrap_ci([0.6]))
 
 
 def test_report_markdown_and_plots(cases_csv: Path, tmp_path: Path) -> None:
@@ -97,7 +119,9 @@ def test_report_markdown_and_plots(cases_csv: Path, tmp_path: Path) -> None:
     (arm_dir / "history.json").write_text(json.dumps({"rounds": rounds}))
     report = build_report(tmp_path, tmp_path / "out").read_text()
     assert "| fedavg | 0.800 ± 0.100 (3) | 0.700 ± 0.100 (3) | 0.600 ± 0.141 (2) |" in report
-    assert "| fedavg | federated | 0.750 ± 0.105 (6) | 0.600 ± 0.141 (2) | 85.7 % |" in report
+    low, high = bootstrap_ci([0.8, 0.9, 0.7, 0.6, 0.7, 0.8])
+    assert 0.6 < low < 0.75 < high < 0.9
+    assert f"| fedavg | federated | 0.750 ± 0.105 (6) | {low:.3f}–{high:.3f} | 0.600 ± 0.141 (2) | 85.7 % |" in report
     assert "| fedavg | private (site-0) | 6 | +0.173 | 0.0312 |" in report
     for name in ("heatmap.png", "boxes.png", "dice_vs_round.png", "dice_vs_cost.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

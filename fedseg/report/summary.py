@@ -10,6 +10,8 @@ from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.tables import (
+    BOOTSTRAP_RESAMPLES,
+    CI_LEVEL,
     Cell,
     arm_summaries,
     cross_site_matrix,
@@ -69,12 +71,16 @@ def matrix_table(rows: Sequence[CaseRow]) -> str:
 
 
 def arms_table(rows: Sequence[CaseRow]) -> str:
-    header = ["arm", "kind", "internal test sets", "outside", "% of centralized"]
+    header = ["arm", "kind", "internal test sets", f"{CI_LEVEL:.0%} CI of the mean", "outside", "% of centralized"]
     body = [
-        [s.arm, s.kind, _cell(s.internal), _cell(s.outside), _number(s.percent_of_centralized, "{:.1f} %")]
+        [s.arm, s.kind, _cell(s.internal), _interval(s.internal_ci), _cell(s.outside),
+         _number(s.percent_of_centralized, "{:.1f} %")]
         for s in arm_summaries(rows)
     ]
-    return _markdown(header, body)
+    return _markdown(header, body) + (
+        f"\n\nCI: percentile bootstrap of the mean internal-test Dice ({BOOTSTRAP_RESAMPLES} resamples of the "
+        "arm's cases, seeded)."
+    )
 
 
 def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
@@ -94,13 +100,19 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
     tests = paired_tests(rows)
     if not tests:
         return "No private arm, or no federated/cyclic/centralized arm: nothing to pair."
-    header = ["model", "vs private", "n", "mean difference", "P (Wilcoxon)", "P (paired t)"]
+    header = ["model", "vs private", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)",
+              "q (paired t)"]
     body = [
         [model_label(t.model, rows), model_label(t.private, rows), str(t.n), _number(t.mean_difference, "{:+.3f}"),
-         _number(t.p_wilcoxon, "{:.3g}"), _number(t.p_ttest, "{:.3g}")]
+         _number(t.p_wilcoxon, "{:.3g}"), _number(t.p_ttest, "{:.3g}"), _number(t.q_wilcoxon, "{:.3g}"),
+         _number(t.q_ttest, "{:.3g}")]
         for t in tests
     ]
-    return _markdown(header, body) + "\n\nTwo-sided tests on per-case Dice; difference = model − private model."
+    return _markdown(header, body) + (
+        "\n\nTwo-sided tests on per-case Dice; difference = model − private model. q: the P value adjusted for "
+        f"the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
+        "scipy.stats.false_discovery_control); a difference is significant at false discovery rate α when q < α."
+    )
 
 
 def privacy_table(rows: Sequence[CaseRow]) -> str:
@@ -146,6 +158,11 @@ def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
     if plots.plot_overlays(results_dir, out / "overlays.png"):
         made.append("overlays.png")
     return "\n\n".join(f"![{name[:-4]}]({name})" for name in made)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    low, high = bounds
+    return "–" if math.isnan(low) or math.isnan(high) else f"{low:.3f}–{high:.3f}"
 
 
 def _cell(cell: Cell | None) -> str:

@@ -1,7 +1,9 @@
-"""Numbers of the report: cross-site Dice matrix, per-arm mean ± sd, paired tests (scipy)."""
+"""Numbers of the report: cross-site Dice matrix, per-arm mean ± sd with a bootstrap confidence interval,
+paired tests with false-discovery-rate adjusted P values (scipy)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -16,6 +18,9 @@ from fedseg.report.cases import CaseRow, mean_sd
 Model = tuple[str, str]  # (arm, trained_on)
 COMPARED_KINDS = ("federated", "personal", "cyclic", "centralized")  # compared case by case with each private model
 REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference lines of Dice vs ε
+CI_LEVEL = 0.95  # of the bootstrap confidence interval of an arm's mean Dice
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # a report is reproducible: the same cases.csv gives the same intervals
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class ArmSummary:
     internal: Cell
     outside: Cell
     percent_of_centralized: float  # NaN without a centralized arm
+    internal_ci: tuple[float, float] = (math.nan, math.nan)  # bootstrap CI of the internal mean (`bootstrap_ci`)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class PairedTest:
     mean_difference: float
     p_wilcoxon: float
     p_ttest: float
+    q_wilcoxon: float = math.nan  # Benjamini–Hochberg adjusted over the report's paired tests (`fdr_adjusted`)
+    q_ttest: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ def cross_site_matrix(rows: Sequence[CaseRow]) -> dict[Model, dict[str, Cell]]:
 def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
     """Per arm: mean ± sd on the internal test sets and on the outside institution, % of centralized."""
     arms = list(dict.fromkeys(r.arm for r in rows))
-    internal = {arm: Cell.of([r.score for r in rows if r.arm == arm and not r.outside]) for arm in arms}
+    scores = {arm: [r.score for r in rows if r.arm == arm and not r.outside] for arm in arms}
+    internal = {arm: Cell.of(scores[arm]) for arm in arms}
     central = next((r.arm for r in rows if r.kind == "centralized"), None)
     reference = internal[central].mean if central is not None else math.nan
     return [
@@ -106,9 +115,32 @@ def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
             internal=internal[arm],
             outside=Cell.of([r.score for r in rows if r.arm == arm and r.outside]),
             percent_of_centralized=100.0 * internal[arm].mean / reference if reference > 0 else math.nan,
+            internal_ci=bootstrap_ci(scores[arm]),
         )
         for arm in arms
     ]
+
+
+def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of the non-NaN `values` (cases resampled with
+    replacement, `BOOTSTRAP_RESAMPLES` times, seeded); NaN for fewer than 2 values."""
+    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if finite.size < 2:
+        return math.nan, math.nan
+    result = stats.bootstrap((finite,), np.mean, confidence_level=level, n_resamples=BOOTSTRAP_RESAMPLES,
+                             method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def fdr_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted P values (scipy's false_discovery_control) over the non-NaN ones;
+    NaN stays NaN (a test that could not be run is no member of the family)."""
+    ps = np.asarray(p_values, dtype=float)
+    adjusted = np.full(ps.shape, math.nan)
+    finite = ~np.isnan(ps)
+    if finite.any():
+        adjusted[finite] = stats.false_discovery_control(ps[finite], method="bh")
+    return [float(q) for q in adjusted]
 
 
 @dataclass(frozen=True)
@@ -160,12 +192,15 @@ def privacy_references(rows: Sequence[CaseRow]) -> dict[Model, Cell]:
 
 
 def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
-    """Each federated/cyclic/centralized model against each private model, paired by test case."""
+    """Each federated/cyclic/centralized model against each private model, paired by test case; the P values
+    of each test kind adjusted for the number of comparisons (Benjamini–Hochberg, `fdr_adjusted`)."""
     kinds = {row.model: row.kind for row in rows}
     privates = [m for m in models(rows) if kinds[m] == "private"]
     compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS]
     internal = _internal_scores(rows)
-    return [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
+    tests = [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
+    q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
+    return [dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)]
 
 
 def _paired(model: Model, private: Model, ours: dict, theirs: dict) -> PairedTest:
