@@ -397,7 +397,8 @@ def privacy_summary(history: Mapping[str, Any]) -> list[str]:
     lines = []
     client = client_epsilon(history)
     if client is not None:
-        lines.append(f"client-level DP (dp-noised): ε = {client[0]:.2f} at δ = {client[1]:g}; {CLIENT_LEVEL_MEANING}")
+        strategy = history.get("config", {}).get("strategy", "dp-noised")  # dp-noised or dp-distributed
+        lines.append(f"client-level DP ({strategy}): ε = {client[0]:.2f} at δ = {client[1]:g}; {CLIENT_LEVEL_MEANING}")
     for site, (epsilon, delta) in site_epsilons(history).items():
         lines.append(f"sample-level DP-SGD, {site}: ε = {epsilon:.2f} at δ = {delta:g}; {SAMPLE_LEVEL_MEANING}")
     stopped: dict[str, int] = {}

@@ -8,6 +8,7 @@ real ClientApp on tiny synthetic sites.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,34 @@ def test_federation_with_dp_distributed_reports_epsilon(tmp_path: Path) -> None:
     report = history.rounds[1].strategy
     assert report["summed-sites"] == 3 and report["sampled-sites"] == 3
     assert 0 < report["epsilon"] < float("inf")
+
+
+# ---------------------------------------------------------------------- fedseg experiment
+_EXPERIMENT = {"name": "x", "data-dir": "data", "sites": 3, "strategies": ["fedavg"]}
+
+
+def test_experiment_runs_federated_arms_securely_and_single_site_arms_plain(tmp_path: Path) -> None:
+    from fedseg.data.synth import synthesize
+    from fedseg.experiments import ExperimentSpec, run_experiment
+    from fedseg.experiments.arms import plan_arms, with_secure_aggregation
+
+    synthesize(tmp_path / "data", "tiny", seed=0, num_sites=3)
+    spec = ExperimentSpec.from_mapping({
+        "experiment": {"name": "secure", "data-dir": str(tmp_path / "data"), "sites": 3, "arms": ["federated"],
+                       "strategies": ["fedavg"], "output-dir": str(tmp_path / "results")},
+        "run": {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
+                "secure-aggregation": True},
+    })
+    assert [with_secure_aggregation(arm, True) for arm in plan_arms(spec)] == [True]
+    plain = plan_arms(ExperimentSpec.from_mapping({"experiment": {**_EXPERIMENT, "arms": ["private", "iil", "federated"]},
+                                                   "run": {"secure-aggregation": True}}))
+    assert [(arm.kind, with_secure_aggregation(arm, True)) for arm in plain] == [
+        ("private", False), ("private", False), ("private", False), ("federated", True), ("cyclic", False)]
+    log: list[str] = []
+    run_experiment(spec, echo=log.append)
+    (history,) = [json.loads(path.read_text()) for path in spec.results_dir.rglob("history.json")]
+    assert history["config"]["secure-aggregation"] is True
+    assert sorted(history["rounds"][1]["train"]) == ["site-0", "site-1", "site-2"]
+    with pytest.raises(ConfigError, match="'dice-weighted' cannot run with 'secure-aggregation'"):
+        ExperimentSpec.from_mapping({"experiment": {**_EXPERIMENT, "strategies": ["dice-weighted"]},
+                                     "run": {"secure-aggregation": True}})

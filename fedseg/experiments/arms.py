@@ -38,6 +38,16 @@ class Arm:
         return arm_id(self.name, self.trained_on)
 
 
+SECURE_KINDS = frozenset({"federated", "leave-one-out"})  # arms that sum several sites' updates each round
+
+
+def with_secure_aggregation(arm: Arm, requested: bool) -> bool:
+    """Whether the arm runs with `[run] secure-aggregation`: the arms that sum several sites' updates
+    (federated, leave-one-out, federated ensemble folds). Private, centralized and fine-tuned arms (one
+    node) and cyclic arms (one site per round: its update is the next model) have no sum to hide."""
+    return requested and arm.kind in SECURE_KINDS
+
+
 def plan_arms(spec: ExperimentSpec) -> list[Arm]:
     """All arms of `spec` in run order (fine-tuning after its federated model, ensembles after their folds)."""
     rounds, epochs = spec.run_config().num_server_rounds, spec.run_config().local_epochs

@@ -27,7 +27,7 @@ from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.sites import with_input_channels
-from fedseg.experiments.arms import POOLED, Arm, plan_arms
+from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregation
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
@@ -129,6 +129,7 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
         **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
            "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
     )
+    values["secure-aggregation"] = with_secure_aggregation(arm, bool(values.get("secure-aggregation", False)))
     values["tracking-dir"] = values.get("tracking-dir") or str(results)  # one TensorBoard / MLflow view per experiment
     config = with_input_channels(RunConfig.from_mapping(values))
     nodes = []

@@ -86,7 +86,7 @@ class ExperimentSpec:
 
     def run_values(self, **overrides: Any) -> dict[str, Any]:
         """Flat run-config mapping (as Flower's run_config) of the shared values plus arm-specific ones."""
-        return {**self.run, "data-dir": self.data_dir, **overrides}
+        return {**self.run, "data-dir": self.data_dir, "min-sites": self.sites, **overrides}
 
     def run_config(self, **overrides: Any) -> RunConfig:
         """The shared run config with arm-specific values (validated)."""
@@ -163,8 +163,12 @@ class ExperimentSpec:
             raise ConfigError(f"[experiment] 'ensemble-arms' has {bad}; choose from: private, centralized, federated")
         if self.finetune_rounds < 0 or self.overlay_cases < 0:
             raise ConfigError("[experiment] 'finetune-rounds' and 'overlay-cases' must be >= 0")
-        for strategy in (*self.strategies, "cyclic"):
+        for strategy in self.strategies:
             build_strategy(self.run_config(strategy=strategy))
+        build_strategy(self.run_config(strategy="cyclic", **{"secure-aggregation": False}))  # cyclic arms: no sum
+        if self.run_config().secure_aggregation and "leave-one-out" in self.arms and self.sites < 4:
+            raise ConfigError(f"[run] 'secure-aggregation' needs 3 sites in every arm that sums updates; the "
+                              f"leave-one-out arms of {self.sites} sites have {self.sites - 1}")
         self._validate_sweep()
 
     def _validate_sweep(self) -> None:
