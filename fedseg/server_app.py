@@ -39,7 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     for line in bundle_differences(config):
         log(WARNING, "[fedseg] bundle: %s", line)
     tracker = open_run_tracker(config, run_dir)
-    _, history = Federation(grid, strategy, config, run_dir, tracker).run(initial_weights(config), resume=checkpoint)
+    _, history = Federation(grid, strategy, config, run_dir, tracker).run(
+        initial_weights(config) if checkpoint is None else ArrayRecord(), resume=checkpoint)  # init-from: new runs only
     log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
         history.final_dice, history.rounds[0].mean_dice, run_dir)
     if config.label_scheme != "classes":
