@@ -22,7 +22,7 @@ The cumulative (ε, δ) after every round is composed by Google's dp-accounting 
 population of connected sites, so a site may join or leave mid-run. It is reported in
 history.json (`strategy.epsilon`, `strategy.delta`, with the round's `cohort` and
 `clipping-norm`) and kept in `state_dict()` so a resumed run keeps counting. With z = 0 there is
-no privacy: ε is reported as infinity.
+no privacy: no ε is reported (the run counts as trained without DP; `epsilon()` is infinity).
 """
 
 from __future__ import annotations
@@ -178,10 +178,10 @@ class DPNoised(FedSegStrategy):
         return epsilon_of(self._releases, self.target_delta)
 
     def round_report(self, server_round: int) -> dict[str, Any]:
+        privacy = {"epsilon": self.epsilon(), "delta": self.target_delta} if self.noise_multiplier > 0 else {}
         return {
             **super().round_report(server_round),
-            "epsilon": self.epsilon(),
-            "delta": self.target_delta,
+            **privacy,  # none without noise: the run is not private (an experiment's non-DP reference)
             "clipped-sites": list(self._clipped),
             "clipping-norm": self._round_bound,
             "cohort": len(self._cohort),
