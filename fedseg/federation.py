@@ -34,20 +34,25 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
 from fedseg import messages as m
-from fedseg.checkpoint import Checkpoint, restore_strategy, rng_state, set_rng_state, strategy_state
+from fedseg.checkpoint import (
+    Checkpoint,
+    restore_strategy,
+    rng_state,
+    set_rng_state,
+    strategy_state,
+)
 from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
+from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.tracking import NullTracker, Tracker
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
+from fedseg.tracking import NullTracker, Tracker
 from strategies.base import strategy_round_report
 
 # Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
 from scipy.linalg import blas
 from threadpoolctl import ThreadpoolController
+
+from fedseg.flower_compat import SType
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic

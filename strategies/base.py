@@ -39,9 +39,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg.config import ConfigError, RunConfig
+from fedseg.flower_compat import aggregate_metricrecords
 from fedseg.messages import NUM_EXAMPLES, SITE_ID
 from strategies.aggregate import array_view, sweep, weighted_sum
 from strategies.params import Param, resolve_params

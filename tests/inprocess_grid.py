@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, Message
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_res_message,
+)
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
@@ -21,6 +23,7 @@ from clients.client_app import app as client_app
 from fedseg.config import RunConfig
 from fedseg.experiments.local_grid import FIRST_SITE_NODE_ID, LocalGrid, server_identity
 from fedseg.federation import Federation
+from fedseg.flower_compat import set_message_id
 from fedseg.server_app import initial_weights
 from strategies.registry import build_strategy
 
@@ -49,7 +52,7 @@ def wire(obj: Any) -> Any:
     contents = {object_id: o.deflate() for object_id, o in get_all_nested_objects(obj).items()}
     inflated = inflate_object_from_contents(obj.object_id, contents)
     if isinstance(obj, Message):
-        inflated.metadata.__dict__["_message_id"] = obj.metadata.message_id
+        set_message_id(inflated, obj.metadata.message_id)
     return inflated
 
 
@@ -87,7 +90,7 @@ class InProcessGrid(LocalGrid):
         silent = {id(m) for m in messages if m.metadata.dst_node_id in self.hung | self.killed}
         for message in messages:
             if id(message) in silent:
-                message.metadata.__dict__["_message_id"] = f"unanswered-{id(message)}"
+                set_message_id(message, f"unanswered-{id(message)}")
         answered = iter(super().push_messages([m for m in messages if id(m) not in silent]))
         return [m.metadata.message_id if id(m) in silent else next(answered) for m in messages]
 
@@ -114,7 +117,7 @@ def federation(grid: InProcessGrid, values: dict[str, Any], run_dir: Path) -> Fe
     return Federation(grid, build_strategy(config), config, run_dir)
 
 
-def run_federation(grid: InProcessGrid, values: dict[str, Any], run_dir: Path):  # noqa: ANN201
+def run_federation(grid: InProcessGrid, values: dict[str, Any], run_dir: Path):
     """Run a fresh federation to the end: (final arrays, history)."""
     fed = federation(grid, values, run_dir)
     return fed.run(initial_weights(fed.config))

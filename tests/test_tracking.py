@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from inprocess_grid import InProcessGrid, task_identity, tiny_config  # noqa: F401 (fixture)
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedseg.config import ConfigError, RunConfig
-from fedseg.experiments import ExperimentSpec, run_experiment
 from fedseg.data.synth import synthesize
+from fedseg.experiments import ExperimentSpec, run_experiment
 from fedseg.federation import Federation
 from fedseg.server_app import initial_weights
 from fedseg.tracking import backends, open_run_tracker
 from fedseg.tracking.mlflow_tracker import RUN_TAG, tracking_uri
-from inprocess_grid import InProcessGrid, task_identity, tiny_config  # noqa: F401 (fixture)
 from strategies.registry import build_strategy
 
 
@@ -35,7 +35,8 @@ def _tracked_run(tmp_path: Path, values: dict) -> tuple[Path, dict]:
     return run_dir, history.to_dict()
 
 
-def test_tensorboard_and_mlflow_get_config_and_per_site_rounds(tmp_path: Path, task_identity: None) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_tensorboard_and_mlflow_get_config_and_per_site_rounds(tmp_path: Path) -> None:
     values = tiny_config(tmp_path, **{"num-server-rounds": 1, "tracking": "tensorboard,mlflow"})
     run_dir, history = _tracked_run(tmp_path, values)
     rounds = history["rounds"]
@@ -58,9 +59,10 @@ def test_tensorboard_and_mlflow_get_config_and_per_site_rounds(tmp_path: Path, t
     assert (run_dir / "history.json").is_file()
 
 
-def test_tracking_off_writes_nothing_and_a_missing_package_fails_before_round_one(tmp_path: Path,
-                                                                                   task_identity: None,
-                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_tracking_off_writes_nothing_and_a_missing_package_fails_before_round_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _tracked_run(tmp_path, tiny_config(tmp_path, **{"num-server-rounds": 1}))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-a"]
 

@@ -8,18 +8,18 @@ as a deployed SuperNode names its data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from itertools import count
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as default_client_app
+from fedseg import flower_compat
+from fedseg.flower_compat import Run
 
 RUN_ID = 1
 SERVER_NODE_ID = 1
@@ -44,7 +44,7 @@ class LocalGrid(Grid):
         }
         self._ids = count(1)
         self._replies: dict[str, Message] = {}
-        self._run = Run.create_empty(RUN_ID)
+        self._run = flower_compat.empty_run(RUN_ID)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -65,7 +65,8 @@ class LocalGrid(Grid):
         """Deliver each message to its node's ClientApp now; its reply waits for `pull_messages`."""
         ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = message_id = f"local-{next(self._ids)}"
+            message_id = f"local-{next(self._ids)}"
+            flower_compat.set_message_id(message, message_id)
             node = message.metadata.dst_node_id
             if node not in self.contexts:
                 raise KeyError(f"LocalGrid has no node {node}; nodes: {self.get_node_ids()}")
@@ -82,12 +83,6 @@ class LocalGrid(Grid):
         return list(self.pull_messages(self.push_messages(messages)))
 
 
-@contextmanager
-def server_identity() -> Iterator[None]:
+def server_identity() -> AbstractContextManager[None]:
     """Give this process the ServerApp identity that new Messages need (as the Flower runtime does)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SERVER_NODE_ID, SERVER_NODE_ID
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    return flower_compat.server_identity(RUN_ID, SERVER_NODE_ID)

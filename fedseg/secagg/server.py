@@ -32,9 +32,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.logger import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedseg import messages as m
+from fedseg.flower_compat import aggregate_metricrecords
 from fedseg.secagg import crypto, ring
 from fedseg.secagg.site import MASKED_KEY, round_context
 from strategies.aggregate import array_view

@@ -5,7 +5,13 @@ class registered in `BACKENDS` (fedseg.tracking.backends). history.json and the 
 depend on a tracker.
 """
 
-from fedseg.tracking.backends import BACKENDS, missing_packages, open_run_tracker, open_tracker, parse_backends
+from fedseg.tracking.backends import (
+    BACKENDS,
+    missing_packages,
+    open_run_tracker,
+    open_tracker,
+    parse_backends,
+)
 from fedseg.tracking.base import NullTracker, Tracker, TrackerGroup, round_metrics
 
 __all__ = [

@@ -48,7 +48,9 @@ def open_run_tracker(config: RunConfig, run_dir: Path, experiment: str = "fedseg
     """The trackers of run-config `tracking` for the run in `run_dir`, under `tracking-dir` (default: the
     folder holding the run folders, so that one TensorBoard / MLflow view shows them all); ConfigError
     when a backend's package is not installed where the server runs."""
-    from fedseg.config import ConfigError  # fedseg.config validates `tracking` with parse_backends
+    from fedseg.config import (
+        ConfigError,  # fedseg.config validates `tracking` with parse_backends
+    )
 
     names = parse_backends(config.tracking)
     missing = missing_packages(names)

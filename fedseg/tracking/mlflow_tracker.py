@@ -30,7 +30,9 @@ class MLflowTracker:
     """Logs to one MLflow run, found again by its `fedseg.run` tag when the fedseg run resumes."""
 
     def __init__(self, root: Path, run_name: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient  # optional dependency: imported when tracking is on
+        from mlflow.tracking import (
+            MlflowClient,  # optional dependency: imported when tracking is on
+        )
 
         root.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(root)

@@ -17,7 +17,9 @@ class TensorBoardTracker:
     """One event-file folder per run; a resumed run appends to the same folder."""
 
     def __init__(self, root: Path, run_name: str, experiment: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # optional dependency: imported when tracking is on
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # optional dependency: imported when tracking is on
+        )
 
         self.log_dir = root / "tensorboard" / run_name
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
