@@ -467,5 +467,62 @@ def predict(
         typer.echo(path)
 
 
+superlink_app = typer.Typer(help="The local SuperLink that `flwr run` starts (its environment and folder).",
+                            no_args_is_help=True)
+app.add_typer(superlink_app, name="superlink")
+
+
+@app.command("run")
+@_boundary
+def run_command(
+    app_dir: str = typer.Argument(".", help="the Flower app (this project's folder)"),
+    connection: str = typer.Argument(None, help="flwr connection name (default: flwr's default, the local SuperLink)"),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help="run-config overrides, as for flwr run"),
+    federation_config: list[str] = typer.Option([], "--federation-config", help="as for flwr run"),
+    stream: bool = typer.Option(True, help="stream the run's log (flwr run --stream)"),
+    restart_superlink: bool = typer.Option(False, help="stop a local SuperLink of another Python environment "
+                                                        "instead of refusing to run"),
+) -> None:
+    """`flwr run` that runs in this environment and writes below this folder: relative run-config paths
+    (output-dir, data-dir, ...) are passed as absolute ones; a local SuperLink started from another
+    environment is refused (or restarted)."""
+    from pathlib import Path
+
+    from fedseg.local_superlink import SuperLinkError, run
+
+    try:
+        code = run(Path(app_dir), connection, run_config, federation_config, stream, restart_superlink, typer.echo)
+    except SuperLinkError as err:
+        fail(str(err))
+    raise typer.Exit(code=code)
+
+
+@superlink_app.command("status")
+@_boundary
+def superlink_status() -> None:
+    """Which local SuperLink runs: its process, environment and working folder."""
+    from fedseg.local_superlink import control_address, find_local_superlink
+
+    superlink = find_local_superlink()
+    typer.echo(superlink.describe() if superlink else f"no local SuperLink on {control_address()}")
+
+
+@superlink_app.command("stop")
+@_boundary
+def superlink_stop() -> None:
+    """Stop the local SuperLink (and its runs); the next `flwr run` starts one from its own environment."""
+    from fedseg.local_superlink import SuperLinkError, control_address, find_local_superlink, stop_local_superlink
+
+    superlink = find_local_superlink()
+    if superlink is None:
+        typer.echo(f"no local SuperLink on {control_address()}")
+        return
+    try:
+        stop_local_superlink(superlink)
+    except SuperLinkError as err:
+        fail(str(err))
+    typer.echo(f"stopped the {superlink.describe()}")
+
+
 if __name__ == "__main__":
     app()

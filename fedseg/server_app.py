@@ -17,6 +17,7 @@ from fedseg.data.sites import with_input_channels
 from fedseg.federation import Federation
 from fedseg.history import History
 from fedseg.initial_model import initial_model
+from fedseg.local_superlink import environment_line, relative_path_notes
 from fedseg.model_spec import checked_network
 from fedseg.privacy import privacy_summary
 from fedseg.tracking import open_run_tracker
@@ -36,6 +37,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[fedseg] strategy %s, model %s [%s] (%d input channel(s), %s parameters), %d rounds; run folder %s",
         config.strategy, network, network.source, config.in_channels, f"{parameters:,}", config.num_server_rounds,
         run_dir)
+    log(INFO, "[fedseg] %s", environment_line())
+    for line in relative_path_notes(dict(context.run_config), Path.cwd()):
+        log(WARNING, "[fedseg] %s", line)
     for line in bundle_differences(config):
         log(WARNING, "[fedseg] bundle: %s", line)
     tracker = open_run_tracker(config, run_dir)
