@@ -10,8 +10,10 @@ the data folder changed, so an edited scan is validated again (through the valid
 it is used, as with a fresh process.
 
 The socket is a Unix socket, 0600 in a 0700 folder: only the site's own user reaches it. Requests
-and replies are Flower's own protobuf messages (Message, Context), never pickles. The worker
-answers one message at a time and ends when the process that started it (the SuperNode) ends.
+and replies are Flower's own protobuf messages (Message, Context), never pickles. Each request
+carries a fingerprint of the app's Python sources (the run's FAB); a worker running other code
+does not answer it, and the ClientApp then answers in its own process. The worker answers one
+message at a time and ends when the process that started it (the SuperNode) ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -36,6 +39,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 NODE_CONFIG_KEY = "worker"  # node config: the worker's socket path
+PARENT_CHECK_S = 1.0  # how often an idle worker checks that its SuperNode still runs
 MAX_SOCKET_PATH = 100  # bytes; Unix socket paths are limited to 107 on Linux, 103 on macOS
 CODE_PACKAGES = ("fedseg", "clients", "strategies")  # the app's code; the worker answers only its own
 ANSWERED, OTHER_CODE = b"answered", b"other-code"
@@ -82,22 +86,23 @@ def code_fingerprint(root: Path) -> str:
 
 # ---------------------------------------------------------------------- the worker's side
 def serve(path: Path, parent_pid: int | None = None) -> None:
-    """Answer messages on `path` until the parent process ends (or for ever without one)."""
-    from flwr.supercore.app_utils import start_parent_process_monitor
-
+    """Answer messages on `path` until the parent process `parent_pid` ends (without one: until stopped)."""
     import clients.client_app as client_app_module  # the heavy imports (torch, MONAI), once per site
     from clients.site_runtime import forget_runtimes
 
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
     listener = _listen(path)
+    listener.settimeout(PARENT_CHECK_S)
     log.info("site worker ready on %s", path)
     seen: dict[str, str] = {}
     own_code = code_fingerprint(Path(client_app_module.__file__).resolve().parents[1])
     try:
-        while True:
-            conn, _ = listener.accept()
+        while parent_pid is None or os.getppid() == parent_pid:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             with conn:
+                conn.settimeout(None)
                 try:
                     code, message_bytes, context_bytes = _receive(conn, 3)
                 except ConnectionError:
@@ -117,6 +122,7 @@ def serve(path: Path, parent_pid: int | None = None) -> None:
                           serde.recorddict_to_proto(context.state).SerializeToString())
                 except OSError as err:
                     log.error("the ClientApp left before the reply: %s", err)
+        log.info("the SuperNode ended; the site worker stops")
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -203,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="end when this process ends (the SuperNode)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s fedseg site worker: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop between messages, removing the socket
     try:
         serve(args.socket, args.parent_pid)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
