@@ -36,7 +36,7 @@ def test_module_class_spec() -> None:
 
 def test_unknown_strategy_lists_installed_ones() -> None:
     with pytest.raises(ConfigError, match="'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
-                                          "dice-weighted, dp-noised, cyclic, scaffold, fedbn, ditto, fedadam, fedyogi, "
+                                          "dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fedbn, ditto, fedadam, fedyogi, "
                                           "fedadagrad, fedavgm, "
                                           "fedtrimmedavg, fedmedian, krum.* \\(or give 'flower:<Flower strategy class>'"):
         build(strategy="fedsgd")
