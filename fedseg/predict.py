@@ -32,6 +32,7 @@ from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti
 from fedseg.errors import first_line
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.progress import track
 from fedseg.trainer import SegmentationTrainer
 
 Case = tuple[Path, ...]  # one case: a 3D/4D file, or one 3D file per modality
@@ -132,7 +133,7 @@ def predict(
     created = _missing_folders({out.parent for _, out in pairs})
     done = False
     try:
-        for case, out_path in pairs:
+        for case, out_path in track(pairs, "segmenting"):
             try:
                 image = predict_volume(models, case, trainers)
             except PredictError:

@@ -124,7 +124,9 @@ def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(tmp_path:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"output-dir: {second / 'runs'}" in result.stdout
-    history = read_history(second / "runs")  # the default output-dir "runs", below the caller's folder
+    runs = list((second / "runs").glob("*/history.json"))  # the default output-dir "runs", below the caller's folder
+    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-2000:]
+    history = read_history(second / "runs")
     assert [r["round"] for r in history["rounds"]] == [0, 1]
     assert not (first / "runs").exists()
     assert f"folder {first}" in result.stdout  # the ServerApp ran in the SuperLink's folder and says so

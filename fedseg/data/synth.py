@@ -31,6 +31,7 @@ import numpy as np
 
 from fedseg.atomic import publish_site_folder
 from fedseg.cache import cache_root
+from fedseg.progress import track
 
 if TYPE_CHECKING:
     from fedseg.data.synth_brain import BrainInstitution
@@ -202,7 +203,7 @@ def synthesize(
         shutil.rmtree(path)
     return [
         write_site(out, key, max(4, round(base * inst.subjects)), size, seed, num_classes, inst, folder, anatomy)
-        for key, inst, folder in plan
+        for key, inst, folder in track(plan, "writing sites")
     ]
 
 

@@ -35,6 +35,7 @@ from clients.personal import PersonalState
 from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.privacy import client_epsilon, site_epsilons
+from fedseg.progress import experiment_bars
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
 from fedseg.report.layout import (
     ARM_INFO,
@@ -48,7 +49,7 @@ from fedseg.report.layout import (
     overlay_case,
 )
 from fedseg.server_app import initial_weights
-from fedseg.tracking import open_run_tracker
+from fedseg.tracking import Tracker, TrackerGroup, open_run_tracker
 from strategies.registry import build_strategy
 
 SPEC_FILE = "experiment.json"
@@ -77,32 +78,35 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
     seed = spec.run_config().seed
     splits = load_splits([spec.site_dir(k) for k in range(spec.sites)], seed)
     tests = _test_sets(spec, splits)
-    for index, arm in enumerate(arms, start=1):
-        folder = results / ARMS / arm.id
-        if (folder / ARM_INFO).is_file():
-            echo(f"[{index}/{len(arms)}] {arm.id}: finished earlier, skipped")
-            continue
-        echo(f"[{index}/{len(arms)}] {arm.id}: " + (f"ensemble of {len(arm.members)} models" if arm.members else
-             f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"))
-        started = time.perf_counter()
-        folder.mkdir(parents=True, exist_ok=True)
-        models = [ModelCheckpoint.load(results / ARMS / m / MODEL) for m in arm.members] or [
-            _train(spec, arm, splits, results, folder)
-        ]
-        if arm.evaluated:
-            dp_kind, epsilon, delta = privacy = _privacy(folder)
-            rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
-            if arm.kind == "federated":
-                rows += _personal_rows(spec, arm, models[0], tests, results, folder)
-            write_cases(folder / CASES, rows, spec.run_config().labels.structures)
-            inside = [r.score for r in rows if not r.outside]
-            echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
-                 + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else ""))
-        model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
-        seconds = time.perf_counter() - started
-        ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
-        _collect_cases(results, arms, spec.run_config().labels.structures)
-        echo(f"    done in {seconds:.0f} s")
+    with experiment_bars(len(arms)) as (bars, arm_bar, round_bar):
+        for index, arm in enumerate(arms, start=1):
+            folder = results / ARMS / arm.id
+            if (folder / ARM_INFO).is_file():
+                echo(f"[{index}/{len(arms)}] {arm.id}: finished earlier, skipped")
+                bars.advance(arm_bar)
+                continue
+            echo(f"[{index}/{len(arms)}] {arm.id}: " + (f"ensemble of {len(arm.members)} models" if arm.members else
+                 f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"))
+            started = time.perf_counter()
+            folder.mkdir(parents=True, exist_ok=True)
+            models = [ModelCheckpoint.load(results / ARMS / m / MODEL) for m in arm.members] or [
+                _train(spec, arm, splits, results, folder, round_bar.start(f"  {arm.id}: rounds", arm.rounds))
+            ]
+            if arm.evaluated:
+                dp_kind, epsilon, delta = privacy = _privacy(folder)
+                rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
+                if arm.kind == "federated":
+                    rows += _personal_rows(spec, arm, models[0], tests, results, folder)
+                write_cases(folder / CASES, rows, spec.run_config().labels.structures)
+                inside = [r.score for r in rows if not r.outside]
+                echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
+                     + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else ""))
+            model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
+            seconds = time.perf_counter() - started
+            ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
+            _collect_cases(results, arms, spec.run_config().labels.structures)
+            echo(f"    done in {seconds:.0f} s")
+            bars.advance(arm_bar)
     return results
 
 
@@ -123,8 +127,11 @@ def _claim(results: Path, spec: ExperimentSpec) -> None:
     path.write_text(json.dumps(wanted, indent=2))
 
 
-def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results: Path, folder: Path) -> ModelCheckpoint:
-    """One Federation run of the arm through the LocalGrid (resumed if interrupted); the final model."""
+def _train(
+    spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results: Path, folder: Path, progress: Tracker
+) -> ModelCheckpoint:
+    """One Federation run of the arm through the LocalGrid (resumed if interrupted); the final model.
+    `progress` sees the rounds as a tracker does (fedseg.progress.RoundBar)."""
     values = spec.run_values(
         **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
            "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
@@ -146,7 +153,7 @@ def _train(spec: ExperimentSpec, arm: Arm, splits: Sequence[SiteSplit], results:
     else:
         initial = initial_weights(config)
     with server_identity():
-        tracker = open_run_tracker(config, folder, experiment=spec.name)
+        tracker = TrackerGroup([open_run_tracker(config, folder, experiment=spec.name), progress])
         arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker).run(initial, resume)
     description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
     model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
