@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,27 @@ def read_history(output_dir: Path) -> dict:
     runs = sorted(output_dir.glob("*/history.json"))
     assert len(runs) == 1, f"expected one run folder in {output_dir}, found {runs}"
     return json.loads(runs[0].read_text())
+
+
+@contextmanager
+def installed_example(distribution: str) -> Iterator[None]:
+    """pip-install examples/<distribution> (editable, no dependencies) for the block; uninstall it after if
+    it was not installed before."""
+    folder = REPO / "examples" / distribution
+
+    def pip(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True, text=True)
+
+    try:
+        version(distribution)
+        already = True
+    except PackageNotFoundError:
+        already = False
+        pip("install", "--no-deps", "--no-build-isolation", "-e", str(folder))
+    sys.path.insert(0, str(folder))  # the editable install's path hook is only read at interpreter start
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        if not already:
+            pip("uninstall", "-y", distribution)

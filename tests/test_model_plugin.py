@@ -3,15 +3,12 @@ simulation, and its model file predicted from."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import installed_example
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config  # noqa: F401 - fixture
 from test_predict import _volume
 from typer.testing import CliRunner
@@ -21,27 +18,12 @@ from fedseg.config import ConfigError, RunConfig
 from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
 from fedseg.model_spec import checked_network
 
-PLUGIN = REPO / "examples" / "fedseg-light-unet"
-
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True, text=True)
-
 
 @pytest.fixture(scope="module")
 def plugin_installed() -> Iterator[None]:
-    """pip-install the example plugin (editable, no dependencies) for this module; uninstall if we did."""
-    try:
-        version("fedseg-light-unet")
-        already = True
-    except PackageNotFoundError:
-        already = False
-        _pip("install", "--no-deps", "--no-build-isolation", "-e", str(PLUGIN))
-    sys.path.insert(0, str(PLUGIN))  # the editable install's path hook is only read at interpreter start
-    yield
-    sys.path.remove(str(PLUGIN))
-    if not already:
-        _pip("uninstall", "-y", "fedseg-light-unet")
+    """The example plugin, pip-installed for this module."""
+    with installed_example("fedseg-light-unet"):
+        yield
 
 
 pytestmark = pytest.mark.usefixtures("plugin_installed")

@@ -3,15 +3,12 @@ installed, listed, its arithmetic checked, and run through `flwr run`."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, flwr_run, read_history
+from conftest import TINY_RUN, flwr_run, installed_example, read_history
 from scipy.stats import trim_mean
 from strategy_replies import as_numpy, instructions, reply, task_identity  # noqa: F401 - fixture
 from typer.testing import CliRunner
@@ -20,27 +17,12 @@ from fedseg.cli import app as cli
 from fedseg.config import RunConfig
 from strategies.registry import build_strategy, installed_names
 
-PLUGIN = REPO / "examples" / "fedseg-trimmed-mean"
-
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=True, text=True)
-
 
 @pytest.fixture(scope="module")
 def plugin_installed() -> Iterator[None]:
-    """pip-install the example plugin (editable, no dependencies) for this module; uninstall if we did."""
-    try:
-        version("fedseg-trimmed-mean")
-        already = True
-    except PackageNotFoundError:
-        already = False
-        _pip("install", "--no-deps", "--no-build-isolation", "-e", str(PLUGIN))
-    sys.path.insert(0, str(PLUGIN))  # the editable install's path hook is only read at interpreter start
-    yield
-    sys.path.remove(str(PLUGIN))
-    if not already:
-        _pip("uninstall", "-y", "fedseg-trimmed-mean")
+    """The example plugin, pip-installed for this module."""
+    with installed_example("fedseg-trimmed-mean"):
+        yield
 
 
 pytestmark = pytest.mark.usefixtures("plugin_installed")
