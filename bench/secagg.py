@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from bench.aggregation import layer_sizes
 from bench.common import BenchOptions, median, print_table, write_result
 
 
@@ -23,15 +24,6 @@ def cases(options: BenchOptions) -> list[dict]:
     repeats = 1 if options.quick else 3
     return [{"params": params, "sites": sites, "repeats": repeats}
             for params in (1_200_000, 20_000_000) for sites in (3, 10)]
-
-
-def layer_sizes(params: int) -> list[int]:
-    weight = params // 20
-    sizes = []
-    while sum(sizes) + weight + 64 <= params:
-        sizes += [weight, 64]
-    sizes.append(params - sum(sizes))
-    return sizes
 
 
 def run_case(params: int, sites: int, repeats: int) -> dict:

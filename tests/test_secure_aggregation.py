@@ -267,6 +267,8 @@ def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path,
     assert max_difference(final, exact) <= TOLERANCE
     plain_replies = [r for r in grid.replies if m.ARRAYS in r.content.array_records]
     assert plain_replies == []  # no site sent its weights in the clear
+    kinds = {frozenset(r.content.keys()) for r in grid.replies}  # protocol stages, masked train, evaluate
+    assert kinds == {frozenset({m.SECAGG}), frozenset({m.SECAGG_MASKED, m.METRICS}), frozenset({m.METRICS})}
     assert sorted(history.rounds[1].train) == ["site-0", "site-1", "site-2"]  # per-site metrics still recorded
 
 
