@@ -122,6 +122,8 @@ def _build_runtime(
         learning_rate=config.learning_rate,
         dp_compatible=config.dp_sgd,
         compile=config.torch_compile,
+        precision=config.precision,
+        num_workers=config.num_workers,
         labels=labels,
         optimizer=optimizer_factory(config.optimizer, config.weight_decay, config.momentum),
     )

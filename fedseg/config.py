@@ -22,6 +22,7 @@ from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import ModelArgsError, parse_model_args
 from fedseg.models import PATCH_MULTIPLE, ModelError, model_choices, model_kwargs, network_kind
 from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
+from fedseg.precision import PRECISIONS
 from fedseg.tracking.backends import parse_backends
 
 # Strategy parameters are namespaced by strategy name: `fedprox.proximal-mu`, `dp-noised.clipping-norm`
@@ -40,7 +41,6 @@ UPPER_BOUNDS = {
 MAX_PATCH_SIDE = 512
 PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")  # output-dir: relative ones may not climb out with '..'
 # 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # fedseg.trainer: mixed precision on a GPU
 MAX_NUM_WORKERS = 256
 STRATEGY_SPEC = re.compile(r"[A-Za-z0-9][\w.-]*|flower:[A-Za-z_]\w*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -99,7 +99,7 @@ class RunConfig:
     tracking: str = ""  # "tensorboard", "mlflow" or both, comma-separated (fedseg.tracking); "" = off
     tracking_dir: str = ""  # where the trackers write; "" = the folder holding the run folders
     num_workers: int = 0  # data-loading worker processes at each site (0: loading runs in the training process)
-    precision: str = "bf16"  # on a GPU: "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler)
+    precision: str = "auto"  # "auto" (bf16 autocast on a GPU, fp32 elsewhere), "fp32", "bf16", "fp16" (fedseg.precision)
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -368,6 +368,9 @@ def _validate_runtime(config: RunConfig) -> None:
         raise ConfigError(f"run-config 'num-workers' must be 0 to {MAX_NUM_WORKERS}, got {config.num_workers}")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"run-config 'precision' is '{config.precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if config.precision == "fp16" and config.dp_sgd:
+        raise ConfigError("run-config 'precision' fp16 cannot be combined with dp-sgd (Opacus' per-subject gradients "
+                          "are not loss-scaled): use bf16 or fp32")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

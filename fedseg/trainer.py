@@ -4,8 +4,9 @@ fit() trains from given start weights for some epochs (optionally with a FedProx
 term); evaluate() runs sliding-window inference on whole volumes and returns the Dice of every
 scored structure (classes, or BraTS tumour regions: the `LabelScheme` decides the network's
 outputs, the loss and the scoring).
-On CUDA it uses bf16 autocast (optionally a torch.compile'd training forward) and leaves cuDNN
-free to pick its fastest kernels; on CPU with a seed it is deterministic.
+Precision follows fedseg.precision (default: bf16 autocast on CUDA, fp32 elsewhere; fp16 with a
+gradient scaler); data loading uses `num_workers` processes. On CUDA it can compile the training
+forward and leaves cuDNN free to pick its fastest kernels; on CPU with a seed it is deterministic.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
 from fedseg.optim import OptimizerFactory, optimizer_factory
+from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 
 StateDict = Mapping[str, torch.Tensor]
@@ -76,7 +78,8 @@ class SegmentationTrainer:
         batch_size: int = 2,
         learning_rate: float = 1e-3,
         device: str | torch.device | None = None,
-        amp: bool = True,
+        precision: str = "auto",
+        num_workers: int = 0,
         compile: bool = False,
         dp_compatible: bool = False,
         labels: LabelScheme | None = None,
@@ -91,7 +94,8 @@ class SegmentationTrainer:
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
         self.learning_rate = learning_rate
-        self.amp = amp and self.device.type == "cuda"
+        self.precision = Precision.resolve(precision, self.device)
+        self.num_workers = num_workers  # data-loading worker processes (0: in this process)
         self.loss_fn = self.labels.loss()
         self.make_optimizer = optimizer or optimizer_factory("adam")
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
@@ -130,6 +134,8 @@ class SegmentationTrainer:
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
         sampling, per-subject clipping and noise; proximal terms and corrections are refused there.
         """
+        if privacy is not None and self.precision.name == "fp16":
+            raise ValueError("DP-SGD cannot train in fp16: Opacus' per-sample gradients are not loss-scaled")
         if privacy is not None and (prox_mu > 0 or gradient_correction is not None):
             raise ValueError("DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces "
                              "the gradient)")
@@ -152,7 +158,9 @@ class SegmentationTrainer:
                 dataset,
                 batch_size=self.batch_size,
                 shuffle=True,
-                num_workers=0,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,  # kept across this fit's epochs
+                pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(seed) if seed is not None else None,
             )
             session = nullcontext((optimizer, loader, self._train_forward))
@@ -161,24 +169,27 @@ class SegmentationTrainer:
         self.model.train()
         started = time.perf_counter()
         total_loss, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
+        scaler = self.precision.scaler()  # fp16 only; a pass-through otherwise
         with session as (optimizer, loader, forward):
             for _ in range(epochs):
                 for batch in loader:
                     image = batch["image"].to(self.device, non_blocking=True)
                     label = batch["label"].to(self.device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    with self.precision.autocast():
                         loss = self.loss_fn(forward(image), self.labels.loss_target(label))
                     if anchor is not None:
                         loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
-                    loss.backward()
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # true gradients for the sums, the corrections and the step
                     for name, param in named if gradient_sums is not None else ():
                         if param.grad is not None:
                             gradient_sums[name] += param.grad
                     for param, extra in correction or ():
                         if param.grad is not None:
                             param.grad.add_(extra)
-                    optimizer.step()
+                    scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                    scaler.update()
                     total_loss += loss.detach()
                     steps += 1
         return FitResult(
@@ -199,7 +210,7 @@ class SegmentationTrainer:
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits for a (batch, channels, D, H, W) volume."""
         self.model.eval()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.precision.autocast():
             logits = sliding_window_inference(
                 image.to(self.device), roi_size=self.patch_size, sw_batch_size=4, predictor=self.model, overlap=0.25
             )
@@ -211,7 +222,7 @@ class SegmentationTrainer:
             self.set_weights(weights)
         started = time.perf_counter()
         rows = []
-        for batch in DataLoader(dataset, batch_size=1, num_workers=0):
+        for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
             logits = self.predict_logits(batch["image"])
             rows.append(self.labels.dice(self.labels.probabilities(logits.cpu()), batch["label"]).numpy())
         per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
