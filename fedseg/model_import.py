@@ -4,8 +4,9 @@ The weights may be a state-dict file (also under "state_dict" or "model", as che
 save them), a run's checkpoint.pt, an old model file, or a MONAI bundle folder; a run config (TOML)
 says what they are: the network (`model`, `model-args`, or `model = "bundle"` with `bundle`),
 `in-channels`, `num-classes`, `label-scheme`, `patch-size` and `spacing`. Without a run config a
-bundle folder is read with the defaults and its own network. The weights must fit the network
-name for name and shape (the check of run-config `init-from`).
+bundle folder is read with its own network and, where its preprocessing states them, its voxel
+spacing (`Spacingd` pixdim) and patch size (crop or sliding-window roi), else fedseg's defaults.
+The weights must fit the network name for name and shape (the check of run-config `init-from`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from fedseg.bundle import read_bundle
 from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
 from fedseg.initial_model import initial_model
@@ -24,7 +26,7 @@ def import_model(weights: str | Path, out: str | Path, config_path: str | Path |
     weights = Path(weights).expanduser().resolve()
     config = RunConfig.from_toml(config_path) if config_path else RunConfig()
     if config_path is None and (weights / "configs").is_dir():
-        config = dataclasses.replace(config, model="bundle", bundle=str(weights))
+        config = dataclasses.replace(config, model="bundle", bundle=str(weights), **_bundle_grid(weights))
     config = dataclasses.replace(config, init_from=str(weights))
     config.validate()
     config = with_input_channels(config)
@@ -32,3 +34,15 @@ def import_model(weights: str | Path, out: str | Path, config_path: str | Path |
     model = ModelCheckpoint.from_config(start.state_dict, config, f"imported from {weights.name}")
     model.save(out)
     return model
+
+
+def _bundle_grid(folder: Path) -> dict[str, tuple]:
+    """The bundle's spacing and patch size as run-config values, where it states three of each."""
+    found = read_bundle(folder).preprocessing
+    grid: dict[str, tuple] = {}
+    pixdim, roi = found.get("pixdim"), found.get("roi_size")
+    if isinstance(pixdim, list | tuple) and len(pixdim) == 3 and all(isinstance(v, int | float) for v in pixdim):
+        grid["spacing"] = tuple(float(v) for v in pixdim)
+    if isinstance(roi, list | tuple) and len(roi) == 3 and all(isinstance(v, int) and v > 0 for v in roi):
+        grid["patch_size"] = tuple(roi)
+    return grid

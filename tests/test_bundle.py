@@ -112,3 +112,4 @@ def test_import_model_turns_a_bundle_into_a_model_file(tmp_path: Path) -> None:
     model = ModelCheckpoint.load(out)
     assert model.model_source == "bundle tiny_seg 0.2.0" and all(torch.equal(model.state_dict[k], weights[k])
                                                                  for k in weights)
+    assert (model.pixdim, model.patch_size) == ((1.5, 1.5, 1.5), (16, 16, 16))  # the bundle's grid and crop
