@@ -90,6 +90,7 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
     from fedseg.experiments import ExperimentSpec
     from fedseg.experiments.arms import plan_arms
     from fedseg.model_spec import checked_network
+    from fedseg.server_app import bundle_differences
     from strategies.registry import build_strategy
 
     try:
@@ -112,6 +113,8 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
     for key, value in config.to_dict().items():
         typer.echo(f"{key} = {value!r}")
     typer.echo(f"network: {network} [{network.source}], {parameters:,} parameters")
+    for line in bundle_differences(config):
+        typer.echo(f"warning: {path}: bundle: {line}", err=True)
 
 
 def unused_strategy_keys(config: Any) -> list[str]:
