@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from fedseg import messages as m
 from fedseg.noise import gaussian_source
+from fedseg.record_values import as_bytes, as_float, as_int, as_str, bytes_list, int_list
 from fedseg.secagg import crypto, ring
 
 STATE = "secagg-state"  # Context.state record of the current secure round
@@ -36,10 +37,11 @@ class DistributedNoise:
     @classmethod
     def from_config(cls, config: ConfigRecord) -> DistributedNoise | None:
         """The instruction's dp-distributed settings, None when the strategy asks for none."""
-        clip = float(config.get(m.DP_CLIP, 0.0))
+        clip = as_float(config.get(m.DP_CLIP, 0.0))
         if clip <= 0:
             return None
-        return cls(clip, float(config.get(m.DP_SITE_NOISE_STD, 0.0)), str(config.get(m.DP_SITE_NOISE_SOURCE, "secure")))
+        noise_std = as_float(config.get(m.DP_SITE_NOISE_STD, 0.0))
+        return cls(clip, noise_std, as_str(config.get(m.DP_SITE_NOISE_SOURCE, "secure")))
 
 
 class SecureRoundError(ValueError):
@@ -52,12 +54,13 @@ class UpdateRefused(ValueError):
 
 def round_context(config: ConfigRecord) -> str:
     """Names the round in every key label and associated data: run key and server round."""
-    return f"{config[m.RUN_KEY]}|{int(config[m.SERVER_ROUND])}"
+    return f"{as_str(config[m.RUN_KEY])}|{as_int(config[m.SERVER_ROUND])}"
 
 
 def setup(config: ConfigRecord, context: Context) -> ConfigRecord:
     """Stage 1: fresh key pairs and self-mask seed for this round; reply the two public keys."""
-    index, count, threshold = int(config[m.SECAGG_INDEX]), int(config[m.SECAGG_COUNT]), int(config[m.SECAGG_THRESHOLD])
+    index, count = as_int(config[m.SECAGG_INDEX]), as_int(config[m.SECAGG_COUNT])
+    threshold = as_int(config[m.SECAGG_THRESHOLD])
     if not (1 <= index <= count and 2 <= threshold <= count):
         raise SecureRoundError("inconsistent secure-aggregation setup (index, count, threshold)")
     cipher_key, mask_key = crypto.new_private_key(), crypto.new_private_key()
@@ -74,27 +77,28 @@ def share(config: ConfigRecord, context: Context) -> ConfigRecord:
     """Stage 2: Shamir-share the seed and the mask key among the participants; each share encrypted
     for its receiver (the server only forwards them)."""
     state = _state(config, context, "cipher-sk")
-    participants = [int(i) for i in config[m.SECAGG_PARTICIPANTS]]
-    cipher_keys, mask_keys = list(config[m.SECAGG_CIPHER_KEYS]), list(config[m.SECAGG_MASK_KEYS])
-    index, threshold = int(state["index"]), int(state["threshold"])
-    own_cipher = crypto.private_key(state["cipher-sk"])
+    participants = int_list(config[m.SECAGG_PARTICIPANTS])
+    cipher_keys, mask_keys = bytes_list(config[m.SECAGG_CIPHER_KEYS]), bytes_list(config[m.SECAGG_MASK_KEYS])
+    index, threshold, count = as_int(state["index"]), as_int(state["threshold"]), as_int(state["count"])
+    own_cipher = crypto.private_key(as_bytes(state["cipher-sk"]))
+    round_name = as_str(state["round"])
     if (len(set(participants)) != len(participants) or index not in participants
             or len(cipher_keys) != len(participants) or len(mask_keys) != len(participants)
             or len(set(mask_keys)) != len(mask_keys) or len(participants) < threshold
             or cipher_keys[participants.index(index)] != crypto.public_bytes(own_cipher)
-            or any(not 1 <= i <= int(state["count"]) for i in participants)):
+            or any(not 1 <= i <= count for i in participants)):
         raise SecureRoundError("inconsistent secure-aggregation key list")
-    seed_shares = crypto.create_shares(state["seed"], threshold, int(state["count"]))
-    key_shares = crypto.create_shares(state["mask-sk"], threshold, int(state["count"]))
+    seed_shares = crypto.create_shares(as_bytes(state["seed"]), threshold, count)
+    key_shares = crypto.create_shares(as_bytes(state["mask-sk"]), threshold, count)
     destinations, ciphertexts = [], []
     for peer, peer_cipher in zip(participants, cipher_keys, strict=True):
         plaintext = seed_shares[peer - 1] + key_shares[peer - 1]
         if peer == index:
             state["own-share"] = plaintext
             continue
-        key = crypto.agree(own_cipher, peer_cipher, crypto.pair_label("shares", state["round"], index, peer))
+        key = crypto.agree(own_cipher, peer_cipher, crypto.pair_label("shares", round_name, index, peer))
         destinations.append(peer)
-        ciphertexts.append(crypto.encrypt(key, plaintext, _associated(state["round"], index, peer)))
+        ciphertexts.append(crypto.encrypt(key, plaintext, _associated(round_name, index, peer)))
     state["participants"], state["cipher-pks"], state["mask-pks"] = participants, cipher_keys, mask_keys
     return ConfigRecord({m.SECAGG_DESTINATIONS: destinations, m.SECAGG_SHARES: ciphertexts})
 
@@ -105,16 +109,17 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
     DP: weight 1, Δ clipped and noised by `privacy`), add the pairwise masks of every other participant
     that shared its keys and the self mask."""
     state = _state(config, context, "participants")
-    index = int(state["index"])
-    participants = [int(i) for i in config[m.SECAGG_PARTICIPANTS]]
-    sources = [int(i) for i in config[m.SECAGG_SOURCES]]
-    known = [int(i) for i in state["participants"]]
+    index, round_name = as_int(state["index"]), as_str(state["round"])
+    participants = int_list(config[m.SECAGG_PARTICIPANTS])
+    sources = int_list(config[m.SECAGG_SOURCES])
+    known = int_list(state["participants"])
+    received = bytes_list(config[m.SECAGG_SHARES])
     if (index not in participants or sorted(set(sources) | {index}) != sorted(participants)
             or len(sources) != len(set(sources)) or not set(participants) <= set(known)
-            or len(participants) < int(state["threshold"])
-            or len(list(config[m.SECAGG_SHARES])) != len(sources)):
+            or len(participants) < as_int(state["threshold"])
+            or len(received) != len(sources)):
         raise SecureRoundError("inconsistent secure-aggregation participant list")
-    state["sources"], state["received"] = sources, list(config[m.SECAGG_SHARES])
+    state["sources"], state["received"] = sources, received
     if privacy is None:
         vector, stats = ring.encode_update(reference, weights, weight)
     else:
@@ -123,14 +128,14 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
         source = gaussian_source(privacy.source)
         vector, stats = ring.encode_update(reference, weights, 1.0, scale,
                                            lambda size: source.normal(0.0, privacy.noise_std, size))
-    check_update(stats, reference, float(config[m.SECAGG_MAX_UPDATE_RATIO]), float(config[m.SECAGG_BOUND]))
-    own_mask = crypto.private_key(state["mask-sk"])
-    mask_keys = dict(zip(known, state["mask-pks"], strict=True))
+    check_update(stats, reference, as_float(config[m.SECAGG_MAX_UPDATE_RATIO]), as_float(config[m.SECAGG_BOUND]))
+    own_mask = crypto.private_key(as_bytes(state["mask-sk"]))
+    mask_keys = dict(zip(known, bytes_list(state["mask-pks"]), strict=True))
     for peer in participants:
         if peer != index:
-            seed = crypto.agree(own_mask, mask_keys[peer], crypto.pair_label("mask", state["round"], index, peer))
+            seed = crypto.agree(own_mask, mask_keys[peer], crypto.pair_label("mask", round_name, index, peer))
             crypto.add_mask(vector, seed, +1 if index < peer else -1)
-    crypto.add_mask(vector, state["seed"], +1)
+    crypto.add_mask(vector, as_bytes(state["seed"]), +1)
     return ArrayRecord({MASKED_KEY: Array(vector)})
 
 
@@ -138,21 +143,23 @@ def unmask(config: ConfigRecord, context: Context) -> ConfigRecord:
     """Stage 4: the seed shares of the survivors and the mask-key shares of the dropped sites; then
     the round's secrets are forgotten."""
     state = _state(config, context, "received")
-    index = int(state["index"])
-    survivors = [int(i) for i in config[m.SECAGG_SURVIVORS]]
-    dropped = [int(i) for i in config[m.SECAGG_DROPPED]]
-    participants = set(state["sources"]) | {index}
+    index, round_name = as_int(state["index"]), as_str(state["round"])
+    survivors = int_list(config[m.SECAGG_SURVIVORS])
+    dropped = int_list(config[m.SECAGG_DROPPED])
+    sources = int_list(state["sources"])
+    participants = set(sources) | {index}
     if (set(survivors) & set(dropped) or len(set(survivors)) != len(survivors)
             or len(set(dropped)) != len(dropped) or index not in survivors
-            or not set(survivors) | set(dropped) <= participants or len(survivors) < int(state["threshold"])):
+            or not set(survivors) | set(dropped) <= participants or len(survivors) < as_int(state["threshold"])):
         raise SecureRoundError("inconsistent secure-aggregation unmask request")
-    cipher_keys = dict(zip([int(i) for i in state["participants"]], state["cipher-pks"], strict=True))
-    own_cipher = crypto.private_key(state["cipher-sk"])
-    shares = {index: state["own-share"]}
-    for source, ciphertext in zip(state["sources"], state["received"], strict=True):
-        key = crypto.agree(own_cipher, cipher_keys[source], crypto.pair_label("shares", state["round"], source, index))
-        shares[int(source)] = crypto.decrypt(key, ciphertext, _associated(state["round"], int(source), index))
-    half = len(state["own-share"]) // 2
+    cipher_keys = dict(zip(int_list(state["participants"]), bytes_list(state["cipher-pks"]), strict=True))
+    own_cipher = crypto.private_key(as_bytes(state["cipher-sk"]))
+    own_share = as_bytes(state["own-share"])
+    shares = {index: own_share}
+    for source, ciphertext in zip(sources, bytes_list(state["received"]), strict=True):
+        key = crypto.agree(own_cipher, cipher_keys[source], crypto.pair_label("shares", round_name, source, index))
+        shares[source] = crypto.decrypt(key, ciphertext, _associated(round_name, source, index))
+    half = len(own_share) // 2
     del context.state[STATE]
     return ConfigRecord({m.SECAGG_SEED_SHARES: [shares[i][:half] for i in survivors],
                          m.SECAGG_KEY_SHARES: [shares[i][half:] for i in dropped]})
