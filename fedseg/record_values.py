@@ -7,8 +7,11 @@ scalar belongs (and a scalar where a list belongs) with a TypeError naming the f
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from flwr.app import ConfigRecord, MetricRecord
 
+T = TypeVar("T")
 Scalar = int | float | str | bytes | bool
 ScalarList = list[int] | list[float] | list[str] | list[bytes] | list[bool]
 RecordValue = Scalar | ScalarList
@@ -52,6 +55,14 @@ def int_list(value: RecordValue) -> list[int]:
 
 def bytes_list(value: RecordValue) -> list[bytes]:
     return [as_bytes(item) for item in as_list(value)]
+
+
+def list_of(value: object, kind: type[T]) -> list[T] | None:
+    """`value` if it is a list of `kind` items only, else None (for checking a peer's reply)."""
+    if not isinstance(value, list):
+        return None
+    items = [item for item in value if isinstance(item, kind)]
+    return items if len(items) == len(value) else None
 
 
 def float_of(record: ConfigRecord | MetricRecord, key: str, default: float) -> float:

@@ -35,6 +35,7 @@ from flwr.common.logger import log
 
 from fedseg import messages as m
 from fedseg.flower_compat import aggregate_metricrecords
+from fedseg.record_values import as_float, list_of
 from fedseg.secagg import crypto, ring
 from fedseg.secagg.site import MASKED_KEY, round_context
 from strategies.aggregate import array_view
@@ -72,7 +73,7 @@ class SecureAggregation:
             raise SecureAggregationError(
                 f"secure aggregation needs at least {MIN_SITES} live sites in a round, only {len(instructions)} "
                 f"in round {server_round} (with two, each site learns the other's update from the sum)")
-        first = instructions[0].content[m.CONFIG]
+        first = instructions[0].content.config_records[m.CONFIG]
         context = ConfigRecord({m.RUN_KEY: first[m.RUN_KEY], m.SERVER_ROUND: server_round})
         round_ = _Round(self, server_round, context, instructions, exchange, fail)
         return round_.run()
@@ -100,8 +101,9 @@ class _Round:
         replies, masked = self._train(shares)
         if len(masked) < self.threshold:
             return SecureRoundResult(replies, None, self._too_few("sent a masked update", len(masked)))
-        uniform = float(self.instructions[0].content[m.CONFIG].get(m.DP_CLIP, 0.0)) > 0  # dp-distributed
-        weights = {i: 1.0 if uniform else float(_metrics(reply)[m.NUM_EXAMPLES]) for i, (reply, _) in masked.items()}
+        config = self.instructions[0].content.config_records[m.CONFIG]
+        uniform = as_float(config.get(m.DP_CLIP, 0.0)) > 0  # dp-distributed
+        weights = {i: 1.0 if uniform else as_float(_metrics(reply)[m.NUM_EXAMPLES]) for i, (reply, _) in masked.items()}
         if not ring.fits(sum(weights.values()), self.owner.bound, len(masked)):
             return SecureRoundResult(replies, None, "the sites' total num-examples × secure-aggregation-bound "
                                                     "would overflow the 64-bit ring; lower the bound")
@@ -109,7 +111,7 @@ class _Round:
         total = self._unmask(sorted(masked), dropped, {i: keys[i][1] for i in shares}, masked)
         if isinstance(total, str):
             return SecureRoundResult(replies, None, total)
-        reference = self.instructions[0].content[m.ARRAYS]
+        reference = self.instructions[0].content.array_records[m.ARRAYS]
         model = ring.decode(total, sum(weights.values()), reference)
         log(INFO, "[fedseg] secure aggregation: round %d summed %d site(s)%s", self.server_round, len(masked),
             f", {len(dropped)} dropped site(s) unmasked" if dropped else "")
@@ -139,8 +141,9 @@ class _Round:
         answers = self._send(m.SECAGG_SHARE, {i: record for i in participants})
         inbox: dict[int, dict[int, bytes]] = {}
         for index, config in answers.items():
-            destinations, ciphertexts = config.get(m.SECAGG_DESTINATIONS), config.get(m.SECAGG_SHARES)
-            if (not isinstance(destinations, list) or not isinstance(ciphertexts, list)
+            destinations = list_of(config.get(m.SECAGG_DESTINATIONS), int)
+            ciphertexts = list_of(config.get(m.SECAGG_SHARES), bytes)
+            if (destinations is None or ciphertexts is None
                     or sorted(destinations) != [i for i in participants if i != index]
                     or len(ciphertexts) != len(destinations)):
                 self._malformed(index)
@@ -153,7 +156,7 @@ class _Round:
 
     def _train(self, shares: dict[int, dict[int, bytes]]) -> tuple[list[tuple[int, Message]], dict]:
         participants = sorted(shares)
-        size = sum(int(np.prod(array.shape)) for array in self.instructions[0].content[m.ARRAYS].values())
+        size = sum(int(np.prod(array.shape)) for array in self.instructions[0].content.array_records[m.ARRAYS].values())
         by_node = {msg.metadata.dst_node_id: msg for msg in self.instructions}
         contents = {}
         for index in participants:
@@ -184,9 +187,13 @@ class _Round:
                 masked: dict[int, tuple[Message, np.ndarray]]) -> np.ndarray | str:
         record = self._record({m.SECAGG_SURVIVORS: survivors, m.SECAGG_DROPPED: dropped})
         answers = self._send(m.SECAGG_UNMASK, {i: record for i in survivors})
-        good = [config for config in answers.values()
-                if len(config.get(m.SECAGG_SEED_SHARES, [])) == len(survivors)
-                and len(config.get(m.SECAGG_KEY_SHARES, [])) == len(dropped)]
+        good = []  # (seed shares, key shares) of each well-formed answer
+        for config in answers.values():
+            seed_shares = list_of(config.get(m.SECAGG_SEED_SHARES, []), bytes)
+            key_shares = list_of(config.get(m.SECAGG_KEY_SHARES, []), bytes)
+            if (seed_shares is not None and key_shares is not None
+                    and len(seed_shares) == len(survivors) and len(key_shares) == len(dropped)):
+                good.append((seed_shares, key_shares))
         if len(good) < self.threshold:
             return self._too_few("answered the unmask request", len(good))
         good = good[:self.threshold]
@@ -194,10 +201,10 @@ class _Round:
         for _, vector in masked.values():
             np.add(total, vector, out=total)
         try:
-            for k, index in enumerate(survivors):
-                crypto.add_mask(total, crypto.combine_shares([c[m.SECAGG_SEED_SHARES][k] for c in good]), -1)
+            for k in range(len(survivors)):
+                crypto.add_mask(total, crypto.combine_shares([seeds[k] for seeds, _ in good]), -1)
             for k, index in enumerate(dropped):
-                secret = crypto.private_key(crypto.combine_shares([c[m.SECAGG_KEY_SHARES][k] for c in good]))
+                secret = crypto.private_key(crypto.combine_shares([keys[k] for _, keys in good]))
                 for survivor in survivors:
                     seed = crypto.agree(secret, mask_keys[survivor],
                                         crypto.pair_label("mask", round_context(self.context), index, survivor))
@@ -241,10 +248,10 @@ class _Round:
         """One reply holding the unmasked mean model and the sites' metrics averaged by num-examples."""
         records = []
         for reply in replies:
-            metrics = {k: v for k, v in _metrics(reply).items() if k != m.SITE_ID}
-            records.append(RecordDict({m.METRICS: MetricRecord(metrics)}))
+            values = {k: v for k, v in _metrics(reply).items() if k != m.SITE_ID}
+            records.append(RecordDict({m.METRICS: MetricRecord(values)}))
         metrics = aggregate_metricrecords(records, m.NUM_EXAMPLES)
-        metrics[m.NUM_EXAMPLES] = sum(float(_metrics(reply)[m.NUM_EXAMPLES]) for reply in replies)
+        metrics[m.NUM_EXAMPLES] = sum(as_float(_metrics(reply)[m.NUM_EXAMPLES]) for reply in replies)
         metrics[m.SECAGG_SUMMED] = len(records)
         content = RecordDict({m.ARRAYS: model, m.METRICS: metrics})
         return Message(content, dst_node_id=self.node_of[1], message_type=MessageType.TRAIN)
