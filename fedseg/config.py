@@ -30,6 +30,7 @@ from fedseg.tracking.backends import parse_backends
 STRATEGY_PARAM_SEPARATOR = "."
 
 DP_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")  # Opacus accountants for DP-SGD's ε
+DP_NOISE_SOURCES: tuple[str, ...] = ("torch", "secure")  # DP-SGD's random draws (fedseg.privacy)
 SYNTHETIC_ANATOMIES: tuple[str, ...] = ("pelvis", "brain")  # fedseg.data.synth.ANATOMIES
 # Upper bounds of sizes: beyond them a run cannot finish (or a site cannot hold one batch).
 UPPER_BOUNDS = {
@@ -93,6 +94,9 @@ class RunConfig:
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
+    dp_physical_batch_size: int = 0  # subjects per forward pass under DP-SGD; 0: batch-size (fedseg.privacy)
+    dp_augmentation_multiplicity: int = 1  # augmented patches per subject per DP-SGD draw
+    dp_noise_source: str = "torch"  # DP-SGD noise and sampling: "torch" (Opacus) or "secure" (fedseg.noise)
     torch_compile: bool = False
     secure_aggregation: bool = False  # the server sees only the sum of the updates (fedseg.secagg)
     secure_aggregation_bound: float = 16.0  # largest |update value| a site may send under secure aggregation
@@ -341,6 +345,15 @@ def _validate_dp(config: RunConfig) -> None:
         raise ConfigError(
             f"run-config 'dp-accountant' is '{config.dp_accountant}'; choose one of: {', '.join(DP_ACCOUNTANTS)}"
         )
+    if config.dp_physical_batch_size < 0:
+        raise ConfigError(f"run-config 'dp-physical-batch-size' must be >= 0 (0: batch-size), got "
+                          f"{config.dp_physical_batch_size}")
+    if not 1 <= config.dp_augmentation_multiplicity <= 64:
+        raise ConfigError(f"run-config 'dp-augmentation-multiplicity' must be in [1, 64], got "
+                          f"{config.dp_augmentation_multiplicity}")
+    if config.dp_noise_source not in DP_NOISE_SOURCES:
+        raise ConfigError(f"run-config 'dp-noise-source' is '{config.dp_noise_source}'; choose one of: "
+                          f"{', '.join(DP_NOISE_SOURCES)}")
     if not config.dp_sgd:
         return
     if config.dp_noise_multiplier == 0 and config.dp_target_epsilon == 0:
