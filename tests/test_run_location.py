@@ -4,69 +4,24 @@ is found, refused and stopped. Every SuperLink here is private (own FLWR_HOME an
 
 from __future__ import annotations
 
-import os
 import site
-import socket
 import subprocess
-import time
 import venv
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import REPO, TINY_RUN, read_history, toml_value
+from private_superlink import start_local_superlink
 
 from fedseg.local_superlink import (
     SuperLinkError,
     absolute_run_config,
     check_local_superlink,
     find_local_superlink,
-    stop_local_superlink,
     this_bin_dir,
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def private_flwr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """A private FLWR_HOME and local SuperLink ports (also set in this process); any SuperLink on them
-    is stopped at the end."""
-    env = {"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    yield {**os.environ, **env}
-    superlink = find_local_superlink()
-    if superlink is not None:
-        stop_local_superlink(superlink)
-
-
-def start_local_superlink(bin_dir: Path, folder: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start a local SuperLink as `flwr` does (flwr.cli.local_superlink), from `folder`, with the
-    flower-superlink of `bin_dir`; wait until it answers."""
-    home = Path(env["FLWR_HOME"]) / "local-superlink"
-    home.mkdir(parents=True, exist_ok=True)
-    http = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-    command = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-               "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}", "--host", "127.0.0.1",
-               "--port", http, "--database", str(home / "state.db")]
-    proc = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"flower-superlink exited with {proc.returncode}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{http}/health", timeout=2).is_success:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise AssertionError("the local SuperLink did not start within 120 s")
+pytest_plugins = ("private_superlink",)  # the private_flwr fixture
 
 
 def other_environment(root: Path) -> Path:
