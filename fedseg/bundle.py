@@ -75,7 +75,8 @@ def bundle_weights(bundle: BundleNetwork) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - untrusted bytes: any failure means unreadable
-        raise BundleError(f"{path}: cannot read the bundle's weights: {type(err).__name__}: {first_line(err)}") from None
+        raise BundleError(f"{path}: cannot read the bundle's weights: {type(err).__name__}: "
+                          f"{first_line(err)}") from None
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"]  # saved by a checkpoint handler with other objects beside the network
     if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

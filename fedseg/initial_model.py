@@ -2,10 +2,11 @@
 
 `init-from` names a fedseg model file (`model.pt`, `best-model.pt`, an experiment arm's model), a
 run folder (its `model.pt`), a run's `checkpoint.pt`, a MONAI bundle folder (its `models/model.pt`),
-or a state-dict file (pretrained weights from elsewhere). With `model = "bundle"` and no `init-from` the bundle's own weights are used when it
-has them; `init-from = "random"` starts from seeded random weights either way. The weights must fit
-the run's network name for name and shape (ConfigError naming the file and the first misfit, before
-round 1). history.json keeps `init-from` with the run config; the server logs the file's SHA-256.
+or a state-dict file (pretrained weights from elsewhere). With `model = "bundle"` and no `init-from`
+the bundle's own weights are used when it has them; `init-from = "random"` starts from seeded random
+weights either way. The weights must fit the run's network name for name and shape (ConfigError
+naming the file and the first misfit, before round 1). history.json keeps `init-from` with the run
+config; the server logs the file's SHA-256.
 """
 
 from __future__ import annotations

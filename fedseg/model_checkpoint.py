@@ -6,13 +6,14 @@ Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_o
 `{"format": "fedseg-model/2", "state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
-"region_training": false, "preprocessing": {...}, "init_from": "", "fedseg_version": "0.1.0",
-"description": "..."}`.
+"region_training": false, "preprocessing": {...}, "init_from": "", "dp_compatible": false,
+"fedseg_version": "0.1.0", "description": "..."}`.
 `model` and `model_args` rebuild the network (fedseg.models: a preset, a class of
 monai.networks.nets or a `fedseg.models` plugin; `model_source` says which, with the plugin's or
 bundle's name and version); `pixdim` is the voxel spacing (mm) the model was trained at (None: the
 stored grid, no resampling); `label_scheme` and `region_training` say what the outputs mean
-(fedseg.labels); `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING).
+(fedseg.labels); `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING);
+`dp_compatible`: trained with DP-SGD, the network's BatchNorm layers rebuilt as GroupNorm.
 Format 1 files (no model_args) are read as presets with their own arguments.
 """
 
@@ -35,6 +36,7 @@ from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import format_model_args
 from fedseg.model_spec import model_spec
 from fedseg.models import ModelError, build_model, network_kind
+from fedseg.privacy import make_dp_compatible
 from fedseg.trainer import SegmentationTrainer
 
 FORMAT = "fedseg-model/2"
@@ -71,6 +73,7 @@ class ModelCheckpoint:
     model_args: Mapping[str, Any] = field(default_factory=dict)
     model_source: str = "preset"
     init_from: str = ""  # the weights the run started from (fedseg.initial_model), "" for random
+    dp_compatible: bool = False  # trained with DP-SGD: BatchNorm layers were made GroupNorm (fedseg.privacy)
 
     @property
     def labels(self) -> LabelScheme:
@@ -78,7 +81,9 @@ class ModelCheckpoint:
         return LabelScheme(self.label_scheme, self.num_classes, self.region_training)
 
     @classmethod
-    def from_config(cls, state_dict: Mapping[str, torch.Tensor], config: RunConfig, description: str) -> ModelCheckpoint:
+    def from_config(
+        cls, state_dict: Mapping[str, torch.Tensor], config: RunConfig, description: str
+    ) -> ModelCheckpoint:
         """The weights of a run with `config` (its in-channels resolved) and how to apply them."""
         spec = model_spec(config)
         return cls(
@@ -87,6 +92,7 @@ class ModelCheckpoint:
             model_args=dict(spec.args),
             model_source=spec.source,
             init_from=config.init_from,
+            dp_compatible=config.dp_sgd,
             num_classes=config.num_classes,
             patch_size=config.patch_size,
             pixdim=config.spacing,  # the grid the sites trained at (None: each scan's stored grid)
@@ -115,6 +121,7 @@ class ModelCheckpoint:
                     "model_args": dict(self.model_args),
                     "model_source": self.model_source,
                     "init_from": self.init_from,
+                    "dp_compatible": self.dp_compatible,
                     "preprocessing": PREPROCESSING,
                     "fedseg_version": fedseg.__version__,
                 },
@@ -143,19 +150,21 @@ class ModelCheckpoint:
         fault = checkpoint.weights_fault()
         if fault:
             raise CheckpointError(f"{path}: weights do not fit model {checkpoint.network} with "
-                                  f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: {fault}")
+                                  f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: "
+                                  f"{fault}")
         return checkpoint
 
     def weights_fault(self) -> str | None:
         """What in `state_dict` differs from the named network's parameters (names, shapes), else None."""
-        expected = build_model(self.model, self.in_channels, self.labels.out_channels, self.model_args).state_dict()
-        return weights_fault(expected, self.state_dict)
+        network = build_model(self.model, self.in_channels, self.labels.out_channels, self.model_args)
+        return weights_fault((make_dp_compatible(network) if self.dp_compatible else network).state_dict(),
+                             self.state_dict)
 
     def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference)."""
         trainer = SegmentationTrainer(
             self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device,
-            labels=self.labels, model_args=self.model_args,
+            labels=self.labels, model_args=self.model_args, dp_compatible=self.dp_compatible,
         )
         trainer.set_weights(self.state_dict)
         return trainer
@@ -180,7 +189,8 @@ def load_model_file(path: str | Path) -> ModelCheckpoint:
     if _is_run_checkpoint(data):
         return _from_run_checkpoint(data, path)
     if _state_dict_in(data) is not None:
-        raise CheckpointError(f"{path}: weights without their network (a bare state dict): {CONVERT_HINT.format(path=path)}")
+        raise CheckpointError(f"{path}: weights without their network (a bare state dict): "
+                              f"{CONVERT_HINT.format(path=path)}")
     raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
 
 
@@ -226,7 +236,8 @@ def _load(path: Path) -> object:
         hint = ""
         if "TorchScript" in str(err) or "constants.pkl" in str(err):
             hint = f" (a TorchScript file: fedseg reads weights; {CONVERT_HINT.format(path=path)} from its state dict)"
-        raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}{hint}") from None
+        raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}"
+                              f"{hint}") from None
 
 
 def _state_dict_in(data: object) -> dict[str, torch.Tensor] | None:
@@ -252,7 +263,8 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
         description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
         model = ModelCheckpoint.from_config(dict(data["weights"]), config, description)
     except (ConfigError, ModelError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}") from None
+        raise CheckpointError(f"{path}: a run checkpoint whose run config this fedseg cannot use: "
+                              f"{first_line(err)}") from None
     fault = model.weights_fault()
     if fault:
         raise CheckpointError(f"{path}: weights do not fit model {model.network}: {fault}")
@@ -291,6 +303,7 @@ def _checked_fields(data: Mapping) -> dict:
         "model_args": dict(model_args),
         "model_source": source,
         "init_from": str(data.get("init_from", "")),
+        "dp_compatible": data.get("dp_compatible", False) is True,
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "

@@ -79,7 +79,9 @@ def model_choices() -> str:
             f"(e.g. SegResNet, UNETR, BasicUNet){installed}")
 
 
-def model_kwargs(name: str, in_channels: int, out_channels: int, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def model_kwargs(
+    name: str, in_channels: int, out_channels: int, args: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The keyword arguments `build_model` passes, checked against the network's signature."""
     kind = network_kind(name)
     args = dict(args or {})
@@ -139,7 +141,8 @@ def describe_models() -> list[str]:
     """Human-readable lines: presets with their arguments, installed plugins, MONAI's classes."""
     from fedseg.model_args import format_model_args
 
-    lines = [f"{name} (preset, MONAI {cls.__name__}): {format_model_args(args)}" for name, (cls, args) in PRESETS.items()]
+    lines = [f"{name} (preset, MONAI {cls.__name__}): {format_model_args(args)}"
+             for name, (cls, args) in PRESETS.items()]
     for name, ep in sorted(plugin_entry_points(frozenset(PRESETS)).items()):
         try:
             factory = load_plugin(ep)

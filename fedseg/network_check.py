@@ -31,7 +31,8 @@ def check_network(name: str, args: Mapping[str, Any], in_channels: int, out_chan
             raise
         except Exception as err:  # noqa: BLE001 - the network's own failure, in one line
             raise ModelError(f"model '{name}' fails on a batch of {CHECK_BATCH} patches of "
-                             f"{'x'.join(map(str, patch_size))} voxels: {type(err).__name__}: {first_line(err)}") from None
+                             f"{'x'.join(map(str, patch_size))} voxels: {type(err).__name__}: "
+                             f"{first_line(err)}") from None
 
 
 def _forward_check(device: torch.device, name: str, args: Mapping[str, Any], in_channels: int, out_channels: int,

@@ -14,8 +14,10 @@ from test_predict import _volume
 from typer.testing import CliRunner
 
 from fedseg.cli import app as cli
+from fedseg.config import RunConfig
 from fedseg.model_checkpoint import PREPROCESSING, CheckpointError, ModelCheckpoint
 from fedseg.models import build_model
+from fedseg.privacy import make_dp_compatible
 
 
 def _predict(model: Path | str, image: Path, out: Path) -> np.ndarray:
@@ -89,3 +91,18 @@ def test_import_model_describes_bare_weights_with_a_run_config(tmp_path: Path) -
     config.write_text('model = "segresnet"\nin-channels = 2\n')  # init_filters 8: the shapes differ
     result = CliRunner().invoke(cli, ["import-model", str(bare), "--config", str(config), "--out", str(out)])
     assert result.exit_code == 2 and "the weights do not fit the run's network (segresnet): " in result.output
+
+
+def test_a_dp_sgd_model_file_rebuilds_its_dp_compatible_network(tmp_path: Path) -> None:
+    args = {"channels": (4, 8), "strides": (2,), "norm": "batch"}
+    network = make_dp_compatible(build_model("UNet", 1, 3, args))  # Opacus: BatchNorm → GroupNorm
+    config = RunConfig.from_mapping({"model": "UNet", "model-args": "channels=(4, 8), strides=(2,), norm=batch",
+                                     "dp-sgd": True, "dp-noise-multiplier": 1.0, "patch-size": 16, "in-channels": 1})
+    path = tmp_path / "dp.pt"
+    ModelCheckpoint.from_config(network.state_dict(), config, "dp run").save(path)
+    model = ModelCheckpoint.load(path)
+    assert model.dp_compatible and any(isinstance(m, torch.nn.GroupNorm) for m in model.trainer("cpu").model.modules())
+    raw = torch.load(path, weights_only=True)
+    torch.save({**raw, "dp_compatible": False}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit model UNet"):
+        ModelCheckpoint.load(tmp_path / "plain.pt")

@@ -29,7 +29,8 @@ def test_model_args_are_plain_keyword_values() -> None:
 
 
 def test_a_monai_network_by_name_with_arguments() -> None:
-    config = RunConfig.from_mapping({"model": "SegResNet", "model-args": "init_filters=4, norm=('group', {'num_groups': 4})",
+    config = RunConfig.from_mapping({"model": "SegResNet",
+                                     "model-args": "init_filters=4, norm=('group', {'num_groups': 4})",
                                      "patch-size": "16,16,16", "num-classes": 3, "in-channels": 2})
     spec, parameters = checked_network(config)
     args = {"init_filters": 4, "norm": ("group", {"num_groups": 4})}
@@ -52,7 +53,8 @@ def test_preset_arguments_can_be_overridden() -> None:
     ({"model": "segresnet", "model-args": "init_filter=16"},
      "run-config 'model-args': model 'segresnet' takes no argument 'init_filter' (its arguments: init_filters,"),
     ({"model": "UNet"}, "run-config 'model-args': model 'UNet': missing a required argument: 'channels'"),
-    ({"model": "UNet", "model-args": "out_channels=2"}, "'out_channels' is set by fedseg: give run-config 'num-classes'"),
+    ({"model": "UNet", "model-args": "out_channels=2"},
+     "'out_channels' is set by fedseg: give run-config 'num-classes'"),
     ({"model": "SegResNet", "model-args": "init_filters 16"}, "run-config 'model-args': 'init_filters 16' is not"),
     ({"bundle": "somewhere"}, "run-config 'bundle' and model = \"bundle\" go together"),
 ])

@@ -200,7 +200,8 @@ def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
     internal = _internal_scores(rows)
     tests = [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
     q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
-    return [dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)]
+    return [dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt)
+            for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)]
 
 
 def _paired(model: Model, private: Model, ours: dict, theirs: dict) -> PairedTest:
