@@ -107,6 +107,7 @@ def sweep(
         for key, ref_array in reference.items():
             ref = array_view(ref_array)
             views = [_view(record, key) for record in records]
+            data: io.BytesIO | np.ndarray | None
             if is_float(ref):
                 squared, ref_squared, data = _float_pass(
                     ref, views, coefficients, reference_coefficient, measure, noise_std, noise, work
@@ -119,6 +120,7 @@ def sweep(
             else:
                 data = _integer_mean(ref, views, coefficients) if average_integers else ref
             if coefficients is not None:
+                assert data is not None  # _float_pass fills a stream whenever coefficients are given
                 out[key] = _as_array(data, ref)
     return Sweep(found, reference_squared, ArrayRecord(out) if coefficients is not None else None)
 
@@ -212,9 +214,9 @@ def _float_pass(
             elif distances:
                 squared[i] += dot(np.subtract(part, block, out=diff), diff)
         if out is not None:
-            if noise_std > 0:
+            if rng is not None:  # sweep passes one exactly when noise_std > 0
                 total += rng.normal(0.0, noise_std, size=total.size)
-            out.write(total)
+            out.write(total.data)
     return squared, ref_squared, out
 
 

@@ -81,7 +81,7 @@ def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
     """vector ← vector ± PRG(seed) modulo 2^64, in place (`vector` is uint64, C-contiguous)."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     stream = np.empty(_CHUNK_WORDS + 2, np.uint64)  # update_into wants one block of slack
-    raw = memoryview(stream).cast("B")
+    raw = stream.data.cast("B")
     combine = np.add if sign > 0 else np.subtract
     for start in range(0, vector.size, _CHUNK_WORDS):
         part = vector[start:start + _CHUNK_WORDS]
