@@ -37,6 +37,7 @@ from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
 from fedseg.labels import LabelScheme
 from fedseg.privacy import PrivacyBudgetExceeded
+from fedseg.record_values import as_float, as_int
 from fedseg.secagg import site as secagg_site
 from fedseg.trainer import EvalResult
 
@@ -63,9 +64,10 @@ def secure_train(msg: Message, context: Context) -> Message:
     sends it only masked (fedseg.secagg.site); the metrics go as in a plain train reply."""
     try:
         site, done, metrics = _fit(msg, context)
-        noise = secagg_site.DistributedNoise.from_config(msg.content[m.CONFIG])  # dp-distributed
-        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], done.weights,
-                                  float(metrics[m.NUM_EXAMPLES]), noise)
+        content = msg.content
+        noise = secagg_site.DistributedNoise.from_config(content.config_records[m.CONFIG])  # dp-distributed
+        masked = secagg_site.mask(content.config_records[m.SECAGG], context, content.array_records[m.ARRAYS],
+                                  done.weights, as_float(metrics[m.NUM_EXAMPLES]), noise)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "train", err)
     site.trainer.release_memory()
@@ -93,7 +95,7 @@ def secure_unmask(msg: Message, context: Context) -> Message:
 def _secagg_reply(msg: Message, context: Context,
                   stage: Callable[[ConfigRecord, Context], ConfigRecord]) -> Message:
     try:
-        answer = stage(msg.content[m.SECAGG], context)
+        answer = stage(msg.content.config_records[m.SECAGG], context)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "secure aggregation", err)
     return Message(content=RecordDict({m.SECAGG: answer}), reply_to=msg)
@@ -101,8 +103,8 @@ def _secagg_reply(msg: Message, context: Context,
 
 def _fit(msg: Message, context: Context) -> tuple[SiteRuntime, LocalRound, MetricRecord]:
     """The local fit an instruction asks for and the reply's metrics."""
-    config = msg.content[m.CONFIG]
-    site = runtime_for(context, int(config.get(m.IN_CHANNELS, 0)))
+    config = msg.content.config_records[m.CONFIG]
+    site = runtime_for(context, as_int(config.get(m.IN_CHANNELS, 0)))
     # A resumed run is a new Flower run: the server's run key keeps ε accumulating in one ledger.
     run = str(config.get(m.RUN_KEY, context.run_id))
     privacy = site.privacy_for(context, run)
@@ -128,7 +130,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         site = runtime_for(context, _in_channels(msg))
         started = time.perf_counter()
-        received = state_from_record(msg.content[m.ARRAYS])
+        received = state_from_record(msg.content.array_records[m.ARRAYS])
         result = site.trainer.evaluate(site.test_set, weights=received)
         validation = site.trainer.evaluate(site.val_set)  # the server picks its best round on these
         config = msg.content.config_records.get(m.CONFIG)
@@ -168,7 +170,7 @@ def evaluation_metrics(result: EvalResult, labels: LabelScheme) -> MetricRecord:
 def _in_channels(msg: Message) -> int:
     """The global model's image channels as the instruction states them (0: not stated)."""
     config = msg.content.config_records.get(m.CONFIG)
-    return int(config.get(m.IN_CHANNELS, 0)) if config is not None else 0
+    return as_int(config.get(m.IN_CHANNELS, 0)) if config is not None else 0
 
 
 def _error_reply(msg: Message, stage: str, err: Exception) -> Message:

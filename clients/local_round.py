@@ -14,6 +14,7 @@ from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.models import norm_state_keys
 from fedseg.privacy import SitePrivacy
+from fedseg.record_values import as_float, as_int
 from fedseg.trainer import FitResult
 
 DITTO_SEED_OFFSET = 7919  # the personal fit draws other patches than the global one
@@ -34,12 +35,12 @@ def train_round(
 ) -> LocalRound:
     """Fit from the global weights in `content` as `config` says; keep and send what the strategy asks."""
     trainer = site.trainer
-    server_round = int(config.get(m.SERVER_ROUND, 0))
-    learning_rate = float(config.get(m.LEARNING_RATE, site.config.learning_rate))
-    epochs = int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs))
-    received = state_from_record(content[m.ARRAYS])
+    server_round = as_int(config.get(m.SERVER_ROUND, 0))
+    learning_rate = as_float(config.get(m.LEARNING_RATE, site.config.learning_rate))
+    epochs = as_int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs))
+    received = state_from_record(content.array_records[m.ARRAYS])
     local_norm = bool(config.get(m.LOCAL_NORM, False))
-    ditto_lambda = float(config.get(m.DITTO_LAMBDA, 0.0))
+    ditto_lambda = as_float(config.get(m.DITTO_LAMBDA, 0.0))
     scaffold = m.SCAFFOLD_C in content.array_records
     if (local_norm or ditto_lambda or scaffold) and privacy is not None:
         raise ValueError("FedBN, Ditto and SCAFFOLD do not combine with DP-SGD at the sites")
@@ -53,12 +54,12 @@ def train_round(
         start = {**start, **norms}
     correction, variate, server_variate = None, None, None
     if scaffold:
-        server_variate = state_from_record(content[m.SCAFFOLD_C])
+        server_variate = state_from_record(content.array_records[m.SCAFFOLD_C])
         variate = personal.load(SCAFFOLD, server_round) or {k: torch.zeros_like(v, dtype=torch.float32)
                                               for k, v in server_variate.items()}
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
     result = trainer.fit(
-        site.train_set, epochs=epochs, start_weights=start, prox_mu=float(config.get(m.PROXIMAL_MU, 0.0)),
+        site.train_set, epochs=epochs, start_weights=start, prox_mu=as_float(config.get(m.PROXIMAL_MU, 0.0)),
         seed=site.fit_seed(server_round), privacy=privacy, learning_rate=learning_rate,
         gradient_correction=correction, average_gradients=scaffold,
     )
@@ -68,6 +69,7 @@ def train_round(
         personal.save(NORMS, {k: weights[k] for k in norm_keys}, server_round)
         out.weights = {k: v for k, v in weights.items() if k not in norm_keys}
     if scaffold:
+        assert variate is not None  # loaded above for every SCAFFOLD round
         updated, change = scaffold_update(variate, result.mean_gradients or {})
         personal.save(SCAFFOLD, updated, server_round)
         out.extra_arrays[m.SCAFFOLD_DC] = change

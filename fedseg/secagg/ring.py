@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from numpy.typing import ArrayLike
 
 from strategies.aggregate import BLOCK, array_view, is_float
 
@@ -51,7 +52,7 @@ class UpdateStats:
     integer_max: float  # max |Δ| over the integer buffers
 
 
-def update_norm(reference: ArrayRecord, weights: Mapping[str, np.ndarray]) -> float:
+def update_norm(reference: ArrayRecord, weights: Mapping[str, ArrayLike]) -> float:
     """‖Δ‖ over the floating arrays (what a site clips by under distributed DP)."""
     squared = 0.0
     for key, ref in layout(reference):
@@ -64,7 +65,7 @@ def update_norm(reference: ArrayRecord, weights: Mapping[str, np.ndarray]) -> fl
     return float(np.sqrt(squared))
 
 
-def encode_update(reference: ArrayRecord, weights: Mapping[str, np.ndarray], weight: float,
+def encode_update(reference: ArrayRecord, weights: Mapping[str, ArrayLike], weight: float,
                   clip_scale: float = 1.0, noise: Callable[[int], np.ndarray] | None = None,
                   ) -> tuple[np.ndarray, UpdateStats]:
     """round(weight · Δ · 2^f) (2^0 on integer buffers) as uint64 words (two's complement) in

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from numpy.typing import ArrayLike
 
 from fedseg import messages as m
 from fedseg.noise import gaussian_source
@@ -103,7 +104,7 @@ def share(config: ConfigRecord, context: Context) -> ConfigRecord:
     return ConfigRecord({m.SECAGG_DESTINATIONS: destinations, m.SECAGG_SHARES: ciphertexts})
 
 
-def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights: Mapping[str, np.ndarray],
+def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights: Mapping[str, ArrayLike],
          weight: float, privacy: DistributedNoise | None = None) -> ArrayRecord:
     """Stage 3 (after the local fit): check the own update, encode a·Δ in the ring (under distributed
     DP: weight 1, Δ clipped and noised by `privacy`), add the pairwise masks of every other participant
