@@ -288,6 +288,17 @@ def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path) -> None:
     assert not any(f["site"] == "all" for f in record.failures)  # the round's sum was unmasked
 
 
+@pytest.mark.parametrize("strategy", ["fedbn", "fedadam"])
+def test_composing_strategies_run_secure_rounds(tmp_path: Path, strategy: str) -> None:
+    """FedBN masks only the shared layers it sent; Flower's FedAdam steps from the unmasked mean."""
+    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1,
+                                      "strategy": strategy})
+    _, history = run_federation(InProcessGrid(values, 3), values, tmp_path / "run")
+    record = history.rounds[1]
+    assert sorted(record.train) == ["site-0", "site-1", "site-2"] and record.failures == []
+    assert record.strategy.get("dropped-replies", []) == []
+
+
 def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: Path) -> None:
     values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 2})
     grid = InProcessGrid(values, 3)
@@ -387,8 +398,8 @@ def test_experiment_runs_federated_arms_securely_and_single_site_arms_plain(tmp_
                 "secure-aggregation": True},
     })
     assert [with_secure_aggregation(arm, True) for arm in plan_arms(spec)] == [True]
-    plain = plan_arms(ExperimentSpec.from_mapping({"experiment": {**_EXPERIMENT, "arms": ["private", "iil", "federated"]},
-                                                   "run": {"secure-aggregation": True}}))
+    mixed = {**_EXPERIMENT, "arms": ["private", "iil", "federated"]}
+    plain = plan_arms(ExperimentSpec.from_mapping({"experiment": mixed, "run": {"secure-aggregation": True}}))
     assert [(arm.kind, with_secure_aggregation(arm, True)) for arm in plain] == [
         ("private", False), ("private", False), ("private", False), ("federated", True), ("cyclic", False)]
     log: list[str] = []
