@@ -1,10 +1,13 @@
-"""Deployment on loopback: SuperLink + 2 SuperNodes with TLS and node authentication.
+"""Deployment on loopback, following README "Real sites" command by command: SuperLink + 2 SuperNodes
+with TLS and node authentication, on the host name `localhost` (a certificate without any IP).
 
-Started through fedseg's own commands (`fedseg server`, `fedseg site join`), on 127.0.0.1
-and free ports, with a private FLWR_HOME. Checks: an unregistered SuperNode is refused;
-2 rounds write the history; resuming that run continues it, a SuperNode killed during the
-resumed run does not stop it, and once restarted that site rejoins. Only processes this module
-started are stopped.
+`fedseg certs certs --host localhost --site ...`, `fedseg server --certs certs --port P` (its printed
+connection table goes into a private FLWR_HOME as the README says), `flwr supernode register ...`,
+`fedseg site join --superlink localhost:P ... --local-port ...` (distinct local ports, each site
+with its warm worker), then `flwr run . fedseg`. Checks: an unregistered SuperNode is refused; 2
+rounds write the history, answered by the sites' workers; resuming that run continues it, a
+SuperNode killed during the resumed run does not stop it, and once restarted that site rejoins.
+Only processes this module started are stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, toml_value
-from fedseg.data.synth import write_site
-from fedseg.deploy.certs import CertBundle, make_certs
-from fedseg.deploy.launch import connection_toml
 
-CONNECTION = "fedseg-test"
+from fedseg.data.synth import write_site
+from fedseg.deploy.certs import CertBundle, SiteKeys
+
+CONNECTION = "fedseg"  # the name `fedseg server` prints and the README uses
 BIN = Path(sys.executable).parent
 TINY = {
     "synthetic-size": 24, "synthetic-subjects": 4, "patch-size": "16,16,16", "batch-size": 2,
@@ -46,12 +48,13 @@ class Loopback:
     env: dict[str, str]
     certs: CertBundle
     port: int
+    app: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, role: str, args: list[str]) -> subprocess.Popen:
         with open(self.root / f"{role}.log", "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fedseg.cli", *args], env=self.env, cwd=self.root,
+                [str(BIN / "fedseg"), *args], env=self.env, cwd=self.root,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.procs[role] = proc
@@ -62,15 +65,26 @@ class Loopback:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
     def join(self, role: str, name: str, site_id: int, key: Path) -> subprocess.Popen:
         data = write_site(self.root / "data", site_id, TINY["synthetic-subjects"], TINY["synthetic-size"], 5)
         return self.start(role, [
-            "site", "join", "--superlink", f"127.0.0.1:{self.port}", "--data-dir", str(data), "--name", name,
-            "--site-id", str(site_id), "--ca", str(self.certs.ca_cert), "--auth-key", str(key),
+            "site", "join", "--superlink", f"localhost:{self.port}", "--data-dir", str(data), "--name", name,
+            "--site-id", str(site_id), "--ca", "certs/ca.crt", "--auth-key", str(key.relative_to(self.root)),
             "--local-port", str(free_port()),
         ])
+
+
+def snapshot_app(folder: Path) -> Path:
+    """A copy of this app (what `flwr run .` packs): the sites' workers and the run's FAB then hold the
+    same code even while the working tree changes under the test."""
+    folder.mkdir()
+    for name in ("pyproject.toml", ".gitignore"):
+        shutil.copy2(REPO / name, folder / name)
+    for package in ("fedseg", "clients", "strategies", "configs"):
+        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
 
 
 def free_port() -> int:
@@ -121,7 +135,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -140,27 +154,41 @@ def loopback() -> Iterator[Loopback]:
     root = Path(tempfile.mkdtemp(prefix="fedseg-loopback-"))
     flwr_home = root / "flwr-home"
     flwr_home.mkdir()
-    certs = make_certs(root / "certs", ["127.0.0.1", "localhost"], ["site-a", "site-b", "intruder"])
+    app = snapshot_app(root / "app")
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n' + connection_toml(CONNECTION, f"127.0.0.1:{port}", certs.ca_cert)
-    )
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
+        "FEDSEG_CACHE": str(root / "cache"),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{app}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
-    fed = Loopback(root, env, certs, port)
+    made = subprocess.run([str(BIN / "fedseg"), "certs", "certs", "--host", "localhost", "--site", "site-a",
+                           "--site", "site-b", "--site", "intruder", "--port", str(port)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    certs = CertBundle(root / "certs/ca.crt", root / "certs/ca.key", root / "certs/server.crt",
+                       root / "certs/server.key",
+                       [SiteKeys(n, root / f"certs/sites/{n}/auth.key", root / f"certs/sites/{n}/auth.pub")
+                        for n in ("site-a", "site-b", "intruder")])
+    fed = Loopback(root, env, certs, port, app)
     try:
-        fed.start("superlink", ["server", "--certs", str(root / "certs"), "--host", "127.0.0.1", "--port", str(port)])
-        wait_for(lambda: port_open(port), 60, "the SuperLink to listen")
+        fed.start("superlink", ["server", "--certs", "certs", "--port", str(port)])
+        wait_for(lambda: "starting its SuperExec" in fed.log("superlink"), 300, "the SuperLink to start")
+        # README: add the printed [superlink.fedseg] table to $FLWR_HOME/config.toml
+        printed = fed.log("superlink")
+        table = printed[printed.index(f"[superlink.{CONNECTION}]"):].split("\n\n")[0].split("\nflower-superlink")[0]
+        assert f'address = "localhost:{port}"' in table, printed
+        (flwr_home / "config.toml").write_text(table.strip() + "\n")
         for keys in certs.sites[:2]:
-            registered = fed.flwr("supernode", "register", str(keys.public_key), CONNECTION, "--name", keys.name)
+            registered = fed.flwr("supernode", "register", str(keys.public_key.relative_to(root)), CONNECTION,
+                                  "--name", keys.name)
             assert registered.returncode == 0, registered.stdout + registered.stderr
         fed.join("site-a", "site-a", 0, certs.sites[0].private_key)
         fed.join("site-b", "site-b", 1, certs.sites[1].private_key)
+        for role in ("site-a", "site-b"):
+            wait_for(lambda role=role: "site worker ready" in fed.log(role), 600, f"{role}'s warm worker")
         yield fed
     finally:
         for proc in reversed(list(fed.procs.values())):
@@ -168,12 +196,12 @@ def loopback() -> Iterator[Loopback]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def flwr_run(fed: Loopback, run_config: dict[str, object], on_line=None) -> tuple[int, str]:  # noqa: ANN001
+def flwr_run(fed: Loopback, run_config: dict[str, object], on_line=None) -> tuple[int, str]:
     """`flwr run` this app on the loopback SuperLink; `on_line(line)` sees the streamed log."""
     overrides = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
     proc = subprocess.Popen(
-        [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config", overrides],
-        env=fed.env, cwd=fed.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", overrides],
+        env=fed.env, cwd=fed.app, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     lines = []
@@ -225,6 +253,15 @@ def test_two_rounds_over_tls_with_authenticated_sites(first_run: tuple[Path, str
     assert all(r["failures"] == [] and r["dropped"] == [] for r in rounds)
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "model.pt").is_file()
     assert "final mean Dice" in log
+
+
+def test_the_sites_warm_workers_answered_every_message(loopback: Loopback, first_run: tuple[Path, str]) -> None:
+    for role in ("site-a", "site-b"):
+        log = loopback.log(role)
+        # 3 evaluations (rounds 0-2) and 2 trainings, none answered by a fresh ClientApp process instead
+        assert log.count("fedseg site worker: evaluate answered") >= 3, log[-3000:]
+        assert log.count("fedseg site worker: train answered") >= 2, log[-3000:]
+        assert "answering in this process" not in log
 
 
 def test_resume_continues_survives_a_killed_supernode_and_readmits_it_restarted(
