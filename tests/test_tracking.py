@@ -55,7 +55,8 @@ def test_tensorboard_and_mlflow_get_config_and_per_site_rounds(tmp_path: Path) -
     assert run.info.status == "FINISHED"
     assert run.data.params["strategy"] == "fedavg" and run.data.params["tracking"] == "tensorboard,mlflow"
     dice = client.get_metric_history(run.info.run_id, "site-1/eval/dice")
-    assert [(m.step, m.value) for m in dice] == [(r["round"], pytest.approx(r["eval"]["site-1"]["dice"])) for r in rounds]
+    expected = [(r["round"], pytest.approx(r["eval"]["site-1"]["dice"])) for r in rounds]
+    assert [(m.step, m.value) for m in dice] == expected
     assert (run_dir / "history.json").is_file()
 
 
@@ -80,9 +81,9 @@ def test_experiment_arms_are_runs_of_one_mlflow_experiment(tmp_path: Path) -> No
     synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
     run = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
            "tracking": "mlflow,tensorboard"}
-    spec = ExperimentSpec.from_mapping({"experiment": {
-        "name": "tracked", "data-dir": str(tmp_path / "data"), "sites": 2, "output-dir": str(tmp_path / "results"),
-        "arms": ["federated"], "strategies": ["fedavg", "fedprox"]}, "run": run})
+    experiment = {"name": "tracked", "data-dir": str(tmp_path / "data"), "sites": 2,
+                  "output-dir": str(tmp_path / "results"), "arms": ["federated"], "strategies": ["fedavg", "fedprox"]}
+    spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": run})
     results = run_experiment(spec, echo=lambda line: None)
     client = MlflowClient(tracking_uri(results))
     runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
@@ -90,3 +91,9 @@ def test_experiment_arms_are_runs_of_one_mlflow_experiment(tmp_path: Path) -> No
     assert sorted(r.info.run_name for r in runs) == arms and len(arms) == 2  # one federated arm per strategy
     assert all(r.info.status == "FINISHED" and "federation/mean-dice" in r.data.metrics for r in runs)
     assert sorted(p.name for p in (results / "tensorboard").iterdir()) == arms
+    # tracking does not change what an arm computes: the experiment continues without it (arms skipped)
+    untracked = ExperimentSpec.from_mapping({"experiment": experiment,
+                                             "run": {k: v for k, v in run.items() if k != "tracking"}})
+    lines: list[str] = []
+    assert run_experiment(untracked, echo=lines.append) == results
+    assert sum("finished earlier, skipped" in line for line in lines) == 2

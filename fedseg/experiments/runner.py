@@ -34,6 +34,7 @@ from fedseg.experiments.views import SitePart, load_splits, site_parts, write_vi
 from clients.personal import PersonalState
 from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.model_spec import intensity_window
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.progress import experiment_bars
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
@@ -53,6 +54,7 @@ from fedseg.tracking import Tracker, TrackerGroup, open_run_tracker
 from strategies.registry import build_strategy
 
 SPEC_FILE = "experiment.json"
+TRACKING_KEYS = ("tracking", "tracking-dir")  # [run] keys that do not change an arm's results
 VIEWS = "views"
 
 
@@ -116,7 +118,7 @@ def _claim(results: Path, spec: ExperimentSpec) -> None:
     wanted = spec.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved != wanted:
+        if _results_defining(saved) != _results_defining(wanted):
             changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ExperimentError(
                 f"{results}: made by a different experiment config (changed: {', '.join(changed)}); "
@@ -125,6 +127,13 @@ def _claim(results: Path, spec: ExperimentSpec) -> None:
         return
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2))
+
+
+def _results_defining(spec: dict) -> dict:
+    """The experiment config without the [run] keys that only say where a run is watched (tracking): turning
+    tracking on or off continues the experiment."""
+    run = {key: value for key, value in spec.get("run", {}).items() if key not in TRACKING_KEYS}
+    return {**spec, "run": run}
 
 
 def _train(
@@ -154,7 +163,8 @@ def _train(
         initial = initial_weights(config)
     with server_identity():
         tracker = TrackerGroup([open_run_tracker(config, folder, experiment=spec.name), progress])
-        arrays, _ = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker).run(initial, resume)
+        federation = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker)
+        arrays, _ = federation.run(initial, resume)
     description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
     model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
     model.save(folder / MODEL)
@@ -191,12 +201,14 @@ def _privacy(folder: Path) -> Privacy:
 
 def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
     config = spec.run_config()  # evaluate on the grid the models were trained at, with their label values
-    spacing, mapping = config.spacing, config.labels.label_mapping
-    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping))
+    spacing, mapping, window = config.spacing, config.labels.label_mapping, intensity_window(config)
+    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping,
+                                                                     window=window))
             for k, s in enumerate(splits)]
     if spec.outside_dir is not None:
         items = load_datalist(spec.outside_dir)
-        sets.append(TestSet(spec.outside, True, items, evaluation_dataset(items, spacing, label_mapping=mapping)))
+        outside = evaluation_dataset(items, spacing, label_mapping=mapping, window=window)
+        sets.append(TestSet(spec.outside, True, items, outside))
     return sets
 
 
