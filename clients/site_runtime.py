@@ -24,7 +24,7 @@ from fedseg.data.datalist import SiteDataError, SiteSplit
 from fedseg.data.datasets import evaluation_dataset, prune_unused, training_dataset
 from fedseg.data.sites import input_channels, load_site_split, site_dir_for
 from fedseg.data.validate import check_site
-from fedseg.model_spec import model_spec
+from fedseg.model_spec import intensity_window, model_spec
 from fedseg.optim import optimizer_factory
 from fedseg.privacy import DPSettings, SitePrivacy, ledger_for
 from fedseg.trainer import SegmentationTrainer
@@ -110,7 +110,7 @@ def _build_runtime(
         raise ChannelMismatch(report.channels or 0, expected)
     cache_dir = Path(state_dir) / PREPROCESSED
     split = load_site_split(site_dir, seed=config.seed)
-    spec = model_spec(config)  # a bundle's network_def, resolved
+    spec, window = model_spec(config), intensity_window(config)  # a bundle's network_def and window, resolved
     torch.manual_seed(config.seed)  # identical initial weights everywhere; the server overwrites them anyway
     trainer = SegmentationTrainer(
         model_name=spec.name,
@@ -137,9 +137,10 @@ def _build_runtime(
             split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=config.dp_augmentation_multiplicity if config.dp_sgd else 2,
             label_mapping=labels.label_mapping, augmentation=config.augmentation,
             invert_probability=config.augmentation_invert, remap_probability=config.augmentation_remap,
+            window=window,
         ),
-        val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping),
-        test_set=evaluation_dataset(split.test, config.spacing, cache_dir, labels.label_mapping),
+        val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping, window),
+        test_set=evaluation_dataset(split.test, config.spacing, cache_dir, labels.label_mapping, window),
     )
     prune_unused(cache_dir)  # the folders just opened are fresh; old grids' and patch sizes' go
     return runtime

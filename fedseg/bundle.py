@@ -8,12 +8,14 @@ What of a bundle fedseg honours:
 - its weights, `models/model.pt` (a state dict, or one under "model"), as the initial global model
   (unless run-config `init-from` names other weights);
 - its channels: `in_channels` / `out_channels` must equal the run's in-channels and the label
-  scheme's outputs.
+  scheme's outputs;
+- its intensity window (`ScaleIntensityRanged`) with run-config `intensity = "bundle"`
+  (fedseg.intensity), in training, evaluation and prediction.
 Compared, and reported where they differ (the run config decides): the preprocessing's resampling
-(`Spacingd` pixdim vs `spacing`), intensity scaling (`NormalizeIntensityd` is fedseg's z-score;
-`ScaleIntensityRanged` windows are not applied), crop / window size vs `patch-size`, and the
-post-processing's activation (softmax vs sigmoid). Not used: the bundle's trainer, optimizer, loss,
-handlers and data lists (fedseg trains with its own loop, the run config's optimizer and Dice-CE loss).
+(`Spacingd` pixdim vs `spacing`), intensity normalisation (vs `intensity`), crop / window size vs
+`patch-size`, and the post-processing's activation (softmax vs sigmoid). Not used: the bundle's
+trainer, optimizer, loss, handlers and data lists (fedseg trains with its own loop, the run config's
+optimizer and Dice-CE loss).
 A bundle's config is code (its `$` expressions run): use bundles you trust.
 """
 
@@ -31,6 +33,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from fedseg.errors import first_line
+from fedseg.intensity import IntensityError, IntensityWindow
 
 CONFIG_NAMES = ("train", "inference")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -85,17 +88,25 @@ def bundle_weights(bundle: BundleNetwork) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def differences(bundle: BundleNetwork, spacing: tuple[float, ...] | None, patch_size: tuple[int, ...]) -> list[str]:
-    """Where the bundle's pre/post-processing differs from the run's (one line each, for the log)."""
+def differences(
+    bundle: BundleNetwork, spacing: tuple[float, ...] | None, patch_size: tuple[int, ...],
+    window: IntensityWindow | None = None,
+) -> list[str]:
+    """Where the bundle's pre/post-processing differs from the run's (one line each, for the log);
+    `window`: the run's intensity window (None: z-score)."""
     found = bundle.preprocessing
     lines = []
     pixdim = found.get("pixdim")
     if pixdim is not None and (spacing is None or not _same(pixdim, spacing)):
         lines.append(f"the bundle resamples to {pixdim} mm; the run uses run-config 'spacing' "
                      f"{'native grid' if spacing is None else ','.join(map(str, spacing))}")
-    if found.get("intensity") == "ScaleIntensityRanged":
-        lines.append("the bundle windows intensities (ScaleIntensityRanged); fedseg z-scores each channel "
-                     "over the non-zero voxels")
+    if found.get("intensity") == "ScaleIntensityRanged" and found.get("window") != window:
+        lines.append(f"the bundle windows intensities (ScaleIntensityRanged{_window_text(found.get('window'))}); the "
+                     f"run {'z-scores each channel' if window is None else f'uses {window}'} (run-config 'intensity'; "
+                     "\"bundle\" takes the bundle's)")
+    elif found.get("intensity") == "NormalizeIntensityd" and window is not None:
+        lines.append(f"the bundle z-scores intensities (NormalizeIntensityd); the run uses {window} "
+                     "(run-config 'intensity')")
     roi = found.get("roi_size")
     if roi is not None and not _same(roi, patch_size):
         lines.append(f"the bundle crops / infers on {roi} voxels; the run uses run-config 'patch-size' "
@@ -185,8 +196,10 @@ def _processing(config: Any) -> dict[str, Any]:
         target = str(node["_target_"]).rsplit(".", 1)[-1]
         if target in ("Spacingd", "Spacing") and _plain(node.get("pixdim")):
             found.setdefault("pixdim", node.get("pixdim"))
-        elif target in ("ScaleIntensityRanged", "NormalizeIntensityd"):
-            found.setdefault("intensity", target)
+        elif target in ("ScaleIntensityRanged", "NormalizeIntensityd") and "intensity" not in found:
+            found["intensity"] = target
+            if target == "ScaleIntensityRanged":
+                found["window"] = _window(node)
         elif target in ("RandCropByPosNegLabeld", "RandSpatialCropd", "RandCropByLabelClassesd"):
             size = node.get("spatial_size", node.get("roi_size"))
             if _plain(size):
@@ -196,6 +209,23 @@ def _processing(config: Any) -> dict[str, Any]:
         elif target in ("Activationsd", "Activations"):
             found.setdefault("activation", "sigmoid" if node.get("sigmoid") else "softmax")
     return found
+
+
+def _window(node: Mapping[str, Any]) -> IntensityWindow | None:
+    """A ScaleIntensityRanged's settings when they are plain numbers (MONAI's defaults: [0, 1], no clipping)."""
+    values = [node.get("a_min"), node.get("a_max"), node.get("b_min", 0.0), node.get("b_max", 1.0)]
+    values = [0.0 if v is None and i == 2 else 1.0 if v is None and i == 3 else v for i, v in enumerate(values)]
+    clip = node.get("clip", False)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not isinstance(clip, bool):
+        return None
+    try:
+        return IntensityWindow(*(float(v) for v in values), clip=clip)
+    except IntensityError:
+        return None
+
+
+def _window_text(window: IntensityWindow | None) -> str:
+    return f": {window}" if window is not None else ""
 
 
 def _targets(node: Any) -> Iterator[Mapping[str, Any]]:

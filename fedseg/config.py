@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.data.transforms import AUGMENTATIONS
+from fedseg.intensity import BUNDLE, IntensityError, parse_intensity
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import ModelArgsError, parse_model_args
@@ -40,7 +41,8 @@ UPPER_BOUNDS = {
     "dp-target-epsilon": 1e6,
 }
 MAX_PATCH_SIDE = 512
-PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")  # output-dir: relative ones may not climb out with '..'
+# output-dir: relative ones may not climb out with '..'
+PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")
 # 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
 MAX_NUM_WORKERS = 256
 STRATEGY_SPEC = re.compile(r"[A-Za-z0-9][\w.-]*|flower:[A-Za-z_]\w*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -68,6 +70,7 @@ class RunConfig:
     model_args: str = ""  # the network's keyword arguments, "init_filters=16, dropout_prob=0.1" (fedseg.model_args)
     bundle: str = ""  # a MONAI bundle folder whose network is trained (model = "bundle"; fedseg.bundle)
     init_from: str = ""  # initial global weights: a fedseg model file, run folder or bundle (fedseg.initial_model)
+    intensity: str = "z-score"  # "z-score", "window:A,B[,C,D]" or "bundle" (fedseg.intensity)
     num_classes: int = 3
     in_channels: int = 0  # image channels (modalities); 0: inferred from the data (fedseg.data.sites)
     label_scheme: str = "classes"
@@ -215,6 +218,11 @@ class RunConfig:
 def _validate_model(config: RunConfig) -> None:
     """`model`, `model-args` and `bundle`: a known network whose signature takes the arguments (the network
     itself is built and run once on a dummy batch before round 1, fedseg.network_check)."""
+    if config.intensity != BUNDLE:
+        try:
+            parse_intensity(config.intensity)
+        except IntensityError as err:
+            raise ConfigError(f"run-config 'intensity': {err}") from None
     if config.model == "bundle" or config.bundle:
         if not (config.model == "bundle" and config.bundle):
             raise ConfigError("run-config 'bundle' and model = \"bundle\" go together: set both to train a MONAI "
@@ -222,6 +230,8 @@ def _validate_model(config: RunConfig) -> None:
         if config.model_args:
             raise ConfigError("run-config 'model-args' does not apply to a bundle: its network_def gives the arguments")
         return
+    if config.intensity == BUNDLE:
+        raise ConfigError("run-config 'intensity' is \"bundle\": that needs model = \"bundle\" (and 'bundle')")
     try:
         network_kind(config.model)
     except ModelError:

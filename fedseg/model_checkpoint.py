@@ -6,13 +6,15 @@ Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_o
 `{"format": "fedseg-model/2", "state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
-"region_training": false, "preprocessing": {...}, "init_from": "", "dp_compatible": false,
+"region_training": false, "intensity": None or [a_min, a_max, b_min, b_max, clip], "preprocessing": {...},
+"init_from": "", "dp_compatible": false,
 "fedseg_version": "0.1.0", "description": "..."}`.
 `model` and `model_args` rebuild the network (fedseg.models: a preset, a class of
 monai.networks.nets or a `fedseg.models` plugin; `model_source` says which, with the plugin's or
 bundle's name and version); `pixdim` is the voxel spacing (mm) the model was trained at (None: the
 stored grid, no resampling); `label_scheme` and `region_training` say what the outputs mean
-(fedseg.labels); `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING);
+(fedseg.labels); `intensity` the intensity window (fedseg.intensity; None: z-score);
+`preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING, in words);
 `dp_compatible`: trained with DP-SGD, the network's BatchNorm layers rebuilt as GroupNorm.
 Format 1 files (no model_args) are read as presets with their own arguments.
 """
@@ -31,10 +33,11 @@ import fedseg
 from fedseg.atomic import atomic_path
 from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from fedseg.errors import first_line
+from fedseg.intensity import IntensityWindow, describe
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import format_model_args
-from fedseg.model_spec import model_spec
+from fedseg.model_spec import intensity_window, model_spec
 from fedseg.models import ModelError, build_model, network_kind
 from fedseg.privacy import make_dp_compatible
 from fedseg.trainer import SegmentationTrainer
@@ -46,7 +49,7 @@ RUN_MODEL, RUN_CHECKPOINT = "model.pt", "checkpoint.pt"  # in a run folder (feds
 PREPROCESSING = {
     "orientation": "RAS",
     "resampling": "to pixdim, bilinear (labels: nearest); none when pixdim is None",
-    "intensity": "z-score per channel over the non-zero voxels",
+    "intensity": "z-score per channel over the non-zero voxels, or the model's intensity window",
     "inference": "sliding window over patch_size, probabilities mapped back to the input grid",
 }
 CONVERT_HINT = ("make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
@@ -74,6 +77,7 @@ class ModelCheckpoint:
     model_source: str = "preset"
     init_from: str = ""  # the weights the run started from (fedseg.initial_model), "" for random
     dp_compatible: bool = False  # trained with DP-SGD: BatchNorm layers were made GroupNorm (fedseg.privacy)
+    intensity: IntensityWindow | None = None  # the intensity window trained with (fedseg.intensity); None: z-score
 
     @property
     def labels(self) -> LabelScheme:
@@ -93,6 +97,7 @@ class ModelCheckpoint:
             model_source=spec.source,
             init_from=config.init_from,
             dp_compatible=config.dp_sgd,
+            intensity=intensity_window(config),
             num_classes=config.num_classes,
             patch_size=config.patch_size,
             pixdim=config.spacing,  # the grid the sites trained at (None: each scan's stored grid)
@@ -122,7 +127,8 @@ class ModelCheckpoint:
                     "model_source": self.model_source,
                     "init_from": self.init_from,
                     "dp_compatible": self.dp_compatible,
-                    "preprocessing": PREPROCESSING,
+                    "intensity": self.intensity.to_list() if self.intensity is not None else None,
+                    "preprocessing": {**PREPROCESSING, "intensity": describe(self.intensity)},
                     "fedseg_version": fedseg.__version__,
                 },
                 tmp,
@@ -304,6 +310,7 @@ def _checked_fields(data: Mapping) -> dict:
         "model_source": source,
         "init_from": str(data.get("init_from", "")),
         "dp_compatible": data.get("dp_compatible", False) is True,
+        "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "

@@ -12,6 +12,7 @@ from torch import nn
 from fedseg.bundle import BundleError, read_bundle
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.sites import input_channels
+from fedseg.intensity import BUNDLE, IntensityWindow, parse_intensity
 from fedseg.model_args import format_model_args
 from fedseg.models import ModelError, build_model, network_kind
 from fedseg.network_check import check_network
@@ -61,3 +62,17 @@ def checked_network(config: RunConfig) -> tuple[ModelSpec, int]:
         key = "bundle" if config.model == "bundle" else "model-args" if config.model_args else "model"
         raise ConfigError(f"run-config '{key}': {err}") from None
     return spec, count
+
+
+def intensity_window(config: RunConfig) -> IntensityWindow | None:
+    """The run's intensity window (fedseg.intensity; None: z-score); "bundle" reads the bundle's."""
+    if config.intensity != BUNDLE:
+        return parse_intensity(config.intensity)
+    try:
+        found = read_bundle(config.bundle).preprocessing
+    except BundleError as err:
+        raise ConfigError(f"run-config 'bundle': {err}") from None
+    if found.get("intensity") == "ScaleIntensityRanged" and found.get("window") is None:
+        raise ConfigError("run-config 'intensity' is \"bundle\" but the bundle's ScaleIntensityRanged settings are "
+                          "not plain numbers: give intensity = \"window:A,B,C,D\"")
+    return found.get("window")

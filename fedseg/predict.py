@@ -25,11 +25,12 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, LoadImaged, NormalizeIntensityd, Orientationd, Spacingd
+from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
 from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti
 from fedseg.errors import first_line
+from fedseg.intensity import IntensityWindow, intensity_transform
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.progress import track
@@ -42,7 +43,7 @@ class PredictError(ValueError):
     """Inputs, outputs or models of a prediction do not fit together."""
 
 
-def inference_pipeline(pixdim: Sequence[float] | None) -> Compose:
+def inference_pipeline(pixdim: Sequence[float] | None, window: IntensityWindow | None = None) -> Compose:
     """The training preprocessing (fedseg.data.transforms.preprocessing) for the image alone, meta kept."""
     steps = [
         LoadImaged(keys="image", image_only=True, ensure_channel_first=True),
@@ -50,7 +51,7 @@ def inference_pipeline(pixdim: Sequence[float] | None) -> Compose:
     ]
     if pixdim is not None:
         steps.append(Spacingd(keys="image", pixdim=tuple(pixdim), mode="bilinear"))
-    steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    steps.append(intensity_transform(window))  # z-score, or the model's intensity window (fedseg.intensity)
     return Compose(steps)
 
 
@@ -60,7 +61,7 @@ def probabilities(
 ) -> torch.Tensor:
     """Probabilities (model outputs, *input shape) of one model, on the input's voxel grid."""
     case = _as_case(case)
-    pipeline = inference_pipeline(model.pixdim)
+    pipeline = inference_pipeline(model.pixdim, model.intensity)
     load, rest = pipeline.transforms[0], Compose(pipeline.transforms[1:])
     data = load({"image": str(case[0]) if len(case) == 1 else [str(path) for path in case]})
     image = data["image"]

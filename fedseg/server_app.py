@@ -18,7 +18,7 @@ from fedseg.federation import Federation
 from fedseg.history import History
 from fedseg.initial_model import initial_model
 from fedseg.local_superlink import environment_line, relative_path_notes
-from fedseg.model_spec import checked_network
+from fedseg.model_spec import checked_network, intensity_window
 from fedseg.privacy import privacy_summary
 from fedseg.tracking import open_run_tracker
 from strategies.registry import build_strategy
@@ -75,7 +75,7 @@ def bundle_differences(config: RunConfig) -> list[str]:
     """Where a bundle's pre/post-processing differs from the run's (fedseg.bundle), else []."""
     if config.model != "bundle":
         return []
-    return differences(read_bundle(config.bundle), config.spacing, config.patch_size)
+    return differences(read_bundle(config.bundle), config.spacing, config.patch_size, intensity_window(config))
 
 
 def new_run_dir(config: RunConfig) -> Path:

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config  # noqa: F401 - fixture
@@ -17,11 +18,14 @@ from fedseg.bundle import differences, read_bundle
 from fedseg.cli import app as cli
 from fedseg.config import ConfigError, RunConfig
 from fedseg.initial_model import initial_model
+from fedseg.intensity import IntensityWindow
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.model_spec import checked_network
+from fedseg.model_spec import checked_network, intensity_window
 from fedseg.models import build_model
+from fedseg.predict import inference_pipeline
 
 NETWORK_ARGS = {"init_filters": 4, "norm": ["group", {"num_groups": 2}]}
+WINDOW = IntensityWindow(-57.0, 164.0, 0.0, 1.0, clip=False)  # the bundle's ScaleIntensityRanged
 
 
 def make_bundle(folder: Path, target: str = "SegResNet") -> dict[str, torch.Tensor]:
@@ -57,7 +61,9 @@ def test_the_bundle_network_and_what_of_its_processing_differs(tmp_path: Path) -
     assert (bundle.name, bundle.args, bundle.in_channels, bundle.out_channels) == ("SegResNet", NETWORK_ARGS, 1, 3)
     assert bundle.description == "tiny_seg 0.2.0" and bundle.weights_file == tmp_path / "bundle" / "models" / "model.pt"
     assert differences(bundle, (1.5, 1.5, 1.5), (16, 16, 16)) == [
-        "the bundle windows intensities (ScaleIntensityRanged); fedseg z-scores each channel over the non-zero voxels"]
+        "the bundle windows intensities (ScaleIntensityRanged: window [-57, 164] → [0, 1], not clipped); the run "
+        "z-scores each channel (run-config 'intensity'; \"bundle\" takes the bundle's)"]
+    assert differences(bundle, (1.5, 1.5, 1.5), (16, 16, 16), WINDOW) == []  # intensity = "bundle"
     lines = differences(bundle, (1.0, 1.0, 1.0), (32, 32, 32))
     assert "the bundle resamples to [1.5, 1.5, 1.5] mm; the run uses run-config 'spacing' 1.0,1.0,1.0" in lines
     assert "the bundle crops / infers on [16, 16, 16] voxels; the run uses run-config 'patch-size' 32,32,32" in lines
@@ -66,8 +72,10 @@ def test_the_bundle_network_and_what_of_its_processing_differs(tmp_path: Path) -
 @pytest.mark.usefixtures("task_identity")
 def test_a_bundle_network_trains_two_rounds_from_its_weights(tmp_path: Path) -> None:
     weights = make_bundle(tmp_path / "bundle")
-    values = tiny_config(tmp_path, **{"model": "bundle", "bundle": str(tmp_path / "bundle"), "num-server-rounds": 2})
+    values = tiny_config(tmp_path, **{"model": "bundle", "bundle": str(tmp_path / "bundle"), "num-server-rounds": 2,
+                                      "intensity": "bundle"})
     config = RunConfig.from_mapping(values)
+    assert intensity_window(config) == WINDOW
     spec, parameters = checked_network(config)
     assert (spec.name, spec.source, parameters) == ("SegResNet", "bundle tiny_seg 0.2.0",
                                                     sum(t.numel() for t in build_model("SegResNet", 1, 3, NETWORK_ARGS)
@@ -83,6 +91,8 @@ def test_a_bundle_network_trains_two_rounds_from_its_weights(tmp_path: Path) -> 
     assert (model.model, dict(model.model_args), model.model_source) == ("SegResNet", NETWORK_ARGS,
                                                                          "bundle tiny_seg 0.2.0")
     assert any(not torch.equal(model.state_dict[k], weights[k]) for k in weights)  # trained
+    assert model.intensity == WINDOW and "window [-57, 164]" in torch.load(tmp_path / "run" / "model.pt",
+                                                                           weights_only=True)["preprocessing"]["intensity"]
     out = tmp_path / "out.nii.gz"
     result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "run"), str(_volume(tmp_path)), str(out)])
     assert result.exit_code == 0 and out.is_file(), result.output
@@ -113,3 +123,15 @@ def test_import_model_turns_a_bundle_into_a_model_file(tmp_path: Path) -> None:
     assert model.model_source == "bundle tiny_seg 0.2.0" and all(torch.equal(model.state_dict[k], weights[k])
                                                                  for k in weights)
     assert (model.pixdim, model.patch_size) == ((1.5, 1.5, 1.5), (16, 16, 16))  # the bundle's grid and crop
+
+
+def test_an_intensity_window_is_what_training_and_predict_apply(tmp_path: Path) -> None:
+    image = _volume(tmp_path)  # values from about -20 to 320
+    window = intensity_window(RunConfig.from_mapping({"intensity": "window:0,100"}))
+    assert window == IntensityWindow(0.0, 100.0, 0.0, 1.0, clip=True)
+    volume = inference_pipeline(None, window)({"image": str(image)})["image"]
+    raw = torch.as_tensor(nib.load(str(image)).get_fdata(), dtype=torch.float32)
+    expected = raw.clamp(0, 100) / 100  # clip to [0, 100], map onto [0, 1]
+    torch.testing.assert_close(torch.as_tensor(volume)[0], expected.flip(0, 1), atol=1e-5, rtol=0)  # LPS → RAS
+    with pytest.raises(ConfigError, match="run-config 'intensity': 'window:1': give"):
+        RunConfig.from_mapping({"intensity": "window:1"})

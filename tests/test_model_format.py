@@ -36,7 +36,8 @@ def test_a_run_folder_its_models_and_its_checkpoint_are_predictable(tmp_path: Pa
     assert raw["format"] == "fedseg-model/2" and raw["model"] == "SegResNet" and raw["model_source"] == "monai"
     assert raw["model_args"] == {"init_filters": 4, "norm": ("group", {"num_groups": 2})}
     assert raw["pixdim"] == [1.5, 1.5, 1.5] and raw["patch_size"] == [16, 16, 16] and raw["in_channels"] == 1
-    assert raw["preprocessing"] == PREPROCESSING and raw["label_scheme"] == "classes" and raw["fedseg_version"]
+    assert raw["preprocessing"] == {**PREPROCESSING, "intensity": "z-score per channel over the non-zero voxels"}
+    assert raw["intensity"] is None and raw["label_scheme"] == "classes" and raw["fedseg_version"]
     image = _volume(tmp_path)
     final = _predict(run / "model.pt", image, tmp_path / "final.nii.gz")
     assert final.shape == nib.load(str(image)).shape and len(np.unique(final)) >= 1

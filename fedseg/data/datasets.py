@@ -26,6 +26,7 @@ from fedseg.data.datalist import Datalist, file_stamps
 from fedseg.data.nifti_guard import guard_datalist
 from fedseg.data.transforms import augmentation as random_part
 from fedseg.data.transforms import preprocessing, training_preprocessing
+from fedseg.intensity import IntensityWindow
 
 PIPELINE_PREFIX = "pre-"
 UNUSED_DAYS = 30.0  # pipeline folders not used for this long are pruned when a site starts work
@@ -41,12 +42,14 @@ def training_dataset(
     augmentation: str = "standard",
     invert_probability: float = 0.0,
     remap_probability: float = 0.0,
+    window: IntensityWindow | None = None,
 ) -> Dataset:
     """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation
     preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability` and
     `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not part of the cache key: it only acts after the cache."""
-    deterministic = training_preprocessing(patch_size, pixdim, label_mapping)
-    settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping)}
+    deterministic = training_preprocessing(patch_size, pixdim, label_mapping, window)
+    settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping),
+                **_window_setting(window)}
     random = random_part(patch_size, samples_per_volume, preset=augmentation, invert_probability=invert_probability,
                          remap_probability=remap_probability)
     return _cached(items, deterministic, settings, random, cache_dir)
@@ -57,15 +60,21 @@ def evaluation_dataset(
     pixdim: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     label_mapping: Mapping[int, int] | None = None,
+    window: IntensityWindow | None = None,
 ) -> Dataset:
-    """Whole preprocessed volumes for sliding-window evaluation."""
-    settings = {"pixdim": pixdim, **_mapping_setting(label_mapping)}
-    return _cached(items, preprocessing(pixdim, label_mapping), settings, None, cache_dir)
+    """Whole preprocessed volumes for sliding-window evaluation (`window`: fedseg.intensity; None: z-score)."""
+    settings = {"pixdim": pixdim, **_mapping_setting(label_mapping), **_window_setting(window)}
+    return _cached(items, preprocessing(pixdim, label_mapping, window), settings, None, cache_dir)
 
 
 def _mapping_setting(label_mapping: Mapping[int, int] | None) -> dict:
     """The label mapping as a cache-key setting (none: no key, so existing cache folders stay valid)."""
     return {"label_mapping": sorted(label_mapping.items())} if label_mapping else {}
+
+
+def _window_setting(window: IntensityWindow | None) -> dict:
+    """The intensity window as a cache-key setting (z-score: no key, so existing cache folders stay valid)."""
+    return {"intensity": window.to_list()} if window is not None else {}
 
 
 def _cached(

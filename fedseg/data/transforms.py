@@ -32,7 +32,6 @@ from monai.transforms import (
     LoadImaged,
     MapLabelValued,
     MapTransform,
-    NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
@@ -52,6 +51,8 @@ from monai.transforms import (
 )
 from monai.utils import MAX_SEED
 from monai.utils.type_conversion import convert_to_dst_type
+
+from fedseg.intensity import IntensityWindow, intensity_transform
 
 KEYS = ("image", "label")
 STUDY_PIXDIM = (1.0, 1.0, 1.0)
@@ -85,9 +86,12 @@ REMAP_POINTS = (4, 8)  # control points of a random tissue-contrast curve over a
 SHIFT_NOISE_STD = 0.15  # z units, drawn in [0, this], added to the noise a site has (synthetic: 0.09 to 0.31)
 
 
-def preprocessing(pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None) -> Compose:
+def preprocessing(
+    pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None,
+    window: IntensityWindow | None = None,
+) -> Compose:
     """Load channel-first, map label values (`label_mapping`, stored → trained), RAS, optional
-    resampling to `pixdim` mm, z-score on nonzero voxels."""
+    resampling to `pixdim` mm, z-score on nonzero voxels or the intensity `window` (fedseg.intensity)."""
     steps = [LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True)]
     if label_mapping:
         stored, trained = zip(*sorted(label_mapping.items()))
@@ -96,19 +100,20 @@ def preprocessing(pixdim: Sequence[float] | None = None, label_mapping: Mapping[
     if pixdim is not None:
         steps.append(Spacingd(keys=KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     steps += [
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        intensity_transform(window),
         EnsureTyped(keys=KEYS, track_meta=False),
     ]
     return Compose(steps)
 
 
 def training_preprocessing(
-    patch_size: Sequence[int], pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None
+    patch_size: Sequence[int], pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None,
+    window: IntensityWindow | None = None,
 ) -> Compose:
     """`preprocessing`, padding to at least `patch_size`, then the label's foreground/background voxel indices."""
     return Compose(
         [
-            *preprocessing(pixdim, label_mapping).transforms,
+            *preprocessing(pixdim, label_mapping, window).transforms,
             SpatialPadd(keys=KEYS, spatial_size=tuple(patch_size)),
             FgBgToIndicesd(keys="label"),
             # plain tensors as `preprocessing` gives; int32 indices take half the memory of int64

@@ -18,7 +18,7 @@ from fedseg.data.datalist import Problem, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.validate import ValidationReport, validate_site
 from fedseg.errors import first_line
-from fedseg.model_spec import model_spec
+from fedseg.model_spec import intensity_window, model_spec
 from fedseg.trainer import SegmentationTrainer
 
 
@@ -68,7 +68,8 @@ def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int, allow
     """Sliding-window logits of an untrained model on the site's first volume."""
     labels = config.labels
     items = load_datalist(data_dir, allow_outside)[:1]
-    volume = evaluation_dataset(items, config.spacing, label_mapping=labels.label_mapping)[0]
+    volume = evaluation_dataset(items, config.spacing, label_mapping=labels.label_mapping,
+                                window=intensity_window(config))[0]
     volume = volume["image"]
     spec = model_spec(config)
     trainer = SegmentationTrainer(
