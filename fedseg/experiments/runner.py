@@ -35,7 +35,6 @@ from clients.personal import PersonalState
 from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
-from fedseg.model_spec import intensity_window
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.progress import experiment_bars
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
