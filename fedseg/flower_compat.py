@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, Metadata, RecordDict
 from flwr.common.constant import ErrorCode, SType
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -42,7 +42,7 @@ IDENTITY_FIELDS = ("run_id", "node_id", "task_id")
 
 __all__ = [
     "ErrorCode", "Run", "SType", "TaskIdentity", "aggregate_metricrecords", "combine_shares", "create_shares",
-    "empty_run", "flower_version", "incompatibilities", "server_identity", "set_message_id",
+    "empty_run", "flower_version", "incompatibilities", "message_with_metadata", "server_identity", "set_message_id",
 ]
 
 
@@ -59,6 +59,11 @@ def set_message_id(message: Message, message_id: str) -> None:
     if "_message_id" not in message.metadata.__dict__:
         raise FlowerCompatibilityError(_fault("Message.metadata keeps no '_message_id'"))
     message.metadata.__dict__["_message_id"] = message_id
+
+
+def message_with_metadata(content: RecordDict, metadata: Metadata) -> Message:
+    """A message carrying a copy of another's metadata (Message's keyword form outside its public overloads)."""
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
 
 
 def empty_run(run_id: int) -> Run:

@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from fedseg.config import ConfigError, RunConfig
 from fedseg.flower_compat import aggregate_metricrecords
 from fedseg.messages import NUM_EXAMPLES, SITE_ID
+from fedseg.record_values import as_float
 from strategies.aggregate import array_view, sweep, weighted_sum
 from strategies.params import Param, resolve_params
 
@@ -145,7 +146,7 @@ class FedSegStrategy(FlowerFedAvg):
     # ------------------------------------------------------------------ hooks for subclasses
     def site_weights(self, replies: list[Reply]) -> list[float]:
         """Relative weight of each good reply from its metrics (default: its training examples, as FedAvg)."""
-        return [float(reply.metrics[NUM_EXAMPLES]) for reply in replies]
+        return [as_float(reply.metrics[NUM_EXAMPLES]) for reply in replies]
 
     def combine(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         """The new global model from the good replies (default: average weighted by `site_weights`)."""
@@ -275,7 +276,7 @@ def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricR
             return None, f"metric '{key}' missing"
         if isinstance(value, list) or not math.isfinite(value):
             return None, f"metric '{key}' is not a finite number: {value!r}"
-    if metrics[NUM_EXAMPLES] <= 0:
+    if as_float(metrics[NUM_EXAMPLES]) <= 0:
         return None, f"metric '{NUM_EXAMPLES}' must be > 0, got {metrics[NUM_EXAMPLES]!r}"
     return metrics, ""
 

@@ -19,9 +19,9 @@ from typing import Any
 from flwr.common.logger import log
 
 from fedseg.messages import VAL_DICE
+from fedseg.record_values import as_float
 from strategies.base import NUM_EXAMPLES, FedSegStrategy, Reply
 from strategies.params import Param
-
 
 
 def dice_weights(dice: list[float], examples: list[float], example_mix: float) -> list[float]:
@@ -51,13 +51,13 @@ class DiceWeighted(FedSegStrategy):
 
     def check_reply(self, reply: Reply) -> str:
         dice = reply.metrics[VAL_DICE]
-        return "" if 0.0 <= dice <= 1.0 else f"metric '{VAL_DICE}' must be in [0, 1], got {dice!r}"
+        return "" if 0.0 <= as_float(dice) <= 1.0 else f"metric '{VAL_DICE}' must be in [0, 1], got {dice!r}"
 
     def site_weights(self, replies: list[Reply]) -> list[float]:
-        dice = [float(r.metrics[VAL_DICE]) for r in replies]
+        dice = [as_float(r.metrics[VAL_DICE]) for r in replies]
         if sum(dice) <= 0:
             log(WARNING, "[fedseg] dice-weighted: every site reports validation Dice 0; using example weights")
-        weights = dice_weights(dice, [float(r.metrics[NUM_EXAMPLES]) for r in replies], self.example_mix)
+        weights = dice_weights(dice, [as_float(r.metrics[NUM_EXAMPLES]) for r in replies], self.example_mix)
         self._weights = {r.site: w for r, w in zip(replies, weights, strict=True)}
         return weights
 

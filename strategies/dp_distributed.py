@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from fedseg import messages as m
 from fedseg.config import ConfigError, RunConfig
 from fedseg.noise import NOISE_SOURCES
+from fedseg.record_values import as_int
 from strategies.client_privacy import (
     Release,
     epsilon_of,
@@ -92,7 +93,7 @@ class DPDistributed(FedAvg):
         """The unmasked aggregate, then one release accounted with the noise the summed sites added."""
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self._summed = int(metrics.get(m.SECAGG_SUMMED, 0)) if arrays is not None and metrics is not None else 0
+        self._summed = as_int(metrics.get(m.SECAGG_SUMMED, 0)) if arrays is not None and metrics is not None else 0
         if self._summed and self.noise_multiplier > 0:
             effective = self.noise_multiplier * math.sqrt(self._summed / self._sampled)
             self._releases.append(Release(effective, "all", self._sampled, self._sampled))

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
 from fedseg.config import ConfigError
+from fedseg.flower_compat import message_with_metadata
 from strategies import array_state
 from strategies.aggregate import array_view, is_float
 from strategies.base import FedSegStrategy, Reply
@@ -188,13 +189,15 @@ def like_global(arrays: ArrayRecord, global_arrays: ArrayRecord, strategy: str) 
 def _inner_message(reply: Reply, metric_keys: list[str]) -> Message:
     """The reply as the inner strategy gets it: its own ArrayRecord (integer buffers as float64, which
     every Flower strategy's arithmetic accepts), the metrics all good replies share."""
-    content = reply.message.content
+    message = reply.message
+    assert message is not None  # replies passed on to a Flower strategy keep their message
+    content = message.content
     (array_key,), (metric_key,) = content.array_records, content.metric_records
     arrays = {key: array if is_float(reply.views[key]) else Array(reply.views[key].astype(np.float64))
               for key, array in reply.arrays.items()}
     record = RecordDict({array_key: ArrayRecord(arrays),
                          metric_key: MetricRecord({key: reply.metrics[key] for key in metric_keys})})
-    return Message(content=record, metadata=copy.copy(reply.message.metadata))
+    return message_with_metadata(record, copy.copy(message.metadata))
 
 
 # ---------------------------------------------------------------------- built-in names

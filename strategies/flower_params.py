@@ -38,13 +38,13 @@ TRAIN_LOSS_KEY = "train-loss"  # the fedseg ClientApp's training-loss metric
 OWNED_BY_FEDSEG = frozenset({*SAMPLING_ARGS, *RECORD_ARGS, *SITE_LEARNING_RATE_ARGS, "train_loss_key"})
 
 
-def constructor_arguments(flower_class: type) -> list[inspect.Parameter]:
+def constructor_arguments(flower_class: type[Any]) -> list[inspect.Parameter]:
     """The constructor's named arguments (no `self`, `*args`, `**kwargs`)."""
     parameters = list(inspect.signature(flower_class.__init__).parameters.values())[1:]
     return [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def scalar_type(flower_class: type, argument: inspect.Parameter) -> type | None:
+def scalar_type(flower_class: type[Any], argument: inspect.Parameter) -> type | None:
     """`bool`, `int`, `float` or `str` from the annotation (`X | None` counts as X), else from the default."""
     try:
         hint = typing.get_type_hints(flower_class.__init__).get(argument.name)
@@ -82,7 +82,8 @@ def constructor_params(flower_class: type, limits: Mapping[str, Mapping[str, flo
         required = argument.default is inspect.Parameter.empty
         default = None if required or argument.default is None else kind(argument.default)
         help_text = docs.get(argument.name, f"Flower's `{argument.name}`") + (" (required)" if required else "")
-        params.append(Param(name, kind, default, help_text, **dict((limits or {}).get(name, {}))))
+        limit = (limits or {}).get(name, {})
+        params.append(Param(name, kind, default, help_text, limit.get("minimum"), limit.get("maximum")))
     return tuple(params)
 
 

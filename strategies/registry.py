@@ -21,15 +21,15 @@ from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from strategies.base import FedSegStrategy
 from strategies.cyclic import Cyclic
 from strategies.dice_weighted import DiceWeighted
+from strategies.ditto import Ditto
 from strategies.dp_distributed import DPDistributed
 from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
-from strategies.ditto import Ditto
 from strategies.fedbn import FedBN
 from strategies.fedprox import FedProx
-from strategies.scaffold import Scaffold
 from strategies.flower import NAMED as FLOWER_NAMED
 from strategies.flower import find_flower_class, flower_catalog, wrap
+from strategies.scaffold import Scaffold
 
 ENTRY_POINT_GROUP = "fedseg.strategies"
 FLOWER_PREFIX = "flower:"
@@ -50,6 +50,7 @@ def installed_names() -> list[str]:
 
 def resolve(spec: str) -> type[FedSegStrategy]:
     """The strategy class for a built-in name, a plugin name, `flower:Class` or `module:Class`."""
+    cls: object
     if spec.startswith(FLOWER_PREFIX):
         cls = wrap(find_flower_class(spec.removeprefix(FLOWER_PREFIX)), frozenset(BUILTIN))
     elif ":" in spec:
@@ -127,8 +128,9 @@ def describe_installed() -> list[str]:
     lines = []
     for name in installed_names():
         source = "built-in" if name in BUILTIN else f"plugin {plugin_entry_points()[name].value}"
-        if name in BUILTIN and hasattr(BUILTIN[name], "flower_class"):
-            source = f"built-in, Flower {BUILTIN[name].flower_class.__name__}"
+        flower_class = getattr(BUILTIN.get(name), "flower_class", None)
+        if flower_class is not None:
+            source = f"built-in, Flower {flower_class.__name__}"
         try:
             cls = resolve(name)
         except ConfigError as err:

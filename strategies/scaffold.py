@@ -54,7 +54,7 @@ class Scaffold(FedAvg):
 
     def check_reply(self, reply: Reply) -> str:
         """Δcᵢ must have c's keys and shapes and finite values."""
-        change = reply.message.content[SCAFFOLD_DC] if reply.message is not None else None
+        change = reply.message.content.array_records.get(SCAFFOLD_DC) if reply.message is not None else None
         if change is None or set(change) != set(self.variate):
             return f"'{SCAFFOLD_DC}' must hold the control variate's {len(self.variate)} arrays"
         for key, array in change.items():
@@ -72,7 +72,8 @@ class Scaffold(FedAvg):
         self.sites.update(reply.site for reply in replies)
         scale = 1.0 / max(len(self.sites), 1)
         for reply in replies:
-            for key, array in reply.message.content[SCAFFOLD_DC].items():
+            assert reply.message is not None  # check_reply has read its Δcᵢ
+            for key, array in reply.message.content.array_records[SCAFFOLD_DC].items():
                 self.variate[key] += scale * torch.from_numpy(array_view(array).astype(np.float32))
 
     def state_dict(self) -> dict[str, Any]:
