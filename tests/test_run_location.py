@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN, read_history, toml_value
+from mlflow.tracking import MlflowClient
 from private_superlink import start_local_superlink
 
 from fedseg.local_superlink import (
@@ -20,6 +21,7 @@ from fedseg.local_superlink import (
     find_local_superlink,
     this_bin_dir,
 )
+from fedseg.tracking.mlflow_tracker import tracking_uri
 
 pytest_plugins = ("private_superlink",)  # the private_flwr fixture
 
@@ -70,8 +72,8 @@ def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(tmp_path:
     first.mkdir()
     second.mkdir()
     start_local_superlink(this_bin_dir(), first, private_flwr)
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**TINY_RUN, "num-server-rounds": 1,
-                                                              "local-epochs": 1}.items())
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1,
+                                                              "tracking": "tensorboard,mlflow"}.items())
     result = subprocess.run(
         [str(this_bin_dir() / "fedseg"), "run", str(REPO), "--run-config", overrides,
          "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
@@ -85,3 +87,9 @@ def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(tmp_path:
     assert [r["round"] for r in history["rounds"]] == [0, 1]
     assert not (first / "runs").exists()
     assert f"folder {first}" in result.stdout  # the ServerApp ran in the SuperLink's folder and says so
+    # the ServerApp's trackers wrote beside the run folders: TensorBoard events and an MLflow run
+    run_name = next((second / "runs").glob("*/history.json")).parent.name
+    assert list((second / "runs" / "tensorboard" / run_name).glob("events.out.tfevents.*"))
+    client = MlflowClient(tracking_uri(second / "runs"))
+    (tracked,) = client.search_runs([client.get_experiment_by_name("fedseg").experiment_id])
+    assert tracked.info.run_name == run_name and "site-1/eval/dice" in tracked.data.metrics
