@@ -16,6 +16,7 @@ input with a NaN or infinite voxel is refused (a model would turn it into an all
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
-from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti
+from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti, nifti_image
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityWindow, intensity_transform
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
@@ -88,9 +89,9 @@ def predict_volume(
     case = _as_case(case)
     _check_ensemble(models)
     labels_scheme = models[0].labels
-    trainers = trainers or [None] * len(models)
-    mean = torch.stack([probabilities(m, case, trainer=t) for m, t in zip(models, trainers, strict=True)]).mean(dim=0)
-    source = nib.load(str(case[0]))
+    reused: Sequence[SegmentationTrainer | None] = trainers or [None] * len(models)
+    mean = torch.stack([probabilities(m, case, trainer=t) for m, t in zip(models, reused, strict=True)]).mean(dim=0)
+    source = nifti_image(case[0])
     labels = labels_scheme.label_map(mean[None])[0, 0].numpy().astype(np.uint8)
     if labels_scheme.kind == "brats":
         labels[labels == BRATS_ENHANCING] = BRATS_STORED_ENHANCING
@@ -220,10 +221,8 @@ def _write_temporary(image: nib.Nifti1Image, out_path: Path) -> Path:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass
 
 
 

@@ -115,17 +115,17 @@ def inspect_nifti(
         raise VolumeError("not-nifti", path, "not a NIfTI file (.nii or .nii.gz expected)")
     try:
         size = path.stat().st_size
-        image = nib.load(str(path))
+        image = nifti_image(path)
         header = image.header
         shape = tuple(int(n) for n in header.get_data_shape())
         dtype = np.dtype(header.get_data_dtype())
         offset = int(header.get_data_offset())
-        affine = np.asarray(image.affine, dtype=float)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except VolumeError:
+        raise
     except Exception as err:  # noqa: BLE001 - nibabel parses untrusted bytes: any failure means unreadable
         raise VolumeError("unreadable", path, f"cannot read the NIfTI header (corrupt or truncated?): "
                                               f"{type(err).__name__}: {first_line(err)}") from None
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError("not-nifti", path, f"not a NIfTI image ({type(image).__name__})")
     if dtype.kind not in "iuf" or dtype.itemsize > 8:
         kind = {"c": "complex", "V": "RGB or structured", "b": "boolean"}.get(dtype.kind, "unsupported")
         raise VolumeError("voxel-type", path, f"{kind} voxels ({dtype}) cannot be used; store real numbers")
@@ -158,6 +158,14 @@ def inspect_nifti(
                                                  f"{resampled:,.0f} voxels per channel, over this site's limit of "
                                                  f"{limit:,} (--max-voxels / ${MAX_VOXELS_ENV})")
     return NiftiHeader(path, shape, dtype, affine, image)
+
+
+def nifti_image(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """nibabel's (lazy) image of `path`; VolumeError when nibabel reads it as another kind of image."""
+    image = nib.load(str(path))
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError("not-nifti", Path(path), f"not a NIfTI image ({type(image).__name__})")
+    return image
 
 
 def load_nifti(

@@ -9,6 +9,7 @@ import nibabel as nib
 
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import SiteDataError, SiteSplit, Subject, load_datalist, scan_site
+from fedseg.data.nifti_guard import nifti_image
 from fedseg.data.splits import load_or_make_split
 from fedseg.data.synth import MAX_CLASSES, MIN_CLASSES, synthetic_root, write_site
 
@@ -42,7 +43,7 @@ def with_input_channels(config: RunConfig) -> RunConfig:
 
 def subject_channels(subject: Subject) -> int:
     """Image channels of one subject from the file headers: one per modality file, or a 4D file's last axis."""
-    shapes = [nib.load(path).shape for path in subject.images]
+    shapes = [nifti_image(path).shape for path in subject.images]
     return sum(shape[3] if len(shape) == 4 else 1 for shape in shapes)
 
 
@@ -59,7 +60,8 @@ def site_dir_for(config: RunConfig, site_index: int, node_data_dir: str | None =
         anatomy = config.synthetic_anatomy
         if anatomy == "pelvis" and not MIN_CLASSES <= config.num_classes <= MAX_CLASSES:
             message = (
-                f"data-dir 'synthetic' makes {MIN_CLASSES} to {MAX_CLASSES} classes, num-classes is {config.num_classes}"
+                f"data-dir 'synthetic' makes {MIN_CLASSES} to {MAX_CLASSES} classes, "
+                f"num-classes is {config.num_classes}"
             )
             raise SiteDataError(message, message)
         n, size, seed, classes = config.synthetic_subjects, config.synthetic_size, config.seed, config.num_classes
