@@ -30,10 +30,10 @@ def parse_model_args(text: str) -> dict[str, Any]:
     if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
         raise ModelArgsError(f"{text!r}: give every argument as name=value (no positional arguments)")
     args: dict[str, Any] = {}
-    for keyword in call.keywords:
-        if keyword.arg in args:
-            raise ModelArgsError(f"argument '{keyword.arg}' is given twice")
-        args[keyword.arg] = _literal(keyword.arg, keyword.value)
+    for name, value in ((kw.arg, kw.value) for kw in call.keywords if kw.arg is not None):  # all named (above)
+        if name in args:
+            raise ModelArgsError(f"argument '{name}' is given twice")
+        args[name] = _literal(name, value)
     return args
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from rich.console import Console
@@ -50,14 +51,16 @@ class Bars:
         self._progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._progress.__exit__(exc_type, exc, traceback)
 
     def add(self, description: str, total: int) -> TaskID:
         return self._progress.add_task(description, total=total)
 
     def advance(self, task: TaskID, description: str | None = None) -> None:
-        self._progress.update(task, advance=1, **({"description": description} if description else {}))
+        self._progress.update(task, advance=1, description=description or None)  # None: keeps the description
 
     def reset(self, task: TaskID, description: str, total: int, completed: int = 0) -> None:
         self._progress.reset(task, total=total, completed=completed, description=description)

@@ -37,9 +37,11 @@ class ValidationMemo:
     def get(self, key: str | None) -> tuple[list[Problem], int | None] | None:
         """The remembered (problems, channels) of an unchanged subject, else None."""
         entry = self._entries.get(key) if key is not None else None
+        if key is None or entry is None:
+            return None
         try:
             found = [Problem(**p) for p in entry["problems"]], entry["channels"]
-        except (TypeError, KeyError):  # no entry, or a damaged one: check the subject again
+        except (TypeError, KeyError):  # a damaged entry: check the subject again
             return None
         self._used[key] = entry
         return found

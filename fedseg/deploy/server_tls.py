@@ -116,7 +116,8 @@ def chain_fault_of(cert: ServerCertificate, ca_cert: Path, host: str) -> str | N
         roots = x509.load_pem_x509_certificates(ca_cert.read_bytes())
     except ValueError:
         return f"{ca_cert} is not a PEM certificate"
-    subject = x509.IPAddress(_ip(host)) if _ip(host) is not None else x509.DNSName(host)
+    address = _ip(host)
+    subject = x509.IPAddress(address) if address is not None else x509.DNSName(host)
     verifier = PolicyBuilder().store(Store(roots)).build_server_verifier(subject)
     try:
         verifier.verify(cert.cert, [])
@@ -167,7 +168,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def _addresses(host: str) -> list[str]:
     try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
     except (socket.gaierror, UnicodeError):
         return []
 

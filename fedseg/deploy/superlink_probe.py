@@ -46,7 +46,7 @@ def probe_superlink(address: str, ca_cert: str | Path, timeout: float = 10.0) ->
     if port is None:
         return probe.failed("not HOST:PORT (e.g. server.example.org:9092)")
     try:
-        found = sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+        found = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
     except (socket.gaierror, UnicodeError) as err:
         return probe.failed(f"cannot resolve '{host}' ({getattr(err, 'strerror', None) or err}): check the name")
     probe.passed(f"'{host}' resolves to {', '.join(found)}")
