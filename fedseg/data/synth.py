@@ -136,11 +136,15 @@ def write_site(
     With `anatomy="brain"` a brain-glioma site (`inst` a BrainInstitution; `num_classes` not used).
     """
     if _check_anatomy(anatomy) == "brain":
-        from fedseg.data.synth_brain import write_brain_site
+        from fedseg.data.synth_brain import BrainInstitution, write_brain_site
 
+        if inst is not None and not isinstance(inst, BrainInstitution):
+            raise TypeError(f"a brain site needs a BrainInstitution, got {type(inst).__name__}")
         return write_brain_site(root, site_index, num_subjects, size, seed, inst, folder)
     if not MIN_CLASSES <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [{MIN_CLASSES}, {MAX_CLASSES}], got {num_classes}")
+    if inst is not None and not isinstance(inst, Institution):
+        raise TypeError(f"a pelvis site needs an Institution, got {type(inst).__name__}")
     inst = inst or institution(site_index)
     site_dir = root / (folder or f"site-{site_index}")
     if (site_dir / "dataset.json").exists():
@@ -192,10 +196,12 @@ def synthesize(
     if anatomy == "brain":
         from fedseg.data.synth_brain import BRAIN_OUTSIDE, brain_institution
 
+        plan: list[tuple[int, Institution | BrainInstitution, str]]
         plan = [(k, brain_institution(k), f"site-{k}") for k in range(num_sites)]
         plan.append((OUTSIDE_KEY, BRAIN_OUTSIDE, "outside"))
     else:
-        plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)] + [(OUTSIDE_KEY, OUTSIDE, "outside")]
+        plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)]
+        plan.append((OUTSIDE_KEY, OUTSIDE, "outside"))
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
@@ -249,11 +255,11 @@ def _waves(rng: np.random.Generator, points: np.ndarray, frequency: float, count
 
 
 def _anatomical_points(
-    rng: np.random.Generator, shape: tuple[int, int, int], sub: int, inst: Institution, size: int
+    rng: np.random.Generator, shape: tuple[int, ...], sub: int, inst: Institution, size: int
 ) -> np.ndarray:
     """Fine-grid voxel centres in normalised anatomy coordinates (crop half-side = 1), with pose jitter."""
     axes = []
-    for n, s in zip((shape[0], shape[1], shape[2] * sub), (inst.spacing[0], inst.spacing[1], inst.spacing[2] / sub)):
+    for n, s in zip((shape[0], shape[1], shape[2] * sub), (inst.spacing[0], inst.spacing[1], inst.spacing[2] / sub), strict=True):
         axes.append(((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32))
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     angles = np.radians(rng.uniform(-8, 8, 3))
@@ -329,12 +335,12 @@ def _label(sdf: dict[str, np.ndarray], offset_mm: float, num_classes: int) -> np
     return label
 
 
-def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
+def _bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: float) -> np.ndarray:
     """Smooth multiplicative field exp(strength · quadratic polynomial), as from a receive coil."""
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
     terms = (x, y, z, x * x, y * y, x * y)
     coeffs = rng.uniform(-1, 1, len(terms))
-    poly = sum(c * t for c, t in zip(coeffs, terms))
+    poly = sum(c * t for c, t in zip(coeffs, terms, strict=True))
     return np.exp(strength * poly / np.abs(coeffs).sum())
 
 

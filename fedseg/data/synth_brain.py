@@ -260,7 +260,7 @@ def _points(
 ) -> np.ndarray:
     """Fine-grid voxel centres in normalised head coordinates, with a random head pose."""
     steps = (spacing[0], spacing[1], spacing[2] / sub)
-    axes = [((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32) for n, s in zip(fine_shape, steps)]
+    axes = [((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32) for n, s in zip(fine_shape, steps, strict=True)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     rotation = _rotation(*np.radians(rng.uniform(-7, 7, 3))).astype(np.float32)
     shift = rng.uniform(-0.04, 0.04, 3).astype(np.float32)
