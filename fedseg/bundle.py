@@ -219,7 +219,8 @@ def _window(node: Mapping[str, Any]) -> IntensityWindow | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not isinstance(clip, bool):
         return None
     try:
-        return IntensityWindow(*(float(v) for v in values), clip=clip)
+        a_min, a_max, b_min, b_max = (float(v) for v in values)
+        return IntensityWindow(a_min, a_max, b_min, b_max, clip=clip)
     except IntensityError:
         return None
 

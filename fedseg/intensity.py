@@ -49,7 +49,8 @@ class IntensityWindow:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:4]
         ) or not isinstance(values[4], bool):
             raise IntensityError(f"an intensity window is [a_min, a_max, b_min, b_max, clip], got {values!r}")
-        return cls(*(float(v) for v in values[:4]), clip=values[4])
+        a_min, a_max, b_min, b_max = (float(v) for v in values[:4])
+        return cls(a_min, a_max, b_min, b_max, clip=values[4])
 
     def __str__(self) -> str:
         clipped = "clipped" if self.clip else "not clipped"
@@ -68,7 +69,9 @@ def parse_intensity(text: str) -> IntensityWindow | None:
         except ValueError:
             numbers = []
         if len(numbers) in (2, 4) and all(abs(n) < float("inf") for n in numbers):
-            return IntensityWindow(*numbers)
+            a_min, a_max, *target = numbers
+            b_min, b_max = target or (0.0, 1.0)
+            return IntensityWindow(a_min, a_max, b_min, b_max)
     raise IntensityError(f"{text!r}: give \"{ZSCORE}\", \"{WINDOW_PREFIX}A,B\" (clip to [A, B], map onto [0, 1]), "
                          f"\"{WINDOW_PREFIX}A,B,C,D\" (onto [C, D]) or \"{BUNDLE}\"")
 
