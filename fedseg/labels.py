@@ -19,6 +19,7 @@ Two schemes (run-config `label-scheme`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss
@@ -138,4 +139,4 @@ class LabelScheme:
         predicted = self.masks(self.label_map(probabilities))
         truth = self.masks(label)
         metric = DiceMetric(include_background=True, reduction="none", ignore_empty=self.kind != "brats")
-        return metric(predicted, truth)
+        return cast(torch.Tensor, metric(predicted, truth))  # MONAI also types list inputs

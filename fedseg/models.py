@@ -65,9 +65,9 @@ def network_kind(name: str) -> NetworkKind:
     plugins = plugin_entry_points(frozenset(PRESETS))
     if name in plugins:
         return NetworkKind(load_plugin(plugins[name]), {}, plugin_source(plugins[name]))
-    cls = getattr(monai_nets, name, None)
-    if isinstance(cls, type) and issubclass(cls, nn.Module) and not name.startswith("_"):
-        return NetworkKind(cls, {}, "monai")
+    found = getattr(monai_nets, name, None)
+    if isinstance(found, type) and issubclass(found, nn.Module) and not name.startswith("_"):
+        return NetworkKind(found, {}, "monai")
     raise ModelError(f"unknown model '{name}'; choose one of: {model_choices()}")
 
 

@@ -92,9 +92,9 @@ def preprocessing(
 ) -> Compose:
     """Load channel-first, map label values (`label_mapping`, stored → trained), RAS, optional
     resampling to `pixdim` mm, z-score on nonzero voxels or the intensity `window` (fedseg.intensity)."""
-    steps = [LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True)]
+    steps: list[MapTransform] = [LoadImaged(keys=KEYS, image_only=True, ensure_channel_first=True)]
     if label_mapping:
-        stored, trained = zip(*sorted(label_mapping.items()))
+        stored, trained = zip(*sorted(label_mapping.items()), strict=True)
         steps.append(MapLabelValued(keys="label", orig_labels=list(stored), target_labels=list(trained)))
     steps.append(Orientationd(keys=KEYS, axcodes="RAS", labels=None))
     if pixdim is not None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from itertools import cycle
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from itertools import cycle
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullFormatter
 
-from fedseg.report.cases import CaseRow  # noqa: E402
-from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo  # noqa: E402
-from fedseg.report.tables import Cell, Model, PrivacyPoint, model_label, models, test_sets  # noqa: E402
+from fedseg.report.cases import CaseRow
+from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo
+from fedseg.report.tables import Cell, Model, PrivacyPoint, model_label, models, test_sets
 
 DPI = 80
 OVERLAY_DPI = 60  # many panels: keep the PNG small
@@ -103,7 +103,7 @@ def plot_boxes(rows: Sequence[CaseRow], path: Path) -> None:
     """Per tested-on set, a box of per-case Dice for each model."""
     columns, row_models = test_sets(rows), models(rows)
     fig, axes = plt.subplots(1, len(columns), figsize=(3 + 2.2 * len(columns), 4), sharey=True, squeeze=False)
-    for ax, column in zip(axes[0], columns):
+    for ax, column in zip(axes[0], columns, strict=True):
         present = [m for m in row_models if any(r.model == m and r.tested_on == column for r in rows)]
         data = [[r.score for r in rows if r.model == m and r.tested_on == column and not math.isnan(r.score)]
                 for m in present]
@@ -139,17 +139,17 @@ def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
     """Image, truth and each model's prediction on one slice of a few cases; False if none saved."""
     cases = sorted(p for p in (results_dir / OVERLAYS).glob("*") if p.is_dir())[:max_cases]
     panels = [sorted(case.glob("*.npz")) for case in cases]
-    panels = [(case, files) for case, files in zip(cases, panels) if files]
-    if not panels:
+    shown = [(case, files) for case, files in zip(cases, panels, strict=True) if files]
+    if not shown:
         return False
-    width = 2 + max(len(files) for _, files in panels)
-    fig, axes = plt.subplots(len(panels), width, figsize=(2 * width, 2.1 * len(panels)), squeeze=False)
-    for ax_row, (case, files) in zip(axes, panels):
+    width = 2 + max(len(files) for _, files in shown)
+    fig, axes = plt.subplots(len(shown), width, figsize=(2 * width, 2.1 * len(shown)), squeeze=False)
+    for ax_row, (case, files) in zip(axes, shown, strict=True):
         first = np.load(files[0])
         ax_row[0].imshow(first["image"].T, cmap="gray", origin="lower", interpolation="nearest")
         ax_row[0].set_title(case.name, fontsize=7)
         _label_panel(ax_row[1], first["image"], first["truth"], "truth")
-        for ax, file in zip(ax_row[2:], files):
+        for ax, file in zip(ax_row[2:], files, strict=False):  # a row has a panel per model of the widest case
             arm, trained_on = file.stem.split("--", 1)
             _label_panel(ax, first["image"], np.load(file)["prediction"], f"{arm}\n{trained_on}")
         for ax in ax_row:
