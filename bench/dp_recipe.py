@@ -6,6 +6,9 @@ One process, one site, no Flower: the same SegmentationTrainer, datasets and Sit
     fedseg synth data/dp-sgd --size tiny --sites 2 --subjects 270
     OMP_NUM_THREADS=1 python -m bench.dp_recipe data/dp-sgd/site-1 --epochs 10 --noise 1.0 --clip 1.0 \
         --lr 0.003 --batch 32 --multiplicity 4 [--init-from results/dp-public/.../final-model.pt]
+
+With `--epochs 0` it only scores the starting model (`--init-from`) on the test splits of every
+site given, e.g. `data/dp-clients/site-{0..49}`: the floor a private model has to beat.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedseg.data.datasets import evaluation_dataset, training_dataset
@@ -29,7 +33,7 @@ from fedseg.trainer import SegmentationTrainer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("site", type=Path)
+    parser.add_argument("site", type=Path, nargs="+", help="site folder(s); several only with --epochs 0")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--noise", type=float, default=0.0, help="σ; 0: no DP")
     parser.add_argument("--clip", type=float, default=1.0)
@@ -46,6 +50,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     patch, spacing = (args.patch,) * 3, (args.spacing,) * 3
+    if args.epochs == 0:
+        score_start_model(args, patch, spacing)
+        return
+    args.site = args.site[0]
     split = load_site_split(args.site, seed=0)
     cache = Path(tempfile.gettempdir()) / "fedseg-dp-recipe-cache" / args.site.name
     dp = args.noise > 0
@@ -71,6 +79,18 @@ def main() -> None:
                       "start_dice": round(start_dice, 4), "val_dice": curve[-1], "curve": curve,
                       "epsilon": round(privacy.epsilon, 3) if privacy else None,
                       "seconds": round(time.perf_counter() - started, 1)}))
+
+
+def score_start_model(args: argparse.Namespace, patch: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """Mean test Dice over the cases of every given site of the `--init-from` model, untrained."""
+    trainer = SegmentationTrainer("unet", 3, patch, model_args=parse_model_args(args.model_args))
+    trainer.set_weights(ModelCheckpoint.load(args.init_from).state_dict)
+    cases = []
+    for site in args.site:
+        test = evaluation_dataset(load_site_split(site, seed=0).test, spacing)
+        cases += list(np.nanmean(trainer.evaluate(test).per_case, axis=1))  # a case: mean over its scored structures
+    print(json.dumps({"init_from": args.init_from, "sites": len(args.site), "test_cases": len(cases),
+                      "test_dice": round(float(np.nanmean(cases)), 4)}))
 
 
 if __name__ == "__main__":
