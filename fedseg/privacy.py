@@ -42,19 +42,19 @@ _host_log_handlers = list(logging.root.handlers)
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.accountants import create_accountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
-from opacus.data_loader import wrap_collate_with_empty
+from opacus.data_loader import wrap_collate_with_empty  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
-from opacus.optimizers.optimizer import _mark_as_processed
+from opacus.optimizers.optimizer import _mark_as_processed  # noqa: E402
 from opacus.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
 # Opacus calls logging.basicConfig() on import, which doubles every Flower log line: undo that.
 logging.root.handlers[:] = _host_log_handlers
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate  # noqa: E402
 
-from fedseg.atomic import atomic_write_text
-from fedseg.noise import SecureGaussian
+from fedseg.atomic import atomic_write_text  # noqa: E402
+from fedseg.noise import SecureGaussian  # noqa: E402
 
 if TYPE_CHECKING:
     from fedseg.config import RunConfig
@@ -166,8 +166,10 @@ class SitePrivacy:
     @contextmanager
     def attach(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, batch_size: int, epochs: int
-    ) -> Iterator[tuple[torch.optim.Optimizer, Iterable[dict[str, torch.Tensor]], nn.Module]]:
+    ) -> Iterator[tuple[Any, Iterable[dict[str, torch.Tensor]], nn.Module]]:
         """Yield (DP optimizer, batches, model) for `epochs` passes; record the steps in the ledger after.
+        The optimizer is Opacus' DPOptimizer or, with augmentation multiplicity, a _PerSubjectGradients
+        in front of it (duck-typed: zero_grad and step).
 
         Raises PrivacyBudgetExceeded, before touching the model, when the planned steps would
         take ε past `target_epsilon`.
@@ -176,11 +178,13 @@ class SitePrivacy:
         secure = self.settings.noise_source == "secure"
         steps_per_epoch = -(-len(subjects) // batch_size)
         sample_rate = 1.0 / steps_per_epoch  # what make_private derives from the loader
-        loader = (secure_poisson_loader(subjects, sample_rate, steps_per_epoch, self._source) if secure
-                  else DataLoader(subjects, batch_size=batch_size, num_workers=0))
+        if self._source is not None:
+            loader = secure_poisson_loader(subjects, sample_rate, steps_per_epoch, self._source)
+        else:
+            loader = DataLoader(subjects, batch_size=batch_size, num_workers=0)
         sigma = self.settings.noise_for(sample_rate, steps_per_epoch)
         history = self.ledger.load()
-        self._check_budget(history + [(sigma, sample_rate, epochs * steps_per_epoch)])
+        self._check_budget([*history, (sigma, sample_rate, epochs * steps_per_epoch)])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in SECURITY.md
             engine = (_SecureNoiseEngine(self._source, accountant=self.settings.accountant) if self._source

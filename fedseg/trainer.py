@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class SegmentationTrainer:
         self.make_optimizer = optimizer or optimizer_factory("adam")
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
         # and the state dict keys stay on the plain module, which shares its parameters.
-        self._train_forward: nn.Module = torch.compile(self.model) if compile else self.model
+        self._train_forward: Callable[..., Any] = torch.compile(self.model) if compile else self.model
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -153,6 +153,8 @@ class SegmentationTrainer:
         if gradient_correction is not None:
             correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
         optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
+        # (the optimizer, or DP-SGD's wrapper that steps like one; the batches; the forward pass)
+        session: AbstractContextManager[tuple[Any, Iterable[dict[str, torch.Tensor]], Callable[..., Any]]]
         if privacy is None:
             loader = DataLoader(
                 dataset,
@@ -170,25 +172,26 @@ class SegmentationTrainer:
         started = time.perf_counter()
         total_loss, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         scaler = self.precision.scaler()  # fp16 only; a pass-through otherwise
-        with session as (optimizer, loader, forward):
+        with session as (stepper, batches, forward):
             for _ in range(epochs):
-                for batch in loader:
+                for batch in batches:
                     image = batch["image"].to(self.device, non_blocking=True)
                     label = batch["label"].to(self.device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
+                    stepper.zero_grad(set_to_none=True)
                     with self.precision.autocast():
                         loss = self.loss_fn(forward(image), self.labels.loss_target(label))
                     if anchor is not None:
                         loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
                     scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # true gradients for the sums, the corrections and the step
-                    for name, param in named if gradient_sums is not None else ():
-                        if param.grad is not None:
-                            gradient_sums[name] += param.grad
+                    scaler.unscale_(stepper)  # true gradients for the sums, the corrections and the step
+                    if gradient_sums is not None:
+                        for name, param in named:
+                            if param.grad is not None:
+                                gradient_sums[name] += param.grad
                     for param, extra in correction or ():
                         if param.grad is not None:
                             param.grad.add_(extra)
-                    scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                    scaler.step(stepper)  # skipped when fp16 gradients overflowed
                     scaler.update()
                     total_loss += loss.detach()
                     steps += 1
@@ -214,7 +217,7 @@ class SegmentationTrainer:
             logits = sliding_window_inference(
                 image.to(self.device), roi_size=self.patch_size, sw_batch_size=4, predictor=self.model, overlap=0.25
             )
-        return logits.float()
+        return cast(torch.Tensor, logits).float()  # MONAI also types tuple- and dict-returning predictors
 
     def evaluate(self, dataset: Dataset, weights: StateDict | None = None) -> EvalResult:
         """Dice of every scored structure on every whole volume of `dataset`."""
@@ -229,8 +232,8 @@ class SegmentationTrainer:
         return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
 
 
-def _squared_distance(params: Sequence[torch.Tensor] | object, anchor: list[torch.Tensor]) -> torch.Tensor:
-    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[arg-type]
+def _squared_distance(params: Iterable[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    return sum((((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)), torch.zeros(()))
 
 
 def _seed_everything(seed: int, dataset: Dataset, keep_cudnn_flags: bool = False) -> None:
@@ -240,5 +243,5 @@ def _seed_everything(seed: int, dataset: Dataset, keep_cudnn_flags: bool = False
     if keep_cudnn_flags:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
     transform = getattr(dataset, "transform", None)
-    if hasattr(transform, "set_random_state"):
+    if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed)
