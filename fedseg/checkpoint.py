@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -96,7 +96,8 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Pa
 
 def rng_state() -> dict[str, Any]:
     """The server's Python, NumPy and torch random states, as checkpoint-safe values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the global RandomState is MT19937, whose legacy state is a tuple (numpy types the dict form too)
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],

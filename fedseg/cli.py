@@ -42,7 +42,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, SiteDataError, SettingError, CertError, ExperimentError, CheckpointError, PredictError, CasesError
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str | Exception, code: int = 2) -> None:
     """Print `error: <message>` (one line) to stderr and exit with `code`."""
     typer.echo(f"error: {' '.join(str(message).split())}", err=True)
     raise typer.Exit(code=code)

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -255,7 +255,7 @@ def _state_dict_in(data: object) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _is_run_checkpoint(data: object) -> bool:
+def _is_run_checkpoint(data: object) -> TypeGuard[dict[str, Any]]:
     return isinstance(data, dict) and {"weights", "history", "round"} <= set(data) and isinstance(data["history"], dict)
 
 

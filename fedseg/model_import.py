@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from fedseg.bundle import read_bundle
 from fedseg.config import RunConfig
@@ -36,10 +37,10 @@ def import_model(weights: str | Path, out: str | Path, config_path: str | Path |
     return model
 
 
-def _bundle_grid(folder: Path) -> dict[str, tuple]:
+def _bundle_grid(folder: Path) -> dict[str, Any]:
     """The bundle's spacing and patch size as run-config values, where it states three of each."""
     found = read_bundle(folder).preprocessing
-    grid: dict[str, tuple] = {}
+    grid: dict[str, Any] = {}  # RunConfig fields
     pixdim, roi = found.get("pixdim"), found.get("roi_size")
     if isinstance(pixdim, list | tuple) and len(pixdim) == 3 and all(isinstance(v, int | float) for v in pixdim):
         grid["spacing"] = tuple(float(v) for v in pixdim)

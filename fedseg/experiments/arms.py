@@ -93,7 +93,7 @@ def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
 def _ensembles(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
     """For each ensembled arm: one submodel per fold, then the ensemble (probabilities averaged)."""
     k, sites = spec.ensemble_folds, tuple(range(spec.sites))
-    bases = []
+    bases: list[tuple[str, str, str, tuple[int, ...], str]] = []  # (name, kind, trained on, nodes, strategy)
     if "private" in spec.ensemble_arms:
         bases += [("private", "private", f"site-{s}", (s,), "fedavg") for s in sites]
     if "centralized" in spec.ensemble_arms:

@@ -158,7 +158,7 @@ def _train(
         resume = load_checkpoint(folder)
         check_resumable(resume, config, folder)
     if arm.start_from:
-        initial = ArrayRecord(ModelCheckpoint.load(results / ARMS / arm.start_from / MODEL).state_dict)
+        initial = ArrayRecord(dict(ModelCheckpoint.load(results / ARMS / arm.start_from / MODEL).state_dict))
     else:
         initial = initial_weights(config)
     with server_identity():
