@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import REPO, BenchOptions, median, print_table, write_result
 
@@ -54,8 +56,8 @@ class Stages:
         self.wall[stage] = self.wall.get(stage, 0.0) + wall
         self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu
 
-    def timed(self, stage: str, function):
-        def timed(*args, **kwargs):
+    def timed(self, stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return function(*args, **kwargs)

@@ -12,6 +12,7 @@ Only processes this module started are stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,10 +116,8 @@ def stop(proc: subprocess.Popen) -> None:
     pids = [proc.pid, *descendants(proc.pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
         try:
             proc.wait(timeout=KILL_TIMEOUT_S)
             if not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in pids[1:]):

@@ -190,9 +190,10 @@ def test_probe_says_when_nothing_listens_or_the_name_is_unknown(certs: Path) -> 
 
 
 def test_site_check_superlink_prints_one_verdict_per_step_and_exits_1_on_a_fault(certs: Path) -> None:
+    ca = str(certs / "ca.crt")
     with tls_listener(certs) as port:
-        good = CliRunner().invoke(app, ["site", "check", "--superlink", f"localhost:{port}", "--ca", str(certs / "ca.crt")])
-        bad = CliRunner().invoke(app, ["site", "check", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt")])
+        good = CliRunner().invoke(app, ["site", "check", "--superlink", f"localhost:{port}", "--ca", ca])
+        bad = CliRunner().invoke(app, ["site", "check", "--superlink", f"127.0.0.1:{port}", "--ca", ca])
     assert good.exit_code == 0, good.output
     assert good.output.splitlines()[-1] == "ready to join" and "TLS verified" in good.output
     assert bad.exit_code == 1 and "wrong name" in bad.output and "ready to join" not in bad.output

@@ -136,8 +136,8 @@ def _answer(app: Callable[[Message, Context], Message], message: Message, contex
         reply = app(message, context)
     except Exception as err:  # noqa: BLE001 - the worker must outlive any one message
         log.error("%s raised %s: %s", message.metadata.message_type, type(err).__name__, err)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"ClientApp raised {type(err).__name__}"),
-                       reply_to=message)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"ClientApp raised {type(err).__name__}")
+        return Message(error, reply_to=message)
     log.info("%s answered in %.2f s", message.metadata.message_type, time.perf_counter() - started)
     return reply
 

@@ -83,7 +83,8 @@ def _verification_fault(host: str, port: int, ca_cert: Path, err: ssl.SSLCertVer
     cert = _peer_certificate(host, port, timeout)
     if cert is not None:
         if not _issued_by_any(cert, ca_cert):
-            same_name = " (another CA of that name: a ca.crt of an older `fedseg certs`?)" if _names_issuer(cert, ca_cert) else ""
+            same_name = (" (another CA of that name: a ca.crt of an older `fedseg certs`?)"
+                         if _names_issuer(cert, ca_cert) else "")
             return (f"TLS: wrong CA: the SuperLink's certificate was issued by '{cert.issuer}', which {ca_cert.name} "
                     f"does not hold{same_name}; get the federation's current ca.crt from the coordinator")
         fault = cert.validity_fault()
