@@ -26,7 +26,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2:
         return float("nan")
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
 def run(options: BenchOptions) -> dict:

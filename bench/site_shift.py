@@ -78,9 +78,9 @@ def main() -> None:
         root, cache = Path(tmp) / "sites", Path(tmp) / "cache"
         folders = synthesize(root, args.size, args.seed, args.sites, args.num_classes, anatomy=args.anatomy)
         splits = [load_site_split(folder, args.seed) for folder in folders[:-1]]
-        tests = {f.name: s.test for f, s in zip(folders, splits)} | {"outside": load_datalist(folders[-1])}
+        tests = {f.name: s.test for f, s in zip(folders, splits, strict=False)} | {"outside": load_datalist(folders[-1])}
         test_sets = {name: evaluation_dataset(items, PIXDIM, cache_dir=cache) for name, items in tests.items()}
-        plans = {f.name: (s.train, args.steps) for f, s in zip(folders, splits)}
+        plans = {f.name: (s.train, args.steps) for f, s in zip(folders, splits, strict=False)}  # not the outside one
         plans["pooled"] = ([item for s in splits for item in s.train], args.pooled_steps)
         matrix: dict[str, dict[str, float]] = {}
         for name, (items, steps) in plans.items():

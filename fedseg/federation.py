@@ -164,7 +164,10 @@ class Federation:
         config = self._instruction(
             {m.LOCAL_EPOCHS: self.config.local_epochs, m.LEARNING_RATE: self.config.round_learning_rate(server_round)}
         )
-        configure = lambda grid: self.strategy.configure_train(server_round, arrays, config, grid)
+
+        def configure(grid: Grid) -> Iterable[Message]:
+            return self.strategy.configure_train(server_round, arrays, config, grid)
+
         if self._secure is None:
             replies = self._stage("train", configure, record)
             aggregated = [reply for _, reply in replies]

@@ -58,4 +58,4 @@ class FedBN(FedAvg):
         shared, metrics = super().aggregate_train(server_round, replies)
         if shared is None or self._full is None:
             return shared, metrics
-        return ArrayRecord({key: shared[key] if key in shared else array for key, array in self._full.items()}), metrics
+        return ArrayRecord({key: shared.get(key, array) for key, array in self._full.items()}), metrics

@@ -108,7 +108,7 @@ def test_none_only_crops() -> None:
     item = preprocessed()
     for patch in patches("none", item, seed=3, samples=4):
         corner = [int(torch.nonzero(item["image"][0] == patch["image"][0, 0, 0, 0])[0][axis]) for axis in range(3)]
-        window = tuple(slice(c, c + p) for c, p in zip(corner, PATCH))
+        window = tuple(slice(c, c + p) for c, p in zip(corner, PATCH, strict=True))
         assert torch.equal(patch["image"], item["image"][(slice(None), *window)])
         assert torch.equal(patch["label"], item["label"][(slice(None), *window)])
 

@@ -47,7 +47,7 @@ def test_bad_value_names_key_and_problem(key: str, value: object, message: str) 
 
 
 def test_unknown_key_lists_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="unknown run-config key 'num-rounds'; valid keys: .*num-server-rounds"):
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'num-rounds'; valid keys: .*num-server-rounds"):
         RunConfig.from_mapping({"num-rounds": 3})
 
 
@@ -70,7 +70,7 @@ def test_toml_file_round_trip(tmp_path: Path) -> None:
 def test_unreadable_toml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("strategy = \n")
-    with pytest.raises(ConfigError, match="broken.toml: cannot read run config"):
+    with pytest.raises(ConfigError, match=r"broken.toml: cannot read run config"):
         RunConfig.from_toml(path)
 
 

@@ -77,7 +77,7 @@ def test_layout_faults_raise_with_every_fault_named(tmp_path: Path) -> None:
     save(site / "labels" / "z.nii.gz", ramp_label())
     with pytest.raises(SiteDataError, match=r"b\.nii\.gz: image without label.*z\.nii\.gz: label without image"):
         load_datalist(site)
-    with pytest.raises(SiteDataError, match="no dataset.json and no images/"):
+    with pytest.raises(SiteDataError, match=r"no dataset.json and no images/"):
         load_datalist(tmp_path / "images")
 
 

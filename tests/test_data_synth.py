@@ -58,7 +58,7 @@ def test_institutions_differ_in_contrast_spacing_and_orientation(tiny: Path) -> 
 
 
 def test_structures_touch_and_edges_have_partial_volume() -> None:
-    image, label, _ = render_subject(np.random.default_rng(0), INSTITUTIONS[0], 40, num_classes=4)
+    _, label, _ = render_subject(np.random.default_rng(0), INSTITUTIONS[0], 40, num_classes=4)
     gland = label == 1
     for axis in range(3):  # the bladder (3) and the transition zone (2) border the peripheral zone
         shifted = np.roll(gland, 1, axis=axis)

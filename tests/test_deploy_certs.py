@@ -53,10 +53,12 @@ def test_tls_handshake_with_the_ca_succeeds_for_each_host(bundle) -> None:  # no
         thread.start()
         client_ctx = ssl.create_default_context(cafile=str(bundle.ca_cert))
         for host in ("127.0.0.1", "localhost"):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-                with client_ctx.wrap_socket(raw, server_hostname=host) as tls:
-                    assert tls.version() in ("TLSv1.2", "TLSv1.3")
-                    tls.sendall(b"x")
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=host) as tls,
+            ):
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+                tls.sendall(b"x")
         thread.join(timeout=10)
 
 
@@ -77,9 +79,11 @@ def test_tls_handshake_fails_without_the_federation_ca(bundle, tmp_path: Path) -
 
         threading.Thread(target=serve, daemon=True).start()
         client_ctx = ssl.create_default_context(cafile=str(other.ca_cert))
-        with socket.create_connection(listener.getsockname(), timeout=10) as raw:
-            with pytest.raises(ssl.SSLCertVerificationError):
-                client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        with (
+            socket.create_connection(listener.getsockname(), timeout=10) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
 def test_site_keys_are_matching_ec_openssh_pairs_readable_by_owner_only(bundle) -> None:  # noqa: ANN001

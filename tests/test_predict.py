@@ -74,7 +74,7 @@ def test_ensemble_averages_probabilities_and_folders_are_predicted(tmp_path: Pat
     outputs = predict(checkpoints, inputs, tmp_path / "out")
     assert [p.name for p in outputs] == ["a.nii.gz", "b.nii.gz"]
     models = [ModelCheckpoint.load(c) for c in checkpoints]
-    for image, out in zip(images, outputs):
+    for image, out in zip(images, outputs, strict=True):
         mean = (probabilities(models[0], image) + probabilities(models[1], image)) / 2
         single = probabilities(models[0], image).argmax(0).numpy()
         ensemble = np.asarray(nib.load(str(out)).dataobj)
@@ -87,7 +87,7 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
         predict([], tmp_path, tmp_path / "out")
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": 1}, bogus)
-    with pytest.raises(CheckpointError, match="bogus.pt: not a fedseg model file"):
+    with pytest.raises(CheckpointError, match=r"bogus.pt: not a fedseg model file"):
         predict([bogus], tmp_path, tmp_path / "out")
-    with pytest.raises(PredictError, match="missing.nii.gz: input not found"):
+    with pytest.raises(PredictError, match=r"missing.nii.gz: input not found"):
         predict([_checkpoint(tmp_path, 1, None)], tmp_path / "missing.nii.gz", tmp_path / "out.nii.gz")

@@ -30,11 +30,11 @@ def _rows() -> list[CaseRow]:
     rows = []
     for (arm, trained_on, kind), by_site in SCORES.items():
         for site, subjects in (("site-0", SITE0), ("site-1", SITE1)):
-            for subject, score in zip(subjects, by_site[site]):
+            for subject, score in zip(subjects, by_site[site], strict=True):
                 dice = (0.7, 0.9) if (arm, site, subject) == ("fedavg", "site-0", "a") else (score, score)
                 rows.append(CaseRow(arm, kind, trained_on, site, False, subject, dice))
         if arm in OUTSIDE:
-            for subject, score in zip(("o1", "o2"), OUTSIDE[arm]):
+            for subject, score in zip(("o1", "o2"), OUTSIDE[arm], strict=True):
                 rows.append(CaseRow(arm, kind, trained_on, "outside", True, subject, (score, math.nan)))
     return rows
 

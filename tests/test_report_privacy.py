@@ -29,7 +29,7 @@ def _rows() -> list[CaseRow]:
     for (arm, kind, dp_kind, epsilon, delta), scores in MODELS.items():
         trained_on = TRAINED_ON.get(arm, "federation")
         cases = [(site, subject) for site, subjects in SUBJECTS.items() for subject in subjects]
-        for (site, subject), score in zip(cases, scores):
+        for (site, subject), score in zip(cases, scores, strict=True):
             rows.append(CaseRow(arm, kind, trained_on, site, False, subject, (score,), dp_kind, epsilon, delta))
         rows.append(CaseRow(arm, kind, trained_on, "outside", True, "o", (0.0,), dp_kind, epsilon, delta))
     return rows

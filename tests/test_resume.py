@@ -87,7 +87,7 @@ def test_resume_rejects_a_changed_config(tmp_path: Path, task_identity: None) ->
     values = tiny_config(tmp_path, **{"num-server-rounds": 1})
     run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
     changed = RunConfig.from_mapping({**values, "learning-rate": 0.5, "resume-from": str(tmp_path / "run")})
-    with pytest.raises(ConfigError, match="'learning-rate' was 0.01, now 0.5"):
+    with pytest.raises(ConfigError, match=r"'learning-rate' was 0.01, now 0.5"):
         resume_checkpoint(changed)
     more_rounds = RunConfig.from_mapping({**values, "num-server-rounds": 4, "resume-from": str(tmp_path / "run")})
     assert resume_checkpoint(more_rounds).round == 1

@@ -26,19 +26,19 @@ def test_builtin_by_name_with_parameters() -> None:
 
 def test_module_class_spec() -> None:
     assert type(build(strategy="strategies.fedavg:FedAvg")) is FedAvg
-    with pytest.raises(ConfigError, match="module 'strategies.fedavg' has no 'Nope'"):
+    with pytest.raises(ConfigError, match=r"module 'strategies.fedavg' has no 'Nope'"):
         build(strategy="strategies.fedavg:Nope")
-    with pytest.raises(ConfigError, match="not a subclass of strategies.base.FedSegStrategy or flwr.serverapp"):
+    with pytest.raises(ConfigError, match=r"not a subclass of strategies.base.FedSegStrategy or flwr.serverapp"):
         build(strategy="collections:OrderedDict")
     flower_fedadam = build(strategy="flwr.serverapp.strategy:FedAdam")  # a Flower class: wrapped, built-in name
     assert type(flower_fedadam) is BUILTIN["fedadam"] and type(flower_fedadam.inner).__name__ == "FedAdam"
 
 
 def test_unknown_strategy_lists_installed_ones() -> None:
-    with pytest.raises(ConfigError, match="'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
-                                          "dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fedbn, ditto, fedadam, fedyogi, "
-                                          "fedadagrad, fedavgm, "
-                                          "fedtrimmedavg, fedmedian, krum.* \\(or give 'flower:<Flower strategy class>'"):
+    with pytest.raises(ConfigError, match=r"'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
+                                          r"dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fedbn, ditto, fedadam, "
+                                          r"fedyogi, fedadagrad, fedavgm, "
+                                          r"fedtrimmedavg, fedmedian, krum.* \(or give 'flower:<Flower strategy class>'"):
         build(strategy="fedsgd")
 
 
@@ -64,12 +64,12 @@ def test_ill_typed_parameter_fails(key: str, value: object, message: str) -> Non
 
 
 def test_cyclic_cycles_must_be_an_integer() -> None:
-    with pytest.raises(ConfigError, match="'cyclic.cycles' must be an integer, got 1.5"):
+    with pytest.raises(ConfigError, match=r"'cyclic.cycles' must be an integer, got 1.5"):
         build(**{"strategy": "cyclic", "cyclic.cycles": 1.5})
 
 
 def test_parameter_of_unknown_strategy_namespace_fails() -> None:
-    with pytest.raises(ConfigError, match="'fedprx.proximal-mu': 'fedprx' is no installed strategy"):
+    with pytest.raises(ConfigError, match=r"'fedprx.proximal-mu': 'fedprx' is no installed strategy"):
         build(**{"strategy": "fedavg", "fedprx.proximal-mu": 0.1})
 
 

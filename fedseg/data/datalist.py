@@ -196,7 +196,7 @@ def manifest_subject_id(item: dict, images: list[str]) -> str:
     stems = [subject_id_of(path) for path in images]
     if len(set(stems)) <= 1:
         return stems[0]
-    shared = os.path.commonprefix(stems)
+    shared = os.path.commonprefix(stems)  # noqa: RUF071 - the shared start of file-name stems, by character
     trimmed = re.sub(r"[^A-Za-z0-9]*$", "", shared if shared[-1:] in "_-." else re.sub(r"[_\-.][^_\-.]*$", "", shared))
     return trimmed or stems[0]
 

@@ -8,6 +8,7 @@ empty or names an id in two parts is an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -78,10 +79,8 @@ def load_or_make_split(items: Datalist, seed: int, split_dir: Path) -> SiteSplit
             )
         return apply_split(items, saved)
     split = split_ids(ids, seed)
-    try:
+    with contextlib.suppress(OSError):  # a read-only site folder: the seeded split is still reproducible from the seed
         atomic_write_text(path, json.dumps(asdict(split), indent=2))
-    except OSError:
-        pass  # a read-only site folder: the seeded split is still reproducible from the seed
     return apply_split(items, split)
 
 

@@ -183,10 +183,9 @@ def _check_subject(
     good_images = [v for v in images if v is not None and _image_dims_ok(v, len(subject.images) > 1, problems)]
     if len(good_images) == len(images):
         channels = sum(v.shape[3] if len(v.shape) == 4 else 1 for v in good_images)
-    if label is not None and len(label.shape) != 3:
-        if not (len(label.shape) == 4 and label.shape[3] == 1):
-            problems.append(_error("dimensions", label.path, f"label must be 3D, got shape {label.shape}"))
-            label = None
+    if label is not None and len(label.shape) != 3 and not (len(label.shape) == 4 and label.shape[3] == 1):
+        problems.append(_error("dimensions", label.path, f"label must be 3D, got shape {label.shape}"))
+        label = None
     grid = [v for v in (*good_images, label) if v is not None]
     for other in grid[1:]:
         problems.extend(_compare_grids(grid[0], other, tolerance))
