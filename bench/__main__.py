@@ -1,4 +1,5 @@
-"""Entry point: `python -m bench {all|throughput|round|aggregation|scale|data|secagg|startup} [--quick] [--device cuda]`."""
+"""Entry point: `python -m bench {all|throughput|round|aggregation|scale|data|secagg|startup} [--quick]
+[--device cuda]`."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def run(options: BenchOptions) -> dict:
             results.append(pool.submit(measure_case, case).result())
     side_names = list(results[0]["seconds"])
     print_table(
-        f"3. aggregation seconds (median) and extra peak MB (targets: fedseg <= {TARGET_VS_FLOWER} x Flower, <= {TARGET_VS_BARE} x bare)",
+        f"3. aggregation seconds (median) and extra peak MB "
+        f"(targets: fedseg <= {TARGET_VS_FLOWER} x Flower, <= {TARGET_VS_BARE} x bare)",
         ["params x sites", *side_names, *[f"{n} vs flower" for n in FEDSEG_STRATEGIES],
          *[f"{n} vs bare" for n in FEDSEG_STRATEGIES], *[f"MB {n}" for n in side_names]],
         [[f"{r['params'] / 1e6:g}M x {r['sites']}", *[r["seconds"][n] for n in side_names],

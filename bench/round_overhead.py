@@ -85,7 +85,8 @@ def run(options: BenchOptions) -> dict:
         "bare": bare,
     }
     print_table(
-        f"2. simulated round vs the same epochs bare ({sites} sites x {run_config['local-epochs']} epochs; target <= {TARGET})",
+        f"2. simulated round vs the same epochs bare "
+        f"({sites} sites x {run_config['local-epochs']} epochs; target <= {TARGET})",
         ["bare fit s", "bare fit+eval s", "round s (median)", "client fit s", "ratio round/bare fit",
          "ratio round/bare fit+eval", "flwr run wall s", "outside rounds s (start-up, round 0)"],
         [[bare_fit, bare_fit_eval, result["round_seconds_median"], result["client_fit_seconds_median"],

@@ -63,8 +63,8 @@ NODE_MINIMUMS = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
 # The metric a reply must carry (finite) to be counted in history.json, per stage.
 RECORDED_METRIC = {"train": m.TRAIN_LOSS, "evaluate": m.DICE}
 POLL_SECONDS = 1.0
-FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"
-RUN_KEY = "run-key"  # history.json: the key that names the run to the sites  # run-folder model files (fedseg.model_checkpoint format)
+FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"  # run-folder model files (fedseg.model_checkpoint format)
+RUN_KEY = "run-key"  # history.json: the key that names the run to the sites
 
 
 class FederationError(RuntimeError):

@@ -27,7 +27,8 @@ from fedseg.flower_compat import SType
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LENGTH_BYTES = {1: 2, 2: 4}  # size of the little-endian header length field after the 8-byte magic
-BLOCK = 131_072  # elements per block (512 KB of float32): reused blocks stay in L2/L3 cache, Python's per-call cost is small
+# elements per block (512 KB of float32): reused blocks stay in L2/L3 cache, Python's per-call cost is small
+BLOCK = 131_072
 
 
 def array_view(array: Array) -> np.ndarray:

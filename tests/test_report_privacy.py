@@ -88,7 +88,8 @@ def test_report_has_privacy_table_and_dice_vs_epsilon_plot(results: Path, tmp_pa
         "whether any one site, with all its subjects, took part |",
         "| fedavg-dpsgd-z2.0 | sample-level | 1.25 | 1e-05 | 0.300 ± 0.082 (4) | 50 % | one subject's scans at a site: "
         "whether any single subject was in a site's training data |",
-        "| fedavg-dpsgd-z0.5 | sample-level | 40.00 | 1e-05 | 0.500 ± 0.082 (4) | 83 % | one subject's scans at a site: "
+        "| fedavg-dpsgd-z0.5 | sample-level | 40.00 | 1e-05 | 0.500 ± 0.082 (4) | 83 % | one subject's scans "
+        "at a site: "
         "whether any single subject was in a site's training data |",
         "| centralized | none | – | – | 0.800 ± 0.082 (4) | 133 % | nothing (trained without DP) |",
         "| fedavg | none | – | – | 0.600 ± 0.082 (4) | 100 % | nothing (trained without DP) |",

@@ -46,7 +46,8 @@ def training_dataset(
 ) -> Dataset:
     """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation
     preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability` and
-    `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not part of the cache key: it only acts after the cache."""
+    `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not
+    part of the cache key: it only acts after the cache."""
     deterministic = training_preprocessing(patch_size, pixdim, label_mapping, window)
     settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping),
                 **_window_setting(window)}

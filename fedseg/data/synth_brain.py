@@ -135,7 +135,8 @@ def draw_grade(rng: np.random.Generator, inst: BrainInstitution) -> str:
 def render_brain_subject(
     rng: np.random.Generator, inst: BrainInstitution, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One subject of `inst`: (image float32 (X, Y, Z, 4) in MODALITIES order, label uint8, affine), stored orientation."""
+    """One subject of `inst`: (image float32 (X, Y, Z, 4) in MODALITIES order, label uint8, affine),
+    in the stored orientation."""
     subject = _Subject(rng, inst, size)
     contrast = {k: v * rng.uniform(0.95, 1.05, 4).astype(np.float32) for k, v in BRAIN_CONTRASTS[inst.contrast].items()}
     texture = subject.texture[..., None]

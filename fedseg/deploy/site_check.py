@@ -36,8 +36,8 @@ class DryRun:
     def line(self, config: RunConfig) -> str:
         return (
             f"dry run: {config.model} ({self.parameters:,} parameters) on {self.device}: volume "
-            f"{'x'.join(map(str, self.volume_shape))}, {self.channels} channel(s) -> {self.output_shape[0]} output maps "
-            f"in {self.seconds:.2f} s"
+            f"{'x'.join(map(str, self.volume_shape))}, {self.channels} channel(s) -> "
+            f"{self.output_shape[0]} output maps in {self.seconds:.2f} s"
         )
 
 

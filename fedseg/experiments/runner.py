@@ -3,8 +3,9 @@
 Per arm (see fedseg.report.layout for the files): a Federation run through the LocalGrid, a model
 checkpoint, then per-case Dice of the final model on every site's held-out test split and on the
 outside institution, computed here by the one party running the experiment (its own or synthetic
-data), with the model's final (ε, δ) where it was trained with DP, and a few overlay slices. `arm.json` is written last: an arm that has it is skipped when the
-experiment is started again; an interrupted federated arm resumes from its last finished round.
+data), with the model's final (ε, δ) where it was trained with DP, and a few overlay slices.
+`arm.json` is written last: an arm that has it is skipped when the experiment is started again;
+an interrupted federated arm resumes from its last finished round.
 """
 
 from __future__ import annotations
