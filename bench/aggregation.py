@@ -34,8 +34,15 @@ def cases(options: BenchOptions) -> list[dict]:
     for params, sites in grid:
         distinct = min(sites, REPLY_BYTES_LIMIT // (params * 4))
         repeats = (5 if params * sites <= 5e7 else 3) if options.quick else (9 if params * sites <= 5e7 else 5)
-        out.append({"params": params, "sites": sites, "distinct": distinct,
-                    "reply_gb": params * 4 * distinct / 2**30, "repeats": repeats})
+        out.append(
+            {
+                "params": params,
+                "sites": sites,
+                "distinct": distinct,
+                "reply_gb": params * 4 * distinct / 2**30,
+                "repeats": repeats,
+            }
+        )
     return out
 
 
@@ -60,7 +67,9 @@ def build_replies(params: int, sites: int, distinct: int, seed: int = 0):
     base = {f"layer{i}": rng.standard_normal(size, dtype=np.float32) for i, size in enumerate(layer_sizes(params))}
     base["bn.num_batches_tracked"] = np.array(10, dtype=np.int64)
     global_arrays = ArrayRecord({k: Array(v) for k, v in base.items()})
-    instruction = Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+    instruction = Message(
+        RecordDict({"arrays": global_arrays, "config": ConfigRecord({})}), dst_node_id=1, message_type="train"
+    )
     weights: list[dict[str, Array]] = []
     for site in range(distinct):
         state = {k: (v + np.float32(0.001 * (site + 1)) if v.dtype == np.float32 else v) for k, v in base.items()}
@@ -150,16 +159,30 @@ def run(options: BenchOptions) -> dict:
     print_table(
         f"3. aggregation seconds (median) and extra peak MB "
         f"(targets: fedseg <= {TARGET_VS_FLOWER} x Flower, <= {TARGET_VS_BARE} x bare)",
-        ["params x sites", *side_names, *[f"{n} vs flower" for n in FEDSEG_STRATEGIES],
-         *[f"{n} vs bare" for n in FEDSEG_STRATEGIES], *[f"MB {n}" for n in side_names]],
-        [[f"{r['params'] / 1e6:g}M x {r['sites']}", *[r["seconds"][n] for n in side_names],
-          *[r[f"{n}_vs_flower"] for n in FEDSEG_STRATEGIES], *[r[f"{n}_vs_bare"] for n in FEDSEG_STRATEGIES],
-          *[r["peak_mb"][n] for n in side_names]] for r in results],
+        [
+            "params x sites",
+            *side_names,
+            *[f"{n} vs flower" for n in FEDSEG_STRATEGIES],
+            *[f"{n} vs bare" for n in FEDSEG_STRATEGIES],
+            *[f"MB {n}" for n in side_names],
+        ],
+        [
+            [
+                f"{r['params'] / 1e6:g}M x {r['sites']}",
+                *[r["seconds"][n] for n in side_names],
+                *[r[f"{n}_vs_flower"] for n in FEDSEG_STRATEGIES],
+                *[r[f"{n}_vs_bare"] for n in FEDSEG_STRATEGIES],
+                *[r["peak_mb"][n] for n in side_names],
+            ]
+            for r in results
+        ],
     )
     for r in results:
         if r["distinct"] < r["sites"]:
-            print(f"{r['params'] / 1e6:g}M x {r['sites']}: {r['distinct']} distinct replies ({r['reply_gb']:.1f} GB), "
-                  "the others reuse their bytes")
+            print(
+                f"{r['params'] / 1e6:g}M x {r['sites']}: {r['distinct']} distinct replies ({r['reply_gb']:.1f} GB), "
+                "the others reuse their bytes"
+            )
     payload = {"target_vs_flower": TARGET_VS_FLOWER, "target_vs_bare": TARGET_VS_BARE, "cases": results}
     write_result("aggregation", options, payload)
     return payload

@@ -71,21 +71,47 @@ def run(options: BenchOptions) -> dict:
         for pixdim in grids:
             passes = [one_repeat(items, patch, pixdim, workdir, i + len(results) * repeats) for i in range(repeats)]
             seconds = {side: median([p[side] for p in passes]) for side in passes[0]}
-            results.append({
-                "pixdim": pixdim, "volume": size, "train_items": len(items), "seconds": seconds,
-                "memory_speedup": median([p["memory first"] / p["memory cached"] for p in passes]),
-                "disk_speedup": median([p["disk first"] / p["disk cached"] for p in passes]),
-                "disk_reopened_speedup": median([p["disk first"] / p["disk reopened"] for p in passes]),
-                "uncached_vs_memory_cached": median([p["uncached"] / p["memory cached"] for p in passes]),
-                "all_seconds": passes,
-            })
+            results.append(
+                {
+                    "pixdim": pixdim,
+                    "volume": size,
+                    "train_items": len(items),
+                    "seconds": seconds,
+                    "memory_speedup": median([p["memory first"] / p["memory cached"] for p in passes]),
+                    "disk_speedup": median([p["disk first"] / p["disk cached"] for p in passes]),
+                    "disk_reopened_speedup": median([p["disk first"] / p["disk reopened"] for p in passes]),
+                    "uncached_vs_memory_cached": median([p["uncached"] / p["memory cached"] for p in passes]),
+                    "all_seconds": passes,
+                }
+            )
     print_table(
         f"5. data epoch seconds (median of {repeats}; target first/cached >= {TARGET})",
-        ["grid", "items", "uncached", "memory first", "memory cached", "disk first", "disk cached", "disk reopened",
-         "memory x", "disk x", "reopened x", "pass"],
-        [[str(r["pixdim"] or "stored"), r["train_items"], *r["seconds"].values(), r["memory_speedup"],
-          r["disk_speedup"], r["disk_reopened_speedup"], min(r["memory_speedup"], r["disk_speedup"]) >= TARGET]
-         for r in results],
+        [
+            "grid",
+            "items",
+            "uncached",
+            "memory first",
+            "memory cached",
+            "disk first",
+            "disk cached",
+            "disk reopened",
+            "memory x",
+            "disk x",
+            "reopened x",
+            "pass",
+        ],
+        [
+            [
+                str(r["pixdim"] or "stored"),
+                r["train_items"],
+                *r["seconds"].values(),
+                r["memory_speedup"],
+                r["disk_speedup"],
+                r["disk_reopened_speedup"],
+                min(r["memory_speedup"], r["disk_speedup"]) >= TARGET,
+            ]
+            for r in results
+        ],
     )
     payload = {"target_speedup": TARGET, "patch": patch, "cases": results}
     write_result("data", options, payload)

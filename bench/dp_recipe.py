@@ -59,26 +59,45 @@ def main() -> None:
     dp = args.noise > 0
     train = training_dataset(split.train, patch, spacing, cache, samples_per_volume=args.multiplicity if dp else 2)
     val = evaluation_dataset(split.val, spacing, cache)
-    trainer = SegmentationTrainer("unet", 3, patch, batch_size=args.batch if dp else 4, learning_rate=args.lr,
-                                  dp_compatible=True, optimizer=optimizer_factory("adam"),
-                                  model_args=parse_model_args(args.model_args))
+    trainer = SegmentationTrainer(
+        "unet",
+        3,
+        patch,
+        batch_size=args.batch if dp else 4,
+        learning_rate=args.lr,
+        dp_compatible=True,
+        optimizer=optimizer_factory("adam"),
+        model_args=parse_model_args(args.model_args),
+    )
     if args.init_from:
         trainer.set_weights(ModelCheckpoint.load(args.init_from).state_dict)
     start_dice = trainer.evaluate(val).mean_dice if args.init_from else 0.0
     privacy = None
     if dp:
-        settings = DPSettings(args.noise, args.clip, 1e-5, physical_batch_size=args.physical,
-                              augmentation_multiplicity=args.multiplicity)
+        settings = DPSettings(
+            args.noise, args.clip, 1e-5, physical_batch_size=args.physical, augmentation_multiplicity=args.multiplicity
+        )
         privacy = SitePrivacy(settings, PrivacyLedger(Path(tempfile.mkdtemp()) / "ledger.json"))
     started, curve = time.perf_counter(), []
     every = args.eval_every or args.epochs
     for epoch in range(0, args.epochs, every):
         trainer.fit(train, epochs=min(every, args.epochs - epoch), seed=epoch, privacy=privacy)
         curve.append(round(trainer.evaluate(val).mean_dice, 4))
-    print(json.dumps({**vars(args), "site": str(args.site), "init_from": args.init_from, "train": len(split.train),
-                      "start_dice": round(start_dice, 4), "val_dice": curve[-1], "curve": curve,
-                      "epsilon": round(privacy.epsilon, 3) if privacy else None,
-                      "seconds": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps(
+            {
+                **vars(args),
+                "site": str(args.site),
+                "init_from": args.init_from,
+                "train": len(split.train),
+                "start_dice": round(start_dice, 4),
+                "val_dice": curve[-1],
+                "curve": curve,
+                "epsilon": round(privacy.epsilon, 3) if privacy else None,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
 
 
 def score_start_model(args: argparse.Namespace, patch: tuple[int, ...], spacing: tuple[float, ...]) -> None:
@@ -89,8 +108,16 @@ def score_start_model(args: argparse.Namespace, patch: tuple[int, ...], spacing:
     for site in args.site:
         test = evaluation_dataset(load_site_split(site, seed=0).test, spacing)
         cases += list(np.nanmean(trainer.evaluate(test).per_case, axis=1))  # a case: mean over its scored structures
-    print(json.dumps({"init_from": args.init_from, "sites": len(args.site), "test_cases": len(cases),
-                      "test_dice": round(float(np.nanmean(cases)), 4)}))
+    print(
+        json.dumps(
+            {
+                "init_from": args.init_from,
+                "sites": len(args.site),
+                "test_cases": len(cases),
+                "test_dice": round(float(np.nanmean(cases)), 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

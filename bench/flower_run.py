@@ -41,7 +41,9 @@ def toml_value(value: object) -> str:
 
 
 def _local_superlinks() -> list[int]:
-    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and SUPERLINK_MARK in _cmdline(int(e.name))]
+    return [
+        int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and SUPERLINK_MARK in _cmdline(int(e.name))
+    ]
 
 
 class SimulationProcesses:
@@ -84,9 +86,14 @@ def flwr_run(run_config: dict[str, Any], num_supernodes: int, num_cpus: int, tim
         output = Path(tmp) / "runs"
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**run_config, "output-dir": str(output)}.items())
         command = [
-            os.path.join(bin_dir, "flwr"), "run", str(REPO), "--stream",
-            "--run-config", overrides,
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
+            os.path.join(bin_dir, "flwr"),
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            overrides,
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
         ]
         with TreeMemorySampler(SimulationProcesses()) as sampler:
             started = time.perf_counter()

@@ -54,8 +54,10 @@ def main() -> None:
     subjects = max(4, round(base * OUTSIDE.subjects))  # as fedseg synth writes the outside institution
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {name: write_site(Path(tmp), OUTSIDE_KEY, subjects, size, args.seed, inst=inst, folder=f"v{i}")
-                   for i, (name, inst) in enumerate(variants().items())}
+        folders = {
+            name: write_site(Path(tmp), OUTSIDE_KEY, subjects, size, args.seed, inst=inst, folder=f"v{i}")
+            for i, (name, inst) in enumerate(variants().items())
+        }
         for path in args.models:
             model = ModelCheckpoint.load(path)
             trainer = model.trainer(device="cpu")

@@ -34,10 +34,18 @@ def main() -> None:
         dp = {"dp-sgd": True, "dp-noise-multiplier": sigma} if sigma > 0 else {}
         run = flwr_run({**SMALL_SITES, "num-server-rounds": args.rounds, **dp}, num_supernodes=2, num_cpus=1)
         epsilons = [eps for eps, _ in site_epsilons(run.history).values()]
-        rows.append(["no DP" if sigma == 0 else sigma, max(epsilons) if epsilons else "∞",
-                     run.history["rounds"][-1]["mean_dice"], run.history["rounds"][0]["mean_dice"], run.wall_seconds])
-    print_table("Dice vs sample-level ε (2 sites, FedAvg)", ["noise σ", "ε (δ=1e-5)", "final Dice", "initial Dice", "s"],
-                rows)
+        rows.append(
+            [
+                "no DP" if sigma == 0 else sigma,
+                max(epsilons) if epsilons else "∞",
+                run.history["rounds"][-1]["mean_dice"],
+                run.history["rounds"][0]["mean_dice"],
+                run.wall_seconds,
+            ]
+        )
+    print_table(
+        "Dice vs sample-level ε (2 sites, FedAvg)", ["noise σ", "ε (δ=1e-5)", "final Dice", "initial Dice", "s"], rows
+    )
 
 
 if __name__ == "__main__":

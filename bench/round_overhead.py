@@ -29,11 +29,23 @@ TARGET = 1.10
 def settings(options: BenchOptions) -> tuple[dict, int, int]:
     """(run config, sites, repeats)."""
     if options.quick:
-        run = {"num-server-rounds": 2, "local-epochs": 2, "synthetic-size": 32, "synthetic-subjects": 6,
-               "patch-size": "24,24,24", "batch-size": 2}
+        run = {
+            "num-server-rounds": 2,
+            "local-epochs": 2,
+            "synthetic-size": 32,
+            "synthetic-subjects": 6,
+            "patch-size": "24,24,24",
+            "batch-size": 2,
+        }
         return run, 2, 2
-    run = {"num-server-rounds": 3, "local-epochs": 3, "synthetic-size": 40, "synthetic-subjects": 8,
-           "patch-size": "32,32,32", "batch-size": 2}
+    run = {
+        "num-server-rounds": 3,
+        "local-epochs": 3,
+        "synthetic-size": 40,
+        "synthetic-subjects": 8,
+        "patch-size": "32,32,32",
+        "batch-size": 2,
+    }
     return run, 3, 3
 
 
@@ -43,8 +55,13 @@ def bare_round(config: RunConfig, sites: int) -> dict[str, float]:
     for site in range(sites):
         split = load_site_split(site_dir_for(config, site), seed=config.seed)
         torch.manual_seed(config.seed)
-        trainer = SegmentationTrainer(config.model, config.num_classes, config.patch_size,
-                                      batch_size=config.batch_size, learning_rate=config.learning_rate)
+        trainer = SegmentationTrainer(
+            config.model,
+            config.num_classes,
+            config.patch_size,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+        )
         train_set = training_dataset(split.train, config.patch_size)
         started = time.perf_counter()
         trainer.fit(train_set, epochs=config.local_epochs, seed=site)
@@ -66,13 +83,19 @@ def run(options: BenchOptions) -> dict:
         bare.append(bare_round(config, sites))
         federated.append(flwr_run(run_config, num_supernodes=sites, num_cpus=cpus))
     round_seconds = [s for f in federated for s in f.round_seconds]
-    client_train = [sum(site["train-seconds"] for site in r["train"].values())
-                    for f in federated for r in f.history["rounds"] if r["round"] > 0]
+    client_train = [
+        sum(site["train-seconds"] for site in r["train"].values())
+        for f in federated
+        for r in f.history["rounds"]
+        if r["round"] > 0
+    ]
     bare_fit = median([b["fit"] for b in bare])
     bare_fit_eval = median([b["fit"] + b["eval"] for b in bare])
     outside = [f.wall_seconds - sum(f.round_seconds) for f in federated]
     result = {
-        "run_config": run_config, "sites": sites, "repeats": repeats,
+        "run_config": run_config,
+        "sites": sites,
+        "repeats": repeats,
         "bare_fit_seconds": bare_fit,
         "bare_fit_plus_eval_seconds": bare_fit_eval,
         "round_seconds_median": median(round_seconds),
@@ -87,10 +110,28 @@ def run(options: BenchOptions) -> dict:
     print_table(
         f"2. simulated round vs the same epochs bare "
         f"({sites} sites x {run_config['local-epochs']} epochs; target <= {TARGET})",
-        ["bare fit s", "bare fit+eval s", "round s (median)", "client fit s", "ratio round/bare fit",
-         "ratio round/bare fit+eval", "flwr run wall s", "outside rounds s (start-up, round 0)"],
-        [[bare_fit, bare_fit_eval, result["round_seconds_median"], result["client_fit_seconds_median"],
-          result["ratio"], result["ratio_vs_bare_fit_plus_eval"], median(result["wall_seconds"]), median(outside)]],
+        [
+            "bare fit s",
+            "bare fit+eval s",
+            "round s (median)",
+            "client fit s",
+            "ratio round/bare fit",
+            "ratio round/bare fit+eval",
+            "flwr run wall s",
+            "outside rounds s (start-up, round 0)",
+        ],
+        [
+            [
+                bare_fit,
+                bare_fit_eval,
+                result["round_seconds_median"],
+                result["client_fit_seconds_median"],
+                result["ratio"],
+                result["ratio_vs_bare_fit_plus_eval"],
+                median(result["wall_seconds"]),
+                median(outside),
+            ]
+        ],
     )
     write_result("round", options, result)
     return result

@@ -12,8 +12,14 @@ import time
 from bench.common import BenchOptions, print_table, write_result
 from bench.flower_run import flwr_run
 
-TINY = {"synthetic-size": 16, "synthetic-subjects": 3, "patch-size": "16,16,16", "batch-size": 2,
-        "local-epochs": 1, "min-sites": 2}
+TINY = {
+    "synthetic-size": 16,
+    "synthetic-subjects": 3,
+    "patch-size": "16,16,16",
+    "batch-size": 2,
+    "local-epochs": 1,
+    "min-sites": 2,
+}
 
 
 def settings(options: BenchOptions) -> tuple[list[int], int, float]:
@@ -39,11 +45,16 @@ def run(options: BenchOptions) -> dict:
             skipped.append({"sites": sites, "reason": f"projected beyond the {budget:.0f} s budget"})
             continue
         sim = flwr_run({**TINY, "num-server-rounds": rounds}, num_supernodes=sites, num_cpus=1)
-        results.append({
-            "sites": sites, "rounds": rounds, "wall_seconds": sim.wall_seconds,
-            "round_seconds": sim.round_seconds, "peak_rss_mb": sim.peak_rss_bytes / 2**20,
-            "sites_evaluated": len(sim.history["rounds"][-1]["eval"]),
-        })
+        results.append(
+            {
+                "sites": sites,
+                "rounds": rounds,
+                "wall_seconds": sim.wall_seconds,
+                "round_seconds": sim.round_seconds,
+                "peak_rss_mb": sim.peak_rss_bytes / 2**20,
+                "sites_evaluated": len(sim.history["rounds"][-1]["eval"]),
+            }
+        )
     xs = [r["sites"] for r in results]
     growth = {
         "wall_seconds_per_site": slope(xs, [r["wall_seconds"] for r in results]),
@@ -53,8 +64,17 @@ def run(options: BenchOptions) -> dict:
     print_table(
         "4. simulation scale (tiny model, 1 CPU per client, this machine)",
         ["sites", "rounds", "wall s", "s per round", "peak RSS MB", "sites evaluated"],
-        [[r["sites"], r["rounds"], r["wall_seconds"], sum(r["round_seconds"]) / r["rounds"], r["peak_rss_mb"],
-          r["sites_evaluated"]] for r in results],
+        [
+            [
+                r["sites"],
+                r["rounds"],
+                r["wall_seconds"],
+                sum(r["round_seconds"]) / r["rounds"],
+                r["peak_rss_mb"],
+                r["sites_evaluated"],
+            ]
+            for r in results
+        ],
     )
     print("growth per site: " + ", ".join(f"{k} {v:.3g}" for k, v in growth.items()))
     for s in skipped:

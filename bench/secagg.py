@@ -22,8 +22,11 @@ from bench.common import BenchOptions, median, print_table, write_result
 
 def cases(options: BenchOptions) -> list[dict]:
     repeats = 1 if options.quick else 3
-    return [{"params": params, "sites": sites, "repeats": repeats}
-            for params in (1_200_000, 20_000_000) for sites in (3, 10)]
+    return [
+        {"params": params, "sites": sites, "repeats": repeats}
+        for params in (1_200_000, 20_000_000)
+        for sites in (3, 10)
+    ]
 
 
 def run_case(params: int, sites: int, repeats: int) -> dict:
@@ -51,8 +54,10 @@ def run_case(params: int, sites: int, repeats: int) -> dict:
     base = {f"layer{i}": rng.standard_normal(size, dtype=np.float32) for i, size in enumerate(layer_sizes(params))}
     arrays = ArrayRecord({k: Array(v) for k, v in base.items()})
     nodes = list(range(100, 100 + sites))
-    models = {n: {k: v + np.float32(0.01) * rng.standard_normal(v.size, dtype=np.float32) for k, v in base.items()}
-              for n in nodes}
+    models = {
+        n: {k: v + np.float32(0.01) * rng.standard_normal(v.size, dtype=np.float32) for k, v in base.items()}
+        for n in nodes
+    }
     site_seconds = {n: 0.0 for n in nodes}
 
     def timed(stage):
@@ -66,6 +71,7 @@ def run_case(params: int, sites: int, repeats: int) -> dict:
                 reply = RecordDict({m.SECAGG: stage(msg.content[m.SECAGG], context)})
             site_seconds[context.node_id] += time.perf_counter() - started
             return Message(reply, reply_to=msg)
+
         return handler
 
     app = ClientApp()
@@ -79,8 +85,10 @@ def run_case(params: int, sites: int, repeats: int) -> dict:
         grid = LocalGrid({}, [{} for _ in nodes], client_app=app)
         for n in nodes:
             site_seconds[n] = 0.0
-        instructions = [Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=n, message_type="train")
-                        for n in grid.get_node_ids()]
+        instructions = [
+            Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=n, message_type="train")
+            for n in grid.get_node_ids()
+        ]
 
         def exchange(messages: list[Message]) -> list[tuple[int, Message]]:
             replies = {r.metadata.reply_to_message_id: r for r in grid.send_and_receive(messages)}
@@ -93,9 +101,19 @@ def run_case(params: int, sites: int, repeats: int) -> dict:
         sites_total = sum(site_seconds.values())
         return total - sites_total, sites_total, max(site_seconds.values())
 
-    replies = [Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in models[n].items()}),
-                                   "metrics": MetricRecord({m.NUM_EXAMPLES: 20})}), dst_node_id=n,
-                       message_type="train") for n in nodes]
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in models[n].items()}),
+                    "metrics": MetricRecord({m.NUM_EXAMPLES: 20}),
+                }
+            ),
+            dst_node_id=n,
+            message_type="train",
+        )
+        for n in nodes
+    ]
 
     def plain() -> float:
         strategy = FedAvg(min_sites=sites)
@@ -114,18 +132,43 @@ def run_case(params: int, sites: int, repeats: int) -> dict:
         sites_s.append(all_sites)
         site_max_s.append(one_site)
         gc.collect()
-    return {"params": params, "sites": sites, "plain_server_s": median(plain_s), "secure_server_s": median(server_s),
-            "secure_sites_total_s": median(sites_s), "secure_slowest_site_s": median(site_max_s),
-            "upload_mb_plain": params * 4 / 1e6, "upload_mb_secure": params * 8 / 1e6}
+    return {
+        "params": params,
+        "sites": sites,
+        "plain_server_s": median(plain_s),
+        "secure_server_s": median(server_s),
+        "secure_sites_total_s": median(sites_s),
+        "secure_slowest_site_s": median(site_max_s),
+        "upload_mb_plain": params * 4 / 1e6,
+        "upload_mb_secure": params * 8 / 1e6,
+    }
 
 
 def run(options: BenchOptions) -> None:
     results = [run_case(**case) for case in cases(options)]
-    rows = [[f"{r['params'] / 1e6:g} M × {r['sites']}", f"{r['plain_server_s']:.3f}", f"{r['secure_server_s']:.2f}",
-             f"{r['secure_slowest_site_s']:.2f}", f"{r['secure_sites_total_s']:.2f}",
-             f"{(r['secure_server_s'] + r['secure_slowest_site_s']) / r['plain_server_s']:.0f}",
-             f"{r['upload_mb_plain']:.1f} / {r['upload_mb_secure']:.1f}"] for r in results]
-    print_table("Secure aggregation round vs plain FedAvg (no training)",
-                ["params × sites", "plain server s", "secure server s", "secure per site s", "secure all sites s",
-                 "(server + site) / plain", "upload MB per site plain / secure"], rows)
+    rows = [
+        [
+            f"{r['params'] / 1e6:g} M × {r['sites']}",
+            f"{r['plain_server_s']:.3f}",
+            f"{r['secure_server_s']:.2f}",
+            f"{r['secure_slowest_site_s']:.2f}",
+            f"{r['secure_sites_total_s']:.2f}",
+            f"{(r['secure_server_s'] + r['secure_slowest_site_s']) / r['plain_server_s']:.0f}",
+            f"{r['upload_mb_plain']:.1f} / {r['upload_mb_secure']:.1f}",
+        ]
+        for r in results
+    ]
+    print_table(
+        "Secure aggregation round vs plain FedAvg (no training)",
+        [
+            "params × sites",
+            "plain server s",
+            "secure server s",
+            "secure per site s",
+            "secure all sites s",
+            "(server + site) / plain",
+            "upload MB per site plain / secure",
+        ],
+        rows,
+    )
     write_result("secagg", options, {"cases": results})

@@ -42,11 +42,18 @@ def train(items: list[dict], steps: int, args: argparse.Namespace, cache: Path) 
     torch.manual_seed(args.seed)
     patch = (args.patch,) * 3
     brain = args.anatomy == "brain"
-    trainer = SegmentationTrainer("unet", BRAIN_CLASSES if brain else args.num_classes, patch,
-                                  in_channels=len(MODALITIES) if brain else 1, batch_size=2, learning_rate=args.lr)
+    trainer = SegmentationTrainer(
+        "unet",
+        BRAIN_CLASSES if brain else args.num_classes,
+        patch,
+        in_channels=len(MODALITIES) if brain else 1,
+        batch_size=2,
+        learning_rate=args.lr,
+    )
     epochs = math.ceil(steps / math.ceil(len(items) / trainer.batch_size))
-    train_set = training_dataset(items, patch, PIXDIM, cache_dir=cache, augmentation=args.augmentation,
-                                 invert_probability=args.invert)
+    train_set = training_dataset(
+        items, patch, PIXDIM, cache_dir=cache, augmentation=args.augmentation, invert_probability=args.invert
+    )
     trainer.fit(train_set, epochs=epochs, seed=args.seed)
     return trainer
 
@@ -67,7 +74,9 @@ def main() -> None:
     parser.add_argument("--pooled-steps", type=int, default=600, help="optimiser steps of the pooled model")
     parser.add_argument("--patch", type=int, default=32, help="cubic training patch side (voxels)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--augmentation", default="standard", choices=AUGMENTATIONS, help="training augmentation preset")
+    parser.add_argument(
+        "--augmentation", default="standard", choices=AUGMENTATIONS, help="training augmentation preset"
+    )
     parser.add_argument("--invert", type=float, default=0.0, help="'shift' only: contrast inversion probability")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -78,7 +87,9 @@ def main() -> None:
         root, cache = Path(tmp) / "sites", Path(tmp) / "cache"
         folders = synthesize(root, args.size, args.seed, args.sites, args.num_classes, anatomy=args.anatomy)
         splits = [load_site_split(folder, args.seed) for folder in folders[:-1]]
-        tests = {f.name: s.test for f, s in zip(folders, splits, strict=False)} | {"outside": load_datalist(folders[-1])}
+        tests = {f.name: s.test for f, s in zip(folders, splits, strict=False)} | {
+            "outside": load_datalist(folders[-1])
+        }
         test_sets = {name: evaluation_dataset(items, PIXDIM, cache_dir=cache) for name, items in tests.items()}
         plans = {f.name: (s.train, args.steps) for f, s in zip(folders, splits, strict=False)}  # not the outside one
         plans["pooled"] = ([item for s in splits for item in s.train], args.pooled_steps)
@@ -100,15 +111,30 @@ def main() -> None:
             continue
         away = {s: d for s, d in matrix[name].items() if s not in (name, "outside")}
         worst = min(away, key=away.get) if away else name
-        gaps[name] = {"home": matrix[name][name], "worst_away_site": worst, "worst_away": matrix[name][worst],
-                      "gap": matrix[name][name] - matrix[name][worst]}
-        print(f"{name}: home {gaps[name]['home']:.3f}, worst away {worst} {gaps[name]['worst_away']:.3f},"
-              f" gap {gaps[name]['gap']:.3f}")
+        gaps[name] = {
+            "home": matrix[name][name],
+            "worst_away_site": worst,
+            "worst_away": matrix[name][worst],
+            "gap": matrix[name][name] - matrix[name][worst],
+        }
+        print(
+            f"{name}: home {gaps[name]['home']:.3f}, worst away {worst} {gaps[name]['worst_away']:.3f},"
+            f" gap {gaps[name]['gap']:.3f}"
+        )
     pooled_min = min(matrix["pooled"][s] for s in sites if s != "outside")
     print(f"pooled: lowest site Dice {pooled_min:.3f}; total {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "matrix": matrix,
-                                         "gaps": gaps, "pooled_min": pooled_min}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"json": str(args.json)},
+                    "matrix": matrix,
+                    "gaps": gaps,
+                    "pooled_min": pooled_min,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class Stages:
 def _context(site: str, run_config: dict):
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=1, node_config={"data-dir": site, "site-id": 0}, state=RecordDict(),
-                   run_config=run_config)
+    return Context(
+        run_id=1, node_id=1, node_config={"data-dir": site, "site-id": 0}, state=RecordDict(), run_config=run_config
+    )
 
 
 def _import_client_app() -> None:
@@ -87,9 +88,13 @@ def child_fresh(site: str, run_config: dict) -> Stages:
     stages.timed("import fedseg ClientApp", _import_client_app)()
     import clients.site_runtime as runtime
 
-    for attr, stage in [("check_site", "validation (memo)"), ("load_site_split", "split file"),
-                        ("SegmentationTrainer", "model build"), ("training_dataset", "datasets opened"),
-                        ("evaluation_dataset", "datasets opened")]:
+    for attr, stage in [
+        ("check_site", "validation (memo)"),
+        ("load_site_split", "split file"),
+        ("SegmentationTrainer", "model build"),
+        ("training_dataset", "datasets opened"),
+        ("evaluation_dataset", "datasets opened"),
+    ]:
         setattr(runtime, attr, stages.timed(stage, getattr(runtime, attr)))
     context = _context(site, run_config)
     build = Stages()
@@ -110,8 +115,9 @@ def child_forward(site: str, run_config: dict, socket: str) -> Stages:
     for name in ("_run_id", "_node_id", "_task_id"):
         setattr(TaskIdentity, name, 1)
     weights = ArrayRecord({name: Array(value) for name, value in _zeros(socket).items()})
-    message = Message(RecordDict({"config": ConfigRecord({"in-channels": 1}), "arrays": weights}),
-                      dst_node_id=1, message_type="query")
+    message = Message(
+        RecordDict({"config": ConfigRecord({"in-channels": 1}), "arrays": weights}), dst_node_id=1, message_type="query"
+    )
     context = _context(site, run_config)
     context.node_config["worker"] = socket
     reply = stages.timed("hand-over and reply", app)(message, context)
@@ -136,16 +142,29 @@ def _zeros(socket: str) -> dict:
 
 
 # ---------------------------------------------------------------------- the benchmark
-BEFORE = ["process + Flower runtime", "import fedseg ClientApp", "validation (memo)", "split file", "model build",
-          "datasets opened", "runtime rest"]
+BEFORE = [
+    "process + Flower runtime",
+    "import fedseg ClientApp",
+    "validation (memo)",
+    "split file",
+    "model build",
+    "datasets opened",
+    "runtime rest",
+]
 AFTER = ["process + Flower runtime", "import light entry", "hand-over and reply", "worker CPU for the message"]
 
 
 def _python(env: dict[str, str], *args: str) -> tuple[float, float, str]:
     """Wall and CPU seconds of a fresh `python args...` (the whole process) and its stdout's last line."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=env["PYTHONPATH"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        cwd=env["PYTHONPATH"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate()
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative: the caller takes differences
@@ -168,8 +187,12 @@ def run(options: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedseg-startup-") as tmp:
         root = Path(tmp)
         app = _frozen_app(root / "app")
-        env = {**os.environ, "FEDSEG_CACHE": str(root / "cache"), "PYTHONPATH": str(app),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {
+            **os.environ,
+            "FEDSEG_CACHE": str(root / "cache"),
+            "PYTHONPATH": str(app),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         site = str(write_site(root / "data", 0, subjects, size, 0))
         job = json.dumps([site, run_config])
         first_wall, _, first = _process(env, "-m", "bench.site_startup", "fresh", job)  # fills cache and memo
@@ -177,28 +200,53 @@ def run(options: BenchOptions) -> dict:
         for _ in range(repeats):
             flower_wall, flower_cpu, _ = _process(env, "-c", FLOWER_RUNTIME)
             child = json.loads(_process(env, "-m", "bench.site_startup", "fresh", job)[2])
-            before.append({"wall": {BEFORE[0]: flower_wall, **child["wall"]},
-                           "cpu": {BEFORE[0]: flower_cpu, **child["cpu"]}})
+            before.append(
+                {"wall": {BEFORE[0]: flower_wall, **child["wall"]}, "cpu": {BEFORE[0]: flower_cpu, **child["cpu"]}}
+            )
         after, worker_start = _with_worker(env, root, site, run_config, repeats)
-    result = {"run_config": run_config, "volume": size, "subjects": subjects, "repeats": repeats,
-              "target_seconds": TARGET_S, "load_average": os.getloadavg()}
+    result = {
+        "run_config": run_config,
+        "volume": size,
+        "subjects": subjects,
+        "repeats": repeats,
+        "target_seconds": TARGET_S,
+        "load_average": os.getloadavg(),
+    }
     rows = []
     for clock in ("wall", "cpu"):
         b = {stage: median([m[clock].get(stage, 0.0) for m in before]) for stage in BEFORE}
         a = {stage: median([m[clock].get(stage, 0.0) for m in after["messages"]]) for stage in AFTER}
         sim = median([m[clock]["simulation: runtime again"] for m in before])
-        result[clock] = {"before": b, "before_total": sum(b.values()), "after": a, "after_total": sum(a.values()),
-                         "simulation": sim}
+        result[clock] = {
+            "before": b,
+            "before_total": sum(b.values()),
+            "after": a,
+            "after_total": sum(a.values()),
+            "simulation": sim,
+        }
         rows += [[clock, f"before: {stage}", v] for stage, v in b.items()] + [[clock, "before: total", sum(b.values())]]
         rows += [[clock, f"after: {stage}", v] for stage, v in a.items()] + [[clock, "after: total", sum(a.values())]]
         rows.append([clock, "simulation: cached runtime", sim])
-    result.update({"first_message_ever_wall_seconds": first_wall, "first_message_ever": json.loads(first),
-                   "worker_start_wall_seconds": worker_start, "worker_first_message_wall_seconds": after["first"],
-                   "raw_before": before, "raw_after": after["messages"]})
-    rows += [["wall", "once per site: worker start", worker_start],
-             ["wall", "once per run: worker's first message", after["first"]]]
-    print_table(f"7. fixed start-up cost of one message at a site (median of {repeats}; target <= {TARGET_S} s; "
-                f"load {result['load_average'][0]:.1f})", ["clock", "stage", "seconds"], rows)
+    result.update(
+        {
+            "first_message_ever_wall_seconds": first_wall,
+            "first_message_ever": json.loads(first),
+            "worker_start_wall_seconds": worker_start,
+            "worker_first_message_wall_seconds": after["first"],
+            "raw_before": before,
+            "raw_after": after["messages"],
+        }
+    )
+    rows += [
+        ["wall", "once per site: worker start", worker_start],
+        ["wall", "once per run: worker's first message", after["first"]],
+    ]
+    print_table(
+        f"7. fixed start-up cost of one message at a site (median of {repeats}; target <= {TARGET_S} s; "
+        f"load {result['load_average'][0]:.1f})",
+        ["clock", "stage", "seconds"],
+        rows,
+    )
     write_result("startup", options, result)
     return result
 
@@ -215,8 +263,13 @@ def _with_worker(env: dict[str, str], root: Path, site: str, run_config: dict, r
     socket = root / "worker.sock"
     _write_shapes(socket, run_config, env)
     started = time.perf_counter()
-    worker = subprocess.Popen([sys.executable, "-m", "fedseg.deploy.site_worker", "--socket", str(socket)], env=env,
-                              cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fedseg.deploy.site_worker", "--socket", str(socket)],
+        env=env,
+        cwd=env["PYTHONPATH"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not socket.exists():
             if worker.poll() is not None:
@@ -231,10 +284,12 @@ def _with_worker(env: dict[str, str], root: Path, site: str, run_config: dict, r
             worker_cpu = _cpu_seconds(worker.pid)
             child = json.loads(_process(env, "-m", "bench.site_startup", "forward", job)[2])
             worker_cpu = _cpu_seconds(worker.pid) - worker_cpu
-            messages.append({
-                "wall": {AFTER[0]: wall - child["wall"][AFTER[1]], **child["wall"], AFTER[3]: 0.0},
-                "cpu": {AFTER[0]: cpu - child["cpu"][AFTER[1]], **child["cpu"], AFTER[3]: worker_cpu},
-            })
+            messages.append(
+                {
+                    "wall": {AFTER[0]: wall - child["wall"][AFTER[1]], **child["wall"], AFTER[3]: 0.0},
+                    "cpu": {AFTER[0]: cpu - child["cpu"][AFTER[1]], **child["cpu"], AFTER[3]: worker_cpu},
+                }
+            )
     finally:
         worker.terminate()
         worker.wait(timeout=30)

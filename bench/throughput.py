@@ -40,7 +40,10 @@ def random_items(count: int, patch: int, seed: int = 0) -> list[dict[str, torch.
     gen = torch.Generator().manual_seed(seed)
     shape = (1, patch, patch, patch)
     return [
-        {"image": torch.randn(shape, generator=gen), "label": torch.randint(0, NUM_CLASSES, shape, generator=gen).float()}
+        {
+            "image": torch.randn(shape, generator=gen),
+            "label": torch.randint(0, NUM_CLASSES, shape, generator=gen).float(),
+        }
         for _ in range(count)
     ]
 
@@ -67,8 +70,13 @@ def measure(case: dict, device: torch.device) -> dict:
     compiled = case.get("compiled", False)
     torch.manual_seed(0)
     trainer = SegmentationTrainer(
-        case["model"], NUM_CLASSES, [case["patch"]] * 3, batch_size=case["batch"],
-        learning_rate=LEARNING_RATE, device=device, compile=compiled,
+        case["model"],
+        NUM_CLASSES,
+        [case["patch"]] * 3,
+        batch_size=case["batch"],
+        learning_rate=LEARNING_RATE,
+        device=device,
+        compile=compiled,
     )
     torch.manual_seed(0)
     bare_model = build_model(case["model"], 1, NUM_CLASSES).to(device)
@@ -101,10 +109,29 @@ def run(options: BenchOptions) -> dict:
     results = [measure(case, device) for case in cases(options)]
     print_table(
         f"1. client training throughput vs bare MONAI loop ({device.type}; target ratio >= {TARGET})",
-        ["model", "params M", "patch x batch", "compiled", "client Mvox/s", "bare Mvox/s", "ratio (median)", "range", "pass"],
         [
-            [r["model"], r["params_m"], f"{r['patch']}^3 x {r['batch']}", r.get("compiled", False), r["client_mvox_s"],
-             r["bare_mvox_s"], r["ratio"], f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}", r["ratio"] >= TARGET]
+            "model",
+            "params M",
+            "patch x batch",
+            "compiled",
+            "client Mvox/s",
+            "bare Mvox/s",
+            "ratio (median)",
+            "range",
+            "pass",
+        ],
+        [
+            [
+                r["model"],
+                r["params_m"],
+                f"{r['patch']}^3 x {r['batch']}",
+                r.get("compiled", False),
+                r["client_mvox_s"],
+                r["bare_mvox_s"],
+                r["ratio"],
+                f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f}",
+                r["ratio"] >= TARGET,
+            ]
             for r in results
         ],
     )

@@ -66,8 +66,14 @@ def secure_train(msg: Message, context: Context) -> Message:
         site, done, metrics = _fit(msg, context)
         content = msg.content
         noise = secagg_site.DistributedNoise.from_config(content.config_records[m.CONFIG])  # dp-distributed
-        masked = secagg_site.mask(content.config_records[m.SECAGG], context, content.array_records[m.ARRAYS],
-                                  done.weights, as_float(metrics[m.NUM_EXAMPLES]), noise)
+        masked = secagg_site.mask(
+            content.config_records[m.SECAGG],
+            context,
+            content.array_records[m.ARRAYS],
+            done.weights,
+            as_float(metrics[m.NUM_EXAMPLES]),
+            noise,
+        )
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "train", err)
     site.trainer.release_memory()
@@ -92,8 +98,7 @@ def secure_unmask(msg: Message, context: Context) -> Message:
     return _secagg_reply(msg, context, secagg_site.unmask)
 
 
-def _secagg_reply(msg: Message, context: Context,
-                  stage: Callable[[ConfigRecord, Context], ConfigRecord]) -> Message:
+def _secagg_reply(msg: Message, context: Context, stage: Callable[[ConfigRecord, Context], ConfigRecord]) -> Message:
     try:
         answer = stage(msg.content.config_records[m.SECAGG], context)
     except Exception as err:  # noqa: BLE001

@@ -39,8 +39,13 @@ class SiteClientApp(ClientApp):
             except ConnectionError as err:
                 log.error("the site worker stopped while answering: %s", err)
                 stage = message.metadata.message_type.split(".")[0]
-                return Message(Error(code=m.SITE_ERROR_CODE, reason=f"{stage} failed at this site: the site worker "
-                                     "stopped (details in the site's log)"), reply_to=message)
+                return Message(
+                    Error(
+                        code=m.SITE_ERROR_CODE,
+                        reason=f"{stage} failed at this site: the site worker stopped (details in the site's log)",
+                    ),
+                    reply_to=message,
+                )
         from clients.client_app import app as in_process
 
         return in_process(message, context)

@@ -30,7 +30,10 @@ class LocalRound:
 
 
 def train_round(
-    site: SiteRuntime, content: RecordDict, config: ConfigRecord, personal: PersonalState,
+    site: SiteRuntime,
+    content: RecordDict,
+    config: ConfigRecord,
+    personal: PersonalState,
     privacy: SitePrivacy | None,
 ) -> LocalRound:
     """Fit from the global weights in `content` as `config` says; keep and send what the strategy asks."""
@@ -55,13 +58,20 @@ def train_round(
     correction, variate, server_variate = None, None, None
     if scaffold:
         server_variate = state_from_record(content.array_records[m.SCAFFOLD_C])
-        variate = personal.load(SCAFFOLD, server_round) or {k: torch.zeros_like(v, dtype=torch.float32)
-                                              for k, v in server_variate.items()}
+        variate = personal.load(SCAFFOLD, server_round) or {
+            k: torch.zeros_like(v, dtype=torch.float32) for k, v in server_variate.items()
+        }
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
     result = trainer.fit(
-        site.train_set, epochs=epochs, start_weights=start, prox_mu=as_float(config.get(m.PROXIMAL_MU, 0.0)),
-        seed=site.fit_seed(server_round), privacy=privacy, learning_rate=learning_rate,
-        gradient_correction=correction, average_gradients=scaffold,
+        site.train_set,
+        epochs=epochs,
+        start_weights=start,
+        prox_mu=as_float(config.get(m.PROXIMAL_MU, 0.0)),
+        seed=site.fit_seed(server_round),
+        privacy=privacy,
+        learning_rate=learning_rate,
+        gradient_correction=correction,
+        average_gradients=scaffold,
     )
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
@@ -75,8 +85,15 @@ def train_round(
         out.extra_arrays[m.SCAFFOLD_DC] = change
     if ditto_lambda:
         own = personal.load(DITTO, server_round) or dict(received)
-        trainer.fit(site.train_set, epochs=epochs, start_weights=own, prox_mu=ditto_lambda, prox_anchor=received,
-                    seed=site.fit_seed(server_round) + DITTO_SEED_OFFSET, learning_rate=learning_rate)
+        trainer.fit(
+            site.train_set,
+            epochs=epochs,
+            start_weights=own,
+            prox_mu=ditto_lambda,
+            prox_anchor=received,
+            seed=site.fit_seed(server_round) + DITTO_SEED_OFFSET,
+            learning_rate=learning_rate,
+        )
         personal.save(DITTO, trainer.get_weights(), server_round)
         trainer.set_weights(weights)  # the validation Dice in the reply is the sent model's
     return out

@@ -37,8 +37,9 @@ class ChannelMismatch(SiteDataError):
     """The site's images have another channel count than the global model takes."""
 
     def __init__(self, found: int, expected: int) -> None:
-        public = (f"the site's images have {found} channel(s), the global model takes {expected} "
-                  "(run-config 'in-channels')")
+        public = (
+            f"the site's images have {found} channel(s), the global model takes {expected} (run-config 'in-channels')"
+        )
         super().__init__(public, public)
 
 
@@ -134,9 +135,15 @@ def _build_runtime(
         trainer=trainer,
         # DP-SGD's privacy unit is the subject: K patches per subject per draw, one gradient (fedseg.privacy)
         train_set=training_dataset(
-            split.train, config.patch_size, config.spacing, cache_dir, samples_per_volume=config.dp_augmentation_multiplicity if config.dp_sgd else 2,
-            label_mapping=labels.label_mapping, augmentation=config.augmentation,
-            invert_probability=config.augmentation_invert, remap_probability=config.augmentation_remap,
+            split.train,
+            config.patch_size,
+            config.spacing,
+            cache_dir,
+            samples_per_volume=config.dp_augmentation_multiplicity if config.dp_sgd else 2,
+            label_mapping=labels.label_mapping,
+            augmentation=config.augmentation,
+            invert_probability=config.augmentation_invert,
+            remap_probability=config.augmentation_remap,
             window=window,
         ),
         val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping, window),

@@ -78,18 +78,22 @@ def bundle_weights(bundle: BundleNetwork) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - untrusted bytes: any failure means unreadable
-        raise BundleError(f"{path}: cannot read the bundle's weights: {type(err).__name__}: "
-                          f"{first_line(err)}") from None
+        raise BundleError(
+            f"{path}: cannot read the bundle's weights: {type(err).__name__}: {first_line(err)}"
+        ) from None
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"]  # saved by a checkpoint handler with other objects beside the network
-    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in data.items()):
+    if not isinstance(data, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise BundleError(f"{path}: not a state dict (names to tensors); fedseg reads a bundle's weights in that form")
     return dict(data)
 
 
 def differences(
-    bundle: BundleNetwork, spacing: tuple[float, ...] | None, patch_size: tuple[int, ...],
+    bundle: BundleNetwork,
+    spacing: tuple[float, ...] | None,
+    patch_size: tuple[int, ...],
     window: IntensityWindow | None = None,
 ) -> list[str]:
     """Where the bundle's pre/post-processing differs from the run's (one line each, for the log);
@@ -98,22 +102,31 @@ def differences(
     lines = []
     pixdim = found.get("pixdim")
     if pixdim is not None and (spacing is None or not _same(pixdim, spacing)):
-        lines.append(f"the bundle resamples to {pixdim} mm; the run uses run-config 'spacing' "
-                     f"{'native grid' if spacing is None else ','.join(map(str, spacing))}")
+        lines.append(
+            f"the bundle resamples to {pixdim} mm; the run uses run-config 'spacing' "
+            f"{'native grid' if spacing is None else ','.join(map(str, spacing))}"
+        )
     if found.get("intensity") == "ScaleIntensityRanged" and found.get("window") != window:
-        lines.append(f"the bundle windows intensities (ScaleIntensityRanged{_window_text(found.get('window'))}); the "
-                     f"run {'z-scores each channel' if window is None else f'uses {window}'} (run-config 'intensity'; "
-                     "\"bundle\" takes the bundle's)")
+        lines.append(
+            f"the bundle windows intensities (ScaleIntensityRanged{_window_text(found.get('window'))}); the "
+            f"run {'z-scores each channel' if window is None else f'uses {window}'} (run-config 'intensity'; "
+            '"bundle" takes the bundle\'s)'
+        )
     elif found.get("intensity") == "NormalizeIntensityd" and window is not None:
-        lines.append(f"the bundle z-scores intensities (NormalizeIntensityd); the run uses {window} "
-                     "(run-config 'intensity')")
+        lines.append(
+            f"the bundle z-scores intensities (NormalizeIntensityd); the run uses {window} (run-config 'intensity')"
+        )
     roi = found.get("roi_size")
     if roi is not None and not _same(roi, patch_size):
-        lines.append(f"the bundle crops / infers on {roi} voxels; the run uses run-config 'patch-size' "
-                     f"{','.join(map(str, patch_size))}")
+        lines.append(
+            f"the bundle crops / infers on {roi} voxels; the run uses run-config 'patch-size' "
+            f"{','.join(map(str, patch_size))}"
+        )
     if found.get("activation") == "sigmoid":
-        lines.append("the bundle's post-processing uses sigmoid; fedseg uses softmax (label-scheme 'classes') "
-                     "or sigmoid per BraTS region (region-training)")
+        lines.append(
+            "the bundle's post-processing uses sigmoid; fedseg uses softmax (label-scheme 'classes') "
+            "or sigmoid per BraTS region (region-training)"
+        )
     return lines
 
 
@@ -147,26 +160,30 @@ def _read(folder: Path, config_file: Path, _mtime: int) -> BundleNetwork:
         try:
             value = parser.get_parsed_content(f"network_def::{key}")
         except Exception as err:  # noqa: BLE001 - a reference or expression of the bundle failed
-            raise BundleError(f"{config_file}: network_def '{key}' cannot be resolved: {type(err).__name__}: "
-                              f"{first_line(err)}") from None
+            raise BundleError(
+                f"{config_file}: network_def '{key}' cannot be resolved: {type(err).__name__}: {first_line(err)}"
+            ) from None
         if not _plain(value):
-            raise BundleError(f"{config_file}: network_def '{key}' is {type(value).__name__}, not a plain value "
-                              "(number, string, list, dict): fedseg cannot describe it in a model file")
+            raise BundleError(
+                f"{config_file}: network_def '{key}' is {type(value).__name__}, not a plain value "
+                "(number, string, list, dict): fedseg cannot describe it in a model file"
+            )
         args[key] = value
     if args.pop("spatial_dims", 3) != 3:
         raise BundleError(f"{config_file}: network_def 'spatial_dims' must be 3 (fedseg segments 3D volumes)")
     in_channels, out_channels = args.pop("in_channels", None), args.pop("out_channels", None)
-    return BundleNetwork(folder, name, args, in_channels, out_channels, _description(folder),
-                         _processing(parser.get()))
+    return BundleNetwork(folder, name, args, in_channels, out_channels, _description(folder), _processing(parser.get()))
 
 
 def _monai_class(target: str, config_file: Path) -> str:
     name = target.rsplit(".", 1)[-1]
     cls = getattr(monai_nets, name, None)
     if cls is None or ("." in target and not target.startswith("monai.")):
-        raise BundleError(f"{config_file}: network_def '_target_' {target!r} is not a class of monai.networks.nets; "
-                          "fedseg trains bundles built from MONAI's networks (package a custom one as a "
-                          "fedseg.models plugin)")
+        raise BundleError(
+            f"{config_file}: network_def '_target_' {target!r} is not a class of monai.networks.nets; "
+            "fedseg trains bundles built from MONAI's networks (package a custom one as a "
+            "fedseg.models plugin)"
+        )
     return name
 
 

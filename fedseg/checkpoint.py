@@ -27,7 +27,9 @@ from fedseg.history import History
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Keys that may differ between the interrupted run and its resumption (they steer how, not what).
-RESUMABLE_CHANGES = frozenset({"num-server-rounds", "output-dir", "round-timeout", "min-sites", "min-live-sites", "resume-from"})
+RESUMABLE_CHANGES = frozenset(
+    {"num-server-rounds", "output-dir", "round-timeout", "min-sites", "min-live-sites", "resume-from"}
+)
 
 
 @dataclass
@@ -67,7 +69,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         raise ConfigError(f"run-config 'resume-from': {path} not found (is '{run_dir}' a fedseg run folder?)")
     try:
         data = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
+    except Exception as err:
         raise ConfigError(f"run-config 'resume-from': cannot read {path}: {err}") from err
     if data.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{path}: checkpoint format {data.get('format')!r}, this fedseg reads {FORMAT_VERSION}")
@@ -86,8 +88,7 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Pa
     saved = checkpoint.history.config
     current = with_input_channels(config).to_dict()  # as the run recorded it: in-channels resolved
     changed = sorted(
-        key for key in set(saved) | set(current)
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+        key for key in set(saved) | set(current) if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
     )
     if changed:
         details = ", ".join(f"'{k}' was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)

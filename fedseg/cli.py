@@ -39,7 +39,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedseg.predict import PredictError
     from fedseg.report.cases import CasesError
 
-    return ConfigError, SiteDataError, SettingError, CertError, ExperimentError, CheckpointError, PredictError, CasesError
+    return (
+        ConfigError,
+        SiteDataError,
+        SettingError,
+        CertError,
+        ExperimentError,
+        CheckpointError,
+        PredictError,
+        CasesError,
+    )
 
 
 def fail(message: str | Exception, code: int = 2) -> None:
@@ -97,8 +106,11 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
         if "experiment" in read_toml(path, "config"):
             arms = plan_arms(ExperimentSpec.from_toml(path))
             for arm in arms:
-                plan = (f"ensemble of {len(arm.members)} models" if arm.members
-                        else f"{arm.strategy}, {arm.rounds} round(s) x {arm.epochs} epoch(s)")
+                plan = (
+                    f"ensemble of {len(arm.members)} models"
+                    if arm.members
+                    else f"{arm.strategy}, {arm.rounds} round(s) x {arm.epochs} epoch(s)"
+                )
                 typer.echo(f"arm {arm.id}: {arm.kind}, {plan}")
             typer.echo(f"{len(arms)} arms; valid")
             return
@@ -108,8 +120,11 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
     except ConfigError as err:
         fail(err if str(err).startswith(f"{path}:") else f"{path}: {err}")
     for key in unused_strategy_keys(config):
-        typer.echo(f"warning: {path}: run-config key '{key}' belongs to another strategy than the selected "
-                   f"'{config.strategy}'; a run ignores it", err=True)
+        typer.echo(
+            f"warning: {path}: run-config key '{key}' belongs to another strategy than the selected "
+            f"'{config.strategy}'; a run ignores it",
+            err=True,
+        )
     for key, value in config.to_dict().items():
         typer.echo(f"{key} = {value!r}")
     typer.echo(f"network: {network} [{network.source}], {parameters:,} parameters")
@@ -127,7 +142,9 @@ def unused_strategy_keys(config: Any) -> list[str]:
 
 
 MAX_VOXELS_HELP = "largest volume this site loads, in voxels per channel (default: $FEDSEG_MAX_VOXELS or 512^3)"
-ALLOW_OUTSIDE_HELP = "accept files (links, manifest paths) outside the site folder (else: a file 'allow-outside-data' there)"
+ALLOW_OUTSIDE_HELP = (
+    "accept files (links, manifest paths) outside the site folder (else: a file 'allow-outside-data' there)"
+)
 
 
 @app.command("validate-data")
@@ -147,8 +164,14 @@ def validate_data(
     from fedseg.data.validate import SettingError, validate_site
 
     try:
-        report = validate_site(site_dir, num_classes=num_classes, channels=channels, affine_tolerance=tolerance,
-                               max_voxels=max_voxels, allow_outside=allow_outside_data)
+        report = validate_site(
+            site_dir,
+            num_classes=num_classes,
+            channels=channels,
+            affine_tolerance=tolerance,
+            max_voxels=max_voxels,
+            allow_outside=allow_outside_data,
+        )
     except (SettingError, ValueError) as err:
         fail(f"--{err}" if isinstance(err, SettingError) else err)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
@@ -169,8 +192,8 @@ def synth(
     subjects: int = typer.Option(0, help="base subjects per site (0: the size's; each institution scales it)"),
     overwrite: bool = typer.Option(False, help="replace synthetic sites already in OUT"),
     anatomy: str = typer.Option(
-        "pelvis", help="pelvis (prostate zones, 1 MR contrast) | brain (BraTS gliomas: T1, T1-Gd, T2, FLAIR; "
-        "labels 0, 1, 2, 4)"
+        "pelvis",
+        help="pelvis (prostate zones, 1 MR contrast) | brain (BraTS gliomas: T1, T1-Gd, T2, FLAIR; labels 0, 1, 2, 4)",
     ),
 ) -> None:
     """Write realistic non-IID synthetic institutions as NIfTI + dataset.json."""
@@ -211,16 +234,19 @@ def models_command() -> None:
 def import_model(
     weights: str = typer.Argument(..., help="a state-dict .pt file, a run's checkpoint.pt, or a MONAI bundle folder"),
     out: str = typer.Option(..., help="the fedseg model file to write"),
-    config: str = typer.Option(None, help="run-config TOML naming the network, in-channels, num-classes, "
-                                          "label-scheme, patch-size and spacing (a bundle folder: optional)"),
+    config: str = typer.Option(
+        None,
+        help="run-config TOML naming the network, in-channels, num-classes, "
+        "label-scheme, patch-size and spacing (a bundle folder: optional)",
+    ),
 ) -> None:
     """Make a fedseg model file (what `fedseg predict` and `init-from` read) from other weights."""
     from fedseg.model_import import import_model as run_import
 
     model = run_import(weights, out, config)
-    typer.echo(f"{out}: {model.network} [{model.model_source}], {model.in_channels} channel(s), "
-               f"{model.num_classes} classes")
-
+    typer.echo(
+        f"{out}: {model.network} [{model.model_source}], {model.in_channels} channel(s), {model.num_classes} classes"
+    )
 
 
 # ---------------------------------------------------------------------- real sites
@@ -250,8 +276,10 @@ def certs(
         typer.echo(f"  {line}")
     typer.echo("Then each site (send it ca.crt and its own sites/<name>/auth.key, over a trusted channel):")
     for index, keys in enumerate(bundle.sites):
-        typer.echo(f"  fedseg site join --superlink {host[0]}:{port} --data-dir DATA --name {keys.name} "
-                   f"--site-id {index} --ca ca.crt --auth-key auth.key")
+        typer.echo(
+            f"  fedseg site join --superlink {host[0]}:{port} --data-dir DATA --name {keys.name} "
+            f"--site-id {index} --ca ca.crt --auth-key auth.key"
+        )
 
 
 @app.command()
@@ -310,8 +338,15 @@ def _serve_tls(tls: Any, command: list[str], host: str, port: int, address: str 
     typer.echo(shell_line(command))
     typer.echo(shell_line(superexec_command(local_address, tls.ca_cert, parent_pid=None)) + " --parent-pid <SuperLink>")
     if not print_only:
-        raise typer.Exit(code=run_server(command, lambda pid: superexec_command(local_address, tls.ca_cert, pid),
-                                          local_address, tls.ca_cert, echo=typer.echo))
+        raise typer.Exit(
+            code=run_server(
+                command,
+                lambda pid: superexec_command(local_address, tls.ca_cert, pid),
+                local_address,
+                tls.ca_cert,
+                echo=typer.echo,
+            )
+        )
 
 
 @site_app.command("check")
@@ -344,7 +379,9 @@ def site_check(
     typer.echo("ready to join")
 
 
-def _check_site_data(data_dir: str, config: str | None, max_voxels: int | None, allow_outside_data: bool | None) -> None:
+def _check_site_data(
+    data_dir: str, config: str | None, max_voxels: int | None, allow_outside_data: bool | None
+) -> None:
     """Validate the site's data, then one dry forward pass; exit 1 on problems."""
     from fedseg.config import ConfigError, RunConfig
     from fedseg.data.nifti_guard import voxel_limit
@@ -376,12 +413,17 @@ def site_join(
     ca: str = typer.Option(None, help="the federation's ca.crt (TLS)"),
     auth_key: str = typer.Option(None, help="this site's private auth key (sites/<name>/auth.key)"),
     insecure: bool = typer.Option(False, help="no TLS and no authentication: only for a local trial"),
-    local_port: int = typer.Option(9094, min=1, max=65535, help="port of the SuperNode's local runtime API (localhost)"),
+    local_port: int = typer.Option(
+        9094, min=1, max=65535, help="port of the SuperNode's local runtime API (localhost)"
+    ),
     max_voxels: int = typer.Option(None, min=1, help=MAX_VOXELS_HELP + "; set for the SuperNode's apps"),
     print_only: bool = typer.Option(False, "--print", help="print the command instead of running it"),
-    warm_worker: bool = typer.Option(True, "--warm-worker/--no-warm-worker",
-                                     help="answer every message in one long-lived worker (data and model stay "
-                                          "loaded); off: Flower's fresh process per message does all the work"),
+    warm_worker: bool = typer.Option(
+        True,
+        "--warm-worker/--no-warm-worker",
+        help="answer every message in one long-lived worker (data and model stay "
+        "loaded); off: Flower's fresh process per message does all the work",
+    ),
 ) -> None:
     """Start this site's Flower SuperNode with its data folder and site number (and its warm worker)."""
     from fedseg.data.nifti_guard import MAX_VOXELS_ENV
@@ -406,7 +448,6 @@ def site_join(
         if worker is not None:
             start_site_worker(worker)
         exec_flower(command)
-
 
 
 @app.command()
@@ -445,15 +486,22 @@ def report(
 @_boundary
 def predict(
     paths: list[str] = typer.Argument(
-        ..., metavar="INPUT... OUTPUT",
+        ...,
+        metavar="INPUT... OUTPUT",
         help="one case (a 3D/4D .nii/.nii.gz file, or one 3D file per modality in the model's order) and the "
-             "output file; or a folder of cases (<id>_0000.nii.gz, <id>_0001.nii.gz, ... grouped) and an output folder",
+        "output file; or a folder of cases (<id>_0000.nii.gz, <id>_0001.nii.gz, ... grouped) and an output folder",
     ),
-    model: list[str] = typer.Option(..., help="a fedseg model file (a run's model.pt / best-model.pt, an experiment "
-                                              "arm's model), a run folder or its checkpoint.pt; repeat for an "
-                                              "ensemble (probabilities averaged)"),
-    max_voxels: int = typer.Option(None, help="largest input volume, in voxels per channel, also on the model's grid "
-                                              "(default: $FEDSEG_MAX_VOXELS or 512^3)"),
+    model: list[str] = typer.Option(
+        ...,
+        help="a fedseg model file (a run's model.pt / best-model.pt, an experiment "
+        "arm's model), a run folder or its checkpoint.pt; repeat for an "
+        "ensemble (probabilities averaged)",
+    ),
+    max_voxels: int = typer.Option(
+        None,
+        help="largest input volume, in voxels per channel, also on the model's grid "
+        "(default: $FEDSEG_MAX_VOXELS or 512^3)",
+    ),
 ) -> None:
     """Segment volumes; the labels are written on the input's grid (shape, spacing, affine). All
     outputs are written, or none; inputs with NaN or infinite voxels are refused."""
@@ -470,8 +518,9 @@ def predict(
         typer.echo(path)
 
 
-superlink_app = typer.Typer(help="The local SuperLink that `flwr run` starts (its environment and folder).",
-                            no_args_is_help=True)
+superlink_app = typer.Typer(
+    help="The local SuperLink that `flwr run` starts (its environment and folder).", no_args_is_help=True
+)
 app.add_typer(superlink_app, name="superlink")
 
 
@@ -483,8 +532,9 @@ def run_command(
     run_config: list[str] = typer.Option([], "--run-config", "-c", help="run-config overrides, as for flwr run"),
     federation_config: list[str] = typer.Option([], "--federation-config", help="as for flwr run"),
     stream: bool = typer.Option(True, help="stream the run's log (flwr run --stream)"),
-    restart_superlink: bool = typer.Option(False, help="stop a local SuperLink of another Python environment "
-                                                        "instead of refusing to run"),
+    restart_superlink: bool = typer.Option(
+        False, help="stop a local SuperLink of another Python environment instead of refusing to run"
+    ),
 ) -> None:
     """`flwr run` that runs in this environment and writes below this folder: relative run-config paths
     (output-dir, data-dir, ...) are passed as absolute ones; a local SuperLink started from another

@@ -35,9 +35,18 @@ DP_NOISE_SOURCES: tuple[str, ...] = ("torch", "secure")  # DP-SGD's random draws
 SYNTHETIC_ANATOMIES: tuple[str, ...] = ("pelvis", "brain")  # fedseg.data.synth.ANATOMIES
 # Upper bounds of sizes: beyond them a run cannot finish (or a site cannot hold one batch).
 UPPER_BOUNDS = {
-    "num-server-rounds": 100_000, "local-epochs": 10_000, "batch-size": 1024, "synthetic-subjects": 1000,
-    "synthetic-size": 256, "min-sites": 10_000, "min-live-sites": 10_000, "num-classes": MAX_NUM_CLASSES,
-    "seed": 2**32 - 1, "round-timeout": 30 * 86400.0, "dp-noise-multiplier": 1000.0, "dp-max-grad-norm": 1e6,
+    "num-server-rounds": 100_000,
+    "local-epochs": 10_000,
+    "batch-size": 1024,
+    "synthetic-subjects": 1000,
+    "synthetic-size": 256,
+    "min-sites": 10_000,
+    "min-live-sites": 10_000,
+    "num-classes": MAX_NUM_CLASSES,
+    "seed": 2**32 - 1,
+    "round-timeout": 30 * 86400.0,
+    "dp-noise-multiplier": 1000.0,
+    "dp-max-grad-norm": 1e6,
     "dp-target-epsilon": 1e6,
 }
 MAX_PATCH_SIDE = 512
@@ -101,12 +110,13 @@ class RunConfig:
     dp_augmentation_multiplicity: int = 1  # augmented patches per subject per DP-SGD draw
     dp_noise_source: str = "torch"  # DP-SGD noise and sampling: "torch" (Opacus) or "secure" (fedseg.noise)
     torch_compile: bool = False
-    secure_aggregation: bool = False  # the server sees only the sum of the updates (fedseg.secagg)
-    secure_aggregation_bound: float = 16.0  # largest |update value| a site may send under secure aggregation
     tracking: str = ""  # "tensorboard", "mlflow" or both, comma-separated (fedseg.tracking); "" = off
     tracking_dir: str = ""  # where the trackers write; "" = the folder holding the run folders
     num_workers: int = 0  # data-loading worker processes at each site (0: loading runs in the training process)
-    precision: str = "auto"  # "auto" (bf16 autocast on a GPU, fp32 elsewhere), "fp32", "bf16", "fp16" (fedseg.precision)
+    # "auto" (bf16 autocast on a GPU, fp32 elsewhere), "fp32", "bf16", "fp16" (fedseg.precision)
+    precision: str = "auto"
+    secure_aggregation: bool = False  # the server sees only the sum of the updates (fedseg.secagg)
+    secure_aggregation_bound: float = 16.0  # largest |update value| a site may send under secure aggregation
     strategy_params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,8 +126,14 @@ class RunConfig:
 
     def round_learning_rate(self, server_round: int) -> float:
         """The sites' learning rate in round `server_round` (fedseg.optim.round_learning_rate)."""
-        return round_learning_rate(self.learning_rate, server_round, self.num_server_rounds, self.lr_schedule,
-                                   self.warmup_rounds, self.lr_final_ratio)
+        return round_learning_rate(
+            self.learning_rate,
+            server_round,
+            self.num_server_rounds,
+            self.lr_schedule,
+            self.warmup_rounds,
+            self.lr_final_ratio,
+        )
 
     @property
     def network_args(self) -> dict[str, Any]:
@@ -211,8 +227,8 @@ class RunConfig:
             )
         _validate_augmentation(self)
         _validate_dp(self)
-        _validate_secure_aggregation(self)
         _validate_runtime(self)
+        _validate_secure_aggregation(self)
 
 
 def _validate_model(config: RunConfig) -> None:
@@ -225,8 +241,10 @@ def _validate_model(config: RunConfig) -> None:
             raise ConfigError(f"run-config 'intensity': {err}") from None
     if config.model == "bundle" or config.bundle:
         if not (config.model == "bundle" and config.bundle):
-            raise ConfigError("run-config 'bundle' and model = \"bundle\" go together: set both to train a MONAI "
-                              f"bundle's network (model is {config.model!r}, bundle {config.bundle!r})")
+            raise ConfigError(
+                "run-config 'bundle' and model = \"bundle\" go together: set both to train a MONAI "
+                f"bundle's network (model is {config.model!r}, bundle {config.bundle!r})"
+            )
         if config.model_args:
             raise ConfigError("run-config 'model-args' does not apply to a bundle: its network_def gives the arguments")
         return
@@ -249,8 +267,10 @@ def _validate_augmentation(config: RunConfig) -> None:
         raise ConfigError(
             f"run-config 'augmentation' is '{config.augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}"
         )
-    for key, value, effect in (("augmentation-invert", config.augmentation_invert, "inverts contrast"),
-                               ("augmentation-remap", config.augmentation_remap, "remaps tissue contrast")):
+    for key, value, effect in (
+        ("augmentation-invert", config.augmentation_invert, "inverts contrast"),
+        ("augmentation-remap", config.augmentation_remap, "remaps tissue contrast"),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"run-config '{key}' must be in [0, 1], got {value}")
         if value > 0 and config.augmentation != "shift":
@@ -274,13 +294,17 @@ def _validate_bounds(config: RunConfig) -> None:
     if config.seed < 0:
         raise ConfigError(f"run-config 'seed' must be >= 0, got {config.seed}")
     if not STRATEGY_SPEC.fullmatch(config.strategy):
-        raise ConfigError(f"run-config 'strategy' is {config.strategy!r}: give a strategy name, "
-                          "'flower:<Class>' or 'package.module:Class'")
+        raise ConfigError(
+            f"run-config 'strategy' is {config.strategy!r}: give a strategy name, "
+            "'flower:<Class>' or 'package.module:Class'"
+        )
     if max(config.patch_size) > MAX_PATCH_SIDE:
         raise ConfigError(f"run-config 'patch-size' must be <= {MAX_PATCH_SIDE} per axis, got {config.patch_size}")
     if config.min_live_sites > config.min_sites:
-        raise ConfigError(f"run-config 'min-live-sites' ({config.min_live_sites}) must be <= 'min-sites' "
-                          f"({config.min_sites}): a run never has more live sites than it started with")
+        raise ConfigError(
+            f"run-config 'min-live-sites' ({config.min_live_sites}) must be <= 'min-sites' "
+            f"({config.min_sites}): a run never has more live sites than it started with"
+        )
     for key in PATH_KEYS:
         if any(c in values[key] for c in "\0\n\r"):
             raise ConfigError(f"run-config '{key}' holds a NUL or line-break character: {values[key]!r}")
@@ -288,8 +312,10 @@ def _validate_bounds(config: RunConfig) -> None:
     if not config.output_dir.strip():
         raise ConfigError("run-config 'output-dir' must name a folder, got ''")
     if not output.expanduser().is_absolute() and os.path.normpath(output).split(os.sep)[0] == "..":
-        raise ConfigError(f"run-config 'output-dir' {config.output_dir!r} climbs out of the working folder; "
-                          "give a folder below it, or an absolute path")
+        raise ConfigError(
+            f"run-config 'output-dir' {config.output_dir!r} climbs out of the working folder; "
+            "give a folder below it, or an absolute path"
+        )
 
 
 def _validate_optimizer(config: RunConfig) -> None:
@@ -303,9 +329,7 @@ def _validate_optimizer(config: RunConfig) -> None:
     if config.lr_schedule not in SCHEDULES:
         raise ConfigError(f"run-config 'lr-schedule' is '{config.lr_schedule}'; choose one of: {', '.join(SCHEDULES)}")
     if not 0 <= config.warmup_rounds < config.num_server_rounds:
-        raise ConfigError(
-            f"run-config 'warmup-rounds' must be in [0, num-server-rounds), got {config.warmup_rounds}"
-        )
+        raise ConfigError(f"run-config 'warmup-rounds' must be in [0, num-server-rounds), got {config.warmup_rounds}")
     if not 0.0 <= config.lr_final_ratio <= 1.0:
         raise ConfigError(f"run-config 'lr-final-ratio' must be in [0, 1], got {config.lr_final_ratio}")
 
@@ -327,18 +351,23 @@ def _validate_labels(config: RunConfig) -> None:
             f"{', '.join(SYNTHETIC_ANATOMIES)}"
         )
     if config.uses_synthetic_data and config.synthetic_anatomy == "brain" and config.label_scheme != "brats":
-        raise ConfigError("run-config 'synthetic-anatomy' 'brain' writes BraTS labels: set label-scheme = \"brats\" "
-                          "and num-classes = 4")
+        raise ConfigError(
+            "run-config 'synthetic-anatomy' 'brain' writes BraTS labels: set label-scheme = \"brats\" "
+            "and num-classes = 4"
+        )
 
 
 def _validate_secure_aggregation(config: RunConfig) -> None:
     """`secure-aggregation` needs three sites; its bound keeps the 64-bit ring from overflowing (fedseg.secagg.ring)."""
     if not 0.0 < config.secure_aggregation_bound <= 2.0**20:
-        raise ConfigError(f"run-config 'secure-aggregation-bound' must be in (0, 2^20], got "
-                          f"{config.secure_aggregation_bound}")
+        raise ConfigError(
+            f"run-config 'secure-aggregation-bound' must be in (0, 2^20], got {config.secure_aggregation_bound}"
+        )
     if config.secure_aggregation and config.min_sites < 3:
-        raise ConfigError(f"run-config 'secure-aggregation' needs 'min-sites' >= 3, got {config.min_sites}: "
-                          "with two sites each one learns the other's update from the new global model")
+        raise ConfigError(
+            f"run-config 'secure-aggregation' needs 'min-sites' >= 3, got {config.min_sites}: "
+            "with two sites each one learns the other's update from the new global model"
+        )
 
 
 def _validate_dp(config: RunConfig) -> None:
@@ -356,14 +385,17 @@ def _validate_dp(config: RunConfig) -> None:
             f"run-config 'dp-accountant' is '{config.dp_accountant}'; choose one of: {', '.join(DP_ACCOUNTANTS)}"
         )
     if config.dp_physical_batch_size < 0:
-        raise ConfigError(f"run-config 'dp-physical-batch-size' must be >= 0 (0: batch-size), got "
-                          f"{config.dp_physical_batch_size}")
+        raise ConfigError(
+            f"run-config 'dp-physical-batch-size' must be >= 0 (0: batch-size), got {config.dp_physical_batch_size}"
+        )
     if not 1 <= config.dp_augmentation_multiplicity <= 64:
-        raise ConfigError(f"run-config 'dp-augmentation-multiplicity' must be in [1, 64], got "
-                          f"{config.dp_augmentation_multiplicity}")
+        raise ConfigError(
+            f"run-config 'dp-augmentation-multiplicity' must be in [1, 64], got {config.dp_augmentation_multiplicity}"
+        )
     if config.dp_noise_source not in DP_NOISE_SOURCES:
-        raise ConfigError(f"run-config 'dp-noise-source' is '{config.dp_noise_source}'; choose one of: "
-                          f"{', '.join(DP_NOISE_SOURCES)}")
+        raise ConfigError(
+            f"run-config 'dp-noise-source' is '{config.dp_noise_source}'; choose one of: {', '.join(DP_NOISE_SOURCES)}"
+        )
     if not config.dp_sgd:
         return
     if config.dp_noise_multiplier == 0 and config.dp_target_epsilon == 0:
@@ -392,8 +424,10 @@ def _validate_runtime(config: RunConfig) -> None:
     if config.precision not in PRECISIONS:
         raise ConfigError(f"run-config 'precision' is '{config.precision}'; choose one of: {', '.join(PRECISIONS)}")
     if config.precision == "fp16" and config.dp_sgd:
-        raise ConfigError("run-config 'precision' fp16 cannot be combined with dp-sgd (Opacus' per-subject gradients "
-                          "are not loss-scaled): use bf16 or fp32")
+        raise ConfigError(
+            "run-config 'precision' fp16 cannot be combined with dp-sgd (Opacus' per-subject gradients "
+            "are not loss-scaled): use bf16 or fp32"
+        )
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -122,8 +122,9 @@ class Federation:
         self.config = with_input_channels(self.config)  # every site is told the global model's input channels
         self._minimums = {name: getattr(self.strategy, name) for name in NODE_MINIMUMS if hasattr(self.strategy, name)}
         if self.config.secure_aggregation:  # the strategy was checked to compose (strategies.base)
-            self._secure = SecureAggregation(self.config.secure_aggregation_bound,
-                                             float(getattr(self.strategy, "max_update_ratio", 0.0)))
+            self._secure = SecureAggregation(
+                self.config.secure_aggregation_bound, float(getattr(self.strategy, "max_update_ratio", 0.0))
+            )
 
     def run(self, initial: ArrayRecord, resume: Checkpoint | None = None) -> tuple[ArrayRecord, History]:
         """Evaluate the initial model, then train and evaluate up to num-server-rounds.
@@ -192,8 +193,9 @@ class Federation:
             self._fail(node, "train", reason, record, drop=code in NODE_GONE_ERRORS)
 
         try:
-            result = self._secure.train(server_round, messages, lambda msgs: self._exchange("train", msgs, record),
-                                        fail)
+            result = self._secure.train(
+                server_round, messages, lambda msgs: self._exchange("train", msgs, record), fail
+            )
         except SecureAggregationError as err:
             raise FederationError(str(err)) from None
         if result.aggregate is None:
@@ -223,8 +225,11 @@ class Federation:
         """Record the round and write the run folder: history and checkpoint (which holds the weights)."""
         history.rounds.append(record)
         if record.round and history.best_round == record.round:  # before the checkpoint: a resume redoes it
-            self._save_model(arrays, BEST_MODEL, f"best model: round {record.round}, mean validation Dice "
-                                                 f"{record.val_dice:.4f} over the sites")
+            self._save_model(
+                arrays,
+                BEST_MODEL,
+                f"best model: round {record.round}, mean validation Dice {record.val_dice:.4f} over the sites",
+            )
         history.save(self.run_dir / "history.json")
         Checkpoint(
             round=record.round,
@@ -255,7 +260,9 @@ class Federation:
         (e.g. for a node whose heartbeat expired) come from the SuperLink's own node id."""
         return self._ordered(self._exchange(stage, self._configure(stage, configure, record), record))
 
-    def _configure(self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord) -> list[Message]:
+    def _configure(
+        self, stage: str, configure: Callable[[Grid], Iterable[Message]], record: RoundRecord
+    ) -> list[Message]:
         """The strategy's messages for the live sites (its minimum node counts lowered to their number)."""
         live = self._live_nodes(stage, record)
         for name, configured in self._minimums.items():
@@ -291,7 +298,11 @@ class Federation:
                 raise FederationError(
                     f"only {len(live)} live site(s) after waiting {self.config.round_timeout:g} s "
                     f"(round-timeout); run-config '{key}' needs {required}"
-                    + (f"; dropped: {', '.join(self._site_name(n) for n in sorted(self._dropped))}" if self._dropped else "")
+                    + (
+                        f"; dropped: {', '.join(self._site_name(n) for n in sorted(self._dropped))}"
+                        if self._dropped
+                        else ""
+                    )
                 )
             if polls % 30 == 0:
                 log(INFO, "[fedseg] waiting for sites: %d live, %d needed", len(live), required)
@@ -313,9 +324,16 @@ class Federation:
         """Ask dropped, connected nodes whether they are back, without waiting for the answers."""
         if not nodes:
             return
-        messages = [Message(RecordDict({m.CONFIG: self._instruction({})}), dst_node_id=node,
-                            message_type=MessageType.QUERY, group_id="probe", ttl=self.config.round_timeout)
-                     for node in nodes]
+        messages = [
+            Message(
+                RecordDict({m.CONFIG: self._instruction({})}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+                group_id="probe",
+                ttl=self.config.round_timeout,
+            )
+            for node in nodes
+        ]
         for node, message_id in zip(nodes, self.grid.push_messages(messages), strict=True):
             if message_id:
                 self._probes[message_id] = node
@@ -387,8 +405,6 @@ def _numeric_metrics(content: RecordDict) -> dict[str, float]:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 values[key] = float(value)
     return values
-
-
 
 
 def new_run_key(run_dir: Path) -> str:

@@ -27,8 +27,14 @@ TESTED_FLOWER = (">=1.41", "<1.43")
 # module → names fedseg imports from it (the internals beyond Flower's documented app API)
 INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.common.constant": ("ErrorCode", "SType"),
-    "flwr.common.serde": ("message_to_proto", "message_from_proto", "context_to_proto", "context_from_proto",
-                          "recorddict_to_proto", "recorddict_from_proto"),
+    "flwr.common.serde": (
+        "message_to_proto",
+        "message_from_proto",
+        "context_to_proto",
+        "context_from_proto",
+        "recorddict_to_proto",
+        "recorddict_from_proto",
+    ),
     "flwr.common.secure_aggregation.crypto.shamir": ("combine_shares", "create_shares"),
     "flwr.proto.message_pb2": ("Message", "Context"),
     "flwr.proto.recorddict_pb2": ("RecordDict",),
@@ -41,8 +47,19 @@ ERROR_CODES = ("NODE_UNAVAILABLE", "MESSAGE_UNAVAILABLE", "REPLY_MESSAGE_UNAVAIL
 IDENTITY_FIELDS = ("run_id", "node_id", "task_id")
 
 __all__ = [
-    "ErrorCode", "Run", "SType", "TaskIdentity", "aggregate_metricrecords", "combine_shares", "create_shares",
-    "empty_run", "flower_version", "incompatibilities", "message_with_metadata", "server_identity", "set_message_id",
+    "ErrorCode",
+    "Run",
+    "SType",
+    "TaskIdentity",
+    "aggregate_metricrecords",
+    "combine_shares",
+    "create_shares",
+    "empty_run",
+    "flower_version",
+    "incompatibilities",
+    "message_with_metadata",
+    "server_identity",
+    "set_message_id",
 ]
 
 
@@ -113,5 +130,7 @@ def incompatibilities() -> list[str]:
 
 def _fault(what: str) -> str:
     low, high = TESTED_FLOWER
-    return (f"Flower {flower_version()} is not compatible with this fedseg ({what}); fedseg is tested with "
-            f"flwr{low},{high}: pip install 'flwr[simulation,dp]{low},{high}'")
+    return (
+        f"Flower {flower_version()} is not compatible with this fedseg ({what}); fedseg is tested with "
+        f"flwr{low},{high}: pip install 'flwr[simulation,dp]{low},{high}'"
+    )

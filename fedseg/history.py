@@ -81,8 +81,12 @@ class History:
         return -max(scored)[1] if scored else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "rounds": [r.to_dict() for r in self.rounds], "best_round": self.best_round,
-                **self.extra}
+        return {
+            "config": self.config,
+            "rounds": [r.to_dict() for r in self.rounds],
+            "best_round": self.best_round,
+            **self.extra,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:

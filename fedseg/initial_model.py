@@ -50,8 +50,9 @@ def initial_model(config: RunConfig) -> InitialModel:
     state = _read_weights(path)
     fault = weights_fault(model.state_dict(), state)
     if fault:
-        raise ConfigError(f"run-config 'init-from': {path}: the weights do not fit the run's network "
-                          f"({model_spec(config)}): {fault}")
+        raise ConfigError(
+            f"run-config 'init-from': {path}: the weights do not fit the run's network ({model_spec(config)}): {fault}"
+        )
     model.load_state_dict(state, strict=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return InitialModel(_prepared(model, config).state_dict(), str(path), digest)

@@ -45,9 +45,12 @@ class IntensityWindow:
 
     @classmethod
     def from_list(cls, values: Any) -> IntensityWindow:
-        if not isinstance(values, (list, tuple)) or len(values) != 5 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:4]
-        ) or not isinstance(values[4], bool):
+        if (
+            not isinstance(values, (list, tuple))
+            or len(values) != 5
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values[:4])
+            or not isinstance(values[4], bool)
+        ):
             raise IntensityError(f"an intensity window is [a_min, a_max, b_min, b_max, clip], got {values!r}")
         a_min, a_max, b_min, b_max = (float(v) for v in values[:4])
         return cls(a_min, a_max, b_min, b_max, clip=values[4])
@@ -72,8 +75,10 @@ def parse_intensity(text: str) -> IntensityWindow | None:
             a_min, a_max, *target = numbers
             b_min, b_max = target or (0.0, 1.0)
             return IntensityWindow(a_min, a_max, b_min, b_max)
-    raise IntensityError(f"{text!r}: give \"{ZSCORE}\", \"{WINDOW_PREFIX}A,B\" (clip to [A, B], map onto [0, 1]), "
-                         f"\"{WINDOW_PREFIX}A,B,C,D\" (onto [C, D]) or \"{BUNDLE}\"")
+    raise IntensityError(
+        f'{text!r}: give "{ZSCORE}", "{WINDOW_PREFIX}A,B" (clip to [A, B], map onto [0, 1]), '
+        f'"{WINDOW_PREFIX}A,B,C,D" (onto [C, D]) or "{BUNDLE}"'
+    )
 
 
 def describe(window: IntensityWindow | None) -> str:
@@ -85,5 +90,6 @@ def intensity_transform(window: IntensityWindow | None, keys: str = "image") -> 
     """The MONAI step for `window`: z-score per channel over the non-zero voxels, or the window."""
     if window is None:
         return NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True)
-    return ScaleIntensityRanged(keys=keys, a_min=window.a_min, a_max=window.a_max, b_min=window.b_min,
-                                b_max=window.b_max, clip=window.clip)
+    return ScaleIntensityRanged(
+        keys=keys, a_min=window.a_min, a_max=window.a_max, b_min=window.b_min, b_max=window.b_max, clip=window.clip
+    )

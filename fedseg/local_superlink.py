@@ -30,8 +30,14 @@ from fedseg.config import ConfigError, read_toml
 LOCAL_ADDRESSES = (":local:", ":local-in-memory:")  # flwr's magic addresses of the managed local SuperLink
 DEFAULT_CONTROL_PORT = "39093"  # Flower's default; FLWR_LOCAL_CONTROL_API_PORT overrides it (as in flwr)
 # run-config keys holding paths that the ServerApp or the simulated sites open, and their "not a path" values
-PATH_KEYS = {"output-dir": (), "data-dir": ("synthetic",), "resume-from": ("",), "tracking-dir": ("",),
-             "init-from": ("",), "bundle": ("",)}
+PATH_KEYS = {
+    "output-dir": (),
+    "data-dir": ("synthetic",),
+    "resume-from": ("",),
+    "tracking-dir": ("",),
+    "init-from": ("",),
+    "bundle": ("",),
+}
 STOP_WAIT_S = 15.0
 
 
@@ -100,9 +106,11 @@ def relative_path_notes(values: dict[str, Any], folder: Path) -> list[str]:
     for key, not_paths in PATH_KEYS.items():
         value = values.get(key)
         if isinstance(value, str) and value not in not_paths and not Path(value).expanduser().is_absolute():
-            notes.append(f"run-config '{key}' = '{value}' is relative: it resolves against the ServerApp's folder "
-                         f"{folder} (under flwr run's local SuperLink, the folder that started that SuperLink); "
-                         "`fedseg run` passes it resolved against your folder")
+            notes.append(
+                f"run-config '{key}' = '{value}' is relative: it resolves against the ServerApp's folder "
+                f"{folder} (under flwr run's local SuperLink, the folder that started that SuperLink); "
+                "`fedseg run` passes it resolved against your folder"
+            )
     return notes
 
 
@@ -111,8 +119,10 @@ def environment_line() -> str:
     import fedseg
     from fedseg.flower_compat import flower_version
 
-    return (f"environment: {sys.executable} (fedseg {fedseg.__version__} from {Path(fedseg.__file__).parent.parent}, "
-            f"flwr {flower_version()}), folder {Path.cwd()}")
+    return (
+        f"environment: {sys.executable} (fedseg {fedseg.__version__} from {Path(fedseg.__file__).parent.parent}, "
+        f"flwr {flower_version()}), folder {Path.cwd()}"
+    )
 
 
 def stop_local_superlink(superlink: LocalSuperLink) -> None:
@@ -181,8 +191,15 @@ def connection_is_local(connection: str | None) -> bool:
     return superlinks.get(name, {}).get("address") in LOCAL_ADDRESSES
 
 
-def flwr_run_command(app_dir: Path, connection: str | None, run_config: dict[str, Any], overrides: list[str],
-                     federation_config: list[str], stream: bool, scratch: Path) -> list[str]:
+def flwr_run_command(
+    app_dir: Path,
+    connection: str | None,
+    run_config: dict[str, Any],
+    overrides: list[str],
+    federation_config: list[str],
+    stream: bool,
+    scratch: Path,
+) -> list[str]:
     """`flwr run` of this environment with the caller's overrides and then the absolute paths (the last wins);
     a TOML file of overrides is merged with them into `scratch`/run-config.toml (flwr takes a file alone)."""
     command = [str(this_bin_dir() / "flwr"), "run", str(app_dir)] + ([connection] if connection else [])
@@ -201,8 +218,15 @@ def flwr_run_command(app_dir: Path, connection: str | None, run_config: dict[str
     return command + (["--stream"] if stream else [])
 
 
-def run(app_dir: Path, connection: str | None, overrides: list[str], federation_config: list[str], stream: bool,
-        restart_superlink: bool, echo: Any = print) -> int:
+def run(
+    app_dir: Path,
+    connection: str | None,
+    overrides: list[str],
+    federation_config: list[str],
+    stream: bool,
+    restart_superlink: bool,
+    echo: Any = print,
+) -> int:
     """`flwr run` whose run lands below the caller's folder and runs in the caller's environment."""
     app_dir = app_dir.expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():
@@ -239,8 +263,9 @@ def _quoted(value: str) -> str:
 
 def _toml_key(key: str) -> str:
     """A flat run-config key as TOML (dotted strategy keys stay dotted: flwr flattens tables back)."""
-    return ".".join(part if part.replace("-", "").replace("_", "").isalnum() else json.dumps(part)
-                    for part in key.split("."))
+    return ".".join(
+        part if part.replace("-", "").replace("_", "").isalnum() else json.dumps(part) for part in key.split(".")
+    )
 
 
 def _option(args: list[str], name: str) -> str | None:

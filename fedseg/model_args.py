@@ -25,8 +25,9 @@ def parse_model_args(text: str) -> dict[str, Any]:
     try:
         call = ast.parse(f"f({text})", mode="eval").body
     except SyntaxError:
-        raise ModelArgsError(f"{text!r} is not a list of name=value pairs, e.g. \"init_filters=16, "
-                             "dropout_prob=0.1\"") from None
+        raise ModelArgsError(
+            f'{text!r} is not a list of name=value pairs, e.g. "init_filters=16, dropout_prob=0.1"'
+        ) from None
     if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
         raise ModelArgsError(f"{text!r}: give every argument as name=value (no positional arguments)")
     args: dict[str, Any] = {}
@@ -48,5 +49,7 @@ def _literal(name: str, node: ast.expr) -> Any:
     try:
         return ast.literal_eval(node)
     except ValueError:
-        raise ModelArgsError(f"argument '{name}' = {ast.unparse(node)} is not a plain value (a number, string, "
-                             "True/False/None, or a tuple, list or dict of those)") from None
+        raise ModelArgsError(
+            f"argument '{name}' = {ast.unparse(node)} is not a plain value (a number, string, "
+            "True/False/None, or a tuple, list or dict of those)"
+        ) from None

@@ -52,8 +52,10 @@ PREPROCESSING = {
     "intensity": "z-score per channel over the non-zero voxels, or the model's intensity window",
     "inference": "sliding window over patch_size, probabilities mapped back to the input grid",
 }
-CONVERT_HINT = ("make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
-                "(RUN.toml: the run config describing its network, channels, classes, patch size and spacing)")
+CONVERT_HINT = (
+    "make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
+    "(RUN.toml: the run config describing its network, channels, classes, patch size and spacing)"
+)
 
 
 class CheckpointError(ValueError):
@@ -155,22 +157,31 @@ class ModelCheckpoint:
             raise CheckpointError(f"{path}: not a usable fedseg model file: {first_line(err)}") from None
         fault = checkpoint.weights_fault()
         if fault:
-            raise CheckpointError(f"{path}: weights do not fit model {checkpoint.network} with "
-                                  f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: "
-                                  f"{fault}")
+            raise CheckpointError(
+                f"{path}: weights do not fit model {checkpoint.network} with "
+                f"{checkpoint.in_channels} input channel(s), {checkpoint.num_classes} classes: "
+                f"{fault}"
+            )
         return checkpoint
 
     def weights_fault(self) -> str | None:
         """What in `state_dict` differs from the named network's parameters (names, shapes), else None."""
         network = build_model(self.model, self.in_channels, self.labels.out_channels, self.model_args)
-        return weights_fault((make_dp_compatible(network) if self.dp_compatible else network).state_dict(),
-                             self.state_dict)
+        return weights_fault(
+            (make_dp_compatible(network) if self.dp_compatible else network).state_dict(), self.state_dict
+        )
 
     def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference)."""
         trainer = SegmentationTrainer(
-            self.model, self.num_classes, self.patch_size, in_channels=self.in_channels, device=device,
-            labels=self.labels, model_args=self.model_args, dp_compatible=self.dp_compatible,
+            self.model,
+            self.num_classes,
+            self.patch_size,
+            in_channels=self.in_channels,
+            device=device,
+            labels=self.labels,
+            model_args=self.model_args,
+            dp_compatible=self.dp_compatible,
         )
         trainer.set_weights(self.state_dict)
         return trainer
@@ -190,13 +201,16 @@ def load_model_file(path: str | Path) -> ModelCheckpoint:
     if isinstance(data, dict) and data.get("format") in READABLE_FORMATS:
         return ModelCheckpoint.from_fields(data, path)
     if isinstance(data, dict) and isinstance(data.get("format"), str) and data["format"].startswith("fedseg-model/"):
-        raise CheckpointError(f"{path}: model format '{data['format']}' is newer than this fedseg reads "
-                              f"({', '.join(READABLE_FORMATS)}): upgrade fedseg")
+        raise CheckpointError(
+            f"{path}: model format '{data['format']}' is newer than this fedseg reads "
+            f"({', '.join(READABLE_FORMATS)}): upgrade fedseg"
+        )
     if _is_run_checkpoint(data):
         return _from_run_checkpoint(data, path)
     if _state_dict_in(data) is not None:
-        raise CheckpointError(f"{path}: weights without their network (a bare state dict): "
-                              f"{CONVERT_HINT.format(path=path)}")
+        raise CheckpointError(
+            f"{path}: weights without their network (a bare state dict): {CONVERT_HINT.format(path=path)}"
+        )
     raise CheckpointError(f"{path}: not a fedseg model file (expected format '{FORMAT}')")
 
 
@@ -211,8 +225,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return dict(data["weights"])
     state = _state_dict_in(data)
     if state is None:
-        raise CheckpointError(f"{path}: holds no weights fedseg can read (a model file, a run's checkpoint.pt or a "
-                              "state dict mapping names to tensors)")
+        raise CheckpointError(
+            f"{path}: holds no weights fedseg can read (a model file, a run's checkpoint.pt or a "
+            "state dict mapping names to tensors)"
+        )
     return state
 
 
@@ -242,14 +258,17 @@ def _load(path: Path) -> object:
         hint = ""
         if "TorchScript" in str(err) or "constants.pkl" in str(err):
             hint = f" (a TorchScript file: fedseg reads weights; {CONVERT_HINT.format(path=path)} from its state dict)"
-        raise CheckpointError(f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}"
-                              f"{hint}") from None
+        raise CheckpointError(
+            f"{path}: cannot read model file: {type(err).__name__}: {first_line(err)}{hint}"
+        ) from None
 
 
 def _state_dict_in(data: object) -> dict[str, torch.Tensor] | None:
     for candidate in (data, *(data.get(k) for k in ("state_dict", "model") if isinstance(data, dict))):
-        if isinstance(candidate, Mapping) and candidate and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()
+        if (
+            isinstance(candidate, Mapping)
+            and candidate
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items())
         ):
             return dict(candidate)
     return None
@@ -269,8 +288,9 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
         description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
         model = ModelCheckpoint.from_config(dict(data["weights"]), config, description)
     except (ConfigError, ModelError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: a run checkpoint whose run config this fedseg cannot use: "
-                              f"{first_line(err)}") from None
+        raise CheckpointError(
+            f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}"
+        ) from None
     fault = model.weights_fault()
     if fault:
         raise CheckpointError(f"{path}: weights do not fit model {model.network}: {fault}")
@@ -280,8 +300,9 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
 def _checked_fields(data: Mapping) -> dict:
     """The dataclass fields of a loaded model file; TypeError/ValueError naming the first bad one."""
     weights = data["state_dict"]
-    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                   for k, v in weights.items()):
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
         raise TypeError("'state_dict' must map names to tensors")
     model = data["model"]
     if not isinstance(model, str):
@@ -313,8 +334,10 @@ def _checked_fields(data: Mapping) -> dict:
         "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
-        raise ValueError(f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "
-                         f"{fields['region_training']!r}: label scheme one of {', '.join(SCHEMES)}, and true or false")
+        raise ValueError(
+            f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "
+            f"{fields['region_training']!r}: label scheme one of {', '.join(SCHEMES)}, and true or false"
+        )
     if not all(8 <= p <= 512 for p in fields["patch_size"]):
         raise ValueError(f"'patch_size' {fields['patch_size']} must be 8 to 512 per axis")
     if fields["pixdim"] is not None and not all(0 < p < math.inf for p in fields["pixdim"]):
@@ -330,9 +353,10 @@ def _whole(data: Mapping, key: str, low: int, high: int) -> int:
 
 
 def _triple(values: Sequence, kind: type, key: str = "value") -> tuple:
-    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
         raise ValueError(f"'{key}' must be a list of 3 numbers, got {values!r}")
     return tuple(kind(v) for v in values)
-

@@ -38,8 +38,9 @@ def load_plugin(ep: EntryPoint) -> NetworkFactory:
     try:
         factory = ep.load()
     except Exception as err:  # noqa: BLE001 - a broken third-party package: one line naming it
-        raise ModelError(f"network plugin '{ep.name}' ({ep.value}) failed to load: "
-                               f"{type(err).__name__}: {err}") from None
+        raise ModelError(
+            f"network plugin '{ep.name}' ({ep.value}) failed to load: {type(err).__name__}: {err}"
+        ) from None
     if not callable(factory):
         raise ModelError(f"network plugin '{ep.name}' ({ep.value}) is {factory!r}, not a class or function")
     return factory

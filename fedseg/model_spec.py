@@ -41,13 +41,17 @@ def model_spec(config: RunConfig) -> ModelSpec:
         bundle = read_bundle(config.bundle)
     except BundleError as err:
         raise ConfigError(f"run-config 'bundle': {err}") from None
-    wanted = {"in_channels": (config.in_channels, "in-channels"),
-              "out_channels": (config.labels.out_channels, "num-classes / label-scheme")}
+    wanted = {
+        "in_channels": (config.in_channels, "in-channels"),
+        "out_channels": (config.labels.out_channels, "num-classes / label-scheme"),
+    }
     for arg, (value, key) in wanted.items():
         found = getattr(bundle, arg)
         if found is not None and value and found != value:
-            raise ConfigError(f"run-config 'bundle': {bundle.path.name}'s network_def has {arg}={found}, the run "
-                              f"{value} (run-config '{key}'); make them agree")
+            raise ConfigError(
+                f"run-config 'bundle': {bundle.path.name}'s network_def has {arg}={found}, the run "
+                f"{value} (run-config '{key}'); make them agree"
+            )
     return ModelSpec(bundle.name, bundle.args, f"bundle {bundle.description}")
 
 
@@ -56,8 +60,9 @@ def checked_network(config: RunConfig) -> tuple[ModelSpec, int]:
     (fedseg.network_check); ConfigError naming the key before round 1 otherwise."""
     spec = model_spec(config)
     try:
-        count = check_network(spec.name, spec.args, input_channels(config), config.labels.out_channels,
-                              config.patch_size)
+        count = check_network(
+            spec.name, spec.args, input_channels(config), config.labels.out_channels, config.patch_size
+        )
     except ModelError as err:
         key = "bundle" if config.model == "bundle" else "model-args" if config.model_args else "model"
         raise ConfigError(f"run-config '{key}': {err}") from None
@@ -73,6 +78,8 @@ def intensity_window(config: RunConfig) -> IntensityWindow | None:
     except BundleError as err:
         raise ConfigError(f"run-config 'bundle': {err}") from None
     if found.get("intensity") == "ScaleIntensityRanged" and found.get("window") is None:
-        raise ConfigError("run-config 'intensity' is \"bundle\" but the bundle's ScaleIntensityRanged settings are "
-                          "not plain numbers: give intensity = \"window:A,B,C,D\"")
+        raise ConfigError(
+            "run-config 'intensity' is \"bundle\" but the bundle's ScaleIntensityRanged settings are "
+            'not plain numbers: give intensity = "window:A,B,C,D"'
+        )
     return found.get("window")

@@ -33,11 +33,25 @@ from fedseg.model_plugins import (
 # preset name → (MONAI class, fedseg's keyword arguments)
 PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     # affine instance norm, as nnU-Net's: FedBN has per-site scales and shifts to keep
-    "unet": (UNet, {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 2,
-                    "norm": ("instance", {"affine": True})}),
+    "unet": (
+        UNet,
+        {
+            "channels": (16, 32, 64, 128),
+            "strides": (2, 2, 2),
+            "num_res_units": 2,
+            "norm": ("instance", {"affine": True}),
+        },
+    ),
     "segresnet": (SegResNet, {"init_filters": 8}),
-    "dynunet": (DynUNet, {"kernel_size": [3, 3, 3, 3], "strides": [1, 2, 2, 2], "upsample_kernel_size": [2, 2, 2],
-                          "filters": [16, 32, 64, 128]}),
+    "dynunet": (
+        DynUNet,
+        {
+            "kernel_size": [3, 3, 3, 3],
+            "strides": [1, 2, 2, 2],
+            "upsample_kernel_size": [2, 2, 2],
+            "filters": [16, 32, 64, 128],
+        },
+    ),
     # AHNet, the network of the prostate study (Sarma et al. 2021); its 3D form takes one channel
     "ahnet": (AHNet, {"layers": (2, 2, 2, 2), "psp_block_num": 0}),
 }
@@ -75,8 +89,10 @@ def model_choices() -> str:
     """The model names a run config may give, for error messages."""
     plugins = sorted(plugin_entry_points(frozenset(PRESETS)))
     installed = f", or an installed plugin: {', '.join(plugins)}" if plugins else ""
-    return (f"{', '.join(MODEL_NAMES)}, \"bundle\" (with run-config 'bundle'), a class of monai.networks.nets "
-            f"(e.g. SegResNet, UNETR, BasicUNet){installed}")
+    return (
+        f"{', '.join(MODEL_NAMES)}, \"bundle\" (with run-config 'bundle'), a class of monai.networks.nets "
+        f"(e.g. SegResNet, UNETR, BasicUNet){installed}"
+    )
 
 
 def model_kwargs(
@@ -97,8 +113,9 @@ def model_kwargs(
         kwargs["spatial_dims"] = 3
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if not takes_any and not {"in_channels", "out_channels"} <= set(parameters):
-        raise ModelError(f"model '{name}' has no in_channels/out_channels arguments: not a segmentation "
-                         "network fedseg can build")
+        raise ModelError(
+            f"model '{name}' has no in_channels/out_channels arguments: not a segmentation network fedseg can build"
+        )
     unknown = [arg for arg in args if arg not in parameters]
     if unknown and not takes_any:
         accepted = ", ".join(p for p in parameters if p not in (*SET_BY_FEDSEG, "spatial_dims"))
@@ -118,8 +135,10 @@ def build_model(name: str, in_channels: int, out_channels: int, args: Mapping[st
     try:
         model = network_kind(name).factory(**kwargs)
     except Exception as err:  # noqa: BLE001 - a network's own argument checks (assert, ValueError, ...)
-        raise ModelError(f"model '{name}' cannot be built with these arguments: {type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+        raise ModelError(
+            f"model '{name}' cannot be built with these arguments: {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model '{name}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -141,8 +160,9 @@ def describe_models() -> list[str]:
     """Human-readable lines: presets with their arguments, installed plugins, MONAI's classes."""
     from fedseg.model_args import format_model_args
 
-    lines = [f"{name} (preset, MONAI {cls.__name__}): {format_model_args(args)}"
-             for name, (cls, args) in PRESETS.items()]
+    lines = [
+        f"{name} (preset, MONAI {cls.__name__}): {format_model_args(args)}" for name, (cls, args) in PRESETS.items()
+    ]
     for name, ep in sorted(plugin_entry_points(frozenset(PRESETS)).items()):
         try:
             factory = load_plugin(ep)
@@ -152,6 +172,8 @@ def describe_models() -> list[str]:
         summary = (factory.__doc__ or "").strip().splitlines()
         lines.append(f"{name} ({plugin_source(ep)}, {ep.value})" + (f": {summary[0]}" if summary else ""))
     lines.append("bundle: the network of a MONAI bundle folder (run-config 'bundle')")
-    lines.append("any segmentation network of monai.networks.nets by class name, e.g. SegResNet, UNet, DynUNet, "
-                 "BasicUNet, AttentionUnet, VNet, UNETR, SwinUNETR (arguments: run-config 'model-args')")
+    lines.append(
+        "any segmentation network of monai.networks.nets by class name, e.g. SegResNet, UNet, DynUNet, "
+        "BasicUNet, AttentionUnet, VNet, UNETR, SwinUNETR (arguments: run-config 'model-args')"
+    )
     return lines

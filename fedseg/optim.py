@@ -36,7 +36,11 @@ def optimizer_factory(name: str = "adam", weight_decay: float = 0.0, momentum: f
 
 
 def round_learning_rate(
-    base: float, server_round: int, total_rounds: int, schedule: str = "constant", warmup_rounds: int = 0,
+    base: float,
+    server_round: int,
+    total_rounds: int,
+    schedule: str = "constant",
+    warmup_rounds: int = 0,
     final_ratio: float = 0.0,
 ) -> float:
     """The learning rate of round `server_round` (1-based) of `total_rounds`.

@@ -57,7 +57,9 @@ def inference_pipeline(pixdim: Sequence[float] | None, window: IntensityWindow |
 
 
 def probabilities(
-    model: ModelCheckpoint, case: Case | Path, device: str | torch.device | None = None,
+    model: ModelCheckpoint,
+    case: Case | Path,
+    device: str | torch.device | None = None,
     trainer: SegmentationTrainer | None = None,
 ) -> torch.Tensor:
     """Probabilities (model outputs, *input shape) of one model, on the input's voxel grid."""
@@ -68,13 +70,17 @@ def probabilities(
     image = data["image"]
     if not bool(torch.isfinite(torch.as_tensor(image)).all()):
         bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
-        raise PredictError(f"{case[0]}: {bad} NaN or infinite voxel(s); fix or mask them (the model would "
-                           "return background there and around them)")
+        raise PredictError(
+            f"{case[0]}: {bad} NaN or infinite voxel(s); fix or mask them (the model would "
+            "return background there and around them)"
+        )
     data = rest(data)
     image = data["image"]
     if image.shape[0] != model.in_channels:
-        raise PredictError(f"{case[0]}: the case has {image.shape[0]} channel(s), the model takes "
-                           f"{model.in_channels} (give one file per modality, in the model's order)")
+        raise PredictError(
+            f"{case[0]}: the case has {image.shape[0]} channel(s), the model takes "
+            f"{model.in_channels} (give one file per modality, in the model's order)"
+        )
     logits = (trainer or model.trainer(device)).predict_logits(image[None]).cpu()
     scores = model.labels.probabilities(logits)[0]
     data["pred"] = MetaTensor(scores, meta=image.meta, applied_operations=image.applied_operations)
@@ -105,7 +111,9 @@ def predict_volume(
 
 
 def predict(
-    model_paths: Sequence[str | Path], inputs: str | Path | Sequence[str | Path], output_path: str | Path,
+    model_paths: Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path],
+    output_path: str | Path,
     max_voxels: int | None = None,
 ) -> list[Path]:
     """Segment one case (one file, or one file per modality), or every case of a folder into an
@@ -124,8 +132,9 @@ def predict(
     else:
         for source in sources:
             if not source.is_file():
-                raise PredictError(f"{source}: input not found" + (" (a folder must be the only input)"
-                                                                   if source.is_dir() else ""))
+                raise PredictError(
+                    f"{source}: input not found" + (" (a folder must be the only input)" if source.is_dir() else "")
+                )
         pairs = [(tuple(sources), target)]
     for case, out_path in pairs:
         _check_case(case, models, max_voxels)
@@ -173,12 +182,15 @@ def _check_case(case: Case, models: Sequence[ModelCheckpoint], max_voxels: int |
             if len(header.shape) != 3:
                 raise PredictError(f"{header.path}: each modality file must be 3D, got shape {header.shape}")
             if header.shape != headers[0].shape:
-                raise PredictError(f"{header.path}: voxel grid {header.shape} differs from {case[0].name} "
-                                   f"{headers[0].shape}")
+                raise PredictError(
+                    f"{header.path}: voxel grid {header.shape} differs from {case[0].name} {headers[0].shape}"
+                )
     channels = sum(header.channels for header in headers)
     if channels != models[0].in_channels:
-        raise PredictError(f"{case[0]}: the case has {channels} channel(s), the model takes "
-                           f"{models[0].in_channels} (give one file per modality, in the model's order)")
+        raise PredictError(
+            f"{case[0]}: the case has {channels} channel(s), the model takes "
+            f"{models[0].in_channels} (give one file per modality, in the model's order)"
+        )
     return headers
 
 
@@ -223,7 +235,6 @@ def _write_temporary(image: nib.Nifti1Image, out_path: Path) -> Path:
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):
         folder.rmdir()
-
 
 
 def _as_case(case: Case | Path) -> Case:

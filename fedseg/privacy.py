@@ -187,8 +187,11 @@ class SitePrivacy:
         self._check_budget([*history, (sigma, sample_rate, epochs * steps_per_epoch)])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")  # documented in SECURITY.md
-            engine = (_SecureNoiseEngine(self._source, accountant=self.settings.accountant) if self._source
-                      else PrivacyEngine(accountant=self.settings.accountant))
+            engine = (
+                _SecureNoiseEngine(self._source, accountant=self.settings.accountant)
+                if self._source
+                else PrivacyEngine(accountant=self.settings.accountant)
+            )
         engine.accountant.history = list(history)
         hooks, dp_optimizer, dp_loader = engine.make_private(
             module=model,
@@ -249,12 +252,16 @@ class SubjectPatches(Dataset):
         item: Any = self.dataset[index]
         patches = item if isinstance(item, list) else [item]
         if len(patches) != self.multiplicity:
-            raise ValueError(f"DP-SGD needs {self.multiplicity} patch(es) per subject per draw "
-                             f"(dp-augmentation-multiplicity), the dataset gave {len(patches)}")
+            raise ValueError(
+                f"DP-SGD needs {self.multiplicity} patch(es) per subject per draw "
+                f"(dp-augmentation-multiplicity), the dataset gave {len(patches)}"
+            )
         if self.multiplicity == 1:
             return patches[0]["image"], patches[0]["label"]
-        return (torch.stack([torch.as_tensor(p["image"]) for p in patches]),
-                torch.stack([torch.as_tensor(p["label"]) for p in patches]))
+        return (
+            torch.stack([torch.as_tensor(p["image"]) for p in patches]),
+            torch.stack([torch.as_tensor(p["label"]) for p in patches]),
+        )
 
 
 @dataclass(frozen=True)
@@ -315,8 +322,9 @@ class SecurePoissonSampler(Sampler[list[int]]):
 def secure_poisson_loader(dataset: Dataset, sample_rate: float, steps: int, source: SecureGaussian) -> DataLoader:
     """A loader of Poisson batches from `SecurePoissonSampler` (an empty batch is zero-length tensors)."""
     first = dataset[0]
-    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
-                                      dtypes=[x.dtype for x in first])
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first], dtypes=[x.dtype for x in first]
+    )
     sampler = SecurePoissonSampler(len(dataset), sample_rate, steps, source)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
 
@@ -347,8 +355,12 @@ class _SecureNoiseEngine(PrivacyEngine):
     def _prepare_optimizer(self, *, optimizer: torch.optim.Optimizer, **kwargs: Any) -> DPOptimizer:
         made = super()._prepare_optimizer(optimizer=optimizer, **kwargs)
         return SecureNoiseDPOptimizer(
-            made.original_optimizer, noise_multiplier=made.noise_multiplier, max_grad_norm=made.max_grad_norm,
-            expected_batch_size=made.expected_batch_size, loss_reduction=made.loss_reduction, source=self.source,
+            made.original_optimizer,
+            noise_multiplier=made.noise_multiplier,
+            max_grad_norm=made.max_grad_norm,
+            expected_batch_size=made.expected_batch_size,
+            loss_reduction=made.loss_reduction,
+            source=self.source,
         )
 
 

@@ -43,8 +43,13 @@ class Bars:
         console = console or Console(stderr=True)
         self.enabled = progress_enabled(console) if enabled is None else enabled
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=False, disable=not self.enabled,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not self.enabled,
         )
 
     def __enter__(self) -> Self:

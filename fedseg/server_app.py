@@ -34,9 +34,17 @@ def main(grid: Grid, context: Context) -> None:
     network, parameters = checked_network(config)  # built and run on a dummy batch: fails before round 1
     checkpoint = resume_checkpoint(config)
     run_dir = Path(config.resume_from).expanduser().resolve() if checkpoint else new_run_dir(config)
-    log(INFO, "[fedseg] strategy %s, model %s [%s] (%d input channel(s), %s parameters), %d rounds; run folder %s",
-        config.strategy, network, network.source, config.in_channels, f"{parameters:,}", config.num_server_rounds,
-        run_dir)
+    log(
+        INFO,
+        "[fedseg] strategy %s, model %s [%s] (%d input channel(s), %s parameters), %d rounds; run folder %s",
+        config.strategy,
+        network,
+        network.source,
+        config.in_channels,
+        f"{parameters:,}",
+        config.num_server_rounds,
+        run_dir,
+    )
     log(INFO, "[fedseg] %s", environment_line())
     for line in relative_path_notes(dict(context.run_config), Path.cwd()):
         log(WARNING, "[fedseg] %s", line)
@@ -44,9 +52,15 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "[fedseg] bundle: %s", line)
     tracker = open_run_tracker(config, run_dir)
     _, history = Federation(grid, strategy, config, run_dir, tracker).run(
-        initial_weights(config) if checkpoint is None else ArrayRecord(), resume=checkpoint)  # init-from: new runs only
-    log(INFO, "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
-        history.final_dice, history.rounds[0].mean_dice, run_dir)
+        initial_weights(config) if checkpoint is None else ArrayRecord(), resume=checkpoint
+    )  # init-from: new runs only
+    log(
+        INFO,
+        "[fedseg] final mean Dice %.3f (initial %.3f); outputs in %s",
+        history.final_dice,
+        history.rounds[0].mean_dice,
+        run_dir,
+    )
     if config.label_scheme != "classes":
         log(INFO, "[fedseg] final mean Dice per region: %s", structure_summary(history, config))
     for line in privacy_summary(history.to_dict()):

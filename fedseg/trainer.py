@@ -137,8 +137,9 @@ class SegmentationTrainer:
         if privacy is not None and self.precision.name == "fp16":
             raise ValueError("DP-SGD cannot train in fp16: Opacus' per-sample gradients are not loss-scaled")
         if privacy is not None and (prox_mu > 0 or gradient_correction is not None):
-            raise ValueError("DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces "
-                             "the gradient)")
+            raise ValueError(
+                "DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces the gradient)"
+            )
         if seed is not None:
             _seed_everything(seed, dataset, keep_cudnn_flags=self.device.type == "cuda")
         if start_weights is not None:

@@ -40,7 +40,7 @@ def array_view(array: Array) -> np.ndarray:
     width = _LENGTH_BYTES.get(prefix[6])
     if width is None or prefix[7] != 0:
         raise ValueError(f"unsupported .npy format version {(prefix[6], prefix[7])}")
-    offset = 8 + width + int.from_bytes(data[8:8 + width], "little")
+    offset = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
     shape, fortran_order, dtype = _parse_header(bytes(data[:offset]))
     flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
@@ -126,8 +126,9 @@ def sweep(
     return Sweep(found, reference_squared, ArrayRecord(out) if coefficients is not None else None)
 
 
-def weighted_sum(reference: ArrayRecord, records: Records, coefficients: Sequence[float],
-                 **options: Any) -> ArrayRecord:
+def weighted_sum(
+    reference: ArrayRecord, records: Records, coefficients: Sequence[float], **options: Any
+) -> ArrayRecord:
     """Σ cᵢ·recordᵢ (+ `sweep`'s options) in the reference's key order, measuring nothing."""
     result = sweep(reference, records, coefficients, measure="none", **options).arrays
     assert result is not None
@@ -199,7 +200,7 @@ def _float_pass(
     for start in range(0, reference.size, BLOCK):
         stop = start + BLOCK
         block = reference[start:stop]
-        diff, total = scratch[:block.size], running[:block.size]
+        diff, total = scratch[: block.size], running[: block.size]
         if measure != "none":
             ref_squared += dot(block, block)
         if out is not None and ref_coefficient:

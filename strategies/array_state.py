@@ -40,7 +40,7 @@ def decode(value: Any) -> Any:
     """The value `encode` was given."""
     if isinstance(value, PLAIN):
         return value
-    (kind, item), = value.items()
+    ((kind, item),) = value.items()
     if kind == "ndarray":
         return item.numpy().copy()
     if kind == "scalar":

@@ -76,9 +76,13 @@ class FedSegStrategy(FlowerFedAvg):
 
     name: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = (
-        Param("max-update-ratio", float, 100.0,
-              "drop a reply whose update norm exceeds this many times the global model's norm (0: off)",
-              minimum=0.0),
+        Param(
+            "max-update-ratio",
+            float,
+            100.0,
+            "drop a reply whose update norm exceeds this many times the global model's norm (0: off)",
+            minimum=0.0,
+        ),
     )
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES,)
     reply_records: ClassVar[tuple[str, ...]] = ()  # ArrayRecords a reply carries besides the model (SCAFFOLD)
@@ -136,9 +140,11 @@ class FedSegStrategy(FlowerFedAvg):
             return cls.secure_aggregation_conflict
         if cls.reply_records:
             return f"its replies carry {', '.join(cls.reply_records)} besides the model, each needed per site"
-        for hook, need in (("combine", "builds the model from each site's update"),
-                           ("site_weights", "weights each site's update by its own rule"),
-                           ("check_reply", "checks each site's update")):
+        for hook, need in (
+            ("combine", "builds the model from each site's update"),
+            ("site_weights", "weights each site's update by its own rule"),
+            ("check_reply", "checks each site's update"),
+        ):
             if getattr(cls, hook) is not getattr(FedSegStrategy, hook):
                 return f"it {need} ('{hook}'); the server only sees the examples-weighted sum"
         return ""
@@ -201,8 +207,9 @@ class FedSegStrategy(FlowerFedAvg):
         for message in replies:
             if message.has_error():
                 continue
-            reply, reason = check_train_content(message.content, self.global_arrays, specs, self.required_metrics,
-                                                self.reply_records)
+            reply, reason = check_train_content(
+                message.content, self.global_arrays, specs, self.required_metrics, self.reply_records
+            )
             if reply is None:
                 self._drop(message, "train", reason)
             else:
@@ -211,8 +218,9 @@ class FedSegStrategy(FlowerFedAvg):
         fused = type(self).combine is FedSegStrategy.combine
         weights = self.site_weights(candidates) if fused else []  # unchecked replies: may not sum to > 0
         coefficients = [w / sum(weights) for w in weights] if sum(weights) > 0 else None
-        checked = sweep(self.global_arrays, [r.views for r in candidates], coefficients,
-                        measure="norm" if fused else "distance")
+        checked = sweep(
+            self.global_arrays, [r.views for r in candidates], coefficients, measure="norm" if fused else "distance"
+        )
         reference_norm = math.sqrt(checked.reference_squared)
         good = []
         for message, reply, squared in zip(messages, candidates, checked.squared, strict=True):
@@ -282,8 +290,11 @@ def check_metrics(content: RecordDict, required: Iterable[str]) -> tuple[MetricR
 
 
 def check_train_content(
-    content: RecordDict, global_arrays: ArrayRecord, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-    required: Iterable[str], extra_records: Collection[str] = (),
+    content: RecordDict,
+    global_arrays: ArrayRecord,
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    required: Iterable[str],
+    extra_records: Collection[str] = (),
 ) -> tuple[Reply | None, str]:
     """A `Reply` if the content has the required metrics and one ArrayRecord (besides the strategy's
     `extra_records`, each required) matching the global model's keys, shapes and dtypes (`specs`);
@@ -328,8 +339,10 @@ def check_update(
     if not max_update_ratio or (not exact and (measured + reference_norm) * (1 + _BOUND_SLACK) <= limit):
         return reply, ""  # ‖x − g‖ ≤ ‖x‖ + ‖g‖ ≤ limit: no exact norm needed
     if reply.update_norm > limit:
-        return reply, (f"update norm {reply.update_norm:.3g} exceeds {max_update_ratio:g} × the global model's "
-                       f"norm {reference_norm:.3g}")
+        return reply, (
+            f"update norm {reply.update_norm:.3g} exceeds {max_update_ratio:g} × the global model's "
+            f"norm {reference_norm:.3g}"
+        )
     return reply, ""
 
 

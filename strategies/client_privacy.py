@@ -78,9 +78,11 @@ class Release:
             return dp_accounting.GaussianDpEvent(self.noise_multiplier)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(
-                self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+                self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            )
         return dp_accounting.SampledWithoutReplacementDpEvent(
-            self.population, min(self.cohort, self.population), dp_accounting.GaussianDpEvent(self.noise_multiplier / 2))
+            self.population, min(self.cohort, self.population), dp_accounting.GaussianDpEvent(self.noise_multiplier / 2)
+        )
 
 
 def epsilon_of(releases: Sequence[Release], delta: float) -> float:
@@ -108,8 +110,10 @@ def releases_to_state(releases: Sequence[Release]) -> list[dict[str, Any]]:
 
 
 def releases_from_state(entries: Iterable[Mapping[str, Any]]) -> list[Release]:
-    return [Release(float(e["noise_multiplier"]), str(e["sampling"]), int(e["population"]), int(e["cohort"]))
-            for e in entries]
+    return [
+        Release(float(e["noise_multiplier"]), str(e["sampling"]), int(e["population"]), int(e["cohort"]))
+        for e in entries
+    ]
 
 
 def releases_from_flower_state(state: Mapping[str, Any]) -> list[Release]:
@@ -117,8 +121,9 @@ def releases_from_flower_state(state: Mapping[str, Any]) -> list[Release]:
     releases = []
     for composition in state.get("compositions", []):
         event = composition["event"]
-        release = Release(float(event["noise_multiplier"]), "all", int(event["population_size"]),
-                          int(event["population_size"]))
+        release = Release(
+            float(event["noise_multiplier"]), "all", int(event["population_size"]), int(event["population_size"])
+        )
         releases += [release] * int(composition["count"])
     return releases
 
@@ -158,8 +163,9 @@ class QuantileClip:
     target_quantile: float  # γ
     learning_rate: float = 0.2  # η
 
-    def noised_fraction(self, norms: Sequence[float], bound: float, cohort: float, count_stddev: float,
-                        source: GaussianSource) -> float:
+    def noised_fraction(
+        self, norms: Sequence[float], bound: float, cohort: float, count_stddev: float, source: GaussianSource
+    ) -> float:
         """b̃: the fraction of the cohort with norm ≤ bound, from the noised centred count."""
         centred = sum((1.0 if norm <= bound else 0.0) - 0.5 for norm in norms)
         noise = float(source.normal(0.0, count_stddev, 1)[0]) if count_stddev > 0 else 0.0

@@ -31,8 +31,11 @@ class Cyclic(FedSegStrategy):
 
     name = "cyclic"
     secure_aggregation_conflict = "it trains one site per round: the sum would be that site's update"
-    params = (Param("cycles", int, 0, "passes over all sites before training stops (0: until the last round; "
-                                      "1: IIL)", minimum=0),)
+    params = (
+        Param(
+            "cycles", int, 0, "passes over all sites before training stops (0: until the last round; 1: IIL)", minimum=0
+        ),
+    )
     cycles: int
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:

@@ -40,8 +40,16 @@ class DiceWeighted(FedSegStrategy):
 
     name = "dice-weighted"
     secure_aggregation_conflict = "it weights each site's update by its validation Dice, not by its examples"
-    params = (Param("example-mix", float, 0.0, "share λ of the example-count weights (0: Dice only, 1: FedAvg)",
-                    minimum=0.0, maximum=1.0),)
+    params = (
+        Param(
+            "example-mix",
+            float,
+            0.0,
+            "share λ of the example-count weights (0: Dice only, 1: FedAvg)",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
     required_metrics = (NUM_EXAMPLES, VAL_DICE)
     example_mix: float
 

@@ -25,8 +25,11 @@ class Ditto(FedAvg):
     """FedAvg plus a personal model per site, regularised towards the global one."""
 
     name = "ditto"
-    params = (Param("lambda", float, 0.1, "weight λ of the personal model's pull λ/2‖v − w_global‖²",
-                    minimum=1e-6, maximum=1e6),)
+    params = (
+        Param(
+            "lambda", float, 0.1, "weight λ of the personal model's pull λ/2‖v − w_global‖²", minimum=1e-6, maximum=1e6
+        ),
+    )
     dp_sgd_conflict = "its personal fit has a proximal term, which DP-SGD drops"
 
     def configure_train(

@@ -54,11 +54,17 @@ class DPDistributed(FedAvg):
     secure_aggregation_conflict = ""  # it needs secure aggregation
     params = (
         Param("clipping-norm", float, 1.0, "bound C on the L2 norm of each site's update", minimum=1e-12),
-        Param("noise-multiplier", float, 1.0, "noise std z relative to C of the sum (each site adds z·C/√m)",
-              minimum=0.0),
+        Param(
+            "noise-multiplier", float, 1.0, "noise std z relative to C of the sum (each site adds z·C/√m)", minimum=0.0
+        ),
         Param("target-delta", float, 1e-5, "δ at which the cumulative ε is reported", minimum=1e-12, maximum=0.5),
-        Param("noise-source", str, "secure", "the sites' Gaussian noise: numpy's PCG64 or a ChaCha20 CSPRNG "
-                                             "(fedseg/noise.py)", choices=NOISE_SOURCES),
+        Param(
+            "noise-source",
+            str,
+            "secure",
+            "the sites' Gaussian noise: numpy's PCG64 or a ChaCha20 CSPRNG (fedseg/noise.py)",
+            choices=NOISE_SOURCES,
+        ),
     )
     clipping_norm: float
     noise_multiplier: float
@@ -75,8 +81,10 @@ class DPDistributed(FedAvg):
     def check_config(cls, config: RunConfig) -> None:
         super().check_config(config)
         if not config.secure_aggregation:
-            raise ConfigError("strategy 'dp-distributed' needs run-config 'secure-aggregation = true' (the sites add "
-                              "the noise to masked updates); without secure aggregation use 'dp-noised'")
+            raise ConfigError(
+                "strategy 'dp-distributed' needs run-config 'secure-aggregation = true' (the sites add "
+                "the noise to masked updates); without secure aggregation use 'dp-noised'"
+            )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -97,8 +105,14 @@ class DPDistributed(FedAvg):
         if self._summed and self.noise_multiplier > 0:
             effective = self.noise_multiplier * math.sqrt(self._summed / self._sampled)
             self._releases.append(Release(effective, "all", self._sampled, self._sampled))
-            log(INFO, "[fedseg] dp-distributed: %d of %d sites' noise in the sum (noise multiplier %.3g); ε %.3g",
-                self._summed, self._sampled, effective, self.epsilon())
+            log(
+                INFO,
+                "[fedseg] dp-distributed: %d of %d sites' noise in the sum (noise multiplier %.3g); ε %.3g",
+                self._summed,
+                self._sampled,
+                effective,
+                self.epsilon(),
+            )
         return arrays, metrics
 
     def epsilon(self) -> float:
@@ -108,8 +122,13 @@ class DPDistributed(FedAvg):
         return epsilon_of(self._releases, self.target_delta)
 
     def round_report(self, server_round: int) -> dict[str, Any]:
-        return {**super().round_report(server_round), "epsilon": self.epsilon(), "delta": self.target_delta,
-                "sampled-sites": self._sampled, "summed-sites": self._summed}
+        return {
+            **super().round_report(server_round),
+            "epsilon": self.epsilon(),
+            "delta": self.target_delta,
+            "sampled-sites": self._sampled,
+            "summed-sites": self._summed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"releases": releases_to_state(self._releases)}

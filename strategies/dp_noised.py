@@ -61,22 +61,55 @@ class DPNoised(FedSegStrategy):
 
     name = "dp-noised"
     params = (
-        Param("clipping-norm", float, 1.0, "bound C on the L2 norm of each site's update (adaptive: its start)",
-              minimum=1e-12),
-        Param("noise-multiplier", float, 1.0, "noise std z relative to C (std of the averaged noise: z·C/m)",
-              minimum=0.0),
+        Param(
+            "clipping-norm",
+            float,
+            1.0,
+            "bound C on the L2 norm of each site's update (adaptive: its start)",
+            minimum=1e-12,
+        ),
+        Param(
+            "noise-multiplier", float, 1.0, "noise std z relative to C (std of the averaged noise: z·C/m)", minimum=0.0
+        ),
         Param("target-delta", float, 1e-5, "δ at which the cumulative ε is reported", minimum=1e-12, maximum=0.5),
-        Param("sampling", str, "all", "sites per round: all, poisson (each with rate cohort-size / sites) or "
-              "fixed (cohort-size drawn without replacement)", choices=SAMPLINGS),
-        Param("cohort-size", int, 0, "expected (poisson) or exact (fixed) sites per round, the average's "
-              "denominator", minimum=0),
-        Param("target-quantile", float, 0.0, "adaptive clipping: the quantile of update norms C follows (0: fixed C)",
-              minimum=0.0, maximum=0.99),
+        Param(
+            "sampling",
+            str,
+            "all",
+            "sites per round: all, poisson (each with rate cohort-size / sites) or "
+            "fixed (cohort-size drawn without replacement)",
+            choices=SAMPLINGS,
+        ),
+        Param(
+            "cohort-size",
+            int,
+            0,
+            "expected (poisson) or exact (fixed) sites per round, the average's denominator",
+            minimum=0,
+        ),
+        Param(
+            "target-quantile",
+            float,
+            0.0,
+            "adaptive clipping: the quantile of update norms C follows (0: fixed C)",
+            minimum=0.0,
+            maximum=0.99,
+        ),
         Param("clip-learning-rate", float, 0.2, "adaptive clipping: geometric step η of C per round", minimum=0.0),
-        Param("clip-count-stddev", float, 0.0, "adaptive clipping: noise σ_b of the clipped count "
-              "(0: max(cohort / 20, noise-multiplier))", minimum=0.0),
-        Param("noise-source", str, "numpy", "Gaussian noise and sampling from numpy's PCG64 or a ChaCha20 CSPRNG "
-              "(secure)", choices=NOISE_SOURCES),
+        Param(
+            "clip-count-stddev",
+            float,
+            0.0,
+            "adaptive clipping: noise σ_b of the clipped count (0: max(cohort / 20, noise-multiplier))",
+            minimum=0.0,
+        ),
+        Param(
+            "noise-source",
+            str,
+            "numpy",
+            "Gaussian noise and sampling from numpy's PCG64 or a ChaCha20 CSPRNG (secure)",
+            choices=NOISE_SOURCES,
+        ),
     )
     clipping_norm: float
     noise_multiplier: float
@@ -118,8 +151,14 @@ class DPNoised(FedSegStrategy):
         nodes = sorted(grid.get_node_ids())
         self._population = len(nodes)
         self._cohort = draw_cohort(nodes, self.sampling, self.cohort_size, self._source)
-        log(INFO, "[fedseg] dp-noised: round %d cohort of %d of %d sites (%s sampling)", server_round,
-            len(self._cohort), len(nodes), self.sampling)
+        log(
+            INFO,
+            "[fedseg] dp-noised: round %d cohort of %d of %d sites (%s sampling)",
+            server_round,
+            len(self._cohort),
+            len(nodes),
+            self.sampling,
+        )
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, self._cohort, MessageType.TRAIN)
@@ -156,8 +195,14 @@ class DPNoised(FedSegStrategy):
             fraction = self._clip.noised_fraction(norms, bound, m, count_stddev, self._source)
             self._bound = self._clip.next_bound(bound, fraction)
         self._account(m)
-        log(INFO, "[fedseg] dp-noised: %d/%d updates clipped to %.4g, noise std %.3g", len(self._clipped),
-            len(replies), bound, std)
+        log(
+            INFO,
+            "[fedseg] dp-noised: %d/%d updates clipped to %.4g, noise std %.3g",
+            len(self._clipped),
+            len(replies),
+            bound,
+            std,
+        )
         return arrays
 
     def _count_stddev(self, cohort: int) -> float:

@@ -20,8 +20,7 @@ class FedProx(FedAvg):
     """FedAvg plus a proximal term on the sites' losses."""
 
     name = "fedprox"
-    params = (Param("proximal-mu", float, 0.01, "weight mu of the proximal term (mu/2)·‖w − w_global‖²",
-                    minimum=0.0),)
+    params = (Param("proximal-mu", float, 0.01, "weight mu of the proximal term (mu/2)·‖w − w_global‖²", minimum=0.0),)
     proximal_mu: float
 
     def configure_train(

@@ -83,7 +83,9 @@ class FlowerStrategy(FedSegStrategy):
             keys = ", ".join(f"'{self.strategy_name()}.{name}'" for name in missing)
             raise ConfigError(f"strategy '{self.strategy_name()}' needs run-config {keys}")
         arguments = {name.replace("-", "_"): value for name, value in own.items() if value is not None}
-        self.inner = self.flower_class(**arguments, **fedseg_arguments(self.flower_class, min_sites, site_learning_rate))
+        self.inner = self.flower_class(
+            **arguments, **fedseg_arguments(self.flower_class, min_sites, site_learning_rate)
+        )
         self._config_arguments = {a.name for a in constructor_arguments(self.flower_class)}
         self._error = ""
 
@@ -101,8 +103,10 @@ class FlowerStrategy(FedSegStrategy):
     def secure_aggregation_reason(cls) -> str:
         if cls.flower_class.__name__ in MEAN_BASED:
             return ""
-        return (f"Flower's {cls.flower_class.__name__} does not aggregate the examples-weighted mean of the replies "
-                "(robust, per-site or loss-weighted rules need each site's update)")
+        return (
+            f"Flower's {cls.flower_class.__name__} does not aggregate the examples-weighted mean of the replies "
+            "(robust, per-site or loss-weighted rules need each site's update)"
+        )
 
     # ------------------------------------------------------------------ composition
     def train_instructions(
@@ -129,10 +133,16 @@ class FlowerStrategy(FedSegStrategy):
     # ------------------------------------------------------------------ state and reports
     def state_dict(self) -> dict[str, Any]:
         """The inner strategy's attributes that are no constructor argument (those come from the run config)."""
-        state = {name: value for name, value in vars(self.inner).items()
-                 if name not in self._config_arguments and not callable(value)}
-        return {"flower": {name: array_state.encode(value, f"{self.strategy_name()}.{name}")
-                           for name, value in state.items()}}
+        state = {
+            name: value
+            for name, value in vars(self.inner).items()
+            if name not in self._config_arguments and not callable(value)
+        }
+        return {
+            "flower": {
+                name: array_state.encode(value, f"{self.strategy_name()}.{name}") for name, value in state.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         unknown = sorted(set(state) - {"flower"})
@@ -160,15 +170,21 @@ def flower_strategy(
     params = constructor_params(flower_class, limits)
     clashes = [p.name for p in params if hasattr(FlowerStrategy, p.attribute)]
     if clashes:
-        raise ConfigError(f"Flower strategy {flower_class.__name__}: arguments {clashes} clash with fedseg's attributes")
+        raise ConfigError(
+            f"Flower strategy {flower_class.__name__}: arguments {clashes} clash with fedseg's attributes"
+        )
     summary = (inspect.getdoc(flower_class) or flower_class.__name__).splitlines()[0]
-    return type(flower_class.__name__, (FlowerStrategy,), {
-        "__doc__": f"Flower's {flower_class.__name__}, with fedseg's reply checks: {summary}",
-        "__module__": __name__,
-        "name": name,
-        "params": params,
-        "flower_class": flower_class,
-    })
+    return type(
+        flower_class.__name__,
+        (FlowerStrategy,),
+        {
+            "__doc__": f"Flower's {flower_class.__name__}, with fedseg's reply checks: {summary}",
+            "__module__": __name__,
+            "name": name,
+            "params": params,
+            "flower_class": flower_class,
+        },
+    )
 
 
 def like_global(arrays: ArrayRecord, global_arrays: ArrayRecord, strategy: str) -> ArrayRecord:
@@ -179,7 +195,9 @@ def like_global(arrays: ArrayRecord, global_arrays: ArrayRecord, strategy: str) 
     for key, reference in global_arrays.items():
         target, value = array_view(reference), arrays[key].numpy()
         if value.shape != target.shape:
-            raise ValueError(f"strategy '{strategy}' returned '{key}' with shape {value.shape}, the model's is {target.shape}")
+            raise ValueError(
+                f"strategy '{strategy}' returned '{key}' with shape {value.shape}, the model's is {target.shape}"
+            )
         if value.dtype != target.dtype:
             value = (value if is_float(target) or not is_float(value) else np.rint(value)).astype(target.dtype)
         out[key] = Array(np.ascontiguousarray(value))
@@ -193,23 +211,43 @@ def _inner_message(reply: Reply, metric_keys: list[str]) -> Message:
     assert message is not None  # replies passed on to a Flower strategy keep their message
     content = message.content
     (array_key,), (metric_key,) = content.array_records, content.metric_records
-    arrays = {key: array if is_float(reply.views[key]) else Array(reply.views[key].astype(np.float64))
-              for key, array in reply.arrays.items()}
-    record = RecordDict({array_key: ArrayRecord(arrays),
-                         metric_key: MetricRecord({key: reply.metrics[key] for key in metric_keys})})
+    arrays = {
+        key: array if is_float(reply.views[key]) else Array(reply.views[key].astype(np.float64))
+        for key, array in reply.arrays.items()
+    }
+    record = RecordDict(
+        {array_key: ArrayRecord(arrays), metric_key: MetricRecord({key: reply.metrics[key] for key in metric_keys})}
+    )
     return message_with_metadata(record, copy.copy(message.metadata))
 
 
 # ---------------------------------------------------------------------- built-in names
-FedAdam = flower_strategy(flower.FedAdam, "fedadam", {
-    "eta": {"minimum": 0.0}, "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
-    "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE}, "tau": {"minimum": _POSITIVE}})
-FedYogi = flower_strategy(flower.FedYogi, "fedyogi", {
-    "eta": {"minimum": 0.0}, "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
-    "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE}, "tau": {"minimum": _POSITIVE}})
+FedAdam = flower_strategy(
+    flower.FedAdam,
+    "fedadam",
+    {
+        "eta": {"minimum": 0.0},
+        "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
+        "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE},
+        "tau": {"minimum": _POSITIVE},
+    },
+)
+FedYogi = flower_strategy(
+    flower.FedYogi,
+    "fedyogi",
+    {
+        "eta": {"minimum": 0.0},
+        "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
+        "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE},
+        "tau": {"minimum": _POSITIVE},
+    },
+)
 FedAdagrad = flower_strategy(flower.FedAdagrad, "fedadagrad", {"eta": {"minimum": 0.0}, "tau": {"minimum": _POSITIVE}})
-FedAvgM = flower_strategy(flower.FedAvgM, "fedavgm", {
-    "server-learning-rate": {"minimum": 0.0}, "server-momentum": {"minimum": 0.0, "maximum": 1.0}})
+FedAvgM = flower_strategy(
+    flower.FedAvgM,
+    "fedavgm",
+    {"server-learning-rate": {"minimum": 0.0}, "server-momentum": {"minimum": 0.0, "maximum": 1.0}},
+)
 FedTrimmedAvg = flower_strategy(flower.FedTrimmedAvg, "fedtrimmedavg", {"beta": {"minimum": 0.0, "maximum": 0.49}})
 FedMedian = flower_strategy(flower.FedMedian, "fedmedian")
 Krum = flower_strategy(flower.Krum, "krum", {"num-malicious-nodes": {"minimum": 0}})

@@ -31,8 +31,13 @@ from strategies.params import Param
 
 SCALARS = (bool, int, float, str)
 SAMPLING_ARGS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
-RECORD_ARGS = ("weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
-               "evaluate_metrics_aggr_fn")
+RECORD_ARGS = (
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+)
 SITE_LEARNING_RATE_ARGS = ("eta_l", "client_learning_rate")
 TRAIN_LOSS_KEY = "train-loss"  # the fedseg ClientApp's training-loss metric
 OWNED_BY_FEDSEG = frozenset({*SAMPLING_ARGS, *RECORD_ARGS, *SITE_LEARNING_RATE_ARGS, "train_loss_key"})
@@ -70,7 +75,9 @@ def unsupported_reason(flower_class: type) -> str:
     return ""
 
 
-def constructor_params(flower_class: type, limits: Mapping[str, Mapping[str, float]] | None = None) -> tuple[Param, ...]:
+def constructor_params(
+    flower_class: type, limits: Mapping[str, Mapping[str, float]] | None = None
+) -> tuple[Param, ...]:
     """A `Param` per constructor argument a run config can set; `limits` adds ranges by hyphenated name."""
     docs = _argument_docs(flower_class)
     params = []
@@ -89,8 +96,12 @@ def constructor_params(flower_class: type, limits: Mapping[str, Mapping[str, flo
 
 def fedseg_arguments(flower_class: type, min_sites: int, site_learning_rate: float | None) -> dict[str, Any]:
     """The constructor arguments fedseg sets (only those the class takes)."""
-    values: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "weighted_by_key": "num-examples",
-                              "train_loss_key": TRAIN_LOSS_KEY}
+    values: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "weighted_by_key": "num-examples",
+        "train_loss_key": TRAIN_LOSS_KEY,
+    }
     values.update({name: min_sites for name in SAMPLING_ARGS if name.startswith("min_")})
     if site_learning_rate is not None:
         values.update({name: site_learning_rate for name in SITE_LEARNING_RATE_ARGS})
@@ -100,14 +111,18 @@ def fedseg_arguments(flower_class: type, min_sites: int, site_learning_rate: flo
 
 def missing_required(params: tuple[Param, ...], values: Mapping[str, Any], flower_class: type) -> list[str]:
     """Hyphenated names of required arguments left unset (None) in the resolved `values`."""
-    required = {a.name.replace("_", "-") for a in constructor_arguments(flower_class) if a.default is inspect.Parameter.empty}
+    required = {
+        a.name.replace("_", "-") for a in constructor_arguments(flower_class) if a.default is inspect.Parameter.empty
+    }
     return [p.name for p in params if p.name in required and values.get(p.name) is None]
 
 
 def _argument_docs(flower_class: type) -> dict[str, str]:
     """First sentence of each argument's entry in the numpydoc "Parameters" section."""
     docs = {}
-    for match in re.finditer(r"^(\w+)\s*:[^\n]*\n((?:[ \t]+\S[^\n]*\n?)+)", inspect.getdoc(flower_class) or "", re.MULTILINE):
+    for match in re.finditer(
+        r"^(\w+)\s*:[^\n]*\n((?:[ \t]+\S[^\n]*\n?)+)", inspect.getdoc(flower_class) or "", re.MULTILINE
+    ):
         text = " ".join(match.group(2).split())
         docs[match.group(1)] = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
     return docs

@@ -34,7 +34,8 @@ from strategies.scaffold import Scaffold
 ENTRY_POINT_GROUP = "fedseg.strategies"
 FLOWER_PREFIX = "flower:"
 BUILTIN: dict[str, type[FedSegStrategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, DPDistributed, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
+    cls.name: cls
+    for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, DPDistributed, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
 }
 
 
@@ -68,8 +69,10 @@ def resolve(spec: str) -> type[FedSegStrategy]:
             f"registering under '{ENTRY_POINT_GROUP}')"
         )
     if not (isinstance(cls, type) and issubclass(cls, FedSegStrategy)):
-        raise ConfigError(f"strategy '{spec}' is {cls!r}, not a subclass of strategies.base.FedSegStrategy "
-                          "or flwr.serverapp.strategy.Strategy")
+        raise ConfigError(
+            f"strategy '{spec}' is {cls!r}, not a subclass of strategies.base.FedSegStrategy "
+            "or flwr.serverapp.strategy.Strategy"
+        )
     return cls
 
 
@@ -142,7 +145,8 @@ def describe_installed() -> list[str]:
     catalog = flower_catalog()
     named = {cls.flower_class.__name__ for cls in FLOWER_NAMED}
     usable = [c for c, reason in catalog.items() if not reason and c not in named]
-    lines.append(f"{FLOWER_PREFIX}<Class> (Flower's other strategies, parameters from their constructors): "
-                 + ", ".join(usable))
+    lines.append(
+        f"{FLOWER_PREFIX}<Class> (Flower's other strategies, parameters from their constructors): " + ", ".join(usable)
+    )
     lines.extend(f"    {FLOWER_PREFIX}{c}: unusable: {reason}" for c, reason in catalog.items() if reason)
     return lines

@@ -43,9 +43,11 @@ class Scaffold(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if not self.variate:
-            self.variate = {key: torch.zeros(view.shape, dtype=torch.float32)
-                            for key, view in ((k, array_view(a)) for k, a in arrays.items())
-                            if np.issubdtype(view.dtype, np.floating)}
+            self.variate = {
+                key: torch.zeros(view.shape, dtype=torch.float32)
+                for key, view in ((k, array_view(a)) for k, a in arrays.items())
+                if np.issubdtype(view.dtype, np.floating)
+            }
         messages = list(super().configure_train(server_round, arrays, config, grid))
         record = ArrayRecord(self.variate)
         for message in messages:

@@ -38,10 +38,14 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 def toml_value(value: object) -> str:
     """A run-config override value as Flower's --run-config parser expects it."""
-    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    )
 
 
-def flwr_run(run_config: dict[str, object], num_supernodes: int, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def flwr_run(
+    run_config: dict[str, object], num_supernodes: int, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run this app as a local simulation with `flwr run`, no runtime dependency installation."""
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -51,9 +55,14 @@ def flwr_run(run_config: dict[str, object], num_supernodes: int, timeout: float 
     }
     overrides = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
     command = [
-        os.path.join(bin_dir, "flwr"), "run", str(REPO), "--stream",
-        "--run-config", overrides,
-        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        os.path.join(bin_dir, "flwr"),
+        "run",
+        str(REPO),
+        "--stream",
+        "--run-config",
+        overrides,
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 

@@ -28,8 +28,12 @@ def free_port() -> int:
 def private_flwr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """A private FLWR_HOME and local SuperLink ports (also set in this process); any SuperLink on them
     is stopped at the end."""
-    env = {"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     yield {**os.environ, **env}
@@ -44,11 +48,26 @@ def start_local_superlink(bin_dir: Path, folder: Path, env: dict[str, str]) -> s
     home = Path(env["FLWR_HOME"]) / "local-superlink"
     home.mkdir(parents=True, exist_ok=True)
     http = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-    command = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-               "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}", "--host", "127.0.0.1",
-               "--port", http, "--database", str(home / "state.db"), "--log-file", str(home / "superlink.log")]
-    proc = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    command = [
+        str(bin_dir / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        http,
+        "--database",
+        str(home / "state.db"),
+        "--log-file",
+        str(home / "superlink.log"),
+    ]
+    proc = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"flower-superlink exited with {proc.returncode}"

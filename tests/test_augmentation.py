@@ -48,8 +48,10 @@ def preprocessed(channels: int = 1, seed: int = 0) -> dict:
     label[0, 8:12, 9:14, 11:17] = 2
     image = np.stack([label[0] * (1 + 0.5 * c) + 0.3 * rng.standard_normal(label.shape[1:]) for c in range(channels)])
     image = (image - image.mean(axis=(1, 2, 3), keepdims=True)) / image.std(axis=(1, 2, 3), keepdims=True)
-    after_loading = training_preprocessing(PATCH).transforms[len(preprocessing().transforms):]
-    return Compose(after_loading)({"image": torch.as_tensor(image, dtype=torch.float32), "label": torch.as_tensor(label)})
+    after_loading = training_preprocessing(PATCH).transforms[len(preprocessing().transforms) :]
+    return Compose(after_loading)(
+        {"image": torch.as_tensor(image, dtype=torch.float32), "label": torch.as_tensor(label)}
+    )
 
 
 def patches(
@@ -63,17 +65,33 @@ def patches(
 def old_standard(patch_size: tuple[int, ...], samples_per_volume: int) -> Compose:
     """The random training part as it was before the presets (copied from fedseg.data.transforms)."""
     angle = math.radians(10.0)
-    return Compose([
-        RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=patch_size, pos=1, neg=1,
-                               num_samples=samples_per_volume, fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES),
-        RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
-        RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
-        RandFlipd(keys=KEYS, prob=0.5, spatial_axis=2),
-        RandAffined(keys=KEYS, prob=0.3, rotate_range=(angle, angle, angle), scale_range=(0.1, 0.1, 0.1),
-                    mode=("bilinear", "nearest"), padding_mode="border"),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-    ])
+    return Compose(
+        [
+            RandCropByPosNegLabeld(
+                keys=KEYS,
+                label_key="label",
+                spatial_size=patch_size,
+                pos=1,
+                neg=1,
+                num_samples=samples_per_volume,
+                fg_indices_key=FG_INDICES,
+                bg_indices_key=BG_INDICES,
+            ),
+            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=KEYS, prob=0.5, spatial_axis=2),
+            RandAffined(
+                keys=KEYS,
+                prob=0.3,
+                rotate_range=(angle, angle, angle),
+                scale_range=(0.1, 0.1, 0.1),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
+    )
 
 
 def wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,9 +134,15 @@ def test_none_only_crops() -> None:
 def test_shift_changes_intensity_statistics_much_more_than_standard() -> None:
     item = preprocessed()
     plain = patches("none", item, seed=1, samples=32)  # same seed: the same crops
-    distance = {preset: np.mean([wasserstein(a["image"], b["image"]) for a, b in
-                                 zip(patches(preset, item, seed=1, samples=32), plain, strict=True)])
-                for preset in ("standard", "shift")}
+    distance = {
+        preset: np.mean(
+            [
+                wasserstein(a["image"], b["image"])
+                for a, b in zip(patches(preset, item, seed=1, samples=32), plain, strict=True)
+            ]
+        )
+        for preset in ("standard", "shift")
+    }
     assert distance["standard"] < 0.15  # ±10 % scale and ±0.1 shift, resampling
     assert distance["shift"] > 0.2 and distance["shift"] > 2 * distance["standard"]
 
@@ -128,8 +152,11 @@ def test_shift_draws_each_channel_on_its_own() -> None:
     item = {**one, "image": one["image"].repeat(4, 1, 1, 1)}  # four identical channels
     for patch in patches("standard", item, seed=2, samples=4):
         assert all(torch.equal(patch["image"][0], patch["image"][c]) for c in range(1, 4))
-    differing = [not torch.allclose(p["image"][0], p["image"][c]) for p in patches("shift", item, seed=2, samples=4)
-                 for c in range(1, 4)]
+    differing = [
+        not torch.allclose(p["image"][0], p["image"][c])
+        for p in patches("shift", item, seed=2, samples=4)
+        for c in range(1, 4)
+    ]
     assert sum(differing) >= 6
 
 
@@ -143,7 +170,9 @@ def test_inversion_negates_the_same_draw(channels: int) -> None:
         correlation = np.corrcoef(a["image"].flatten().numpy(), b["image"].flatten().numpy())[0, 1]
         assert correlation == pytest.approx(-1.0)
     some = patches("shift", item, seed=5, samples=40, invert=0.3)
-    flipped = sum(torch.equal(b["image"], -a["image"]) for a, b in zip(patches("shift", item, 5, 40), some, strict=True))
+    flipped = sum(
+        torch.equal(b["image"], -a["image"]) for a, b in zip(patches("shift", item, 5, 40), some, strict=True)
+    )
     assert 4 <= flipped <= 24  # about 12 of 40
 
 
@@ -183,12 +212,15 @@ def test_training_dataset_presets_share_the_disk_cache(tmp_path: Path) -> None:
         (site / "images").mkdir(parents=True, exist_ok=True)
         (site / "labels").mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(item["image"][0].numpy() + 3.0, np.eye(4)), site / "images" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(item["label"][0].numpy().astype(np.uint8), np.eye(4)), site / "labels" / f"{name}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(item["label"][0].numpy().astype(np.uint8), np.eye(4)), site / "labels" / f"{name}.nii.gz"
+        )
     cache = tmp_path / "cache"
     first = {}
     for preset, invert in (("standard", 0.0), ("shift", 0.3), ("none", 0.0)):
-        dataset = training_dataset(load_datalist(site), PATCH, cache_dir=cache, augmentation=preset,
-                                   invert_probability=invert)
+        dataset = training_dataset(
+            load_datalist(site), PATCH, cache_dir=cache, augmentation=preset, invert_probability=invert
+        )
         dataset.transform.set_random_state(seed=0)
         first[preset] = dataset[0]
         assert tuple(first[preset][0]["image"].shape) == (1, *PATCH)

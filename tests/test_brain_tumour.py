@@ -9,8 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_RUN, flwr_run, read_history
+from inprocess_grid import InProcessGrid, run_federation, task_identity
+
 from fedseg import messages as m
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import load_datalist
@@ -19,7 +20,6 @@ from fedseg.data.validate import validate_site
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.models import build_model
 from fedseg.predict import predict
-from inprocess_grid import InProcessGrid, run_federation, task_identity
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -44,8 +44,10 @@ def _brats_named_site(root: Path, subjects: int = 4) -> Path:
         (root / case).mkdir(parents=True)
         images = []
         for modality in ("t1", "t1ce", "t2", "flair"):
-            nib.save(nib.Nifti1Image(rng.normal(100, 10, (10, 10, 8)).astype(np.float32), np.eye(4)),
-                     root / case / f"{case}_{modality}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(rng.normal(100, 10, (10, 10, 8)).astype(np.float32), np.eye(4)),
+                root / case / f"{case}_{modality}.nii.gz",
+            )
             images.append(f"./{case}/{case}_{modality}.nii.gz")
         label = np.zeros((10, 10, 8), np.uint8)
         label[3:7, 3:7, 2:6], label[4:6, 4:6, 3:5] = 2, 4
@@ -73,8 +75,11 @@ def test_a_brats_named_site_validates_with_its_subject_ids(tmp_path: Path) -> No
 
 
 def test_check_config_refuses_patch_sizes_and_channels_the_model_cannot_take() -> None:
-    with pytest.raises(ConfigError, match=r"'patch-size' \(40, 40, 40\): model 'ahnet' needs every side to be a "
-                                          r"multiple of 32"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'patch-size' \(40, 40, 40\): model 'ahnet' needs every side to be a "
+        r"multiple of 32",
+    ):
         RunConfig.from_mapping({"model": "ahnet", "patch-size": "40"})
     with pytest.raises(ConfigError, match="'in-channels' is 4; model 'ahnet' takes 1 channel"):
         RunConfig.from_mapping({"model": "ahnet", "patch-size": "64", "in-channels": 4})
@@ -93,10 +98,16 @@ def test_a_site_with_another_channel_count_answers_a_clear_error_and_the_round_g
     (root / "site-0").symlink_to(brain_sites / "site-0")
     synthesize(tmp_path / "pelvis", "tiny", seed=0, num_sites=2)
     (root / "site-1").symlink_to(tmp_path / "pelvis" / "site-1")
-    values = {**BRATS_RUN, "data-dir": str(root), "output-dir": str(tmp_path / "runs"), "num-server-rounds": 1,
-              "local-epochs": 1}
-    nodes = [{"data-dir": str(root / f"site-{k}"), "site-id": k, "state-dir": str(tmp_path / f"state-{k}")}
-             for k in range(2)]
+    values = {
+        **BRATS_RUN,
+        "data-dir": str(root),
+        "output-dir": str(tmp_path / "runs"),
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+    }
+    nodes = [
+        {"data-dir": str(root / f"site-{k}"), "site-id": k, "state-dir": str(tmp_path / f"state-{k}")} for k in range(2)
+    ]
     grid = InProcessGrid(values, 2, node_configs=nodes)
     _, history = run_federation(grid, values, tmp_path / "run")
     assert history.config["in-channels"] == 4  # inferred from data-dir/site-0
@@ -116,8 +127,9 @@ def test_predict_segments_a_four_modality_case_in_the_input_space(tmp_path: Path
     torch.manual_seed(0)
     model = build_model("unet", 4, 4)
     checkpoint = tmp_path / "model.pt"
-    ModelCheckpoint(model.state_dict(), "unet", 4, (16, 16, 16), pixdim=(1.0, 1.0, 1.0), in_channels=4,
-                    label_scheme="brats").save(checkpoint)
+    ModelCheckpoint(
+        model.state_dict(), "unet", 4, (16, 16, 16), pixdim=(1.0, 1.0, 1.0), in_channels=4, label_scheme="brats"
+    ).save(checkpoint)
     item = load_datalist(brain_sites / "site-1")[0]
     files = [Path(p) for p in item["image"]]
     [out] = predict([checkpoint], files, tmp_path / "seg.nii.gz")

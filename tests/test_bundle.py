@@ -36,16 +36,38 @@ def make_bundle(folder: Path, target: str = "SegResNet") -> dict[str, torch.Tens
     train = {
         "num_classes": 3,
         "filters": 2,
-        "network_def": {"_target_": target, "spatial_dims": 3, "in_channels": 1, "out_channels": "@num_classes",
-                        "init_filters": "$@filters * 2", "norm": NETWORK_ARGS["norm"]},
+        "network_def": {
+            "_target_": target,
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": "@num_classes",
+            "init_filters": "$@filters * 2",
+            "norm": NETWORK_ARGS["norm"],
+        },
         "network": "$@network_def.to('cpu')",
-        "train": {"preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": ["image", "label"]},
-            {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 1.5]},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1},
-            {"_target_": "RandCropByPosNegLabeld", "keys": ["image", "label"], "label_key": "label",
-             "spatial_size": [16, 16, 16]},
-        ]}},
+        "train": {
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": [
+                    {"_target_": "LoadImaged", "keys": ["image", "label"]},
+                    {"_target_": "Spacingd", "keys": ["image", "label"], "pixdim": [1.5, 1.5, 1.5]},
+                    {
+                        "_target_": "ScaleIntensityRanged",
+                        "keys": "image",
+                        "a_min": -57,
+                        "a_max": 164,
+                        "b_min": 0,
+                        "b_max": 1,
+                    },
+                    {
+                        "_target_": "RandCropByPosNegLabeld",
+                        "keys": ["image", "label"],
+                        "label_key": "label",
+                        "spatial_size": [16, 16, 16],
+                    },
+                ],
+            }
+        },
         "postprocessing": {"_target_": "Activationsd", "keys": "pred", "softmax": True},
     }
     (folder / "configs" / "train.json").write_text(json.dumps(train))
@@ -62,7 +84,8 @@ def test_the_bundle_network_and_what_of_its_processing_differs(tmp_path: Path) -
     assert bundle.description == "tiny_seg 0.2.0" and bundle.weights_file == tmp_path / "bundle" / "models" / "model.pt"
     assert differences(bundle, (1.5, 1.5, 1.5), (16, 16, 16)) == [
         "the bundle windows intensities (ScaleIntensityRanged: window [-57, 164] → [0, 1], not clipped); the run "
-        "z-scores each channel (run-config 'intensity'; \"bundle\" takes the bundle's)"]
+        "z-scores each channel (run-config 'intensity'; \"bundle\" takes the bundle's)"
+    ]
     assert differences(bundle, (1.5, 1.5, 1.5), (16, 16, 16), WINDOW) == []  # intensity = "bundle"
     lines = differences(bundle, (1.0, 1.0, 1.0), (32, 32, 32))
     assert "the bundle resamples to [1.5, 1.5, 1.5] mm; the run uses run-config 'spacing' 1.0,1.0,1.0" in lines
@@ -72,14 +95,18 @@ def test_the_bundle_network_and_what_of_its_processing_differs(tmp_path: Path) -
 @pytest.mark.usefixtures("task_identity")
 def test_a_bundle_network_trains_two_rounds_from_its_weights(tmp_path: Path) -> None:
     weights = make_bundle(tmp_path / "bundle")
-    values = tiny_config(tmp_path, **{"model": "bundle", "bundle": str(tmp_path / "bundle"), "num-server-rounds": 2,
-                                      "intensity": "bundle"})
+    values = tiny_config(
+        tmp_path,
+        **{"model": "bundle", "bundle": str(tmp_path / "bundle"), "num-server-rounds": 2, "intensity": "bundle"},
+    )
     config = RunConfig.from_mapping(values)
     assert intensity_window(config) == WINDOW
     spec, parameters = checked_network(config)
-    assert (spec.name, spec.source, parameters) == ("SegResNet", "bundle tiny_seg 0.2.0",
-                                                    sum(t.numel() for t in build_model("SegResNet", 1, 3, NETWORK_ARGS)
-                                                        .parameters()))
+    assert (spec.name, spec.source, parameters) == (
+        "SegResNet",
+        "bundle tiny_seg 0.2.0",
+        sum(t.numel() for t in build_model("SegResNet", 1, 3, NETWORK_ARGS).parameters()),
+    )
     start = initial_model(config)
     assert start.source.endswith("bundle/models/model.pt")
     assert all(torch.equal(start.state_dict[k], weights[k]) for k in weights)  # the bundle's weights, not random ones
@@ -88,11 +115,17 @@ def test_a_bundle_network_trains_two_rounds_from_its_weights(tmp_path: Path) -> 
     assert history.config["bundle"] == str(tmp_path / "bundle")
     shutil.rmtree(tmp_path / "bundle")  # the model file describes the network itself
     model = ModelCheckpoint.load(tmp_path / "run" / "model.pt")
-    assert (model.model, dict(model.model_args), model.model_source) == ("SegResNet", NETWORK_ARGS,
-                                                                         "bundle tiny_seg 0.2.0")
+    assert (model.model, dict(model.model_args), model.model_source) == (
+        "SegResNet",
+        NETWORK_ARGS,
+        "bundle tiny_seg 0.2.0",
+    )
     assert any(not torch.equal(model.state_dict[k], weights[k]) for k in weights)  # trained
-    assert model.intensity == WINDOW and "window [-57, 164]" in torch.load(tmp_path / "run" / "model.pt",
-                                                                           weights_only=True)["preprocessing"]["intensity"]
+    assert (
+        model.intensity == WINDOW
+        and "window [-57, 164]"
+        in torch.load(tmp_path / "run" / "model.pt", weights_only=True)["preprocessing"]["intensity"]
+    )
     out = tmp_path / "out.nii.gz"
     result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "run"), str(_volume(tmp_path)), str(out)])
     assert result.exit_code == 0 and out.is_file(), result.output
@@ -102,10 +135,14 @@ def test_a_bundle_fedseg_cannot_train_fails_before_round_one(tmp_path: Path) -> 
     make_bundle(tmp_path / "custom", target="scripts.net.MyNet")
     make_bundle(tmp_path / "good")
     for values, message in [
-        ({"bundle": str(tmp_path / "custom")}, ("network_def '_target_' 'scripts.net.MyNet' is not a class of "
-                                               "monai.networks.nets")),
-        ({"bundle": str(tmp_path / "good"), "num-classes": 4}, ("run-config 'bundle': good's network_def has "
-                                                              "out_channels=3, the run 4")),
+        (
+            {"bundle": str(tmp_path / "custom")},
+            ("network_def '_target_' 'scripts.net.MyNet' is not a class of monai.networks.nets"),
+        ),
+        (
+            {"bundle": str(tmp_path / "good"), "num-classes": 4},
+            ("run-config 'bundle': good's network_def has out_channels=3, the run 4"),
+        ),
         ({"bundle": str(tmp_path / "missing")}, "missing: bundle folder not found"),
     ]:
         config = RunConfig.from_mapping({"model": "bundle", "patch-size": 16, **values})
@@ -120,8 +157,9 @@ def test_import_model_turns_a_bundle_into_a_model_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["import-model", str(tmp_path / "bundle"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     model = ModelCheckpoint.load(out)
-    assert model.model_source == "bundle tiny_seg 0.2.0" and all(torch.equal(model.state_dict[k], weights[k])
-                                                                 for k in weights)
+    assert model.model_source == "bundle tiny_seg 0.2.0" and all(
+        torch.equal(model.state_dict[k], weights[k]) for k in weights
+    )
     assert (model.pixdim, model.patch_size) == ((1.5, 1.5, 1.5), (16, 16, 16))  # the bundle's grid and crop
 
 

@@ -98,8 +98,10 @@ def test_check_config_command_validates_experiment_specs(tmp_path: Path) -> None
     from fedseg.cli import app
 
     path = tmp_path / "experiment.toml"
-    path.write_text('[experiment]\nname = "x"\ndata-dir = "data"\nsites = 2\narms = ["private", "federated"]\n'
-                    'strategies = ["fedprox"]\n[run]\nnum-server-rounds = 3\nlocal-epochs = 1\n')
+    path.write_text(
+        '[experiment]\nname = "x"\ndata-dir = "data"\nsites = 2\narms = ["private", "federated"]\n'
+        'strategies = ["fedprox"]\n[run]\nnum-server-rounds = 3\nlocal-epochs = 1\n'
+    )
     result = CliRunner().invoke(app, ["check-config", str(path)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [

@@ -88,7 +88,7 @@ def test_preprocessing_reorients_to_ras_and_resamples(tmp_path: Path) -> None:
     save(tmp_path / "labels" / "ras.nii.gz", label, np.diag([1.0, 1.0, 2.0, 1.0]))
     save(tmp_path / "images" / "lps.nii.gz", volume(0)[::-1, ::-1].copy(), lps)
     save(tmp_path / "labels" / "lps.nii.gz", label[::-1, ::-1].copy(), lps)
-    ras, flipped = (evaluation_dataset(load_datalist(tmp_path)[i:i + 1])[0] for i in (1, 0))
+    ras, flipped = (evaluation_dataset(load_datalist(tmp_path)[i : i + 1])[0] for i in (1, 0))
     assert torch.equal(ras["label"], flipped["label"])
     resampled = evaluation_dataset(load_datalist(tmp_path)[1:], pixdim=(1.0, 1.0, 1.0))[0]
     assert tuple(resampled["label"].shape[1:3]) == SHAPE[:2] and resampled["label"].shape[3] == 2 * SHAPE[2] - 1
@@ -138,8 +138,11 @@ def test_split_is_seeded_disjoint_and_saved(tmp_path: Path) -> None:
     site = folder_site(tmp_path, ids[:5])
     split = load_site_split(site, seed=3)
     saved = json.loads((site / "splits" / "split-seed3.json").read_text())
-    assert saved == {"train": [i["subject"] for i in split.train], "val": [i["subject"] for i in split.val],
-                     "test": [i["subject"] for i in split.test]}
+    assert saved == {
+        "train": [i["subject"] for i in split.train],
+        "val": [i["subject"] for i in split.val],
+        "test": [i["subject"] for i in split.test],
+    }
     saved["train"], saved["test"] = saved["test"], saved["train"]  # an edited file is what the run uses
     (site / "splits" / "split-seed3.json").write_text(json.dumps(saved))
     assert [i["subject"] for i in load_site_split(site, seed=3).test] == saved["test"]

@@ -58,8 +58,12 @@ def test_layout_dataset_json_and_shared_grid(tiny: Path) -> None:
     assert {n: m["numTraining"] for n, m in meta.items()} == {"outside": 4, "site-0": 6, "site-1": 15, "site-2": 9}
     site = meta["site-1"]
     assert site["modality"] == {"0": "T1", "1": "T1-Gd", "2": "T2", "3": "FLAIR"}
-    assert site["labels"] == {"0": "background", "1": "necrotic / non-enhancing tumour core", "2": "edema",
-                              "4": "enhancing tumour"}
+    assert site["labels"] == {
+        "0": "background",
+        "1": "necrotic / non-enhancing tumour core",
+        "2": "edema",
+        "4": "enhancing tumour",
+    }
     assert site["institution"]["name"] == "B" and site["institution"]["skull_stripped"] is False
     for entry in site["training"]:
         sid = Path(entry["label"]).parent.name
@@ -134,9 +138,12 @@ def test_institutions_differ() -> None:
     c3, c15 = (tissue_means(BRAIN_INSTITUTIONS[k]) for k in (2, 3))
     assert c3["wm"][T1] - c3["gm"][T1] > 2 * (c15["wm"][T1] - c15["gm"][T1])
     assert {i.hgg_fraction for i in BRAIN_INSTITUTIONS} >= {0.2, 0.3, 1.0}  # grade mix
-    assert min(i.annotator_mm for i in BRAIN_INSTITUTIONS) <= -1 and max(i.annotator_mm for i in BRAIN_INSTITUTIONS) >= 1.5
+    assert (
+        min(i.annotator_mm for i in BRAIN_INSTITUTIONS) <= -1 and max(i.annotator_mm for i in BRAIN_INSTITUTIONS) >= 1.5
+    )
     assert len({i.name for i in BRAIN_INSTITUTIONS}) >= 10 and BRAIN_OUTSIDE.contrast not in {
-        i.contrast for i in BRAIN_INSTITUTIONS}
+        i.contrast for i in BRAIN_INSTITUTIONS
+    }
     assert brain_institution(len(BRAIN_INSTITUTIONS) + 1) == BRAIN_INSTITUTIONS[1]
 
 

@@ -27,7 +27,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     load = nib.load
 
-    def counting_load(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def counting_load(path, *args, **kwargs):  # noqa: ANN002, ANN003
         seen.append(Path(path).name)
         return load(path, *args, **kwargs)
 

@@ -20,11 +20,11 @@ from fedseg.deploy.launch import TlsFiles, connection_toml, node_config, superli
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def bundle(tmp_path_factory: pytest.TempPathFactory):
     return make_certs(tmp_path_factory.mktemp("certs"), ["127.0.0.1", "localhost"], ["site-a", "site-b"])
 
 
-def test_server_certificate_is_issued_by_the_ca_for_the_hosts(bundle) -> None:  # noqa: ANN001
+def test_server_certificate_is_issued_by_the_ca_for_the_hosts(bundle) -> None:
     ca = x509.load_pem_x509_certificate(bundle.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(bundle.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -35,7 +35,7 @@ def test_server_certificate_is_issued_by_the_ca_for_the_hosts(bundle) -> None:  
     assert names.get_values_for_type(x509.DNSName) == ["localhost"]
 
 
-def test_tls_handshake_with_the_ca_succeeds_for_each_host(bundle) -> None:  # noqa: ANN001
+def test_tls_handshake_with_the_ca_succeeds_for_each_host(bundle) -> None:
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(bundle.server_cert, bundle.server_key)
     with socket.socket() as listener:
@@ -62,7 +62,7 @@ def test_tls_handshake_with_the_ca_succeeds_for_each_host(bundle) -> None:  # no
         thread.join(timeout=10)
 
 
-def test_tls_handshake_fails_without_the_federation_ca(bundle, tmp_path: Path) -> None:  # noqa: ANN001
+def test_tls_handshake_fails_without_the_federation_ca(bundle, tmp_path: Path) -> None:
     other = make_certs(tmp_path, ["127.0.0.1"], [])
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(bundle.server_cert, bundle.server_key)
@@ -86,7 +86,7 @@ def test_tls_handshake_fails_without_the_federation_ca(bundle, tmp_path: Path) -
             client_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def test_site_keys_are_matching_ec_openssh_pairs_readable_by_owner_only(bundle) -> None:  # noqa: ANN001
+def test_site_keys_are_matching_ec_openssh_pairs_readable_by_owner_only(bundle) -> None:
     assert [s.name for s in bundle.sites] == ["site-a", "site-b"]
     for site in bundle.sites:
         private = load_ssh_private_key(site.private_key.read_bytes(), None)
@@ -101,20 +101,29 @@ def test_site_keys_are_matching_ec_openssh_pairs_readable_by_owner_only(bundle) 
     ]
 
 
-@pytest.mark.parametrize(("sites", "message"), [
-    (["ok", "bad name"], "site name 'bad name' must be"),
-    (["a", "a"], "site names must be unique"),
-])
+@pytest.mark.parametrize(
+    ("sites", "message"),
+    [
+        (["ok", "bad name"], "site name 'bad name' must be"),
+        (["a", "a"], "site names must be unique"),
+    ],
+)
 def test_bad_site_names_are_rejected(tmp_path: Path, sites: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_certs(tmp_path, ["127.0.0.1"], sites)
 
 
-def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(bundle) -> None:  # noqa: ANN001
+def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(bundle) -> None:
     tls = TlsFiles.from_dir(bundle.ca_cert.parent)
     command = superlink_command(tls, host="127.0.0.1", port=9999)
-    assert command[:6] == ["flower-superlink", "--host", "127.0.0.1", "--port", "9999",
-                           "--disable-runtime-dependency-installation"]
+    assert command[:6] == [
+        "flower-superlink",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9999",
+        "--disable-runtime-dependency-installation",
+    ]
     assert command[command.index("--ssl-ca-certfile") + 1] == str(bundle.ca_cert.resolve())
     assert command[command.index("--ssl-keyfile") + 1] == str(bundle.server_key.resolve())
     assert "--enable-supernode-auth" in command and "--insecure" not in command
@@ -122,7 +131,7 @@ def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(bundle) -> 
     assert "--insecure" in trial and "--enable-supernode-auth" not in trial
 
 
-def test_supernode_command_passes_data_dir_and_site_id(tmp_path: Path, bundle) -> None:  # noqa: ANN001
+def test_supernode_command_passes_data_dir_and_site_id(tmp_path: Path, bundle) -> None:
     key = bundle.sites[0].private_key
     command = supernode_command("server:9092", tmp_path / "my data", 3, bundle.ca_cert, key, local_port=9200)
     assert command[command.index("--node-config") + 1] == f'data-dir="{tmp_path / "my data"}" site-id=3'
@@ -133,7 +142,7 @@ def test_supernode_command_passes_data_dir_and_site_id(tmp_path: Path, bundle) -
     assert node_config("~/x", 1) == f'data-dir="{Path("~/x").expanduser().resolve()}" site-id=1'
 
 
-def test_connection_table_for_flwr(bundle) -> None:  # noqa: ANN001
+def test_connection_table_for_flwr(bundle) -> None:
     assert connection_toml("fed", "host:1", bundle.ca_cert) == (
         f'[superlink.fed]\naddress = "host:1"\nroot-certificates = "{bundle.ca_cert.resolve()}"\n'
     )
@@ -149,18 +158,49 @@ def test_cli_refuses_a_server_without_tls_unless_insecure(tmp_path: Path) -> Non
 
 
 def test_cli_certs_and_join_print_the_site_commands(tmp_path: Path) -> None:
-    made = CliRunner().invoke(app, ["certs", str(tmp_path / "c"), "--host", "srv.example.org",
-                                    "--site", "north", "--site", "south", "--port", "7000"])
+    made = CliRunner().invoke(
+        app,
+        [
+            "certs",
+            str(tmp_path / "c"),
+            "--host",
+            "srv.example.org",
+            "--site",
+            "north",
+            "--site",
+            "south",
+            "--port",
+            "7000",
+        ],
+    )
     assert made.exit_code == 0, made.output
-    assert f"flwr supernode register {tmp_path / 'c' / 'sites' / 'north' / 'auth.pub'} fedseg --name north" in made.output
+    assert (
+        f"flwr supernode register {tmp_path / 'c' / 'sites' / 'north' / 'auth.pub'} fedseg --name north" in made.output
+    )
     assert "fedseg site join --superlink srv.example.org:7000 --data-dir DATA --name south --site-id 1" in made.output
-    joined = CliRunner().invoke(app, [
-        "site", "join", "--superlink", "srv.example.org:7000", "--data-dir", str(tmp_path), "--name", "north",
-        "--site-id", "0", "--ca", str(tmp_path / "c" / "ca.crt"),
-        "--auth-key", str(tmp_path / "c" / "sites" / "north" / "auth.key"), "--print",
-    ])
+    joined = CliRunner().invoke(
+        app,
+        [
+            "site",
+            "join",
+            "--superlink",
+            "srv.example.org:7000",
+            "--data-dir",
+            str(tmp_path),
+            "--name",
+            "north",
+            "--site-id",
+            "0",
+            "--ca",
+            str(tmp_path / "c" / "ca.crt"),
+            "--auth-key",
+            str(tmp_path / "c" / "sites" / "north" / "auth.key"),
+            "--print",
+        ],
+    )
     assert joined.exit_code == 0, joined.output
     assert joined.output.startswith("site north: flower-supernode --superlink srv.example.org:7000")
-    refused = CliRunner().invoke(app, ["site", "join", "--superlink", "s:1", "--data-dir", ".", "--name", "n",
-                                       "--site-id", "0", "--print"])
+    refused = CliRunner().invoke(
+        app, ["site", "join", "--superlink", "s:1", "--data-dir", ".", "--name", "n", "--site-id", "0", "--print"]
+    )
     assert refused.exit_code == 2 and "--insecure for a local trial" in refused.output

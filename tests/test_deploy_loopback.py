@@ -35,8 +35,15 @@ from fedseg.deploy.certs import CertBundle, SiteKeys
 CONNECTION = "fedseg"  # the name `fedseg server` prints and the README uses
 BIN = Path(sys.executable).parent
 TINY = {
-    "synthetic-size": 24, "synthetic-subjects": 4, "patch-size": "16,16,16", "batch-size": 2,
-    "local-epochs": 1, "learning-rate": 0.01, "seed": 5, "min-sites": 2, "round-timeout": 90.0,
+    "synthetic-size": 24,
+    "synthetic-subjects": 4,
+    "patch-size": "16,16,16",
+    "batch-size": 2,
+    "local-epochs": 1,
+    "learning-rate": 0.01,
+    "seed": 5,
+    "min-sites": 2,
+    "round-timeout": 90.0,
 }
 KILL_TIMEOUT_S = 20.0
 
@@ -55,8 +62,12 @@ class Loopback:
     def start(self, role: str, args: list[str]) -> subprocess.Popen:
         with open(self.root / f"{role}.log", "w") as log:
             proc = subprocess.Popen(
-                [str(BIN / "fedseg"), *args], env=self.env, cwd=self.root,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [str(BIN / "fedseg"), *args],
+                env=self.env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs[role] = proc
         return proc
@@ -65,16 +76,39 @@ class Loopback:
         return (self.root / f"{role}.log").read_text()
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def join(self, role: str, name: str, site_id: int, key: Path) -> subprocess.Popen:
         data = write_site(self.root / "data", site_id, TINY["synthetic-subjects"], TINY["synthetic-size"], 5)
-        return self.start(role, [
-            "site", "join", "--superlink", f"localhost:{self.port}", "--data-dir", str(data), "--name", name,
-            "--site-id", str(site_id), "--ca", "certs/ca.crt", "--auth-key", str(key.relative_to(self.root)),
-            "--local-port", str(free_port()),
-        ])
+        return self.start(
+            role,
+            [
+                "site",
+                "join",
+                "--superlink",
+                f"localhost:{self.port}",
+                "--data-dir",
+                str(data),
+                "--name",
+                name,
+                "--site-id",
+                str(site_id),
+                "--ca",
+                "certs/ca.crt",
+                "--auth-key",
+                str(key.relative_to(self.root)),
+                "--local-port",
+                str(free_port()),
+            ],
+        )
 
 
 def snapshot_app(folder: Path) -> Path:
@@ -163,26 +197,53 @@ def loopback() -> Iterator[Loopback]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": f"{app}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
-    made = subprocess.run([str(BIN / "fedseg"), "certs", "certs", "--host", "localhost", "--site", "site-a",
-                           "--site", "site-b", "--site", "intruder", "--port", str(port)],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    made = subprocess.run(
+        [
+            str(BIN / "fedseg"),
+            "certs",
+            "certs",
+            "--host",
+            "localhost",
+            "--site",
+            "site-a",
+            "--site",
+            "site-b",
+            "--site",
+            "intruder",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr
-    certs = CertBundle(root / "certs/ca.crt", root / "certs/ca.key", root / "certs/server.crt",
-                       root / "certs/server.key",
-                       [SiteKeys(n, root / f"certs/sites/{n}/auth.key", root / f"certs/sites/{n}/auth.pub")
-                        for n in ("site-a", "site-b", "intruder")])
+    certs = CertBundle(
+        root / "certs/ca.crt",
+        root / "certs/ca.key",
+        root / "certs/server.crt",
+        root / "certs/server.key",
+        [
+            SiteKeys(n, root / f"certs/sites/{n}/auth.key", root / f"certs/sites/{n}/auth.pub")
+            for n in ("site-a", "site-b", "intruder")
+        ],
+    )
     fed = Loopback(root, env, certs, port, app)
     try:
         fed.start("superlink", ["server", "--certs", "certs", "--port", str(port)])
         wait_for(lambda: "starting its SuperExec" in fed.log("superlink"), 300, "the SuperLink to start")
         # README: add the printed [superlink.fedseg] table to $FLWR_HOME/config.toml
         printed = fed.log("superlink")
-        table = printed[printed.index(f"[superlink.{CONNECTION}]"):].split("\n\n")[0].split("\nflower-superlink")[0]
+        table = printed[printed.index(f"[superlink.{CONNECTION}]") :].split("\n\n")[0].split("\nflower-superlink")[0]
         assert f'address = "localhost:{port}"' in table, printed
         (flwr_home / "config.toml").write_text(table.strip() + "\n")
         for keys in certs.sites[:2]:
-            registered = fed.flwr("supernode", "register", str(keys.public_key.relative_to(root)), CONNECTION,
-                                  "--name", keys.name)
+            registered = fed.flwr(
+                "supernode", "register", str(keys.public_key.relative_to(root)), CONNECTION, "--name", keys.name
+            )
             assert registered.returncode == 0, registered.stdout + registered.stderr
         fed.join("site-a", "site-a", 0, certs.sites[0].private_key)
         fed.join("site-b", "site-b", 1, certs.sites[1].private_key)
@@ -200,7 +261,11 @@ def flwr_run(fed: Loopback, run_config: dict[str, object], on_line=None) -> tupl
     overrides = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
     proc = subprocess.Popen(
         [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", overrides],
-        env=fed.env, cwd=fed.app, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=fed.env,
+        cwd=fed.app,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     lines = []
@@ -218,7 +283,7 @@ def supernodes(fed: Loopback) -> list[dict]:
     """The SuperLink's node list (`flwr supernode list`): node-id, status, online-at, ..."""
     listed = fed.flwr("supernode", "list", CONNECTION, "--format", "json")
     assert listed.returncode == 0, listed.stderr
-    return json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+    return json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
 
 
 def history_of(run_dir: Path) -> dict:
@@ -285,8 +350,13 @@ def test_resume_continues_survives_a_killed_supernode_and_readmits_it_restarted(
             loopback.join("site-b", "site-b", 1, loopback.certs.sites[1].private_key)  # same key: same node id
             events.append("restarted")
 
-    overrides = {**TINY, "num-server-rounds": 8, "output-dir": str(loopback.root / "runs"),
-                 "resume-from": str(run_dir), "round-timeout": 40.0}
+    overrides = {
+        **TINY,
+        "num-server-rounds": 8,
+        "output-dir": str(loopback.root / "runs"),
+        "resume-from": str(run_dir),
+        "round-timeout": 40.0,
+    }
     code, log = flwr_run(loopback, overrides, on_line=kill_site_b_once_resumed_then_restart_it)
     assert code == 0 and "final mean Dice" in log, log
     assert events == ["killed", "restarted"], log

@@ -52,20 +52,38 @@ class Federation:
 
     def start(self, role: str, args: list[str]) -> None:
         with open(self.root / f"{role}.log", "w") as log:
-            self.procs[role] = subprocess.Popen([sys.executable, "-m", "fedseg.cli", *args], env=self.env,
-                                                cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+            self.procs[role] = subprocess.Popen(
+                [sys.executable, "-m", "fedseg.cli", *args],
+                env=self.env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
-                              text=True, timeout=60, check=False)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def run(self, run_config: dict[str, object], on_line: Callable[[str], None]) -> tuple[int, str]:
         """`flwr run` the app snapshot; `on_line(line)` sees the streamed server log."""
         overrides = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
-        proc = subprocess.Popen([str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", overrides],
-                                env=self.env, cwd=self.app, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", overrides],
+            env=self.env,
+            cwd=self.app,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         lines = []
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
@@ -95,9 +113,14 @@ def three_sites() -> Iterator[Federation]:
     (root / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n' + connection_toml(CONNECTION, f"127.0.0.1:{port}", certs.ca_cert)
     )
-    env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FEDSEG_CACHE": str(root / "cache"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": f"{app}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(root / "flwr-home"),
+        "FEDSEG_CACHE": str(root / "cache"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": f"{app}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     fed = Federation(root, env, app)
     try:
         fed.start("superlink", ["server", "--certs", str(root / "certs"), "--host", "127.0.0.1", "--port", str(port)])
@@ -106,9 +129,27 @@ def three_sites() -> Iterator[Federation]:
             registered = fed.flwr("supernode", "register", str(keys.public_key), CONNECTION, "--name", keys.name)
             assert registered.returncode == 0, registered.stdout + registered.stderr
             data = write_site(root / "data", site_id, TINY["synthetic-subjects"], TINY["synthetic-size"], 5)
-            fed.start(keys.name, ["site", "join", "--superlink", f"127.0.0.1:{port}", "--data-dir", str(data),
-                                  "--name", keys.name, "--site-id", str(site_id), "--ca", str(certs.ca_cert),
-                                  "--auth-key", str(keys.private_key), "--local-port", str(free_port())])
+            fed.start(
+                keys.name,
+                [
+                    "site",
+                    "join",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--data-dir",
+                    str(data),
+                    "--name",
+                    keys.name,
+                    "--site-id",
+                    str(site_id),
+                    "--ca",
+                    str(certs.ca_cert),
+                    "--auth-key",
+                    str(keys.private_key),
+                    "--local-port",
+                    str(free_port()),
+                ],
+            )
         yield fed
     finally:
         for proc in reversed(list(fed.procs.values())):
@@ -128,8 +169,14 @@ def test_secure_rounds_over_tls_recover_a_site_killed_while_training(three_sites
             killed.append("site-c")
 
     output = three_sites.root / "runs"
-    overrides = {**TINY, "num-server-rounds": 2, "output-dir": str(output), "min-sites": 3,
-                 "secure-aggregation": True, "round-timeout": 120.0}
+    overrides = {
+        **TINY,
+        "num-server-rounds": 2,
+        "output-dir": str(output),
+        "min-sites": 3,
+        "secure-aggregation": True,
+        "round-timeout": 120.0,
+    }
     code, log = three_sites.run(overrides, kill_site_c_in_round_2_training)
     assert code == 0 and "final mean Dice" in log, log
     assert killed == ["site-c"], log

@@ -44,8 +44,9 @@ def issue_server_cert(folder: Path, names: list[str], days: float = 30.0, ca_dir
         .sign(ca_key, hashes.SHA384())
     )
     (folder / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
+    (folder / "server.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return folder
 
 
@@ -111,8 +112,10 @@ def test_server_prints_the_certificates_name_and_a_superexec_dialling_it(certs: 
 def test_server_refuses_a_printed_address_its_certificate_does_not_name(certs: Path, start: list[str]) -> None:
     result = server("--certs", str(certs), "--port", "9501", "--address", "127.0.0.1", *start)
     assert result.exit_code == 2
-    assert result.output == (f"error: {certs / 'server.crt'}: is valid for localhost, not for '127.0.0.1' "
-                             "(make it with `fedseg certs ... --host 127.0.0.1`)\n")
+    assert result.output == (
+        f"error: {certs / 'server.crt'}: is valid for localhost, not for '127.0.0.1' "
+        "(make it with `fedseg certs ... --host 127.0.0.1`)\n"
+    )
 
 
 def test_server_refuses_a_certificate_its_superexec_cannot_verify(certs: Path) -> None:
@@ -125,8 +128,11 @@ def test_server_refuses_a_certificate_its_superexec_cannot_verify(certs: Path) -
 
 @pytest.mark.parametrize(
     ("fault", "message"),
-    [("expired", "server.crt: expired on "), ("other CA", "is not accepted by clients holding"),
-     ("other key", "server.key: is not the key of")],
+    [
+        ("expired", "server.crt: expired on "),
+        ("other CA", "is not accepted by clients holding"),
+        ("other key", "server.key: is not the key of"),
+    ],
 )
 def test_server_refuses_expired_foreign_or_mismatched_certificates(
     certs: Path, tmp_path: Path, fault: str, message: str
@@ -149,7 +155,10 @@ def test_probe_verifies_a_superlink_that_its_certificate_names(certs: Path) -> N
         probe = probe_superlink(f"localhost:{port}", certs / "ca.crt")
     assert probe.ok, probe.lines
     assert [line.split(": ", 1)[1].split(" (")[0] for line in probe.lines] == [
-        "'localhost' resolves to 127.0.0.1", "reachable", "TLS verified with ca.crt"]
+        "'localhost' resolves to 127.0.0.1",
+        "reachable",
+        "TLS verified with ca.crt",
+    ]
 
 
 def test_probe_names_a_wrong_host_name(certs: Path) -> None:

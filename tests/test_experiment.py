@@ -22,16 +22,24 @@ class Interrupted(Exception):
 
 
 def _spec(tmp_path: Path, **experiment: object) -> ExperimentSpec:
-    values = {"name": "tiny", "data-dir": str(tmp_path / "data"), "sites": 2, "output-dir": str(tmp_path / "results"),
-              "arms": ["private", "federated"], "strategies": ["fedavg"], **experiment}
+    values = {
+        "name": "tiny",
+        "data-dir": str(tmp_path / "data"),
+        "sites": 2,
+        "output-dir": str(tmp_path / "results"),
+        "arms": ["private", "federated"],
+        "strategies": ["fedavg"],
+        **experiment,
+    }
     return ExperimentSpec.from_mapping({"experiment": values, "run": RUN})
 
 
-def _interrupt_at(prefix: str, log: list[str]):  # noqa: ANN202
+def _interrupt_at(prefix: str, log: list[str]):
     def echo(line: str) -> None:
         log.append(line)
         if line.startswith(prefix):
             raise Interrupted(line)
+
     return echo
 
 
@@ -74,6 +82,8 @@ def test_bad_experiment_config_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'arms' has \['federal'\]; choose from: private, centralized"):
         _spec(tmp_path, arms=["federal"])
     with pytest.raises(ConfigError, match=r"\[run\] key\(s\) \['strategy'\] are set by the experiment"):
-        ExperimentSpec.from_mapping({"experiment": {"name": "x", "data-dir": "d", "sites": 2}, "run": {"strategy": "a"}})
+        ExperimentSpec.from_mapping(
+            {"experiment": {"name": "x", "data-dir": "d", "sites": 2}, "run": {"strategy": "a"}}
+        )
     with pytest.raises(ConfigError, match="installed strategies"):
         _spec(tmp_path, strategies=["fedmagic"])

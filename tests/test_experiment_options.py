@@ -26,11 +26,26 @@ from fedseg.labels import LabelScheme
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.report.cases import CaseRow, read_cases
 
-RUN = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
-       "learning-rate": 0.05}
-EXPERIMENT = {"name": "options", "sites": 2, "outside": "", "arms": ["federated"], "strategies": ["fedavg"],
-              "finetune-rounds": 1, "ensemble-folds": 2, "ensemble-arms": ["centralized"],
-              "dp-sgd-noise-multipliers": [1.0], "dp-noised-noise-multipliers": [1.0]}
+RUN = {
+    "num-server-rounds": 1,
+    "local-epochs": 1,
+    "patch-size": "16,16,16",
+    "batch-size": 2,
+    "seed": 1,
+    "learning-rate": 0.05,
+}
+EXPERIMENT = {
+    "name": "options",
+    "sites": 2,
+    "outside": "",
+    "arms": ["federated"],
+    "strategies": ["fedavg"],
+    "finetune-rounds": 1,
+    "ensemble-folds": 2,
+    "ensemble-arms": ["centralized"],
+    "dp-sgd-noise-multipliers": [1.0],
+    "dp-noised-noise-multipliers": [1.0],
+}
 
 
 def _spec(root: Path, **experiment: object) -> ExperimentSpec:
@@ -64,9 +79,14 @@ def _weights(spec: ExperimentSpec, arm_id: str) -> dict[str, torch.Tensor]:
 def test_plan_names_every_arm_of_the_options(experiment: tuple[ExperimentSpec, list[CaseRow]]) -> None:
     spec, rows = experiment
     assert [a.id for a in plan_arms(spec)] == [
-        "fedavg--federation", "fedavg-finetuned--site-0", "fedavg-finetuned--site-1",
-        "centralized-fold0--pooled", "centralized-fold1--pooled", "centralized-ens2--pooled",
-        "fedavg-dpsgd-z1.0--federation", "dp-noised-z1.0--federation",
+        "fedavg--federation",
+        "fedavg-finetuned--site-0",
+        "fedavg-finetuned--site-1",
+        "centralized-fold0--pooled",
+        "centralized-fold1--pooled",
+        "centralized-ens2--pooled",
+        "fedavg-dpsgd-z1.0--federation",
+        "dp-noised-z1.0--federation",
     ]
     evaluated = list(dict.fromkeys(r.model for r in rows))
     assert ("centralized-fold0", "pooled") not in evaluated  # fold submodels count only inside their ensemble
@@ -104,8 +124,9 @@ def test_ensemble_dice_is_that_of_the_fold_models_mean_probability(
     assert not torch.allclose(each[0], each[1])
     mean = (each[0] + each[1]) / 2
     expected = LabelScheme("classes", 3).dice(mean, batch["label"])[0].numpy()
-    row = next(r for r in rows if r.arm == "centralized-ens2" and r.tested_on == "site-0"
-               and r.subject == items[0]["subject"])
+    row = next(
+        r for r in rows if r.arm == "centralized-ens2" and r.tested_on == "site-0" and r.subject == items[0]["subject"]
+    )
     np.testing.assert_allclose(row.dice, expected, atol=1e-6)
     # the saved overlay slice of the ensemble is the argmax of the mean probability
     overlay = np.load(next((spec.results_dir / "overlays").glob(f"site-0--{row.subject}/centralized-ens2--pooled.npz")))
@@ -126,8 +147,10 @@ def test_privacy_sweep_records_each_arms_final_epsilon(experiment: tuple[Experim
     assert by_arm["dp-noised-z1.0"] == ("client-level", strategy["epsilon"], 1e-5) and strategy["epsilon"] > 0
     for arm in ("fedavg", "fedavg-finetuned", "centralized-ens2"):
         assert by_arm[arm][0] == "" and math.isnan(by_arm[arm][1]) and math.isnan(by_arm[arm][2])
-    ledgers = sorted((p.parts[-3], p.name.startswith("run-fedavg-dpsgd-z1.0--federation"))
-                     for p in (spec.results_dir / "site-state").glob("*/privacy/*.json"))
+    ledgers = sorted(
+        (p.parts[-3], p.name.startswith("run-fedavg-dpsgd-z1.0--federation"))
+        for p in (spec.results_dir / "site-state").glob("*/privacy/*.json")
+    )
     assert ledgers == [("site-0", True), ("site-1", True)]  # one per site, inside the experiment
 
 
@@ -146,6 +169,9 @@ def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="'dp-sgd' cannot be combined with strategy 'fedprox'"):
         _spec(tmp_path, strategies=["fedprox"])
     with pytest.raises(ConfigError, match=r"\[run\] 'dp-sgd' must be off with a privacy sweep or the dp-noised"):
-        ExperimentSpec.from_mapping({"experiment": {"name": "x", "data-dir": "d", "sites": 2,
-                                                    "strategies": ["dp-noised"]},
-                                     "run": {"dp-sgd": True, "dp-noise-multiplier": 1.0}})
+        ExperimentSpec.from_mapping(
+            {
+                "experiment": {"name": "x", "data-dir": "d", "sites": 2, "strategies": ["dp-noised"]},
+                "run": {"dp-sgd": True, "dp-noise-multiplier": 1.0},
+            }
+        )

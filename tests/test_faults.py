@@ -10,14 +10,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message
 from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 from fedseg.federation import FederationError
-from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 __all__ = ["task_identity"]  # the fixture
 
 
-def on_first_train(grid: InProcessGrid, action) -> None:  # noqa: ANN001
+def on_first_train(grid: InProcessGrid, action) -> None:
     """Call `action(round)` just before the train messages of each round are sent."""
 
     def before_send(messages: list[Message]) -> None:
@@ -51,9 +51,7 @@ def test_hung_then_killed_sites_are_dropped_and_the_run_completes(tmp_path: Path
     assert [sent_sites(grid, call) for call in range(5)] == [{0, 1, 2}, {0, 1, 2}, {0, 1}, {0}, {0}]
     round1, round2 = history.rounds[1], history.rounds[2]
     assert round1.dropped == ["site-2"]
-    assert round1.failures == [
-        {"site": "site-2", "stage": "train", "reason": "no reply within round-timeout (5 s)"}
-    ]
+    assert round1.failures == [{"site": "site-2", "stage": "train", "reason": "no reply within round-timeout (5 s)"}]
     assert set(round1.train) == {"site-0", "site-1"}
     assert round2.dropped == ["site-1"]
     assert round2.failures == [{"site": "site-1", "stage": "train", "reason": "disconnected from the SuperLink"}]
@@ -65,13 +63,15 @@ def test_too_few_live_sites_stops_the_run_with_a_clear_error(tmp_path: Path, tas
     values = tiny_config(tmp_path, **{"num-server-rounds": 2, "min-live-sites": 2, "round-timeout": 0.2})
     grid = InProcessGrid(values, 2)
     on_first_train(grid, lambda server_round: grid.hung.add(grid.node_of(1)))
-    expected = (r"only 1 live site\(s\) after waiting 0.2 s \(round-timeout\); "
-                r"run-config 'min-live-sites' needs 2; dropped: site-1")
+    expected = (
+        r"only 1 live site\(s\) after waiting 0.2 s \(round-timeout\); "
+        r"run-config 'min-live-sites' needs 2; dropped: site-1"
+    )
     with pytest.raises(FederationError, match=expected):
         run_federation(grid, values, tmp_path / "run")
 
 
-def with_arrays(reply: Message, change) -> Message:  # noqa: ANN001
+def with_arrays(reply: Message, change) -> Message:
     """The reply with its weights replaced by `change(state_dict)`."""
     state = reply.content["arrays"].to_torch_state_dict()
     reply.content["arrays"] = ArrayRecord(change(state))

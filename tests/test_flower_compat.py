@@ -49,9 +49,15 @@ def test_in_process_grid_sets_ids_and_the_server_identity_is_restored() -> None:
 def test_a_flower_without_the_internals_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(TaskIdentity, "_task_id")
     assert "TaskIdentity._task_id: missing" in incompatibilities()
-    with pytest.raises(FlowerCompatibilityError, match=r"^Flower \S+ is not compatible with this fedseg "
-                                                       r"\(TaskIdentity has no _task_id\); fedseg is tested with "
-                                                       r"flwr>=1.41,<1.43"), server_identity():
+    with (
+        pytest.raises(
+            FlowerCompatibilityError,
+            match=r"^Flower \S+ is not compatible with this fedseg "
+            r"\(TaskIdentity has no _task_id\); fedseg is tested with "
+            r"flwr>=1.41,<1.43",
+        ),
+        server_identity(),
+    ):
         pass
     monkeypatch.setitem(flower_compat.INTERNALS, "flwr.common.constant", ("ErrorCode", "SType", "GoneInFlower9"))
     assert "flwr.common.constant.GoneInFlower9: missing" in incompatibilities()

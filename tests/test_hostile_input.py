@@ -39,8 +39,12 @@ from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.models import build_model
 
-FUZZ = settings(max_examples=int(os.environ.get("FEDSEG_FUZZ_EXAMPLES", "30")), deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FEDSEG_FUZZ_EXAMPLES", "30")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SHAPE = (16, 16, 16)
 
 
@@ -151,13 +155,17 @@ def test_a_brats_named_dataset_json_site_validates(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 2. header bombs
-@pytest.mark.parametrize(("shape", "dtype", "kind"), [
-    ((1024, 1024, 1024), np.float32, "decompression bomb"),
-    ((2**15 - 1,) * 3, np.float64, "decompression bomb"),
-    ((64, 64, 64, 4), np.int16, "decompression bomb"),
-])
-def test_header_bomb_is_refused_from_its_size_before_reading(tmp_path: Path, shape: tuple, dtype: type,
-                                                            kind: str) -> None:
+@pytest.mark.parametrize(
+    ("shape", "dtype", "kind"),
+    [
+        ((1024, 1024, 1024), np.float32, "decompression bomb"),
+        ((2**15 - 1,) * 3, np.float64, "decompression bomb"),
+        ((64, 64, 64, 4), np.int16, "decompression bomb"),
+    ],
+)
+def test_header_bomb_is_refused_from_its_size_before_reading(
+    tmp_path: Path, shape: tuple, dtype: type, kind: str
+) -> None:
     site = folder_site(tmp_path / "site")
     bomb = header_bomb(site / "images" / "case1.nii.gz", shape, dtype)
     code, output, peak = validate_traced(site)
@@ -238,10 +246,14 @@ BAD_IMAGES: dict[str, tuple[Callable[[Path], object], str]] = {
     "2d": (lambda p: save(p, volume()[:, :, 0]), "[dimensions]"),
     "5d": (lambda p: save(p, volume(shape=(4, 4, 4, 1, 2))), "[dimensions]"),
     "empty-axis": (lambda p: save(p, np.zeros((4, 0, 4), np.float32)), "[dimensions]"),
-    "singular-affine": (lambda p: raw_nifti(p, volume(), qform_code=0, sform_code=1, srow_y=[0, 0, 0, 0]),
-                        "[affine-invalid]"),
-    "nan-affine": (lambda p: raw_nifti(p, volume(), qform_code=0, sform_code=1, srow_y=[0, np.nan, 0, 0]),
-                   "[affine-invalid]"),
+    "singular-affine": (
+        lambda p: raw_nifti(p, volume(), qform_code=0, sform_code=1, srow_y=[0, 0, 0, 0]),
+        "[affine-invalid]",
+    ),
+    "nan-affine": (
+        lambda p: raw_nifti(p, volume(), qform_code=0, sform_code=1, srow_y=[0, np.nan, 0, 0]),
+        "[affine-invalid]",
+    ),
     "random-bytes": (lambda p: p.write_bytes(os.urandom(500)), "[unreadable]"),
     "gzip-of-text": (lambda p: p.write_bytes(gzip.compress(b"hello " * 100)), "[unreadable]"),
     "truncated": (lambda p: p.write_bytes(gzip.compress(b"\0" * 100)), "[unreadable]"),
@@ -260,13 +272,17 @@ def test_bad_image_is_reported_with_its_file(tmp_path: Path, case: str) -> None:
     assert kind in output, output
 
 
-@pytest.mark.parametrize(("values", "options", "message"), [
-    ([-1], [], "label values -1: labels are class numbers 0 to 255"),
-    ([1000], [], "label values 1000"),
-    ([3], ["--num-classes", "3"], "outside the declared classes 0..2"),
-])
-def test_label_values_are_checked_without_a_class_count(tmp_path: Path, values: list[int], options: list,
-                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "options", "message"),
+    [
+        ([-1], [], "label values -1: labels are class numbers 0 to 255"),
+        ([1000], [], "label values 1000"),
+        ([3], ["--num-classes", "3"], "outside the declared classes 0..2"),
+    ],
+)
+def test_label_values_are_checked_without_a_class_count(
+    tmp_path: Path, values: list[int], options: list, message: str
+) -> None:
     site = folder_site(tmp_path / "site")
     label = segmentation().astype(np.int16)
     label[0, 0, 0] = values[0]
@@ -276,11 +292,20 @@ def test_label_values_are_checked_without_a_class_count(tmp_path: Path, values: 
     assert message in output, output
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("--tolerance", "nan"), ("--tolerance", "inf"), ("--tolerance", "-1"), ("--num-classes", "0"),
-    ("--num-classes", "1"), ("--num-classes", "100000"), ("--channels", "0"), ("--channels", "-3"),
-    ("--channels", "1000"),
-])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--tolerance", "nan"),
+        ("--tolerance", "inf"),
+        ("--tolerance", "-1"),
+        ("--num-classes", "0"),
+        ("--num-classes", "1"),
+        ("--num-classes", "100000"),
+        ("--channels", "0"),
+        ("--channels", "-3"),
+        ("--channels", "1000"),
+    ],
+)
 def test_nonsensical_options_are_refused(tmp_path: Path, option: str, value: str) -> None:
     code, output = cli("validate-data", folder_site(tmp_path / "site"), option, value)
     refused(code, output, f"error: {option}:")
@@ -312,11 +337,20 @@ def test_malformed_manifest_is_reported_with_the_manifest(tmp_path: Path, case: 
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
     | st.sampled_from(["case0.nii.gz", "./images/case1.nii.gz", "../x.nii.gz", "/etc/passwd", ""]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["image", "label", "id", "subject", "training", "labels"]) | st.text(max_size=4),
-        children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["image", "label", "id", "subject", "training", "labels"]) | st.text(max_size=4),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
@@ -358,14 +392,17 @@ def test_manifest_paths_and_links_leaving_the_site_are_refused_unless_allowed(tm
     assert not scan_site(manifest_site, allow_outside=True).errors
 
 
-@pytest.mark.parametrize(("split", "fault"), [
-    ({"train": ["case0"], "val": [], "test": ["case1", "case2"]}, "'val' is empty"),
-    ({"train": ["case0", "case1"], "val": ["case2"], "test": []}, "'test' is empty"),
-    ({"train": ["case0", "case1"], "val": ["case2"], "test": ["case1"]}, "named more than once"),
-    ({"train": ["case0", 1], "val": ["case2"], "test": ["case1"]}, "must be a list of subject ids"),
-    ({"train": "case0", "val": ["case2"], "test": ["case1"]}, "must be a list of subject ids"),
-    ([1, 2], "unreadable split file"),
-])
+@pytest.mark.parametrize(
+    ("split", "fault"),
+    [
+        ({"train": ["case0"], "val": [], "test": ["case1", "case2"]}, "'val' is empty"),
+        ({"train": ["case0", "case1"], "val": ["case2"], "test": []}, "'test' is empty"),
+        ({"train": ["case0", "case1"], "val": ["case2"], "test": ["case1"]}, "named more than once"),
+        ({"train": ["case0", 1], "val": ["case2"], "test": ["case1"]}, "must be a list of subject ids"),
+        ({"train": "case0", "val": ["case2"], "test": ["case1"]}, "must be a list of subject ids"),
+        ([1, 2], "unreadable split file"),
+    ],
+)
 def test_bad_split_files_are_refused(tmp_path: Path, split: object, fault: str) -> None:
     items = [{"subject": f"case{i}", "image": "x", "label": "y"} for i in range(3)]
     (tmp_path / "split-seed0.json").write_text(json.dumps(split))
@@ -377,8 +414,9 @@ def test_bad_split_files_are_refused(tmp_path: Path, split: object, fault: str) 
 
 HEADER_FIELDS = {
     "dim": st.lists(st.integers(-2, 2**15 - 1), min_size=8, max_size=8),
-    "datatype": st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304,
-                                 -1, 12345]),
+    "datatype": st.sampled_from(
+        [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, -1, 12345]
+    ),
     "pixdim": st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=8, max_size=8),
     "vox_offset": st.floats(-1e9, 1e9, width=32) | st.just(float("nan")),
     "scl_slope": st.floats(allow_nan=True, allow_infinity=True, width=32),
@@ -391,14 +429,15 @@ HEADER_FIELDS = {
 
 @FUZZ
 @given(fields=st.fixed_dictionaries({}, optional=HEADER_FIELDS), compress=st.booleans(), keep=st.integers(0, 20_000))
-def test_fuzzed_nifti_headers_never_crash_nor_blow_up(tmp_path_factory: pytest.TempPathFactory, fields: dict,
-                                                     compress: bool, keep: int) -> None:
+def test_fuzzed_nifti_headers_never_crash_nor_blow_up(
+    tmp_path_factory: pytest.TempPathFactory, fields: dict, compress: bool, keep: int
+) -> None:
     image = nib.Nifti1Image(volume(), np.eye(4))
     header = image.header
     for key, value in fields.items():
         with contextlib.suppress(ValueError, OverflowError, TypeError):
             header[key] = value
-    raw = (header.binaryblock + b"\0" * 4 + volume().tobytes())[:352 + keep]
+    raw = (header.binaryblock + b"\0" * 4 + volume().tobytes())[: 352 + keep]
     site = folder_site(tmp_path_factory.mktemp("fuzz-header"))
     path = site / "images" / ("case1.nii.gz" if compress else "case1.nii")
     (site / "images" / "case1.nii.gz").unlink()
@@ -412,8 +451,18 @@ def test_fuzzed_nifti_headers_never_crash_nor_blow_up(tmp_path_factory: pytest.T
 
 
 # ---------------------------------------------------------------------------------------------- 4. check-config
-FLOAT_KEYS = ["learning-rate", "weight-decay", "momentum", "lr-final-ratio", "round-timeout", "dp-noise-multiplier",
-              "dp-max-grad-norm", "dp-target-epsilon", "dp-delta", "augmentation-invert"]
+FLOAT_KEYS = [
+    "learning-rate",
+    "weight-decay",
+    "momentum",
+    "lr-final-ratio",
+    "round-timeout",
+    "dp-noise-multiplier",
+    "dp-max-grad-norm",
+    "dp-target-epsilon",
+    "dp-delta",
+    "augmentation-invert",
+]
 
 
 def write_toml(path: Path, text: str | bytes) -> Path:
@@ -430,29 +479,32 @@ def test_non_finite_floats_are_refused_naming_the_key(tmp_path: Path, key: str, 
     assert code == 2
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("seed = -1", "'seed'"),
-    ("seed = 99999999999999999", "'seed'"),
-    ("num-server-rounds = 1000000000", "'num-server-rounds'"),
-    ("local-epochs = 1e300", "'local-epochs'"),
-    ("batch-size = 100000", "'batch-size'"),
-    ("num-classes = 100000", "'num-classes'"),
-    ("synthetic-size = 100000", "'synthetic-size'"),
-    ('patch-size = "4096"\nsynthetic-size = 200', "'patch-size'"),
-    ("min-sites = 2\nmin-live-sites = 3", "'min-live-sites'"),
-    ('output-dir = "../../elsewhere"', "'output-dir'"),
-    ('output-dir = "runs/../../x"', "'output-dir'"),
-    ('output-dir = ""', "'output-dir'"),
-    ('data-dir = "a\\u0000b"', "'data-dir'"),
-    ("seed = [1, 2]", "'seed'"),
-    ('learning-rate = "fast"', "'learning-rate'"),
-    ("fedprox.proximal-mu = nan", "'fedprox.proximal-mu'"),
-    ("spacing = nan", "'spacing'"),
-    ('spacing = "1,nan,1"', "'spacing'"),
-    ("round-timeout = 1e300", "'round-timeout'"),
-    ('strategy = ":x"', "'strategy'"),
-    ('strategy = "..:x"', "'strategy'"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("seed = -1", "'seed'"),
+        ("seed = 99999999999999999", "'seed'"),
+        ("num-server-rounds = 1000000000", "'num-server-rounds'"),
+        ("local-epochs = 1e300", "'local-epochs'"),
+        ("batch-size = 100000", "'batch-size'"),
+        ("num-classes = 100000", "'num-classes'"),
+        ("synthetic-size = 100000", "'synthetic-size'"),
+        ('patch-size = "4096"\nsynthetic-size = 200', "'patch-size'"),
+        ("min-sites = 2\nmin-live-sites = 3", "'min-live-sites'"),
+        ('output-dir = "../../elsewhere"', "'output-dir'"),
+        ('output-dir = "runs/../../x"', "'output-dir'"),
+        ('output-dir = ""', "'output-dir'"),
+        ('data-dir = "a\\u0000b"', "'data-dir'"),
+        ("seed = [1, 2]", "'seed'"),
+        ('learning-rate = "fast"', "'learning-rate'"),
+        ("fedprox.proximal-mu = nan", "'fedprox.proximal-mu'"),
+        ("spacing = nan", "'spacing'"),
+        ('spacing = "1,nan,1"', "'spacing'"),
+        ("round-timeout = 1e300", "'round-timeout'"),
+        ('strategy = ":x"', "'strategy'"),
+        ('strategy = "..:x"', "'strategy'"),
+    ],
+)
 def test_values_a_run_would_die_on_are_refused_before_round_one(tmp_path: Path, text: str, key: str) -> None:
     path = write_toml(tmp_path / "run.toml", text + "\n")
     code, output = cli("check-config", path)
@@ -472,8 +524,9 @@ def test_unreadable_toml_names_the_file(tmp_path: Path, raw: bytes) -> None:
 def test_keys_of_a_strategy_not_selected_get_a_warning_and_pyproject_defaults_stay_valid(tmp_path: Path) -> None:
     code, output = cli("check-config", write_toml(tmp_path / "run.toml", "fedprox.proximal-mu = 0.5\n"))
     assert code == 0 and "warning:" in output and "'fedprox.proximal-mu'" in output, output
-    code, output = cli("check-config", write_toml(tmp_path / "run.toml", 'strategy = "fedprox"\n'
-                                                                        "fedprox.proximal-mu = 0.5\n"))
+    code, output = cli(
+        "check-config", write_toml(tmp_path / "run.toml", 'strategy = "fedprox"\nfedprox.proximal-mu = 0.5\n')
+    )
     assert code == 0 and "warning:" not in output, output
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     import tomllib
@@ -481,17 +534,28 @@ def test_keys_of_a_strategy_not_selected_get_a_warning_and_pyproject_defaults_st
     from fedseg.config import flatten
     from strategies.registry import build_strategy
 
-    build_strategy(RunConfig.from_mapping(flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])))
+    build_strategy(
+        RunConfig.from_mapping(flatten(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]))
+    )
 
 
 RUN_KEYS = sorted(RunConfig().to_dict())
-VALUES = (st.integers(-2**70, 2**70) | st.floats() | st.booleans() | st.text(max_size=12)
-          | st.lists(st.integers(-5, 100), max_size=3) | st.sampled_from(["", "nan", "0", "8,8,8", "../x", "fedprox", ":x", ".:x", "flower:", "os:sep"]))
+VALUES = (
+    st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.booleans()
+    | st.text(max_size=12)
+    | st.lists(st.integers(-5, 100), max_size=3)
+    | st.sampled_from(["", "nan", "0", "8,8,8", "../x", "fedprox", ":x", ".:x", "flower:", "os:sep"])
+)
 
 
 @FUZZ
-@given(values=st.dictionaries(st.sampled_from([*RUN_KEYS, "fedprox.proximal-mu", "nope.key", "unknown"]), VALUES,
-                              max_size=4))
+@given(
+    values=st.dictionaries(
+        st.sampled_from([*RUN_KEYS, "fedprox.proximal-mu", "nope.key", "unknown"]), VALUES, max_size=4
+    )
+)
 def test_fuzzed_run_configs_raise_only_config_errors(values: dict) -> None:
     from strategies.registry import build_strategy
 
@@ -511,14 +575,28 @@ def test_fuzzed_run_configs_raise_only_config_errors(values: dict) -> None:
 EXPERIMENT = '[experiment]\nname = "x"\ndata-dir = "data"\nsites = 2\n'
 
 
-@pytest.mark.parametrize(("line", "key"), [
-    ('sites = "3"', "'sites'"), ("sites = 2.5", "'sites'"), ("sites = true", "'sites'"), ("sites = 100000", "'sites'"),
-    ("arms = 5", "'arms'"), ("arms = [1, 2]", "'arms'"), ('strategies = "fedavg"', "'strategies'"),
-    ("name = 5", "'name'"), ('name = ".."', "'name'"), ('name = ""', "'name'"), ('name = "a\\\\b"', "'name'"),
-    ('output-dir = "../up"', "'output-dir'"), ('outside = "../x"', "'outside'"), ('ensemble-folds = "x"', "'ensemble-folds'"),
-    ("finetune-rounds = -1", "'finetune-rounds'"), ("overlay-cases = 1e9", "'overlay-cases'"),
-    ("dp-sgd-noise-multipliers = [nan]", "'dp-sgd-noise-multipliers'"),
-])
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('sites = "3"', "'sites'"),
+        ("sites = 2.5", "'sites'"),
+        ("sites = true", "'sites'"),
+        ("sites = 100000", "'sites'"),
+        ("arms = 5", "'arms'"),
+        ("arms = [1, 2]", "'arms'"),
+        ('strategies = "fedavg"', "'strategies'"),
+        ("name = 5", "'name'"),
+        ('name = ".."', "'name'"),
+        ('name = ""', "'name'"),
+        ('name = "a\\\\b"', "'name'"),
+        ('output-dir = "../up"', "'output-dir'"),
+        ('outside = "../x"', "'outside'"),
+        ('ensemble-folds = "x"', "'ensemble-folds'"),
+        ("finetune-rounds = -1", "'finetune-rounds'"),
+        ("overlay-cases = 1e9", "'overlay-cases'"),
+        ("dp-sgd-noise-multipliers = [nan]", "'dp-sgd-noise-multipliers'"),
+    ],
+)
 def test_wrongly_typed_experiment_values_are_refused_naming_the_key(tmp_path: Path, line: str, key: str) -> None:
     text = EXPERIMENT.replace(f"{line.split(' =')[0]} = ", "#") + line + "\n"
     path = write_toml(tmp_path / "exp.toml", text)
@@ -528,8 +606,14 @@ def test_wrongly_typed_experiment_values_are_refused_naming_the_key(tmp_path: Pa
         assert str(path) in output, output
 
 
-@pytest.mark.parametrize("text", ["experiment = 5\n", "[experiment]\nname='x'\ndata-dir='d'\nsites=2\n[run]\n",
-                                  'run = "x"\n[experiment]\nname="x"\ndata-dir="d"\nsites=2\n'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "experiment = 5\n",
+        "[experiment]\nname='x'\ndata-dir='d'\nsites=2\n[run]\n",
+        'run = "x"\n[experiment]\nname="x"\ndata-dir="d"\nsites=2\n',
+    ],
+)
 def test_experiment_tables_of_the_wrong_type_are_refused(tmp_path: Path, text: str) -> None:
     path = write_toml(tmp_path / "exp.toml", text)
     code, output = cli("check-config", path)
@@ -540,9 +624,28 @@ def test_experiment_tables_of_the_wrong_type_are_refused(tmp_path: Path, text: s
 
 
 @FUZZ
-@given(values=st.dictionaries(st.sampled_from(["name", "data-dir", "sites", "outside", "output-dir", "arms",
-                                               "strategies", "finetune-rounds", "ensemble-folds", "ensemble-arms",
-                                               "overlay-cases", "dp-sgd-noise-multipliers"]), VALUES, max_size=4))
+@given(
+    values=st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "data-dir",
+                "sites",
+                "outside",
+                "output-dir",
+                "arms",
+                "strategies",
+                "finetune-rounds",
+                "ensemble-folds",
+                "ensemble-arms",
+                "overlay-cases",
+                "dp-sgd-noise-multipliers",
+            ]
+        ),
+        VALUES,
+        max_size=4,
+    )
+)
 def test_fuzzed_experiment_specs_raise_only_config_errors(values: dict) -> None:
     experiment = {"name": "x", "data-dir": "data", "sites": 2, **values}
     with contextlib.suppress(ConfigError):
@@ -565,12 +668,18 @@ BAD_MODELS: dict[str, Callable[[Path], object]] = {
     "a-pickle": _pickle,
     "a-zip-of-nothing": lambda p: torch.save([1, 2, 3], p),
     "missing-keys": lambda p: checkpoint(p, state_dict=...),
-    "mismatched-shapes": lambda p: torch.save({**torch.load(checkpoint(p), weights_only=True),
-                                               "num_classes": 4}, p),
+    "mismatched-shapes": lambda p: torch.save({**torch.load(checkpoint(p), weights_only=True), "num_classes": 4}, p),
     "wrong-type": lambda p: checkpoint(p, num_classes="three"),
     "unknown-model": lambda p: checkpoint(p, model="resnet"),
-    "nan-weights": lambda p: torch.save({**(d := torch.load(checkpoint(p), weights_only=True)), "state_dict": {
-        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in d["state_dict"].items()}}, p),
+    "nan-weights": lambda p: torch.save(
+        {
+            **(d := torch.load(checkpoint(p), weights_only=True)),
+            "state_dict": {
+                k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in d["state_dict"].items()
+            },
+        },
+        p,
+    ),
     "a-folder": lambda p: p.mkdir(),
 }
 
@@ -589,15 +698,25 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "not-nifti-name": (lambda d: save(d / "in.nii.gz", volume()).rename(d / "in.png") or d / "in.png", "not a NIfTI"),
     "text-as-nifti": (lambda d: write_toml(d / "in.nii.gz", "hello"), "cannot read"),
     "2d": (lambda d: save(d / "in.nii.gz", volume()[:, :, 0]), "3D or 4D"),
-    "one-nan-voxel": (lambda d: save(d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 100, np.nan,
-                                                               volume()).astype(np.float32)), "NaN or infinite"),
-    "one-inf-voxel": (lambda d: save(d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 7, np.inf,
-                                                               volume()).astype(np.float32)), "NaN or infinite"),
+    "one-nan-voxel": (
+        lambda d: save(
+            d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 100, np.nan, volume()).astype(np.float32)
+        ),
+        "NaN or infinite",
+    ),
+    "one-inf-voxel": (
+        lambda d: save(
+            d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 7, np.inf, volume()).astype(np.float32)
+        ),
+        "NaN or infinite",
+    ),
     "header-bomb": (lambda d: header_bomb(d / "in.nii.gz"), "decompression bomb"),
     "complex": (lambda d: save(d / "in.nii.gz", volume().astype(np.complex64)), "complex"),
     "two-channels": (lambda d: save(d / "in.nii.gz", volume(shape=(*SHAPE, 2))), "channel"),
-    "singular-affine": (lambda d: raw_nifti(d / "in.nii.gz", volume(), qform_code=0, sform_code=1,
-                                            srow_x=[0, 0, 0, 0]), "singular"),
+    "singular-affine": (
+        lambda d: raw_nifti(d / "in.nii.gz", volume(), qform_code=0, sform_code=1, srow_x=[0, 0, 0, 0]),
+        "singular",
+    ),
 }
 
 
@@ -612,8 +731,7 @@ def test_a_bad_input_to_predict_is_refused_and_nothing_is_written(tmp_path: Path
     assert files_under(tmp_path) == before
 
 
-def test_unwritable_or_odd_outputs_are_refused_and_a_folder_is_all_or_nothing(tmp_path: Path,
-                                                                              model_path: Path) -> None:
+def test_unwritable_or_odd_outputs_are_refused_and_a_folder_is_all_or_nothing(tmp_path: Path, model_path: Path) -> None:
     image = save(tmp_path / "in.nii.gz", volume())
     blocker = write_toml(tmp_path / "file.txt", "x")
     for out in (blocker / "seg.nii.gz", tmp_path / "seg.png", image, Path("/proc/seg.nii.gz"), tmp_path):
@@ -709,18 +827,31 @@ def test_certs_refuse_bad_host_names(tmp_path: Path, host: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 8. redaction
-SECRETS = ["/data/ward 7/patient 0042 scan.nii.gz", "patient_0042", "Müller Anna", "C:\\scans\\jane doe.nii",
-           "BraTS2021_00017", "site-secret-42"]
+SECRETS = [
+    "/data/ward 7/patient 0042 scan.nii.gz",
+    "patient_0042",
+    "Müller Anna",
+    "C:\\scans\\jane doe.nii",
+    "BraTS2021_00017",
+    "site-secret-42",
+]
 
 
 def _errors(secret: str) -> list[Exception]:
     from clients.site_runtime import ChannelMismatch
 
     return [
-        RuntimeError(f"cannot read {secret}"), KeyError(secret), OSError(2, "No such file", secret),
-        ValueError(f"subject {secret}: label values 7"), FileNotFoundError(secret), Exception(secret),
-        SiteDataError(f"{secret}: broken", "site data invalid: 1 x unreadable"), ChannelMismatch(1, 4),
-        MemoryError(secret), torch.OutOfMemoryError(secret), VolumeError("too-large", secret, f"{secret} big"),
+        RuntimeError(f"cannot read {secret}"),
+        KeyError(secret),
+        OSError(2, "No such file", secret),
+        ValueError(f"subject {secret}: label values 7"),
+        FileNotFoundError(secret),
+        Exception(secret),
+        SiteDataError(f"{secret}: broken", "site data invalid: 1 x unreadable"),
+        ChannelMismatch(1, 4),
+        MemoryError(secret),
+        torch.OutOfMemoryError(secret),
+        VolumeError("too-large", secret, f"{secret} big"),
     ]
 
 
@@ -744,8 +875,11 @@ def test_error_replies_carry_no_path_file_name_or_subject_id(secret: str) -> Non
 
 
 @FUZZ
-@given(secret=st.text(st.characters(blacklist_categories=("Cs",)), min_size=6, max_size=40).filter(
-    lambda s: s.strip() == s and any(c.isalnum() for c in s)))
+@given(
+    secret=st.text(st.characters(blacklist_categories=("Cs",)), min_size=6, max_size=40).filter(
+        lambda s: s.strip() == s and any(c.isalnum() for c in s)
+    )
+)
 def test_fuzzed_error_messages_never_leave_the_site(secret: str) -> None:
     from clients.client_app import public_reason
 
@@ -756,19 +890,23 @@ def test_fuzzed_error_messages_never_leave_the_site(secret: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- every command
-@pytest.mark.parametrize("args", [
-    ["report", "/nonexistent/results"],
-    ["synth", "/proc/fedseg-synth", "--size", "tiny"],
-    ["synth", "out", "--size", "huge"],
-    ["server", "--certs", "/nonexistent", "--print"],
-    ["experiment", "/nonexistent.toml"],
-    ["check-config", "/nonexistent.toml"],
-    ["validate-data", "/nonexistent"],
-    ["predict", "a.nii.gz", "--model", "m.pt"],
-    ["certs", "/proc/fedseg-certs", "--host", "localhost", "--site", "a"],
-])
-def test_every_command_refuses_bad_arguments_without_a_traceback(tmp_path: Path, args: list[str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "/nonexistent/results"],
+        ["synth", "/proc/fedseg-synth", "--size", "tiny"],
+        ["synth", "out", "--size", "huge"],
+        ["server", "--certs", "/nonexistent", "--print"],
+        ["experiment", "/nonexistent.toml"],
+        ["check-config", "/nonexistent.toml"],
+        ["validate-data", "/nonexistent"],
+        ["predict", "a.nii.gz", "--model", "m.pt"],
+        ["certs", "/proc/fedseg-certs", "--host", "localhost", "--site", "a"],
+    ],
+)
+def test_every_command_refuses_bad_arguments_without_a_traceback(
+    tmp_path: Path, args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, output = cli(*args)
     refused(code, output, *[a for a in args[1:] if a.startswith(("/", "a.", "huge"))] or ["error:"])

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from flwr.app import Message
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 from fedseg.models import build_model
-from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -89,10 +89,15 @@ def test_every_kind_of_reply_is_audited_dp_probe_and_error(tmp_path: Path, task_
     for sub in ("images", "labels"):
         (broken / sub).mkdir(parents=True)
         (broken / sub / "patient 0042 t1 scan.nii.gz").write_bytes(b"\x1f\x8b not a scan")
-    values = tiny_config(tmp_path, **{"num-server-rounds": 2, "min-sites": 3, "round-timeout": 5.0, "dp-sgd": True,
-                                      "dp-noise-multiplier": 1.0})
-    nodes = [{"partition-id": 0, "num-partitions": 3}, {"partition-id": 1, "num-partitions": 3},
-             {"data-dir": str(broken), "site-id": 2}]
+    values = tiny_config(
+        tmp_path,
+        **{"num-server-rounds": 2, "min-sites": 3, "round-timeout": 5.0, "dp-sgd": True, "dp-noise-multiplier": 1.0},
+    )
+    nodes = [
+        {"partition-id": 0, "num-partitions": 3},
+        {"partition-id": 1, "num-partitions": 3},
+        {"data-dir": str(broken), "site-id": 2},
+    ]
     grid = InProcessGrid(values, 3, node_configs=nodes)
 
     def before_send(messages: list[Message]) -> None:  # site-1's node leaves as round 1 trains, is back to evaluate

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from fedseg.models import build_model
 

@@ -28,8 +28,15 @@ def _predict(model: Path | str, image: Path, out: Path) -> np.ndarray:
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_run_folder_its_models_and_its_checkpoint_are_predictable(tmp_path: Path) -> None:
-    values = tiny_config(tmp_path, **{"model": "SegResNet", "model-args": "init_filters=4, norm=('group', "
-                                      "{'num_groups': 2})", "num-server-rounds": 1, "spacing": "1.5,1.5,1.5"})
+    values = tiny_config(
+        tmp_path,
+        **{
+            "model": "SegResNet",
+            "model-args": "init_filters=4, norm=('group', {'num_groups': 2})",
+            "num-server-rounds": 1,
+            "spacing": "1.5,1.5,1.5",
+        },
+    )
     run = tmp_path / "run"
     run_federation(InProcessGrid(values, 2), values, run)
     raw = torch.load(run / "model.pt", weights_only=True)
@@ -53,8 +60,19 @@ def test_a_run_folder_its_models_and_its_checkpoint_are_predictable(tmp_path: Pa
 def test_format_1_files_still_load(tmp_path: Path) -> None:
     state = build_model("unet", 1, 3).state_dict()
     path = tmp_path / "old.pt"
-    torch.save({"format": "fedseg-model/1", "state_dict": state, "model": "unet", "in_channels": 1, "num_classes": 3,
-                "patch_size": [16, 16, 16], "pixdim": None, "description": "old"}, path)
+    torch.save(
+        {
+            "format": "fedseg-model/1",
+            "state_dict": state,
+            "model": "unet",
+            "in_channels": 1,
+            "num_classes": 3,
+            "patch_size": [16, 16, 16],
+            "pixdim": None,
+            "description": "old",
+        },
+        path,
+    )
     model = ModelCheckpoint.load(path)
     assert (model.model, dict(model.model_args), model.model_source) == ("unet", {}, "preset")
     assert all(torch.equal(model.state_dict[k], state[k]) for k in state)
@@ -65,10 +83,17 @@ def test_foreign_files_say_how_to_convert_them(tmp_path: Path) -> None:
     bare, newer = tmp_path / "bare.pt", tmp_path / "newer.pt"
     torch.save(state, bare)
     torch.save({"format": "fedseg-model/9", "state_dict": state}, newer)
-    for path, message in [(bare, ("bare.pt: weights without their network (a bare state dict): make a fedseg model "
-                                 f"file with `fedseg import-model {bare} --config RUN.toml --out model.pt`")),
-                          (newer, "newer.pt: model format 'fedseg-model/9' is newer than this fedseg reads"),
-                          (tmp_path, f"{tmp_path}: a folder without model.pt or checkpoint.pt")]:
+    for path, message in [
+        (
+            bare,
+            (
+                "bare.pt: weights without their network (a bare state dict): make a fedseg model "
+                f"file with `fedseg import-model {bare} --config RUN.toml --out model.pt`"
+            ),
+        ),
+        (newer, "newer.pt: model format 'fedseg-model/9' is newer than this fedseg reads"),
+        (tmp_path, f"{tmp_path}: a folder without model.pt or checkpoint.pt"),
+    ]:
         with pytest.raises(CheckpointError) as err:
             ModelCheckpoint.load(path)
         assert message in str(err.value) and "\n" not in str(err.value)
@@ -81,8 +106,10 @@ def test_import_model_describes_bare_weights_with_a_run_config(tmp_path: Path) -
     state = build_model("segresnet", 2, 3, {"init_filters": 16}).state_dict()
     bare, config, out = tmp_path / "weights.pt", tmp_path / "run.toml", tmp_path / "model.pt"
     torch.save({"model": state, "epoch": 7}, bare)  # as checkpoint handlers save a network with other objects
-    config.write_text('model = "segresnet"\nmodel-args = "init_filters=16"\nin-channels = 2\npatch-size = "24,24,24"\n'
-                      'spacing = "1.0,1.0,2.0"\n')
+    config.write_text(
+        'model = "segresnet"\nmodel-args = "init_filters=16"\nin-channels = 2\npatch-size = "24,24,24"\n'
+        'spacing = "1.0,1.0,2.0"\n'
+    )
     result = CliRunner().invoke(cli, ["import-model", str(bare), "--config", str(config), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "segresnet(init_filters=16) [preset], 2 channel(s), 3 classes" in result.output
@@ -97,8 +124,16 @@ def test_import_model_describes_bare_weights_with_a_run_config(tmp_path: Path) -
 def test_a_dp_sgd_model_file_rebuilds_its_dp_compatible_network(tmp_path: Path) -> None:
     args = {"channels": (4, 8), "strides": (2,), "norm": "batch"}
     network = make_dp_compatible(build_model("UNet", 1, 3, args))  # Opacus: BatchNorm → GroupNorm
-    config = RunConfig.from_mapping({"model": "UNet", "model-args": "channels=(4, 8), strides=(2,), norm=batch",
-                                     "dp-sgd": True, "dp-noise-multiplier": 1.0, "patch-size": 16, "in-channels": 1})
+    config = RunConfig.from_mapping(
+        {
+            "model": "UNet",
+            "model-args": "channels=(4, 8), strides=(2,), norm=batch",
+            "dp-sgd": True,
+            "dp-noise-multiplier": 1.0,
+            "patch-size": 16,
+            "in-channels": 1,
+        }
+    )
     path = tmp_path / "dp.pt"
     ModelCheckpoint.from_config(network.state_dict(), config, "dp run").save(path)
     model = ModelCheckpoint.load(path)

@@ -38,15 +38,20 @@ def test_the_plugin_is_listed_and_its_arguments_are_checked() -> None:
     assert parameters == sum(p.numel() for p in spec.build(1, 3).parameters())
     with pytest.raises(ConfigError, match=r"model 'light-unet' takes no argument 'width' \(its arguments: features\)"):
         RunConfig.from_mapping({"model": "light-unet", "model-args": "width=8"})
-    with pytest.raises(ConfigError, match="run-config 'model-args': model 'light-unet' cannot be built with these "
-                                          "arguments: ValueError: features needs at least 2 positive widths"):
+    with pytest.raises(
+        ConfigError,
+        match="run-config 'model-args': model 'light-unet' cannot be built with these "
+        "arguments: ValueError: features needs at least 2 positive widths",
+    ):
         checked_network(RunConfig.from_mapping({"model": "light-unet", "model-args": "features=(8,)"}))
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_plugin_network_trains_in_a_simulation_and_predicts(tmp_path: Path) -> None:
-    values = tiny_config(tmp_path, **{"model": "light-unet", "model-args": "features=(8, 16, 32)",
-                                      "num-server-rounds": 2, "local-epochs": 2})
+    values = tiny_config(
+        tmp_path,
+        **{"model": "light-unet", "model-args": "features=(8, 16, 32)", "num-server-rounds": 2, "local-epochs": 2},
+    )
     arrays, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
     assert [r.round for r in history.rounds] == [0, 1, 2] and not any(r.failures for r in history.rounds)
     assert history.rounds[-1].train_loss < history.rounds[1].train_loss  # the sites' plugin network learns
@@ -55,16 +60,30 @@ def test_a_plugin_network_trains_in_a_simulation_and_predicts(tmp_path: Path) ->
     assert (model.model, dict(model.model_args)) == ("light-unet", {"features": (8, 16, 32)})
     assert model.model_source == "plugin fedseg-light-unet 0.1.0"
     out = tmp_path / "out.nii.gz"
-    result = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "run" / "model.pt"),
-                                      str(_volume(tmp_path)), str(out)])
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(tmp_path / "run" / "model.pt"), str(_volume(tmp_path)), str(out)]
+    )
     assert result.exit_code == 0 and out.is_file(), result.output
 
 
 def test_a_model_file_of_a_missing_plugin_names_the_package(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
-    torch.save({"format": "fedseg-model/2", "state_dict": {}, "model": "ghost-net", "model_source":
-                "plugin fedseg-ghost-net 1.0", "in_channels": 1, "num_classes": 3, "patch_size": [16, 16, 16],
-                "pixdim": None}, path)
-    with pytest.raises(CheckpointError, match="'ghost-net', which this installation cannot build "
-                                              r"\(the file needs plugin fedseg-ghost-net 1.0: install it\)"):
+    torch.save(
+        {
+            "format": "fedseg-model/2",
+            "state_dict": {},
+            "model": "ghost-net",
+            "model_source": "plugin fedseg-ghost-net 1.0",
+            "in_channels": 1,
+            "num_classes": 3,
+            "patch_size": [16, 16, 16],
+            "pixdim": None,
+        },
+        path,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match="'ghost-net', which this installation cannot build "
+        r"\(the file needs plugin fedseg-ghost-net 1.0: install it\)",
+    ):
         ModelCheckpoint.load(path)

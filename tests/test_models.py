@@ -18,20 +18,37 @@ from fedseg.models import build_model, count_parameters
 
 def test_model_args_are_plain_keyword_values() -> None:
     assert parse_model_args("") == {}
-    assert parse_model_args("init_filters=16, dropout_prob=0.1, norm=batch, act=('prelu', {'init': 0.2}), "
-                            "use_conv_final=False, upsample_mode=None") == {
-        "init_filters": 16, "dropout_prob": 0.1, "norm": "batch", "act": ("prelu", {"init": 0.2}),
-        "use_conv_final": False, "upsample_mode": None}
-    for text, fault in [("16", "name=value"), ("a=1, a=2", "twice"), ("a=open('x')", "not a plain value"),
-                        ("a=", "not a list of name=value")]:
+    assert parse_model_args(
+        "init_filters=16, dropout_prob=0.1, norm=batch, act=('prelu', {'init': 0.2}), "
+        "use_conv_final=False, upsample_mode=None"
+    ) == {
+        "init_filters": 16,
+        "dropout_prob": 0.1,
+        "norm": "batch",
+        "act": ("prelu", {"init": 0.2}),
+        "use_conv_final": False,
+        "upsample_mode": None,
+    }
+    for text, fault in [
+        ("16", "name=value"),
+        ("a=1, a=2", "twice"),
+        ("a=open('x')", "not a plain value"),
+        ("a=", "not a list of name=value"),
+    ]:
         with pytest.raises(ModelArgsError, match=fault):
             parse_model_args(text)
 
 
 def test_a_monai_network_by_name_with_arguments() -> None:
-    config = RunConfig.from_mapping({"model": "SegResNet",
-                                     "model-args": "init_filters=4, norm=('group', {'num_groups': 4})",
-                                     "patch-size": "16,16,16", "num-classes": 3, "in-channels": 2})
+    config = RunConfig.from_mapping(
+        {
+            "model": "SegResNet",
+            "model-args": "init_filters=4, norm=('group', {'num_groups': 4})",
+            "patch-size": "16,16,16",
+            "num-classes": 3,
+            "in-channels": 2,
+        }
+    )
     spec, parameters = checked_network(config)
     args = {"init_filters": 4, "norm": ("group", {"num_groups": 4})}
     model = build_model("SegResNet", 2, 3, args)
@@ -48,30 +65,49 @@ def test_preset_arguments_can_be_overridden() -> None:
     assert wide.model[0].conv.unit0.conv.out_channels == 8
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"model": "resnet"}, "run-config 'model' is 'resnet'; choose one of: unet, segresnet, dynunet, ahnet"),
-    ({"model": "segresnet", "model-args": "init_filter=16"},
-     "run-config 'model-args': model 'segresnet' takes no argument 'init_filter' (its arguments: init_filters,"),
-    ({"model": "UNet"}, "run-config 'model-args': model 'UNet': missing a required argument: 'channels'"),
-    ({"model": "UNet", "model-args": "out_channels=2"},
-     "'out_channels' is set by fedseg: give run-config 'num-classes'"),
-    ({"model": "SegResNet", "model-args": "init_filters 16"}, "run-config 'model-args': 'init_filters 16' is not"),
-    ({"bundle": "somewhere"}, "run-config 'bundle' and model = \"bundle\" go together"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model": "resnet"}, "run-config 'model' is 'resnet'; choose one of: unet, segresnet, dynunet, ahnet"),
+        (
+            {"model": "segresnet", "model-args": "init_filter=16"},
+            "run-config 'model-args': model 'segresnet' takes no argument 'init_filter' (its arguments: init_filters,",
+        ),
+        ({"model": "UNet"}, "run-config 'model-args': model 'UNet': missing a required argument: 'channels'"),
+        (
+            {"model": "UNet", "model-args": "out_channels=2"},
+            "'out_channels' is set by fedseg: give run-config 'num-classes'",
+        ),
+        ({"model": "SegResNet", "model-args": "init_filters 16"}, "run-config 'model-args': 'init_filters 16' is not"),
+        ({"bundle": "somewhere"}, "run-config 'bundle' and model = \"bundle\" go together"),
+    ],
+)
 def test_a_bad_network_fails_with_one_line_naming_the_key(values: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         RunConfig.from_mapping(values)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"model": "DenseNet121"}, ("run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 32, 32, 32) "
-                               "to (2, 3), fedseg needs (2, 3, 32, 32, 32)")),
-    ({"model": "SegResNetDS", "model-args": "dsdepth=2"},
-     "run-config 'model-args': model 'SegResNetDS' returns list in training, fedseg needs one tensor of logits"),
-    ({"model": "UNet", "model-args": "channels=(4, 8, 16, 32), strides=(2, 2, 2)", "patch-size": "20,20,20"},
-     "run-config 'model-args': model 'UNet' fails on a batch of 2 patches of 20x20x20 voxels: RuntimeError: "),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"model": "DenseNet121"},
+            (
+                "run-config 'model': model 'DenseNet121' maps a batch of shape (2, 1, 32, 32, 32) "
+                "to (2, 3), fedseg needs (2, 3, 32, 32, 32)"
+            ),
+        ),
+        (
+            {"model": "SegResNetDS", "model-args": "dsdepth=2"},
+            "run-config 'model-args': model 'SegResNetDS' returns list in training, fedseg needs one tensor of logits",
+        ),
+        (
+            {"model": "UNet", "model-args": "channels=(4, 8, 16, 32), strides=(2, 2, 2)", "patch-size": "20,20,20"},
+            "run-config 'model-args': model 'UNet' fails on a batch of 2 patches of 20x20x20 voxels: RuntimeError: ",
+        ),
+    ],
+)
 def test_the_network_is_run_on_a_dummy_batch_before_round_one(values: dict, message: str) -> None:
     config = RunConfig.from_mapping({"patch-size": "32,32,32", **values, "in-channels": 1})
     with pytest.raises(ConfigError) as err:
@@ -100,8 +136,10 @@ def test_init_from_starts_the_run_from_a_model_file(tmp_path: Path) -> None:
 def test_init_from_weights_that_do_not_fit_fail_before_round_one(tmp_path: Path) -> None:
     other = tmp_path / "segresnet.pt"
     ModelCheckpoint(build_model("segresnet", 1, 3).state_dict(), "segresnet", 3, (16, 16, 16)).save(other)
-    for source, message in [(other, "the weights do not fit the run's network (unet): "),
-                            (tmp_path / "missing.pt", "missing.pt not found")]:
+    for source, message in [
+        (other, "the weights do not fit the run's network (unet): "),
+        (tmp_path / "missing.pt", "missing.pt not found"),
+    ]:
         config = RunConfig.from_mapping({"init-from": str(source), "patch-size": "16,16,16"})
         with pytest.raises(ConfigError, match="run-config 'init-from'") as err:
             initial_model(config)

@@ -23,8 +23,9 @@ def train_set(tmp_path_factory: pytest.TempPathFactory):
 
 def _trainer(**options: object) -> SegmentationTrainer:
     torch.manual_seed(0)
-    return SegmentationTrainer("unet", num_classes=3, patch_size=PATCH, batch_size=2, learning_rate=0.01,
-                               device="cpu", **options)
+    return SegmentationTrainer(
+        "unet", num_classes=3, patch_size=PATCH, batch_size=2, learning_rate=0.01, device="cpu", **options
+    )
 
 
 def test_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu() -> None:
@@ -36,8 +37,9 @@ def test_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu() -> None:
         Precision.resolve("fp8", torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                                   ("fp16", torch.float16)])
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
 def test_training_computes_in_the_chosen_precision(train_set, precision: str, dtype: torch.dtype) -> None:
     trainer = _trainer(precision=precision)
     seen: list[torch.dtype] = []

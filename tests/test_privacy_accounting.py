@@ -75,7 +75,10 @@ def test_ledger_persists_epsilon_across_processes(tmp_path: Path) -> None:
     ("values", "message"),
     [
         ({"dp-sgd": True}, "neither 'dp-noise-multiplier' nor 'dp-target-epsilon' is > 0"),
-        ({"dp-sgd": True, "dp-noise-multiplier": 1.0, "strategy": "fedprox"}, "cannot be combined with strategy 'fedprox'"),
+        (
+            {"dp-sgd": True, "dp-noise-multiplier": 1.0, "strategy": "fedprox"},
+            "cannot be combined with strategy 'fedprox'",
+        ),
         ({"dp-delta": 1.0}, "'dp-delta' must be in (0, 1), got 1.0"),
         ({"dp-max-grad-norm": 0.0}, "'dp-max-grad-norm' must be > 0"),
         ({"dp-accountant": "gdp"}, "'dp-accountant' is 'gdp'; choose one of: rdp, prv"),
@@ -102,10 +105,18 @@ def test_dp_settings_from_config() -> None:
 def test_summary_names_both_guarantees_in_plain_words() -> None:
     history = {
         "rounds": [
-            {"round": 1, "train": {"site-0": {"dp-epsilon": 1.5, "dp-delta": 1e-5}}, "strategy": {"epsilon": 0.8,
-             "delta": 1e-5}, "failures": []},
-            {"round": 2, "train": {"site-0": {"dp-epsilon": 2.25, "dp-delta": 1e-5}}, "strategy": {"epsilon": 1.2,
-             "delta": 1e-5}, "failures": [{"site": "site-1", "stage": "train", "reason": "privacy budget reached"}]},
+            {
+                "round": 1,
+                "train": {"site-0": {"dp-epsilon": 1.5, "dp-delta": 1e-5}},
+                "strategy": {"epsilon": 0.8, "delta": 1e-5},
+                "failures": [],
+            },
+            {
+                "round": 2,
+                "train": {"site-0": {"dp-epsilon": 2.25, "dp-delta": 1e-5}},
+                "strategy": {"epsilon": 1.2, "delta": 1e-5},
+                "failures": [{"site": "site-1", "stage": "train", "reason": "privacy budget reached"}],
+            },
         ]
     }
     lines = privacy_summary(history)

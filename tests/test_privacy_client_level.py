@@ -41,8 +41,9 @@ def site_state(seed: int, norm: float) -> dict[str, np.ndarray]:
 
 def run_round(strategy: DPNoised, server_round: int, nodes: list[int], norm: float = 0.1) -> dict:
     sent = list(strategy.configure_train(server_round, arrays_of(GLOBAL), round_config(), StubGrid(nodes)))
-    replies = [reply(m, site_state(m.metadata.dst_node_id, norm), num_examples=4, site_id=m.metadata.dst_node_id)
-               for m in sent]
+    replies = [
+        reply(m, site_state(m.metadata.dst_node_id, norm), num_examples=4, site_id=m.metadata.dst_node_id) for m in sent
+    ]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return {"arrays": arrays, "sent": sent, **strategy.round_report(server_round)}
 
@@ -115,16 +116,24 @@ def test_adaptive_clipping_tracks_the_target_quantile() -> None:
 
 
 def test_adaptive_clipping_in_dp_noised_follows_update_norms_and_shares_the_budget() -> None:
-    strategy = DPNoised(min_sites=1, noise_multiplier=0.8, clipping_norm=5.0, target_quantile=0.5,
-                        clip_learning_rate=0.5, sampling="fixed", cohort_size=10)
+    strategy = DPNoised(
+        min_sites=1,
+        noise_multiplier=0.8,
+        clipping_norm=5.0,
+        target_quantile=0.5,
+        clip_learning_rate=0.5,
+        sampling="fixed",
+        cohort_size=10,
+    )
     bounds = [run_round(strategy, r, list(range(1, 31)), norm=0.2)["clipping-norm"] for r in range(1, 21)]
     assert bounds[0] == 5.0 and bounds[-1] < 0.5  # all norms 0.2 < C: C shrinks towards them
     z_update = update_noise_multiplier(0.8, 0.8)  # σ_b = max(10 / 20, z) = z
     assert z_update == pytest.approx((0.8**-2 - 1.6**-2) ** -0.5) and z_update > 0.8
     # The two Gaussian queries compose to one with the configured total z (dp-accounting's composition).
     both = RdpAccountant()
-    both.compose(dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_update),
-                                                dp_accounting.GaussianDpEvent(2 * 0.8)]))
+    both.compose(
+        dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_update), dp_accounting.GaussianDpEvent(2 * 0.8)])
+    )
     one = RdpAccountant()
     one.compose(dp_accounting.GaussianDpEvent(0.8))
     assert both.get_epsilon(DELTA) == pytest.approx(one.get_epsilon(DELTA), rel=1e-6)

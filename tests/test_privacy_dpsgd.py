@@ -50,7 +50,11 @@ def test_per_subject_gradient_is_clipped_and_noised(train_items: list, tmp_path:
     trainer = dp_trainer(batch_size=1)
     privacy = SitePrivacy(DPSettings(sigma, clip, DELTA), PrivacyLedger(tmp_path / "ledger.json"))
     optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
-    with privacy.attach(trainer.model, optimizer, one_subject, batch_size=1, epochs=1) as (dp_optimizer, batches, model):
+    with privacy.attach(trainer.model, optimizer, one_subject, batch_size=1, epochs=1) as (
+        dp_optimizer,
+        batches,
+        model,
+    ):
         batch = next(iter(batches))
         dp_optimizer.zero_grad(set_to_none=True)
         trainer.loss_fn(model(batch["image"]), batch["label"]).backward()

@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import flwr_run, read_history
+
 from fedseg.config import RunConfig
 from fedseg.data.sites import load_site_split, site_dir_for
 from fedseg.privacy import epsilon_of

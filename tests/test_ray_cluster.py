@@ -44,28 +44,51 @@ def ray_cluster(private_flwr: dict[str, str]) -> Iterator[tuple[dict[str, str], 
     address = f"127.0.0.1:{free_port()}"
     ray = str(this_bin_dir() / "ray")
     try:
-        for args in (["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"],
-                     [f"--address={address}"]):
-            subprocess.run([ray, "start", *args, "--num-cpus=1", "--num-gpus=0"], env=env, check=True,
-                           capture_output=True, text=True, timeout=300)
+        for args in (
+            ["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"],
+            [f"--address={address}"],
+        ):
+            subprocess.run(
+                [ray, "start", *args, "--num-cpus=1", "--num-gpus=0"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         yield {**env, "RAY_ADDRESS": address}, Path(temp) / "ray" / "session_latest" / "logs"
     finally:
         stop_processes(_pids_using(temp))  # never `ray stop`: it ends every Ray process of the user
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_simulation_runs_on_an_existing_two_node_ray_cluster(tmp_path: Path,
-                                                              ray_cluster: tuple[dict[str, str], Path]) -> None:
+def test_simulation_runs_on_an_existing_two_node_ray_cluster(
+    tmp_path: Path, ray_cluster: tuple[dict[str, str], Path]
+) -> None:
     env, cluster_logs = ray_cluster
     start_local_superlink(this_bin_dir(), tmp_path, env)  # the SuperLink's simulations inherit RAY_ADDRESS
     output = tmp_path / "runs"
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1,
-                                                              "output-dir": str(output)}.items())
+    overrides = " ".join(
+        f"{k}={toml_value(v)}"
+        for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1, "output-dir": str(output)}.items()
+    )
     result = subprocess.run(
-        [str(this_bin_dir() / "flwr"), "run", str(REPO), "--stream", "--run-config", overrides,
-         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-        env={**env, "PATH": f"{this_bin_dir()}{os.pathsep}{env['PATH']}"}, cwd=tmp_path, capture_output=True,
-        text=True, timeout=900, check=False,
+        [
+            str(this_bin_dir() / "flwr"),
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            overrides,
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        env={**env, "PATH": f"{this_bin_dir()}{os.pathsep}{env['PATH']}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     log = (Path(env["FLWR_HOME"]) / "local-superlink" / "superlink.log").read_text(errors="replace")
     assert result.returncode == 0 and list(output.glob("*/history.json")), result.stdout[-3000:] + log[-3000:]
@@ -74,8 +97,11 @@ def test_simulation_runs_on_an_existing_two_node_ray_cluster(tmp_path: Path,
     # The simulation was the cluster's first job (01000000), and both nodes (raylet.out: the head, raylet.1.out:
     # the second node) started worker processes of that job: the sites' ClientApp actors.
     assert "Registering job. job_id=01000000" in (cluster_logs / "gcs_server.out").read_text(errors="replace")
-    job_workers = {name.rsplit("-", 1)[1].split(".")[0] for name in os.listdir(cluster_logs)
-                   if name.startswith("worker-") and "-01000000-" in name}
+    job_workers = {
+        name.rsplit("-", 1)[1].split(".")[0]
+        for name in os.listdir(cluster_logs)
+        if name.startswith("worker-") and "-01000000-" in name
+    }
     for raylet in ("raylet.out", "raylet.1.out"):
         started = (cluster_logs / raylet).read_text(errors="replace")
         assert any(f"Started worker process with pid {pid} " in started for pid in job_workers), raylet

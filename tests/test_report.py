@@ -115,7 +115,9 @@ def test_report_markdown_and_plots(cases_csv: Path, tmp_path: Path) -> None:
     arm_dir = tmp_path / "arms" / "fedavg--federation"
     arm_dir.mkdir(parents=True)
     ArmInfo("fedavg", "federated", "federation", model_bytes=1_000_000, sites=2, seconds=3.0).save(arm_dir)
-    rounds = [{"round": r, "mean_dice": 0.2 * r, "seconds": 1.0, "train": {"site-0": {}, "site-1": {}}} for r in range(3)]
+    rounds = [
+        {"round": r, "mean_dice": 0.2 * r, "seconds": 1.0, "train": {"site-0": {}, "site-1": {}}} for r in range(3)
+    ]
     (arm_dir / "history.json").write_text(json.dumps({"rounds": rounds}))
     report = build_report(tmp_path, tmp_path / "out").read_text()
     assert "| fedavg | 0.800 ± 0.100 (3) | 0.700 ± 0.100 (3) | 0.600 ± 0.141 (2) |" in report

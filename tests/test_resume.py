@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 
 from fedseg.checkpoint import CHECKPOINT_FILE, load_checkpoint, resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.history import History
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.server_app import initial_weights
-from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -29,8 +29,11 @@ def crash_in_round(grid: InProcessGrid, server_round: int) -> None:
     """Make the grid raise when the train messages of `server_round` are sent."""
 
     def before_send(messages: list) -> None:
-        if messages and messages[0].metadata.message_type == "train" and \
-                int(messages[0].content["config"]["server-round"]) == server_round:
+        if (
+            messages
+            and messages[0].metadata.message_type == "train"
+            and int(messages[0].content["config"]["server-round"]) == server_round
+        ):
             raise ServerCrash(f"server died in round {server_round}")
 
     grid.before_send = before_send

@@ -41,15 +41,20 @@ def other_environment(root: Path) -> Path:
 
 def test_relative_paths_resolve_against_the_callers_folder(tmp_path: Path) -> None:
     resolved = absolute_run_config(REPO, ['data-dir="sites" num-server-rounds=2', 'tracking-dir="tb"'], tmp_path)
-    assert resolved == {"output-dir": str(tmp_path / "runs"), "data-dir": str(tmp_path / "sites"),
-                        "tracking-dir": str(tmp_path / "tb")}
+    assert resolved == {
+        "output-dir": str(tmp_path / "runs"),
+        "data-dir": str(tmp_path / "sites"),
+        "tracking-dir": str(tmp_path / "tb"),
+    }
     # absolute paths and the non-path values ("synthetic", "") stay as they are
     assert absolute_run_config(REPO, [f'output-dir="{tmp_path}/x"'], Path("/elsewhere")) == {
-        "output-dir": str(tmp_path / "x")}
+        "output-dir": str(tmp_path / "x")
+    }
 
 
-def test_a_superlink_of_another_environment_is_refused_then_stopped(tmp_path: Path,
-                                                                     private_flwr: dict[str, str]) -> None:
+def test_a_superlink_of_another_environment_is_refused_then_stopped(
+    tmp_path: Path, private_flwr: dict[str, str]
+) -> None:
     first = tmp_path / "first-checkout"
     first.mkdir()
     other_bin = other_environment(tmp_path / "other-venv")
@@ -57,27 +62,45 @@ def test_a_superlink_of_another_environment_is_refused_then_stopped(tmp_path: Pa
     found = find_local_superlink()
     assert found is not None and found.pid == proc.pid
     assert found.bin_dir == other_bin.resolve() and found.folder == first and not found.same_environment
-    with pytest.raises(SuperLinkError, match=rf"local SuperLink pid {proc.pid}: another Python environment "
-                                             rf"\({other_bin.resolve()}\), started from folder {first}: .*"
-                                             r"fedseg superlink stop\) or pass --restart-superlink"):
+    with pytest.raises(
+        SuperLinkError,
+        match=rf"local SuperLink pid {proc.pid}: another Python environment "
+        rf"\({other_bin.resolve()}\), started from folder {first}: .*"
+        r"fedseg superlink stop\) or pass --restart-superlink",
+    ):
         check_local_superlink(restart=False)
     assert proc.poll() is None
     check_local_superlink(restart=True, echo=lambda line: None)
     assert proc.wait(timeout=30) is not None and find_local_superlink() is None
 
 
-def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(tmp_path: Path,
-                                                                       private_flwr: dict[str, str]) -> None:
+def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(
+    tmp_path: Path, private_flwr: dict[str, str]
+) -> None:
     first, second = tmp_path / "first-checkout", tmp_path / "second-checkout"
     first.mkdir()
     second.mkdir()
     start_local_superlink(this_bin_dir(), first, private_flwr)
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1,
-                                                              "tracking": "tensorboard,mlflow"}.items())
+    overrides = " ".join(
+        f"{k}={toml_value(v)}"
+        for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1, "tracking": "tensorboard,mlflow"}.items()
+    )
     result = subprocess.run(
-        [str(this_bin_dir() / "fedseg"), "run", str(REPO), "--run-config", overrides,
-         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-        cwd=second, env=private_flwr, capture_output=True, text=True, timeout=600, check=False,
+        [
+            str(this_bin_dir() / "fedseg"),
+            "run",
+            str(REPO),
+            "--run-config",
+            overrides,
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        cwd=second,
+        env=private_flwr,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"output-dir: {second / 'runs'}" in result.stdout

@@ -49,9 +49,11 @@ TOLERANCE = 2.0**-33 + 1e-6
 
 
 def model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {"conv.weight": (rng.normal(size=(4, 3, 3)) * scale).astype(np.float32),
-            "conv.bias": (rng.normal(size=4) * scale).astype(np.float32),
-            "norm.num_batches_tracked": np.array(rng.integers(0, 50), dtype=np.int64)}
+    return {
+        "conv.weight": (rng.normal(size=(4, 3, 3)) * scale).astype(np.float32),
+        "conv.bias": (rng.normal(size=4) * scale).astype(np.float32),
+        "norm.num_batches_tracked": np.array(rng.integers(0, 50), dtype=np.int64),
+    }
 
 
 class Sites:
@@ -68,15 +70,19 @@ class Sites:
         self.app.train(m.SECAGG_TRAIN)(self._train)
 
     def _stage(self, msg: Message, context: Context) -> Message:
-        stage = {f"train.{m.SECAGG_SETUP}": secagg_site.setup, f"train.{m.SECAGG_SHARE}": secagg_site.share,
-                 f"train.{m.SECAGG_UNMASK}": secagg_site.unmask}[msg.metadata.message_type]
+        stage = {
+            f"train.{m.SECAGG_SETUP}": secagg_site.setup,
+            f"train.{m.SECAGG_SHARE}": secagg_site.share,
+            f"train.{m.SECAGG_UNMASK}": secagg_site.unmask,
+        }[msg.metadata.message_type]
         return Message(RecordDict({m.SECAGG: stage(msg.content[m.SECAGG], context)}), reply_to=msg)
 
     def _train(self, msg: Message, context: Context) -> Message:
         node = context.node_id
         weight = 1.0 if self.noise else float(self.examples[node])
-        masked = secagg_site.mask(msg.content[m.SECAGG], context, msg.content[m.ARRAYS], self.weights[node], weight,
-                                  self.noise)
+        masked = secagg_site.mask(
+            msg.content[m.SECAGG], context, msg.content[m.ARRAYS], self.weights[node], weight, self.noise
+        )
         self.masked[node] = masked[secagg_site.MASKED_KEY].numpy()
         metrics = MetricRecord({m.NUM_EXAMPLES: self.examples[node], m.TRAIN_LOSS: 0.5, m.SITE_ID: node})
         return Message(RecordDict({m.SECAGG_MASKED: masked, m.METRICS: metrics}), reply_to=msg)
@@ -86,41 +92,54 @@ class Grid(LocalGrid):
     """LocalGrid through Flower's wire encoding; sites in `sites.dead_at` stop answering from that stage."""
 
     def __init__(self, sites: Sites, nodes: int) -> None:
-        super().__init__({}, [{} for _ in range(nodes)],
-                         client_app=lambda msg, context: wire(sites.app(wire(msg), context)))  # type: ignore[arg-type]
+        super().__init__(
+            {}, [{} for _ in range(nodes)], client_app=lambda msg, context: wire(sites.app(wire(msg), context))
+        )  # type: ignore[arg-type]
         self.sites = sites
 
     def send_and_receive(self, messages, *, timeout=None):
         stages = [m.SECAGG_SETUP, m.SECAGG_SHARE, m.SECAGG_TRAIN, m.SECAGG_UNMASK]
-        alive = [msg for msg in messages if stages.index(msg.metadata.message_type.partition(".")[2])
-                 < stages.index(self.sites.dead_at.get(msg.metadata.dst_node_id, "secagg_unmask")) + (
-                     msg.metadata.dst_node_id not in self.sites.dead_at)]
+        alive = [
+            msg
+            for msg in messages
+            if stages.index(msg.metadata.message_type.partition(".")[2])
+            < stages.index(self.sites.dead_at.get(msg.metadata.dst_node_id, "secagg_unmask"))
+            + (msg.metadata.dst_node_id not in self.sites.dead_at)
+        ]
         return super().send_and_receive(alive)
 
 
-def secure_round(sites: Sites, global_model: dict[str, np.ndarray], max_update_ratio: float = 100.0,
-                 extra: dict | None = None):
+def secure_round(
+    sites: Sites, global_model: dict[str, np.ndarray], max_update_ratio: float = 100.0, extra: dict | None = None
+):
     grid = Grid(sites, len(sites.weights))
     arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
     config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, **(extra or {})})
-    instructions = [Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=node,
-                            message_type="train") for node in grid.get_node_ids()]
+    instructions = [
+        Message(RecordDict({m.ARRAYS: arrays, m.CONFIG: config}), dst_node_id=node, message_type="train")
+        for node in grid.get_node_ids()
+    ]
     failures: list[tuple[int, str]] = []
 
     def exchange(messages: list[Message]) -> list[tuple[int, Message]]:
         node_of = {id(msg): msg.metadata.dst_node_id for msg in messages}
         replies = grid.send_and_receive(messages)
         by_reply = {r.metadata.reply_to_message_id: r for r in replies}
-        return [(node_of[id(msg)], by_reply[msg.metadata.message_id]) for msg in messages
-                if msg.metadata.message_id in by_reply]
+        return [
+            (node_of[id(msg)], by_reply[msg.metadata.message_id])
+            for msg in messages
+            if msg.metadata.message_id in by_reply
+        ]
 
-    result = SecureAggregation(16.0, max_update_ratio).train(1, instructions, exchange,
-                                                   lambda node, reason, code: failures.append((node, reason)))
+    result = SecureAggregation(16.0, max_update_ratio).train(
+        1, instructions, exchange, lambda node, reason, code: failures.append((node, reason))
+    )
     return result, arrays, failures
 
 
-def fedavg(arrays: ArrayRecord, weights: dict[int, dict[str, np.ndarray]], examples: dict[int, int],
-           nodes: list[int]) -> ArrayRecord:
+def fedavg(
+    arrays: ArrayRecord, weights: dict[int, dict[str, np.ndarray]], examples: dict[int, int], nodes: list[int]
+) -> ArrayRecord:
     total = sum(examples[n] for n in nodes)
     return weighted_sum(arrays, [weights[n] for n in nodes], [examples[n] / total for n in nodes])
 
@@ -134,8 +153,13 @@ def five_sites() -> tuple[Sites, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     global_model = model(rng)
     nodes = range(100, 105)
-    weights = {n: {k: (v + model(rng, 0.05)[k]).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v + 7 * (n - 99))
-                   for k, v in global_model.items()} for n in nodes}
+    weights = {
+        n: {
+            k: (v + model(rng, 0.05)[k]).astype(v.dtype) if v.dtype.kind == "f" else np.asarray(v + 7 * (n - 99))
+            for k, v in global_model.items()
+        }
+        for n in nodes
+    }
     examples = {n: 10 + 13 * (n - 100) for n in nodes}
     return Sites(weights, examples), global_model
 
@@ -158,8 +182,9 @@ def test_masked_reply_is_unrelated_to_the_update(five_sites: tuple[Sites, dict[s
     secure_round(sites, global_model)
     arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
     for node, masked in sites.masked.items():
-        delta = np.concatenate([(np.asarray(sites.weights[node][k], np.float64) - arrays[k].numpy()).ravel()
-                                for k in ring.keys_of(arrays)])
+        delta = np.concatenate(
+            [(np.asarray(sites.weights[node][k], np.float64) - arrays[k].numpy()).ravel() for k in ring.keys_of(arrays)]
+        )
         seen = masked.view(np.int64).astype(np.float64)
         correlation = np.corrcoef(seen, delta)[0, 1]
         assert abs(correlation) < 0.35, (node, correlation)  # 41 values: |r| of unrelated data stays below ~0.35
@@ -169,8 +194,9 @@ def test_masked_reply_is_unrelated_to_the_update(five_sites: tuple[Sites, dict[s
 def test_large_masked_reply_correlation_is_near_zero() -> None:
     rng = np.random.default_rng(1)
     global_model = {"w": rng.normal(size=50_000).astype(np.float32)}
-    weights = {n: {"w": global_model["w"] + rng.normal(scale=0.1, size=50_000).astype(np.float32)}
-               for n in range(100, 103)}
+    weights = {
+        n: {"w": global_model["w"] + rng.normal(scale=0.1, size=50_000).astype(np.float32)} for n in range(100, 103)
+    }
     sites = Sites(weights, {n: 20 for n in weights})
     secure_round(sites, global_model)
     for node, masked in sites.masked.items():
@@ -206,8 +232,9 @@ def test_site_refuses_an_update_beyond_the_bound(five_sites: tuple[Sites, dict[s
 
 def test_site_refuses_an_inconsistent_unmask_request() -> None:
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
-    config = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_INDEX: 1, m.SECAGG_COUNT: 3,
-                           m.SECAGG_THRESHOLD: 2})
+    config = ConfigRecord(
+        {m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_INDEX: 1, m.SECAGG_COUNT: 3, m.SECAGG_THRESHOLD: 2}
+    )
     secagg_site.setup(config, context)
     request = ConfigRecord({m.RUN_KEY: RUN, m.SERVER_ROUND: 1, m.SECAGG_SURVIVORS: [1, 2], m.SECAGG_DROPPED: [2]})
     with pytest.raises(secagg_site.SecureRoundError, match="out of order"):
@@ -215,10 +242,16 @@ def test_site_refuses_an_inconsistent_unmask_request() -> None:
 
 
 # ---------------------------------------------------------------------- run config
-@pytest.mark.parametrize(("strategy", "fault"), [
-    ("dice-weighted", "validation Dice"), ("scaffold", "scaffold-dc"), ("cyclic", "one site per round"),
-    ("dp-noised", "each site's update"), ("krum", "Flower's Krum"),
-])
+@pytest.mark.parametrize(
+    ("strategy", "fault"),
+    [
+        ("dice-weighted", "validation Dice"),
+        ("scaffold", "scaffold-dc"),
+        ("cyclic", "one site per round"),
+        ("dp-noised", "each site's update"),
+        ("krum", "Flower's Krum"),
+    ],
+)
 def test_strategies_that_cannot_compose_are_refused(strategy: str, fault: str) -> None:
     config = RunConfig.from_mapping({"strategy": strategy, "secure-aggregation": True, "min-sites": 3})
     with pytest.raises(ConfigError, match=f"strategy '{strategy}' cannot run with 'secure-aggregation': .*{fault}"):
@@ -238,8 +271,7 @@ def test_secure_aggregation_needs_three_sites() -> None:
 
 
 # ---------------------------------------------------------------------- federation with the real ClientApp
-def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_federation_round_equals_fedavg_of_the_sites_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}
     mask = secagg_site.mask
 
@@ -291,8 +323,9 @@ def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["fedbn", "fedadam"])
 def test_composing_strategies_run_secure_rounds(tmp_path: Path, strategy: str) -> None:
     """FedBN masks only the shared layers it sent; Flower's FedAdam steps from the unmasked mean."""
-    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1,
-                                      "strategy": strategy})
+    values = tiny_config(
+        tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1, "strategy": strategy}
+    )
     _, history = run_federation(InProcessGrid(values, 3), values, tmp_path / "run")
     record = history.rounds[1]
     assert sorted(record.train) == ["site-0", "site-1", "site-2"] and record.failures == []
@@ -326,8 +359,13 @@ def test_distributed_dp_without_noise_is_the_clipped_uniform_mean() -> None:
     rng = np.random.default_rng(2)
     global_model = {"w": rng.normal(size=1000).astype(np.float32), "n": np.array(5, dtype=np.int64)}
     scales = {100: 0.2, 101: 1.0, 102: 3.0}  # update norms ≈ 0.2·√1000·0.1 ... some above the clip, some below
-    weights = {n: {"w": global_model["w"] + np.float32(s) * rng.normal(scale=0.1, size=1000).astype(np.float32),
-                   "n": np.array(9, dtype=np.int64)} for n, s in scales.items()}
+    weights = {
+        n: {
+            "w": global_model["w"] + np.float32(s) * rng.normal(scale=0.1, size=1000).astype(np.float32),
+            "n": np.array(9, dtype=np.int64),
+        }
+        for n, s in scales.items()
+    }
     sites = Sites(weights, {n: 10 * (n - 99) for n in weights})
     result = dp_round(sites, global_model, clip=2.0, noise_std=0.0)
     deltas = {n: weights[n]["w"].astype(np.float64) - global_model["w"] for n in weights}
@@ -354,14 +392,27 @@ def test_distributed_dp_noise_of_the_sum_has_the_planned_std() -> None:
 def test_dp_distributed_accounts_like_dp_noised_and_charges_dropouts() -> None:
     from strategies.client_privacy import Release, epsilon_of
 
-    config = RunConfig.from_mapping({"strategy": "dp-distributed", "secure-aggregation": True, "min-sites": 3,
-                                     "dp-distributed.noise-multiplier": 1.2})
+    config = RunConfig.from_mapping(
+        {
+            "strategy": "dp-distributed",
+            "secure-aggregation": True,
+            "min-sites": 3,
+            "dp-distributed.noise-multiplier": 1.2,
+        }
+    )
     strategy = build_strategy(config)
     for summed in (4, 4, 3):
         strategy._sampled = 4
-        aggregate = Message(RecordDict({m.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                                        m.METRICS: MetricRecord({m.NUM_EXAMPLES: 10, m.SECAGG_SUMMED: summed})}),
-                            dst_node_id=1, message_type="train")
+        aggregate = Message(
+            RecordDict(
+                {
+                    m.ARRAYS: ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+                    m.METRICS: MetricRecord({m.NUM_EXAMPLES: 10, m.SECAGG_SUMMED: summed}),
+                }
+            ),
+            dst_node_id=1,
+            message_type="train",
+        )
         strategy._global = aggregate.content[m.ARRAYS]
         strategy.aggregate_train(1, [aggregate])
     expected = epsilon_of([Release(1.2, "all", 4, 4)] * 2 + [Release(1.2 * np.sqrt(3 / 4), "all", 4, 4)], 1e-5)
@@ -372,9 +423,17 @@ def test_dp_distributed_accounts_like_dp_noised_and_charges_dropouts() -> None:
 
 
 def test_federation_with_dp_distributed_reports_epsilon(tmp_path: Path) -> None:
-    values = tiny_config(tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1,
-                                      "strategy": "dp-distributed", "dp-distributed.noise-multiplier": 1.0,
-                                      "dp-distributed.clipping-norm": 0.5})
+    values = tiny_config(
+        tmp_path,
+        **{
+            "secure-aggregation": True,
+            "min-sites": 3,
+            "num-server-rounds": 1,
+            "strategy": "dp-distributed",
+            "dp-distributed.noise-multiplier": 1.0,
+            "dp-distributed.clipping-norm": 0.5,
+        },
+    )
     _, history = run_federation(InProcessGrid(values, 3), values, tmp_path / "run")
     report = history.rounds[1].strategy
     assert report["summed-sites"] == 3 and report["sampled-sites"] == 3
@@ -391,22 +450,42 @@ def test_experiment_runs_federated_arms_securely_and_single_site_arms_plain(tmp_
     from fedseg.experiments.arms import plan_arms, with_secure_aggregation
 
     synthesize(tmp_path / "data", "tiny", seed=0, num_sites=3)
-    spec = ExperimentSpec.from_mapping({
-        "experiment": {"name": "secure", "data-dir": str(tmp_path / "data"), "sites": 3, "arms": ["federated"],
-                       "strategies": ["fedavg"], "output-dir": str(tmp_path / "results")},
-        "run": {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
-                "secure-aggregation": True},
-    })
+    spec = ExperimentSpec.from_mapping(
+        {
+            "experiment": {
+                "name": "secure",
+                "data-dir": str(tmp_path / "data"),
+                "sites": 3,
+                "arms": ["federated"],
+                "strategies": ["fedavg"],
+                "output-dir": str(tmp_path / "results"),
+            },
+            "run": {
+                "num-server-rounds": 1,
+                "local-epochs": 1,
+                "patch-size": "16,16,16",
+                "batch-size": 2,
+                "seed": 1,
+                "secure-aggregation": True,
+            },
+        }
+    )
     assert [with_secure_aggregation(arm, True) for arm in plan_arms(spec)] == [True]
     mixed = {**_EXPERIMENT, "arms": ["private", "iil", "federated"]}
     plain = plan_arms(ExperimentSpec.from_mapping({"experiment": mixed, "run": {"secure-aggregation": True}}))
     assert [(arm.kind, with_secure_aggregation(arm, True)) for arm in plain] == [
-        ("private", False), ("private", False), ("private", False), ("federated", True), ("cyclic", False)]
+        ("private", False),
+        ("private", False),
+        ("private", False),
+        ("federated", True),
+        ("cyclic", False),
+    ]
     log: list[str] = []
     run_experiment(spec, echo=log.append)
     (history,) = [json.loads(path.read_text()) for path in spec.results_dir.rglob("history.json")]
     assert history["config"]["secure-aggregation"] is True
     assert sorted(history["rounds"][1]["train"]) == ["site-0", "site-1", "site-2"]
     with pytest.raises(ConfigError, match="'dice-weighted' cannot run with 'secure-aggregation'"):
-        ExperimentSpec.from_mapping({"experiment": {**_EXPERIMENT, "strategies": ["dice-weighted"]},
-                                     "run": {"secure-aggregation": True}})
+        ExperimentSpec.from_mapping(
+            {"experiment": {**_EXPERIMENT, "strategies": ["dice-weighted"]}, "run": {"secure-aggregation": True}}
+        )

@@ -14,8 +14,10 @@ from conftest import TINY_RUN, flwr_run, read_history
 
 def test_three_site_secure_simulation_improves_dice(tmp_path: Path) -> None:
     output = tmp_path / "runs"
-    result = flwr_run({**TINY_RUN, "num-server-rounds": 2, "output-dir": str(output), "min-sites": 3,
-                       "secure-aggregation": True}, num_supernodes=3)
+    result = flwr_run(
+        {**TINY_RUN, "num-server-rounds": 2, "output-dir": str(output), "min-sites": 3, "secure-aggregation": True},
+        num_supernodes=3,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "round 1 summed 3 site(s)" in log and "round 2 summed 3 site(s)" in log, log

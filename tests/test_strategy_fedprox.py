@@ -20,18 +20,32 @@ from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-RUN_CONFIG = {**TINY_RUN, "synthetic-subjects": 4, "local-epochs": 4}  # several Adam steps: the prox gradient is 0 at step 1
+RUN_CONFIG = {
+    **TINY_RUN,
+    "synthetic-subjects": 4,
+    "local-epochs": 4,
+}  # several Adam steps: the prox gradient is 0 at step 1
 
 
 def distance_after_local_training(strategy, global_state) -> float:
     message = instructions(strategy, global_state, [1])[1]
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
-                      state=RecordDict(), run_config=dict(RUN_CONFIG))
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=dict(RUN_CONFIG),
+    )
     answer = train(message, context)
     assert not answer.has_error(), answer.error.reason if answer.has_error() else ""
     trained = as_numpy(answer.content["arrays"])
-    return math.sqrt(sum(float(np.sum((trained[k].astype(np.float64) - v) ** 2))
-                         for k, v in global_state.items() if np.issubdtype(v.dtype, np.floating)))
+    return math.sqrt(
+        sum(
+            float(np.sum((trained[k].astype(np.float64) - v) ** 2))
+            for k, v in global_state.items()
+            if np.issubdtype(v.dtype, np.floating)
+        )
+    )
 
 
 def test_fedprox_keeps_site_weights_closer_to_the_global_model() -> None:

@@ -50,22 +50,36 @@ GLOBAL = model(0)
 def site_states(global_state: dict[str, np.ndarray], server_round: int) -> list[dict[str, np.ndarray]]:
     """Five site models a step away from `global_state`; the last one far off (an outlier)."""
     scales = [0.1, 0.1, 0.1, 0.1, 3.0]
-    return [{k: (v + scales[i] * model(10 * server_round + i)[k]).astype(v.dtype) if v.dtype.kind == "f"
-             else np.array(v + 5, v.dtype) for k, v in global_state.items()} for i in range(len(NODES))]
+    return [
+        {
+            k: (v + scales[i] * model(10 * server_round + i)[k]).astype(v.dtype)
+            if v.dtype.kind == "f"
+            else np.array(v + 5, v.dtype)
+            for k, v in global_state.items()
+        }
+        for i in range(len(NODES))
+    ]
 
 
 def build(name: str, **params: Any) -> FlowerStrategy:
     return build_strategy(RunConfig.from_mapping({"strategy": name, "min-sites": len(NODES), **params}))
 
 
-def train_round(strategy: Any, global_state: dict[str, np.ndarray], server_round: int,
-                states: list[dict[str, np.ndarray]] | None = None, **metrics: float) -> dict[str, np.ndarray] | None:
+def train_round(
+    strategy: Any,
+    global_state: dict[str, np.ndarray],
+    server_round: int,
+    states: list[dict[str, np.ndarray]] | None = None,
+    **metrics: float,
+) -> dict[str, np.ndarray] | None:
     """configure_train + replies from `site_states` (or `states`) + aggregate_train; the new model."""
     sent = strategy.configure_train(server_round, arrays_of(global_state), ConfigRecord({}), StubGrid(NODES))
     sent = {m.metadata.dst_node_id: m for m in sent}
     states = site_states(global_state, server_round) if states is None else states
-    replies = [reply(sent[node], state, num_examples=n, site_id=i, **metrics)
-               for i, (node, state, n) in enumerate(zip(NODES, states, EXAMPLES, strict=True))]
+    replies = [
+        reply(sent[node], state, num_examples=n, site_id=i, **metrics)
+        for i, (node, state, n) in enumerate(zip(NODES, states, EXAMPLES, strict=True))
+    ]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return None if arrays is None else as_numpy(arrays)
 
@@ -84,18 +98,33 @@ def assert_same(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> N
 
 # name, fedseg run-config parameters, the same Flower strategy built directly
 CASES = [
-    ("fedadam", {"fedadam.eta": 0.05, "fedadam.beta-2": 0.9},
-     lambda: flower.FedAdam(eta=0.05, beta_2=0.9, min_train_nodes=5, min_available_nodes=5)),
+    (
+        "fedadam",
+        {"fedadam.eta": 0.05, "fedadam.beta-2": 0.9},
+        lambda: flower.FedAdam(eta=0.05, beta_2=0.9, min_train_nodes=5, min_available_nodes=5),
+    ),
     ("fedyogi", {"fedyogi.eta": 0.02}, lambda: flower.FedYogi(eta=0.02, min_train_nodes=5, min_available_nodes=5)),
-    ("fedadagrad", {"fedadagrad.tau": 0.01},
-     lambda: flower.FedAdagrad(tau=0.01, min_train_nodes=5, min_available_nodes=5)),
-    ("fedavgm", {"fedavgm.server-momentum": 0.9, "fedavgm.server-learning-rate": 0.7},
-     lambda: flower.FedAvgM(server_momentum=0.9, server_learning_rate=0.7, min_train_nodes=5, min_available_nodes=5)),
-    ("fedtrimmedavg", {"fedtrimmedavg.beta": 0.2},
-     lambda: flower.FedTrimmedAvg(beta=0.2, min_train_nodes=5, min_available_nodes=5)),
+    (
+        "fedadagrad",
+        {"fedadagrad.tau": 0.01},
+        lambda: flower.FedAdagrad(tau=0.01, min_train_nodes=5, min_available_nodes=5),
+    ),
+    (
+        "fedavgm",
+        {"fedavgm.server-momentum": 0.9, "fedavgm.server-learning-rate": 0.7},
+        lambda: flower.FedAvgM(server_momentum=0.9, server_learning_rate=0.7, min_train_nodes=5, min_available_nodes=5),
+    ),
+    (
+        "fedtrimmedavg",
+        {"fedtrimmedavg.beta": 0.2},
+        lambda: flower.FedTrimmedAvg(beta=0.2, min_train_nodes=5, min_available_nodes=5),
+    ),
     ("fedmedian", {}, lambda: flower.FedMedian(min_train_nodes=5, min_available_nodes=5)),
-    ("krum", {"krum.num-malicious-nodes": 1},
-     lambda: flower.Krum(num_malicious_nodes=1, min_train_nodes=5, min_available_nodes=5)),
+    (
+        "krum",
+        {"krum.num-malicious-nodes": 1},
+        lambda: flower.Krum(num_malicious_nodes=1, min_train_nodes=5, min_available_nodes=5),
+    ),
 ]
 
 
@@ -135,11 +164,16 @@ def test_malformed_replies_are_dropped_before_flower_sees_them(name: str) -> Non
     result = train_round(strategy, GLOBAL, 1, states)
     assert seen == [3]
     assert sorted((d["site"], d["reason"][:24]) for d in strategy.round_report(1)["dropped-replies"]) == [
-        ("site-1", "array 'conv.bias' holds "), ("site-3", "array 'conv.weight' is f")]
+        ("site-1", "array 'conv.bias' holds "),
+        ("site-3", "array 'conv.weight' is f"),
+    ]
 
     good = [0, 2, 4]
     direct = {"fedmedian": flower.FedMedian, "fedadam": flower.FedAdam}[name](min_train_nodes=3, min_available_nodes=3)
-    sent = {m.metadata.dst_node_id: m for m in direct.configure_train(1, arrays_of(GLOBAL), ConfigRecord({}), StubGrid(NODES))}
+    sent = {
+        m.metadata.dst_node_id: m
+        for m in direct.configure_train(1, arrays_of(GLOBAL), ConfigRecord({}), StubGrid(NODES))
+    }
     replies = [reply(sent[NODES[i]], states[i], num_examples=EXAMPLES[i], site_id=i) for i in good]
     assert_same(result, as_global_dtypes(as_numpy(direct.aggregate_train(1, replies)[0])))
 
@@ -148,8 +182,10 @@ def test_malformed_replies_are_dropped_before_flower_sees_them(name: str) -> Non
     ("values", "message"),
     [
         ({"fedadam.eta": "high"}, "'fedadam.eta' must be a number, got 'high'"),
-        ({"fedadam.eta-l": 0.1}, ("strategy 'fedadam' has no parameter 'fedadam.eta-l'; valid parameters: "
-                                  "fedadam.max-update-ratio")),
+        (
+            {"fedadam.eta-l": 0.1},
+            ("strategy 'fedadam' has no parameter 'fedadam.eta-l'; valid parameters: fedadam.max-update-ratio"),
+        ),
         ({"fedadam.beta-1": 1.0}, "'fedadam.beta-1' must be <= 0.999999, got 1.0"),
         ({"fedtrimmedavg.beta": 0.6}, "'fedtrimmedavg.beta' must be <= 0.49, got 0.6"),
         ({"krum.num-malicious-nodes": 1.5}, "'krum.num-malicious-nodes' must be an integer, got 1.5"),
@@ -163,8 +199,11 @@ def test_parameters_are_typed_and_checked_before_any_round(values: dict, message
 
 
 def test_parameters_reach_the_flower_strategy_and_fedseg_sets_the_rest() -> None:
-    strategy = build_strategy(RunConfig.from_mapping({"strategy": "fedyogi", "min-sites": 3, "learning-rate": 0.02,
-                                                      "fedyogi.beta-1": 0.5, "fedyogi.tau": 1e-4}))
+    strategy = build_strategy(
+        RunConfig.from_mapping(
+            {"strategy": "fedyogi", "min-sites": 3, "learning-rate": 0.02, "fedyogi.beta-1": 0.5, "fedyogi.tau": 1e-4}
+        )
+    )
     inner = strategy.inner
     assert (inner.beta_1, inner.tau, inner.eta, inner.beta_2) == (0.5, 1e-4, 0.01, 0.99)  # Flower's defaults kept
     assert (inner.eta_l, inner.min_train_nodes, inner.fraction_train) == (0.02, 3, 1.0)  # from fedseg's run config
@@ -177,15 +216,22 @@ def test_flower_prefix_resolves_any_flower_strategy() -> None:
     assert type(multikrum.inner) is flower.MultiKrum and multikrum.inner.num_nodes_to_select == 3
     assert multikrum.strategy_name() == "multikrum"
     fedavg = build("flower:FedAvg", **{"flower-fedavg.max-update-ratio": 5})  # fedseg's fedavg keeps its name
-    assert (fedavg.strategy_name(), type(fedavg.inner), fedavg.max_update_ratio) == ("flower-fedavg", flower.FedAvg, 5.0)
+    assert (fedavg.strategy_name(), type(fedavg.inner), fedavg.max_update_ratio) == (
+        "flower-fedavg",
+        flower.FedAvg,
+        5.0,
+    )
     bulyan = build("flwr.serverapp.strategy:Bulyan")
     assert (bulyan.strategy_name(), type(bulyan.inner)) == ("bulyan", flower.Bulyan)
     qfedavg = build_strategy(RunConfig.from_mapping({"strategy": "flower:QFedAvg", "learning-rate": 0.05}))
     assert (qfedavg.inner.client_learning_rate, qfedavg.inner.train_loss_key) == (0.05, "train-loss")
     with pytest.raises(ConfigError, match="Flower has no strategy 'Nope'; its strategies: Bulyan, "):
         build("flower:Nope")
-    with pytest.raises(ConfigError, match="DifferentialPrivacyServerSideFixedClipping cannot be used in fedseg: its "
-                                          "argument 'strategy' \\(Strategy\\) cannot come from a run config"):
+    with pytest.raises(
+        ConfigError,
+        match="DifferentialPrivacyServerSideFixedClipping cannot be used in fedseg: its "
+        "argument 'strategy' \\(Strategy\\) cannot come from a run config",
+    ):
         build("flower:DifferentialPrivacyServerSideFixedClipping")
     with pytest.raises(ConfigError, match="FedXgbBagging cannot be used in fedseg: it aggregates XGBoost models"):
         build("flower:FedXgbBagging")
@@ -195,19 +241,26 @@ def test_flower_prefix_resolves_any_flower_strategy() -> None:
 
 @pytest.mark.usefixtures("task_identity")
 def test_qfedavg_through_fedseg_uses_the_train_loss_metric() -> None:
-    ours = build_strategy(RunConfig.from_mapping({"strategy": "flower:QFedAvg", "min-sites": 5, "qfedavg.q": 0.5,
-                                                  "learning-rate": 0.05}))
+    ours = build_strategy(
+        RunConfig.from_mapping({"strategy": "flower:QFedAvg", "min-sites": 5, "qfedavg.q": 0.5, "learning-rate": 0.05})
+    )
+
     def theirs() -> flower.QFedAvg:
-        return flower.QFedAvg(client_learning_rate=0.05, q=0.5, train_loss_key="train-loss", min_train_nodes=5,
-                              min_available_nodes=5)
+        return flower.QFedAvg(
+            client_learning_rate=0.05, q=0.5, train_loss_key="train-loss", min_train_nodes=5, min_available_nodes=5
+        )
 
     with pytest.raises(TypeError, match="Cannot cast ufunc 'multiply' output"):  # Flower alone: integer buffers
         train_round(theirs(), GLOBAL, 1, train_loss=0.7)
     # fedseg hands integer buffers to the Flower strategy as float64 (and rounds the result)
-    as_float = [{k: v if v.dtype.kind == "f" else v.astype(np.float64) for k, v in state.items()}
-                for state in site_states(GLOBAL, 1)]
-    assert_same(train_round(ours, GLOBAL, 1, train_loss=0.7),
-                as_global_dtypes(train_round(theirs(), GLOBAL, 1, as_float, train_loss=0.7)))
+    as_float = [
+        {k: v if v.dtype.kind == "f" else v.astype(np.float64) for k, v in state.items()}
+        for state in site_states(GLOBAL, 1)
+    ]
+    assert_same(
+        train_round(ours, GLOBAL, 1, train_loss=0.7),
+        as_global_dtypes(train_round(theirs(), GLOBAL, 1, as_float, train_loss=0.7)),
+    )
 
 
 @pytest.mark.usefixtures("task_identity")

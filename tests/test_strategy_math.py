@@ -8,10 +8,17 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
-from threadpoolctl import ThreadpoolController
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from strategy_replies import StubGrid, arrays_of, as_numpy, instructions, reply, round_config
-from strategy_replies import task_identity  # noqa: F401 - fixture
+from strategy_replies import (
+    StubGrid,
+    arrays_of,
+    as_numpy,
+    instructions,
+    reply,
+    round_config,
+    task_identity,  # noqa: F401 - fixture
+)
+from threadpoolctl import ThreadpoolController
 
 from strategies.aggregate import BLOCK, sweep
 from strategies.cyclic import Cyclic
@@ -123,7 +130,9 @@ def test_dice_weights_follow_the_formula() -> None:
 
 def test_dice_weighted_average_uses_validation_dice() -> None:
     sites = site_models()
-    metrics = [{"num_examples": n, "val_dice": d, "site_id": i} for i, (n, d) in enumerate([(10, 0.2), (10, 0.6), (30, 0.2)])]
+    metrics = [
+        {"num_examples": n, "val_dice": d, "site_id": i} for i, (n, d) in enumerate([(10, 0.2), (10, 0.6), (30, 0.2)])
+    ]
     strategy = DiceWeighted(min_sites=3, example_mix=0.5)
     _, arrays = aggregate(strategy, sites, metrics)
     expected = 0.2 * sites[0]["conv.weight"] + 0.4 * sites[1]["conv.weight"] + 0.4 * sites[2]["conv.weight"]
@@ -182,7 +191,9 @@ def test_reply_without_weight_metric_is_dropped() -> None:
     strategy = FedAvg(min_sites=3)
     _, arrays = aggregate(strategy, site_models(), [{"site_id": 0}, {"num_examples": 2}, {"num_examples": 2}])
     assert strategy.round_report(1)["dropped-replies"][0]["reason"] == "metric 'num-examples' missing"
-    np.testing.assert_allclose(arrays["conv.bias"].numpy(), (site_models()[1]["conv.bias"] + site_models()[2]["conv.bias"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        arrays["conv.bias"].numpy(), (site_models()[1]["conv.bias"] + site_models()[2]["conv.bias"]) / 2, rtol=1e-6
+    )
 
 
 def test_all_replies_bad_leaves_no_model() -> None:
@@ -199,11 +210,14 @@ def test_cyclic_visits_sites_in_site_id_order_and_iil_stops_after_one_pass() -> 
     site_of_node = {30: 0, 10: 2, 20: 1}
     strategy = Cyclic(min_sites=3, cycles=1)
     evaluate = strategy.configure_evaluate(0, arrays_of(GLOBAL), round_config(), StubGrid(list(site_of_node)))
-    strategy.aggregate_evaluate(0, [reply(m, None, num_examples=2, dice=0.1, site_id=site_of_node[m.metadata.dst_node_id])
-                                    for m in evaluate])
+    strategy.aggregate_evaluate(
+        0, [reply(m, None, num_examples=2, dice=0.1, site_id=site_of_node[m.metadata.dst_node_id]) for m in evaluate]
+    )
     visited = []
     for server_round in (1, 2, 3, 4):
-        sent = list(strategy.configure_train(server_round, arrays_of(GLOBAL), round_config(), StubGrid(list(site_of_node))))
+        sent = list(
+            strategy.configure_train(server_round, arrays_of(GLOBAL), round_config(), StubGrid(list(site_of_node)))
+        )
         visited.append([site_of_node[m.metadata.dst_node_id] for m in sent])
         if sent:
             trained = site_models((server_round,))[0]
@@ -216,16 +230,22 @@ def test_cyclic_visits_sites_in_site_id_order_and_iil_stops_after_one_pass() -> 
 
 def test_ciil_repeats_the_cycle() -> None:
     strategy = Cyclic(min_sites=2)
-    order = [[m.metadata.dst_node_id for m in strategy.configure_train(r, arrays_of(GLOBAL), round_config(), StubGrid([7, 5]))]
-             for r in range(1, 6)]
+    order = [
+        [
+            m.metadata.dst_node_id
+            for m in strategy.configure_train(r, arrays_of(GLOBAL), round_config(), StubGrid([7, 5]))
+        ]
+        for r in range(1, 6)
+    ]
     assert order == [[5], [7], [5], [7], [5]]  # unknown site ids: node-id order
-
 
 
 def test_multi_block_tensors_equal_flower_and_a_late_inf_is_found() -> None:
     size = 3 * BLOCK + 5  # four blocks, the last one partial
-    base = {"w": np.random.default_rng(0).standard_normal(size).astype(np.float32),
-            "steps": np.array(7, dtype=np.int64)}
+    base = {
+        "w": np.random.default_rng(0).standard_normal(size).astype(np.float32),
+        "steps": np.array(7, dtype=np.int64),
+    }
     sites = [{"w": base["w"] + np.float32(0.01 * (i + 1)), "steps": base["steps"] + i} for i in range(4)]
     strategy = FedAvg(min_sites=4)
     nodes = [1, 2, 3, 4]
@@ -281,7 +301,9 @@ class ThreadsSeen(dict):
     seen: list[int]
 
     def __getitem__(self, key: str) -> np.ndarray:
-        self.seen.append(min(pool["num_threads"] for pool in ThreadpoolController().info() if pool["user_api"] == "blas"))
+        self.seen.append(
+            min(pool["num_threads"] for pool in ThreadpoolController().info() if pool["user_api"] == "blas")
+        )
         return super().__getitem__(key)
 
 

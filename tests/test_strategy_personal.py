@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord
+from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
+from strategy_replies import StubGrid, arrays_of, as_numpy, reply
 
 from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, scaffold_update
+from fedseg.cache import cache_root
+from fedseg.checkpoint import resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.federation import run_key
 from fedseg.models import build_model, norm_state_keys
-from fedseg.cache import cache_root
-from fedseg.checkpoint import resume_checkpoint
 from fedseg.server_app import initial_weights
-from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 from strategies.fedavg import FedAvg
 from strategies.registry import build_strategy
 from strategies.scaffold import Scaffold
-from strategy_replies import StubGrid, arrays_of, as_numpy, reply
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -48,8 +48,9 @@ def _federate(strategy: FedAvg, rounds: int) -> float:
     w = np.zeros(4, np.float32)
     variates = [torch.zeros(4) for _ in SITES]
     for server_round in range(1, rounds + 1):
-        messages = list(strategy.configure_train(server_round, arrays_of({"w": w}), ConfigRecord({}),
-                                                 StubGrid([1, 2, 3])))
+        messages = list(
+            strategy.configure_train(server_round, arrays_of({"w": w}), ConfigRecord({}), StubGrid([1, 2, 3]))
+        )
         replies = []
         for site, (message, (a, b)) in enumerate(zip(messages, SITES, strict=True)):
             scaffold = "scaffold-c" in message.content.array_records
@@ -91,8 +92,9 @@ def test_scaffold_checkpoints_its_variate_and_drops_a_bad_change(task_identity: 
 
 
 def test_scaffold_variate_is_the_mean_local_gradient() -> None:
-    updated, change = scaffold_update({"w": torch.tensor([1.0]), "stat": torch.tensor([3.0])},
-                                      {"w": torch.tensor([0.25])})
+    updated, change = scaffold_update(
+        {"w": torch.tensor([1.0]), "stat": torch.tensor([3.0])}, {"w": torch.tensor([0.25])}
+    )
     assert updated == {"w": torch.tensor([0.25]), "stat": torch.tensor([3.0])}
     assert change["w"].item() == pytest.approx(-0.75) and change["stat"].item() == 0.0
 
@@ -119,8 +121,7 @@ def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_iden
     initial = build_model("unet", 1, 3).state_dict()
     global_state = final.to_torch_state_dict()
     assert all(torch.equal(global_state[k], initial[k]) for k in norms)
-    kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(NORMS)
-            for s in range(2)]
+    kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(NORMS) for s in range(2)]
     assert all(site is not None and set(site) == norms for site in kept)
     assert any(not torch.equal(kept[0][k], initial[k]) for k in norms)  # trained locally ...
     assert any(not torch.equal(kept[0][k], kept[1][k]) for k in norms)  # ... differently at each site
@@ -156,15 +157,19 @@ def test_a_server_dying_after_the_sites_trained_resumes_bit_identically(
     grid = InProcessGrid(values, 2)
 
     def die_after_training(messages: list) -> None:
-        if messages and messages[0].metadata.message_type == "evaluate" and \
-                int(messages[0].content["config"]["server-round"]) == 2:
+        if (
+            messages
+            and messages[0].metadata.message_type == "evaluate"
+            and int(messages[0].content["config"]["server-round"]) == 2
+        ):
             raise ServerCrash("server died after the sites trained round 2")
 
     grid.before_send = die_after_training
     with pytest.raises(ServerCrash):
         run_federation(grid, values, tmp_path / "interrupted")
-    fed = federation(InProcessGrid(values, 2), {**values, "resume-from": str(tmp_path / "interrupted")},
-                     tmp_path / "interrupted")
+    fed = federation(
+        InProcessGrid(values, 2), {**values, "resume-from": str(tmp_path / "interrupted")}, tmp_path / "interrupted"
+    )
     resumed, _ = fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
     expected, got = reference.to_torch_state_dict(), resumed.to_torch_state_dict()
     assert all(torch.equal(got[key], expected[key]) for key in expected)

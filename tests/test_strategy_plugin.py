@@ -32,8 +32,11 @@ def test_plugin_is_found_by_name_and_its_parameters_are_checked() -> None:
     assert "trimmed-mean" in installed_names()
     strategy = build_strategy(RunConfig.from_mapping({"strategy": "trimmed-mean", "trimmed-mean.trim-fraction": 0.3}))
     assert type(strategy).__name__ == "TrimmedMean" and strategy.trim_fraction == 0.3
-    with pytest.raises(ValueError, match=r"'trimmed-mean.trim-fraction' must be <= 0.49, got 0.7; valid parameters: "
-                                         r"trimmed-mean.max-update-ratio .*trimmed-mean.trim-fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"'trimmed-mean.trim-fraction' must be <= 0.49, got 0.7; valid parameters: "
+        r"trimmed-mean.max-update-ratio .*trimmed-mean.trim-fraction",
+    ):
         build_strategy(RunConfig.from_mapping({"strategy": "trimmed-mean", "trimmed-mean.trim-fraction": 0.7}))
     listing = CliRunner().invoke(cli, ["strategies"]).output
     assert "trimmed-mean (plugin fedseg_trimmed_mean:TrimmedMean)" in listing
@@ -42,12 +45,17 @@ def test_plugin_is_found_by_name_and_its_parameters_are_checked() -> None:
 
 def aggregate(trim: float, values: list[np.ndarray], examples: list[int]) -> tuple[dict[str, np.ndarray], dict]:
     """The plugin's model from sites sending `w` = values[i] with examples[i] training examples."""
-    strategy = build_strategy(RunConfig.from_mapping({"strategy": "trimmed-mean", "min-sites": len(values),
-                                                      "trimmed-mean.trim-fraction": trim}))
+    strategy = build_strategy(
+        RunConfig.from_mapping(
+            {"strategy": "trimmed-mean", "min-sites": len(values), "trimmed-mean.trim-fraction": trim}
+        )
+    )
     global_state = {"w": np.zeros(values[0].shape, np.float32), "n": np.array(3, np.int64)}
     sent = instructions(strategy, global_state, list(range(1, len(values) + 1)))
-    replies = [reply(sent[node], {"w": v.astype(np.float32), "n": np.array(9, np.int64)}, num_examples=n, site_id=i)
-               for i, (node, v, n) in enumerate(zip(sent, values, examples, strict=True))]
+    replies = [
+        reply(sent[node], {"w": v.astype(np.float32), "n": np.array(9, np.int64)}, num_examples=n, site_id=i)
+        for i, (node, v, n) in enumerate(zip(sent, values, examples, strict=True))
+    ]
     return as_numpy(strategy.aggregate_train(1, replies)[0]), strategy.round_report(1)
 
 
@@ -60,8 +68,9 @@ def test_trimmed_mean_cuts_a_share_of_the_weight() -> None:
     # the small outlying site (1/9 of the examples < 0.2) is cut entirely, and 0.2 of the weight at the low end
     result, report = aggregate(0.2, values, [2, 2, 2, 2, 1])
     kept = [2 / 9 - 0.2, 2 / 9, 2 / 9, 0.8 - 6 / 9]  # of the sites sending 1, 2, 3, 4
-    np.testing.assert_allclose(result["w"], np.full(6, (1 * kept[0] + 2 * kept[1] + 3 * kept[2] + 4 * kept[3]) / 0.6),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        result["w"], np.full(6, (1 * kept[0] + 2 * kept[1] + 3 * kept[2] + 4 * kept[3]) / 0.6), rtol=1e-6
+    )
     assert report["weights"]["site-4"] == pytest.approx(1 / 9) and report["trim-fraction"] == 0.2
     # a site with half the examples cannot be trimmed away: it keeps (0.8 − 0.5) / 0.6 of the weight
     result, _ = aggregate(0.2, values, [1, 1, 1, 1, 4])
@@ -81,8 +90,14 @@ def test_integer_weights_equal_the_plain_trimmed_mean_of_repeated_sites() -> Non
 
 def test_plugin_runs_end_to_end_through_flwr_run(tmp_path: Path) -> None:
     output = tmp_path / "runs"
-    run = {**TINY_RUN, "synthetic-subjects": 4, "local-epochs": 1, "num-server-rounds": 2,
-           "strategy": "trimmed-mean", "output-dir": str(output)}
+    run = {
+        **TINY_RUN,
+        "synthetic-subjects": 4,
+        "local-epochs": 1,
+        "num-server-rounds": 2,
+        "strategy": "trimmed-mean",
+        "output-dir": str(output),
+    }
     result = flwr_run(run, num_supernodes=2)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(output)

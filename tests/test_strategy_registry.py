@@ -18,8 +18,9 @@ def build(**values: object):
 
 
 def test_builtin_by_name_with_parameters() -> None:
-    strategy = build(**{"strategy": "dp-noised", "min-sites": 3, "dp-noised.clipping-norm": 2,
-                        "fedprox.proximal-mu": 0.5})  # another strategy's keys are left alone
+    strategy = build(
+        **{"strategy": "dp-noised", "min-sites": 3, "dp-noised.clipping-norm": 2, "fedprox.proximal-mu": 0.5}
+    )  # another strategy's keys are left alone
     assert isinstance(strategy, DPNoised)
     assert (strategy.clipping_norm, strategy.noise_multiplier, strategy.min_train_nodes) == (2.0, 1.0, 3)
 
@@ -35,18 +36,23 @@ def test_module_class_spec() -> None:
 
 
 def test_unknown_strategy_lists_installed_ones() -> None:
-    with pytest.raises(ConfigError, match=r"'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
-                                          r"dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fedbn, ditto, fedadam, "
-                                          r"fedyogi, fedadagrad, fedavgm, "
-                                          r"fedtrimmedavg, fedmedian, krum.* \(or give 'flower:<Flower strategy class>'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
+        r"dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fedbn, ditto, fedadam, "
+        r"fedyogi, fedadagrad, fedavgm, "
+        r"fedtrimmedavg, fedmedian, krum.* \(or give 'flower:<Flower strategy class>'",
+    ):
         build(strategy="fedsgd")
 
 
 def test_unknown_parameter_fails_listing_valid_ones() -> None:
     with pytest.raises(ConfigError) as err:
         build(**{"strategy": "fedprox", "fedprox.mu": 0.1})
-    assert str(err.value).startswith("strategy 'fedprox' has no parameter 'fedprox.mu'; valid parameters: "
-                                     "fedprox.max-update-ratio (float, default 100.0")
+    assert str(err.value).startswith(
+        "strategy 'fedprox' has no parameter 'fedprox.mu'; valid parameters: "
+        "fedprox.max-update-ratio (float, default 100.0"
+    )
     assert "fedprox.proximal-mu (float, default 0.01, in [0, inf]" in str(err.value)
 
 
@@ -75,8 +81,12 @@ def test_parameter_of_unknown_strategy_namespace_fails() -> None:
 
 def test_pyproject_declares_every_builtin_parameter_with_its_default_inherited_ones_too() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    declared = {f"{name}.{key}": value for name, table in config.items() if isinstance(table, dict)
-                for key, value in table.items()}
+    declared = {
+        f"{name}.{key}": value
+        for name, table in config.items()
+        if isinstance(table, dict)
+        for key, value in table.items()
+    }
     own = {f"{name}.{p.name}": p.default for name, cls in BUILTIN.items() for p in cls.declared_params()}
     assert declared == own
 

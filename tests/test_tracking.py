@@ -71,18 +71,33 @@ def test_tracking_off_writes_nothing_and_a_missing_package_fails_before_round_on
         RunConfig.from_mapping(tiny_config(tmp_path, tracking="tensorboard,wandb"))
     monkeypatch.setitem(backends.BACKENDS, "mlflow", (backends.BACKENDS["mlflow"][0], ("fedseg_absent_package",)))
     config = RunConfig.from_mapping(tiny_config(tmp_path, tracking="mlflow"))
-    with pytest.raises(ConfigError, match=r"'tracking' is 'mlflow' but fedseg_absent_package is not installed .*"
-                                          r"pip install 'fedseg\[tracking\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'tracking' is 'mlflow' but fedseg_absent_package is not installed .*"
+        r"pip install 'fedseg\[tracking\]'",
+    ):
         open_run_tracker(config, tmp_path / "runs" / "run-b")
     assert not (tmp_path / "runs" / "run-b").exists()
 
 
 def test_experiment_arms_are_runs_of_one_mlflow_experiment(tmp_path: Path) -> None:
     synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
-    run = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1,
-           "tracking": "mlflow,tensorboard"}
-    experiment = {"name": "tracked", "data-dir": str(tmp_path / "data"), "sites": 2,
-                  "output-dir": str(tmp_path / "results"), "arms": ["federated"], "strategies": ["fedavg", "fedprox"]}
+    run = {
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "patch-size": "16,16,16",
+        "batch-size": 2,
+        "seed": 1,
+        "tracking": "mlflow,tensorboard",
+    }
+    experiment = {
+        "name": "tracked",
+        "data-dir": str(tmp_path / "data"),
+        "sites": 2,
+        "output-dir": str(tmp_path / "results"),
+        "arms": ["federated"],
+        "strategies": ["fedavg", "fedprox"],
+    }
     spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": run})
     results = run_experiment(spec, echo=lambda line: None)
     client = MlflowClient(tracking_uri(results))
@@ -92,8 +107,9 @@ def test_experiment_arms_are_runs_of_one_mlflow_experiment(tmp_path: Path) -> No
     assert all(r.info.status == "FINISHED" and "federation/mean-dice" in r.data.metrics for r in runs)
     assert sorted(p.name for p in (results / "tensorboard").iterdir()) == arms
     # tracking does not change what an arm computes: the experiment continues without it (arms skipped)
-    untracked = ExperimentSpec.from_mapping({"experiment": experiment,
-                                             "run": {k: v for k, v in run.items() if k != "tracking"}})
+    untracked = ExperimentSpec.from_mapping(
+        {"experiment": experiment, "run": {k: v for k, v in run.items() if k != "tracking"}}
+    )
     lines: list[str] = []
     assert run_experiment(untracked, echo=lines.append) == results
     assert sum("finished earlier, skipped" in line for line in lines) == 2

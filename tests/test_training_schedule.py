@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 import clients.site_runtime
 from fedseg.config import ConfigError, RunConfig
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.optim import optimizer_factory, round_learning_rate
-from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -45,10 +45,10 @@ def test_each_site_trains_each_round_at_the_scheduled_rate(
 ) -> None:
     used: list[tuple[str, float]] = []
 
-    def recording_factory(name: str, weight_decay: float, momentum: float):  # noqa: ANN202
+    def recording_factory(name: str, weight_decay: float, momentum: float):
         make = optimizer_factory(name, weight_decay, momentum)
 
-        def build(params, lr):  # noqa: ANN001, ANN202
+        def build(params, lr):
             used.append((name, lr))
             return make(params, lr)
 
@@ -56,8 +56,17 @@ def test_each_site_trains_each_round_at_the_scheduled_rate(
 
     monkeypatch.setattr(clients.site_runtime, "optimizer_factory", recording_factory)
     clients.site_runtime._build_runtime.cache_clear()
-    values = tiny_config(tmp_path, **{"num-server-rounds": 4, "lr-schedule": "cosine", "warmup-rounds": 1,
-                                      "lr-final-ratio": 0.05, "optimizer": "sgd", "learning-rate": 0.02})
+    values = tiny_config(
+        tmp_path,
+        **{
+            "num-server-rounds": 4,
+            "lr-schedule": "cosine",
+            "warmup-rounds": 1,
+            "lr-final-ratio": 0.05,
+            "optimizer": "sgd",
+            "learning-rate": 0.02,
+        },
+    )
     run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
     config = RunConfig.from_mapping(values)
     expected = [config.round_learning_rate(r) for r in range(1, 5) for _ in range(2)]  # two sites a round

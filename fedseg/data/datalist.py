@@ -159,8 +159,12 @@ def _scan_decathlon(site_dir: Path, allow_outside: bool = False) -> SiteListing:
         return listing
     items = meta.get("training") if isinstance(meta, dict) else None
     if not isinstance(items, list):
-        listing.error("manifest", manifest, "cannot read the 'training' list: a JSON object with a 'training' list of "
-                                            f"entries is needed, got {_kind(items if isinstance(meta, dict) else meta)}")
+        listing.error(
+            "manifest",
+            manifest,
+            "cannot read the 'training' list: a JSON object with a 'training' list of "
+            f"entries is needed, got {_kind(items if isinstance(meta, dict) else meta)}",
+        )
         return listing
     labels = meta.get("labels")
     if isinstance(labels, dict) and labels:
@@ -224,7 +228,9 @@ def _manifest_entry(
         return None
     for key in ("id", "subject"):
         if key in item and not isinstance(item[key], str):
-            listing.error("manifest", manifest, f"training entry {index}: '{key}' must be a string, got {_kind(item[key])}")
+            listing.error(
+                "manifest", manifest, f"training entry {index}: '{key}' must be a string, got {_kind(item[key])}"
+            )
             return None
     return [_joined(listing.site_dir, p) for p in images], _joined(listing.site_dir, label)
 
@@ -291,8 +297,12 @@ def _collect_subjects(listing: SiteListing, candidates: list[tuple[str, list[Pat
         seen.add(sid)
         outside = [] if listing.allow_outside else [p for p in (*images, label) if not _inside(p, root)]
         for path in outside:
-            listing.error("outside-site", path, "resolves outside the site folder (links and paths must stay inside "
-                                                f"it, or the site folder must hold a file '{ALLOW_OUTSIDE_FILE}')")
+            listing.error(
+                "outside-site",
+                path,
+                "resolves outside the site folder (links and paths must stay inside "
+                f"it, or the site folder must hold a file '{ALLOW_OUTSIDE_FILE}')",
+            )
         missing = [p for p in (*images, label) if not p.is_file()]
         for path in missing:
             listing.error("missing-file", path, "file not found")

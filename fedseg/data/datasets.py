@@ -49,10 +49,19 @@ def training_dataset(
     `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not
     part of the cache key: it only acts after the cache."""
     deterministic = training_preprocessing(patch_size, pixdim, label_mapping, window)
-    settings = {"pixdim": pixdim, "patch_size": list(patch_size), **_mapping_setting(label_mapping),
-                **_window_setting(window)}
-    random = random_part(patch_size, samples_per_volume, preset=augmentation, invert_probability=invert_probability,
-                         remap_probability=remap_probability)
+    settings = {
+        "pixdim": pixdim,
+        "patch_size": list(patch_size),
+        **_mapping_setting(label_mapping),
+        **_window_setting(window),
+    }
+    random = random_part(
+        patch_size,
+        samples_per_volume,
+        preset=augmentation,
+        invert_probability=invert_probability,
+        remap_probability=remap_probability,
+    )
     return _cached(items, deterministic, settings, random, cache_dir)
 
 

@@ -124,8 +124,11 @@ def inspect_nifti(
     except VolumeError:
         raise
     except Exception as err:  # noqa: BLE001 - nibabel parses untrusted bytes: any failure means unreadable
-        raise VolumeError("unreadable", path, f"cannot read the NIfTI header (corrupt or truncated?): "
-                                              f"{type(err).__name__}: {first_line(err)}") from None
+        raise VolumeError(
+            "unreadable",
+            path,
+            f"cannot read the NIfTI header (corrupt or truncated?): {type(err).__name__}: {first_line(err)}",
+        ) from None
     if dtype.kind not in "iuf" or dtype.itemsize > 8:
         kind = {"c": "complex", "V": "RGB or structured", "b": "boolean"}.get(dtype.kind, "unsupported")
         raise VolumeError("voxel-type", path, f"{kind} voxels ({dtype}) cannot be used; store real numbers")
@@ -141,22 +144,37 @@ def inspect_nifti(
     holds = size * MAX_GZIP_RATIO + 1024 if compressed else size
     if claimed > holds:
         what = f"a {size:,}-byte .nii.gz can hold at most {holds:,}" if compressed else f"the file has {size:,}"
-        raise VolumeError("unreadable", path, f"header claims shape {shape} of {dtype} ({claimed:,} bytes) but {what}:"
-                                              " corrupt, truncated or a decompression bomb")
+        raise VolumeError(
+            "unreadable",
+            path,
+            f"header claims shape {shape} of {dtype} ({claimed:,} bytes) but {what}:"
+            " corrupt, truncated or a decompression bomb",
+        )
     spatial = math.prod(shape[:3])
     if spatial > limit:
-        raise VolumeError("too-large", path, f"{_size(shape[:3])} = {spatial:,} voxels per channel exceeds this site's "
-                                             f"limit of {limit:,} (--max-voxels / ${MAX_VOXELS_ENV})")
+        raise VolumeError(
+            "too-large",
+            path,
+            f"{_size(shape[:3])} = {spatial:,} voxels per channel exceeds this site's "
+            f"limit of {limit:,} (--max-voxels / ${MAX_VOXELS_ENV})",
+        )
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeError("affine-invalid", path, "voxel-to-world matrix is non-finite or singular (no valid "
-                                                  "spacing or orientation in the header)")
+        raise VolumeError(
+            "affine-invalid",
+            path,
+            "voxel-to-world matrix is non-finite or singular (no valid spacing or orientation in the header)",
+        )
     if pixdim is not None:
         zooms = np.linalg.norm(affine[:3, :3], axis=0)
         resampled = math.prod(max(1.0, n * z / p) for n, z, p in zip(shape[:3], zooms, pixdim, strict=True))
         if resampled > limit:
-            raise VolumeError("too-large", path, f"resampled from {_fmt(zooms)} mm to {_fmt(pixdim)} mm it would have "
-                                                 f"{resampled:,.0f} voxels per channel, over this site's limit of "
-                                                 f"{limit:,} (--max-voxels / ${MAX_VOXELS_ENV})")
+            raise VolumeError(
+                "too-large",
+                path,
+                f"resampled from {_fmt(zooms)} mm to {_fmt(pixdim)} mm it would have "
+                f"{resampled:,.0f} voxels per channel, over this site's limit of "
+                f"{limit:,} (--max-voxels / ${MAX_VOXELS_ENV})",
+            )
     return NiftiHeader(path, shape, dtype, affine, image)
 
 
@@ -196,7 +214,6 @@ def guard_datalist(items: Iterable[dict], pixdim: Sequence[float] | None = None,
         kinds = Counter(err.kind for err in faults)
         public = "site data invalid: " + ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
         raise SiteDataError("; ".join(map(str, faults)), public)
-
 
 
 def _size(shape: Sequence[int]) -> str:

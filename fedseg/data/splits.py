@@ -105,5 +105,6 @@ def _read_split(path: Path) -> SplitIds:
 
 
 def _bad_split(path: Path, fault: str) -> NoReturn:
-    raise SiteDataError(f"{path}: invalid split file: {fault}; delete it to split again",
-                        "the site's saved split file is invalid")
+    raise SiteDataError(
+        f"{path}: invalid split file: {fault}; delete it to split again", "the site's saved split file is invalid"
+    )

@@ -42,10 +42,30 @@ STRUCTURES = ("peripheral zone", "transition zone", "bladder", "lesion")
 MIN_CLASSES, MAX_CLASSES = 3, len(STRUCTURES) + 1
 GENERATOR_VERSION = 2  # bump when the images change, so cached synthetic sites are regenerated
 
-T2 = {"fat": 0.85, "muscle": 0.3, "bone": 0.08, "marrow": 0.55, "urine": 1.0, "wall": 0.35, "gas": 0.02,
-      "pz": 0.75, "tz": 0.42, "lesion": 0.22}
-T1_LIKE = {"fat": 0.9, "muscle": 0.5, "bone": 0.05, "marrow": 0.8, "urine": 0.12, "wall": 0.45, "gas": 0.02,
-           "pz": 0.3, "tz": 0.62, "lesion": 0.5}
+T2 = {
+    "fat": 0.85,
+    "muscle": 0.3,
+    "bone": 0.08,
+    "marrow": 0.55,
+    "urine": 1.0,
+    "wall": 0.35,
+    "gas": 0.02,
+    "pz": 0.75,
+    "tz": 0.42,
+    "lesion": 0.22,
+}
+T1_LIKE = {
+    "fat": 0.9,
+    "muscle": 0.5,
+    "bone": 0.05,
+    "marrow": 0.8,
+    "urine": 0.12,
+    "wall": 0.45,
+    "gas": 0.02,
+    "pz": 0.3,
+    "tz": 0.62,
+    "lesion": 0.5,
+}
 T2_LOW_CONTRAST = {**T2, "pz": 0.62, "tz": 0.48, "urine": 0.8, "lesion": 0.35}
 T2_FAT_SUPPRESSED = {**T2, "fat": 0.15, "marrow": 0.12}
 
@@ -74,11 +94,37 @@ CONTRASTS = {"T2": T2, "T1-like": T1_LIKE, "T2-low-contrast": T2_LOW_CONTRAST, "
 INSTITUTIONS = (
     Institution("A", "T2", (1.0, 1.0, 1.0), 1.0, 0.03, 0.15, 0.0, 1.0, (0.95, 1.1), (0.45, 0.6), 0.3, 1000.0, False),
     Institution("B", "T1-like", (0.8, 0.8, 1.6), 0.9, 0.05, 0.35, 1.0, 0.6, (1.0, 1.2), (0.55, 0.75), 0.5, 400.0, True),
-    Institution("C", "T2-low-contrast", (1.2, 1.2, 2.4), 1.15, 0.08, 0.25, -0.8, 1.5, (0.85, 1.0), (0.4, 0.5), 0.15,
-                2500.0, False),
+    Institution(
+        "C",
+        "T2-low-contrast",
+        (1.2, 1.2, 2.4),
+        1.15,
+        0.08,
+        0.25,
+        -0.8,
+        1.5,
+        (0.85, 1.0),
+        (0.4, 0.5),
+        0.15,
+        2500.0,
+        False,
+    ),
 )
-OUTSIDE = Institution("outside", "T2-fat-suppressed", (0.9, 0.9, 3.0), 0.95, 0.06, 0.4, 0.5, 0.5, (0.9, 1.15),
-                      (0.5, 0.7), 0.4, 1800.0, True)
+OUTSIDE = Institution(
+    "outside",
+    "T2-fat-suppressed",
+    (0.9, 0.9, 3.0),
+    0.95,
+    0.06,
+    0.4,
+    0.5,
+    0.5,
+    (0.9, 1.15),
+    (0.5, 0.7),
+    0.4,
+    1800.0,
+    True,
+)
 OUTSIDE_KEY = 1000  # seed key of the outside institution
 
 PRESETS = {  # name: (reference crop side in mm ≈ voxels at 1 mm, base subjects per site)
@@ -174,8 +220,14 @@ def write_site(
 
 
 def synthesize(
-    out: str | Path, preset: str = "small", seed: int = 0, num_sites: int = 3, num_classes: int = MIN_CLASSES,
-    overwrite: bool = False, anatomy: str = "pelvis", subjects: int = 0,
+    out: str | Path,
+    preset: str = "small",
+    seed: int = 0,
+    num_sites: int = 3,
+    num_classes: int = MIN_CLASSES,
+    overwrite: bool = False,
+    anatomy: str = "pelvis",
+    subjects: int = 0,
 ) -> list[Path]:
     """Write `num_sites` institutions `<out>/site-k` and `<out>/outside` of `anatomy`; return their folders.
 
@@ -233,9 +285,18 @@ def _check_anatomy(anatomy: str) -> str:
 
 # (region, tissue) painted in order; later regions cover earlier ones
 _LAYERS = (
-    ("body", "fat"), ("muscle", "muscle"), ("bone", "bone"), ("marrow", "marrow"), ("periprostatic", "fat"),
-    ("rectum", "wall"), ("gas", "gas"), ("bladder_wall", "wall"), ("bladder", "urine"),
-    ("gland", "pz"), ("tz", "tz"), ("lesion", "lesion"),
+    ("body", "fat"),
+    ("muscle", "muscle"),
+    ("bone", "bone"),
+    ("marrow", "marrow"),
+    ("periprostatic", "fat"),
+    ("rectum", "wall"),
+    ("gas", "gas"),
+    ("bladder_wall", "wall"),
+    ("bladder", "urine"),
+    ("gland", "pz"),
+    ("tz", "tz"),
+    ("lesion", "lesion"),
 )
 
 
@@ -259,7 +320,9 @@ def _anatomical_points(
 ) -> np.ndarray:
     """Fine-grid voxel centres in normalised anatomy coordinates (crop half-side = 1), with pose jitter."""
     axes = []
-    for n, s in zip((shape[0], shape[1], shape[2] * sub), (inst.spacing[0], inst.spacing[1], inst.spacing[2] / sub), strict=True):
+    for n, s in zip(
+        (shape[0], shape[1], shape[2] * sub), (inst.spacing[0], inst.spacing[1], inst.spacing[2] / sub), strict=True
+    ):
         axes.append(((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32))
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     angles = np.radians(rng.uniform(-8, 8, 3))
@@ -344,8 +407,9 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: floa
     return np.exp(strength * poly / np.abs(coeffs).sum())
 
 
-def _stored(image: np.ndarray, label: np.ndarray, inst: Institution | BrainInstitution
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stored(
+    image: np.ndarray, label: np.ndarray, inst: Institution | BrainInstitution
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Arrays (an image may carry modalities on a 4th axis) and affine as the institution stores them
     (RAS, or LPS with flipped x and y); the grid is the label's."""
     shape = np.array(label.shape)

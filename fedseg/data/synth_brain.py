@@ -38,42 +38,88 @@ BRAIN_GENERATOR_VERSION = 2  # bump when the images change, so cached synthetic 
 TISSUES = ("skin", "fat", "bone", "marrow", "csf", "gm", "wm", "deep", "edema", "nonenh", "enhancing", "necrosis")
 
 
-def _contrast(t1: dict[str, float], t1ce: dict[str, float], t2: dict[str, float],
-              flair: dict[str, float]) -> dict[str, np.ndarray]:
+def _contrast(
+    t1: dict[str, float], t1ce: dict[str, float], t2: dict[str, float], flair: dict[str, float]
+) -> dict[str, np.ndarray]:
     """Per tissue, its intensity in (t1, t1ce, t2, flair); T1-Gd is T1 where `t1ce` does not say otherwise."""
     per_modality = (t1, {**t1, **t1ce}, t2, flair)
     return {tissue: np.array([m[tissue] for m in per_modality], np.float32) for tissue in TISSUES}
 
 
-_T1 = {"skin": 0.45, "fat": 1.0, "bone": 0.04, "marrow": 0.75, "csf": 0.12, "gm": 0.45, "wm": 0.7, "deep": 0.52,
-       "edema": 0.4, "nonenh": 0.28, "enhancing": 0.48, "necrosis": 0.15}
-_T2 = {"skin": 0.35, "fat": 0.65, "bone": 0.03, "marrow": 0.45, "csf": 1.0, "gm": 0.58, "wm": 0.4, "deep": 0.5,
-       "edema": 0.8, "nonenh": 0.92, "enhancing": 0.62, "necrosis": 0.95}
-_FLAIR = {"skin": 0.35, "fat": 0.6, "bone": 0.03, "marrow": 0.4, "csf": 0.06, "gm": 0.52, "wm": 0.4, "deep": 0.48,
-          "edema": 1.0, "nonenh": 0.72, "enhancing": 0.7, "necrosis": 0.3}
+_T1 = {
+    "skin": 0.45,
+    "fat": 1.0,
+    "bone": 0.04,
+    "marrow": 0.75,
+    "csf": 0.12,
+    "gm": 0.45,
+    "wm": 0.7,
+    "deep": 0.52,
+    "edema": 0.4,
+    "nonenh": 0.28,
+    "enhancing": 0.48,
+    "necrosis": 0.15,
+}
+_T2 = {
+    "skin": 0.35,
+    "fat": 0.65,
+    "bone": 0.03,
+    "marrow": 0.45,
+    "csf": 1.0,
+    "gm": 0.58,
+    "wm": 0.4,
+    "deep": 0.5,
+    "edema": 0.8,
+    "nonenh": 0.92,
+    "enhancing": 0.62,
+    "necrosis": 0.95,
+}
+_FLAIR = {
+    "skin": 0.35,
+    "fat": 0.6,
+    "bone": 0.03,
+    "marrow": 0.4,
+    "csf": 0.06,
+    "gm": 0.52,
+    "wm": 0.4,
+    "deep": 0.48,
+    "edema": 1.0,
+    "nonenh": 0.72,
+    "enhancing": 0.7,
+    "necrosis": 0.3,
+}
 _ENHANCED = {"skin": 0.55, "enhancing": 1.05}
 
 BRAIN_CONTRASTS = {  # field strength and sequences
     "3T": _contrast(_T1, _ENHANCED, _T2, _FLAIR),
     # lower T1 grey/white contrast, weaker enhancement, incomplete CSF suppression
-    "1.5T": _contrast({**_T1, "gm": 0.5, "wm": 0.64, "csf": 0.2, "edema": 0.45}, {**_ENHANCED, "enhancing": 0.98},
-                      {**_T2, "csf": 0.92, "gm": 0.62, "wm": 0.46, "edema": 0.72, "nonenh": 0.84},
-                      {**_FLAIR, "csf": 0.16, "gm": 0.5, "wm": 0.44, "edema": 0.82, "nonenh": 0.62}),
+    "1.5T": _contrast(
+        {**_T1, "gm": 0.5, "wm": 0.64, "csf": 0.2, "edema": 0.45},
+        {**_ENHANCED, "enhancing": 0.98},
+        {**_T2, "csf": 0.92, "gm": 0.62, "wm": 0.46, "edema": 0.72, "nonenh": 0.84},
+        {**_FLAIR, "csf": 0.16, "gm": 0.5, "wm": 0.44, "edema": 0.82, "nonenh": 0.62},
+    ),
     # 3D gradient echo T1 (MPRAGE) and 3D FLAIR: strong grey/white contrast, less bright fat
-    "3T-3D": _contrast({**_T1, "fat": 0.8, "gm": 0.38, "wm": 0.8, "csf": 0.06, "marrow": 0.6},
-                       {**_ENHANCED, "enhancing": 1.0},
-                       {**_T2, "gm": 0.62, "wm": 0.36, "edema": 0.9},
-                       {**_FLAIR, "csf": 0.03, "gm": 0.62, "wm": 0.36, "edema": 0.95, "necrosis": 0.2}),
+    "3T-3D": _contrast(
+        {**_T1, "fat": 0.8, "gm": 0.38, "wm": 0.8, "csf": 0.06, "marrow": 0.6},
+        {**_ENHANCED, "enhancing": 1.0},
+        {**_T2, "gm": 0.62, "wm": 0.36, "edema": 0.9},
+        {**_FLAIR, "csf": 0.03, "gm": 0.62, "wm": 0.36, "edema": 0.95, "necrosis": 0.2},
+    ),
     # 2D spin echo: very bright fat, flat grey/white contrast, bright edema on T1-Gd
-    "1.5T-SE": _contrast({**_T1, "gm": 0.48, "wm": 0.6, "csf": 0.24, "edema": 0.46, "nonenh": 0.34},
-                         {**_ENHANCED, "enhancing": 1.05, "edema": 0.5},
-                         {**_T2, "csf": 0.88, "gm": 0.56, "wm": 0.46, "edema": 0.68, "necrosis": 0.8},
-                         {**_FLAIR, "csf": 0.2, "gm": 0.56, "wm": 0.47, "edema": 0.8, "nonenh": 0.6}),
+    "1.5T-SE": _contrast(
+        {**_T1, "gm": 0.48, "wm": 0.6, "csf": 0.24, "edema": 0.46, "nonenh": 0.34},
+        {**_ENHANCED, "enhancing": 1.05, "edema": 0.5},
+        {**_T2, "csf": 0.88, "gm": 0.56, "wm": 0.46, "edema": 0.68, "necrosis": 0.8},
+        {**_FLAIR, "csf": 0.2, "gm": 0.56, "wm": 0.47, "edema": 0.8, "nonenh": 0.6},
+    ),
     # low-field open scanner: low contrast everywhere
-    "1T-open": _contrast({**_T1, "gm": 0.5, "wm": 0.58, "csf": 0.26, "edema": 0.48, "necrosis": 0.3},
-                         {**_ENHANCED, "enhancing": 0.95},
-                         {**_T2, "csf": 0.84, "gm": 0.56, "wm": 0.48, "edema": 0.66, "nonenh": 0.78, "necrosis": 0.78},
-                         {**_FLAIR, "csf": 0.24, "gm": 0.52, "wm": 0.46, "edema": 0.72, "nonenh": 0.56}),
+    "1T-open": _contrast(
+        {**_T1, "gm": 0.5, "wm": 0.58, "csf": 0.26, "edema": 0.48, "necrosis": 0.3},
+        {**_ENHANCED, "enhancing": 0.95},
+        {**_T2, "csf": 0.84, "gm": 0.56, "wm": 0.48, "edema": 0.66, "nonenh": 0.78, "necrosis": 0.78},
+        {**_FLAIR, "csf": 0.24, "gm": 0.52, "wm": 0.46, "edema": 0.72, "nonenh": 0.56},
+    ),
 }
 
 
@@ -97,29 +143,172 @@ class BrainInstitution:
 
 
 BRAIN_INSTITUTIONS = (
-    BrainInstitution("A", "3T", (1.0, 1.0, 1.0), 1.0, 0.03, 0.15, True, 0.8, (0.9, 1.2), 0.0, 1.0,
-                     (1000.0, 1200.0, 1500.0, 900.0), False),
-    BrainInstitution("B", "1.5T", (1.0, 1.0, 3.0), 1.05, 0.06, 0.35, False, 0.6, (0.8, 1.1), 1.0, 2.5,
-                     (450.0, 520.0, 800.0, 400.0), True),
-    BrainInstitution("C", "3T-3D", (1.0, 1.0, 1.0), 0.95, 0.04, 0.25, True, 0.3, (0.8, 1.1), -0.5, 1.5,
-                     (2400.0, 2600.0, 3000.0, 2000.0), False),
-    BrainInstitution("D", "1.5T-SE", (0.9, 0.9, 5.0), 1.1, 0.08, 0.3, False, 0.9, (1.0, 1.3), 1.0, 0.5,
-                     (600.0, 700.0, 900.0, 500.0), False),
-    BrainInstitution("E", "3T", (1.0, 1.0, 2.0), 1.0, 0.05, 0.45, True, 1.0, (0.9, 1.3), 0.5, 0.3,
-                     (3000.0, 3300.0, 4000.0, 2800.0), True),
-    BrainInstitution("F", "1.5T", (1.2, 1.2, 1.2), 1.0, 0.05, 0.2, True, 0.5, (0.8, 1.1), -1.0, 0.8,
-                     (800.0, 900.0, 1100.0, 700.0), False),
-    BrainInstitution("G", "3T-3D", (0.8, 0.8, 1.6), 1.05, 0.03, 0.4, False, 0.7, (0.9, 1.2), 0.5, 2.0,
-                     (1500.0, 1600.0, 2000.0, 1300.0), True),
-    BrainInstitution("H", "1.5T-SE", (1.0, 1.0, 4.0), 1.0, 0.07, 0.25, True, 0.2, (0.8, 1.1), 1.5, 0.4,
-                     (350.0, 420.0, 600.0, 300.0), False),
-    BrainInstitution("I", "3T", (1.0, 1.0, 1.0), 1.1, 0.02, 0.5, False, 0.6, (0.8, 1.2), -0.5, 1.2,
-                     (1800.0, 2000.0, 2500.0, 1600.0), True),
-    BrainInstitution("J", "1.5T", (1.1, 1.1, 2.5), 0.95, 0.06, 0.3, True, 0.85, (1.0, 1.3), 1.0, 0.6,
-                     (700.0, 760.0, 1000.0, 600.0), False),
+    BrainInstitution(
+        "A",
+        "3T",
+        (1.0, 1.0, 1.0),
+        1.0,
+        0.03,
+        0.15,
+        True,
+        0.8,
+        (0.9, 1.2),
+        0.0,
+        1.0,
+        (1000.0, 1200.0, 1500.0, 900.0),
+        False,
+    ),
+    BrainInstitution(
+        "B",
+        "1.5T",
+        (1.0, 1.0, 3.0),
+        1.05,
+        0.06,
+        0.35,
+        False,
+        0.6,
+        (0.8, 1.1),
+        1.0,
+        2.5,
+        (450.0, 520.0, 800.0, 400.0),
+        True,
+    ),
+    BrainInstitution(
+        "C",
+        "3T-3D",
+        (1.0, 1.0, 1.0),
+        0.95,
+        0.04,
+        0.25,
+        True,
+        0.3,
+        (0.8, 1.1),
+        -0.5,
+        1.5,
+        (2400.0, 2600.0, 3000.0, 2000.0),
+        False,
+    ),
+    BrainInstitution(
+        "D",
+        "1.5T-SE",
+        (0.9, 0.9, 5.0),
+        1.1,
+        0.08,
+        0.3,
+        False,
+        0.9,
+        (1.0, 1.3),
+        1.0,
+        0.5,
+        (600.0, 700.0, 900.0, 500.0),
+        False,
+    ),
+    BrainInstitution(
+        "E",
+        "3T",
+        (1.0, 1.0, 2.0),
+        1.0,
+        0.05,
+        0.45,
+        True,
+        1.0,
+        (0.9, 1.3),
+        0.5,
+        0.3,
+        (3000.0, 3300.0, 4000.0, 2800.0),
+        True,
+    ),
+    BrainInstitution(
+        "F",
+        "1.5T",
+        (1.2, 1.2, 1.2),
+        1.0,
+        0.05,
+        0.2,
+        True,
+        0.5,
+        (0.8, 1.1),
+        -1.0,
+        0.8,
+        (800.0, 900.0, 1100.0, 700.0),
+        False,
+    ),
+    BrainInstitution(
+        "G",
+        "3T-3D",
+        (0.8, 0.8, 1.6),
+        1.05,
+        0.03,
+        0.4,
+        False,
+        0.7,
+        (0.9, 1.2),
+        0.5,
+        2.0,
+        (1500.0, 1600.0, 2000.0, 1300.0),
+        True,
+    ),
+    BrainInstitution(
+        "H",
+        "1.5T-SE",
+        (1.0, 1.0, 4.0),
+        1.0,
+        0.07,
+        0.25,
+        True,
+        0.2,
+        (0.8, 1.1),
+        1.5,
+        0.4,
+        (350.0, 420.0, 600.0, 300.0),
+        False,
+    ),
+    BrainInstitution(
+        "I",
+        "3T",
+        (1.0, 1.0, 1.0),
+        1.1,
+        0.02,
+        0.5,
+        False,
+        0.6,
+        (0.8, 1.2),
+        -0.5,
+        1.2,
+        (1800.0, 2000.0, 2500.0, 1600.0),
+        True,
+    ),
+    BrainInstitution(
+        "J",
+        "1.5T",
+        (1.1, 1.1, 2.5),
+        0.95,
+        0.06,
+        0.3,
+        True,
+        0.85,
+        (1.0, 1.3),
+        1.0,
+        0.6,
+        (700.0, 760.0, 1000.0, 600.0),
+        False,
+    ),
 )
-BRAIN_OUTSIDE = BrainInstitution("outside", "1T-open", (1.2, 1.2, 6.0), 1.1, 0.07, 0.35, False, 0.7, (0.8, 1.2), 1.0,
-                                 0.5, (250.0, 280.0, 400.0, 220.0), True)
+BRAIN_OUTSIDE = BrainInstitution(
+    "outside",
+    "1T-open",
+    (1.2, 1.2, 6.0),
+    1.1,
+    0.07,
+    0.35,
+    False,
+    0.7,
+    (0.8, 1.2),
+    1.0,
+    0.5,
+    (250.0, 280.0, 400.0, 220.0),
+    True,
+)
 
 
 def brain_institution(site_index: int) -> BrainInstitution:
@@ -128,7 +317,7 @@ def brain_institution(site_index: int) -> BrainInstitution:
 
 
 def draw_grade(rng: np.random.Generator, inst: BrainInstitution) -> str:
-    """"HGG" or "LGG" with the institution's grade mix: the first draw of every subject's generator."""
+    """ "HGG" or "LGG" with the institution's grade mix: the first draw of every subject's generator."""
     return "HGG" if rng.uniform() < inst.hgg_fraction else "LGG"
 
 
@@ -199,11 +388,13 @@ def write_brain_site(
         for c, modality in enumerate(MODALITIES):
             nib.save(nib.Nifti1Image(image[..., c], affine), tmp / sid / f"{sid}_{modality}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), tmp / sid / f"{sid}_seg.nii.gz")
-        training.append({
-            "image": [f"./{sid}/{sid}_{modality}.nii.gz" for modality in MODALITIES],
-            "label": f"./{sid}/{sid}_seg.nii.gz",
-            "grade": draw_grade(np.random.default_rng(key), inst),
-        })
+        training.append(
+            {
+                "image": [f"./{sid}/{sid}_{modality}.nii.gz" for modality in MODALITIES],
+                "label": f"./{sid}/{sid}_seg.nii.gz",
+                "grade": draw_grade(np.random.default_rng(key), inst),
+            }
+        )
     meta = {
         "name": f"fedseg-synth-brain-{site_dir.name}",
         "description": f"synthetic brain-glioma institution {inst.name} (fedseg synth --anatomy brain, seed {seed})",
@@ -241,9 +432,19 @@ class _Subject:
         self.texture = _random_waves(rng, 8.0)(points)
         core = "enhancing" if self.grade == "HGG" else "nonenh"
         self.layers = (
-            ("head", "skin"), ("fat", "fat"), ("skull", "bone"), ("marrow", "marrow"), ("csf", "csf"),
-            ("brain", "gm"), ("wm", "wm"), ("deep", "deep"), ("ventricles", "csf"), ("fissure", "csf"),
-            ("edema", "edema"), ("core", core), ("necrosis", "necrosis"),
+            ("head", "skin"),
+            ("fat", "fat"),
+            ("skull", "bone"),
+            ("marrow", "marrow"),
+            ("csf", "csf"),
+            ("brain", "gm"),
+            ("wm", "wm"),
+            ("deep", "deep"),
+            ("ventricles", "csf"),
+            ("fissure", "csf"),
+            ("edema", "edema"),
+            ("core", core),
+            ("necrosis", "necrosis"),
         )
 
 
@@ -256,12 +457,18 @@ def _random_waves(rng: np.random.Generator, frequency: float, count: int = 6) ->
 
 
 def _points(
-    rng: np.random.Generator, fine_shape: tuple[int, int, int], spacing: tuple[float, float, float], sub: int,
+    rng: np.random.Generator,
+    fine_shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    sub: int,
     size: int,
 ) -> np.ndarray:
     """Fine-grid voxel centres in normalised head coordinates, with a random head pose."""
     steps = (spacing[0], spacing[1], spacing[2] / sub)
-    axes = [((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32) for n, s in zip(fine_shape, steps, strict=True)]
+    axes = [
+        ((np.arange(n) + 0.5 - n / 2) * s / (size / 2)).astype(np.float32)
+        for n, s in zip(fine_shape, steps, strict=True)
+    ]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     rotation = _rotation(*np.radians(rng.uniform(-7, 7, 3))).astype(np.float32)
     shift = rng.uniform(-0.04, 0.04, 3).astype(np.float32)
@@ -292,13 +499,22 @@ def _regions(rng: np.random.Generator, p: np.ndarray, hgg: bool, tumour_scale: t
     wm = np.maximum(skull_shape(q) + _BRAIN + _CORTEX + 0.035 * wm_waves(q), brain + 0.03)
     ventricle_waves = _random_waves(rng, 4.0)
     ventricle_r = np.array([0.07, 0.28, 0.1]) * scale * u(0.8, 1.25)
-    ventricles = np.minimum(*(
-        _ellipsoid((q - np.array([s * 0.1, 0.03, 0.1]) * scale) @ _rotation(0.0, 0.0, s * 0.25).astype(np.float32),
-                   np.zeros(3), ventricle_r)
-        for s in (-1.0, 1.0)
-    )) + 0.015 * ventricle_waves(q)
-    deep = np.minimum(*(_ellipsoid(q, np.array([s * 0.16, -0.02, -0.02]) * scale, np.array([0.08, 0.14, 0.09]) * scale)
-                        for s in (-1.0, 1.0)))
+    ventricles = np.minimum(
+        *(
+            _ellipsoid(
+                (q - np.array([s * 0.1, 0.03, 0.1]) * scale) @ _rotation(0.0, 0.0, s * 0.25).astype(np.float32),
+                np.zeros(3),
+                ventricle_r,
+            )
+            for s in (-1.0, 1.0)
+        )
+    ) + 0.015 * ventricle_waves(q)
+    deep = np.minimum(
+        *(
+            _ellipsoid(q, np.array([s * 0.16, -0.02, -0.02]) * scale, np.array([0.08, 0.14, 0.09]) * scale)
+            for s in (-1.0, 1.0)
+        )
+    )
     fissure = np.maximum(np.maximum(np.abs(q[..., 0]) - 0.012, 0.15 - q[..., 2]), brain)
 
     core = np.maximum(_ellipsoid(p, centre, core_r) + 0.03 * _random_waves(rng, 6.0)(p), brain)
@@ -311,10 +527,19 @@ def _regions(rng: np.random.Generator, p: np.ndarray, hgg: bool, tumour_scale: t
     edema = core - spread + 0.04 * _random_waves(rng, 5.0)(p)
     edema = np.minimum(np.maximum(edema, np.maximum(wm - 0.02, brain)), core)  # spreads along the white matter
     return {
-        "head": head - _SCALP, "fat": head + _FAT, "skull": head + _SKULL_OUT,
-        "marrow": np.maximum(head + _MARROW_OUT, -(head + _MARROW_IN)), "csf": head + _SKULL_IN, "brain": brain,
-        "wm": wm, "deep": deep, "ventricles": ventricles, "fissure": fissure,
-        "edema": edema, "core": core, "necrosis": necrosis,
+        "head": head - _SCALP,
+        "fat": head + _FAT,
+        "skull": head + _SKULL_OUT,
+        "marrow": np.maximum(head + _MARROW_OUT, -(head + _MARROW_IN)),
+        "csf": head + _SKULL_IN,
+        "brain": brain,
+        "wm": wm,
+        "deep": deep,
+        "ventricles": ventricles,
+        "fissure": fissure,
+        "edema": edema,
+        "core": core,
+        "necrosis": necrosis,
     }
 
 

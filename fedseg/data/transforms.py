@@ -87,7 +87,8 @@ SHIFT_NOISE_STD = 0.15  # z units, drawn in [0, this], added to the noise a site
 
 
 def preprocessing(
-    pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    label_mapping: Mapping[int, int] | None = None,
     window: IntensityWindow | None = None,
 ) -> Compose:
     """Load channel-first, map label values (`label_mapping`, stored → trained), RAS, optional
@@ -107,7 +108,9 @@ def preprocessing(
 
 
 def training_preprocessing(
-    patch_size: Sequence[int], pixdim: Sequence[float] | None = None, label_mapping: Mapping[int, int] | None = None,
+    patch_size: Sequence[int],
+    pixdim: Sequence[float] | None = None,
+    label_mapping: Mapping[int, int] | None = None,
     window: IntensityWindow | None = None,
 ) -> Compose:
     """`preprocessing`, padding to at least `patch_size`, then the label's foreground/background voxel indices."""
@@ -163,11 +166,21 @@ def augmentation(
     if preset == "none":
         return Compose([crop])
     if preset == "standard":
-        return Compose([crop, *_flips(), _affine(max_rotation_deg, max_scale, 0.3),
-                        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-                        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)])
-    steps = [crop, *_flips(), _affine(SHIFT_ROTATION_DEG, SHIFT_SCALE, SHIFT_AFFINE_PROB),
-             ChannelWised("image", Compose(_scanner_effects("image")))]
+        return Compose(
+            [
+                crop,
+                *_flips(),
+                _affine(max_rotation_deg, max_scale, 0.3),
+                RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            ]
+        )
+    steps = [
+        crop,
+        *_flips(),
+        _affine(SHIFT_ROTATION_DEG, SHIFT_SCALE, SHIFT_AFFINE_PROB),
+        ChannelWised("image", Compose(_scanner_effects("image"))),
+    ]
     if remap_probability > 0:  # 0: no step at all
         steps.append(RandTissueContrastd("image", prob=remap_probability))
     if invert_probability > 0:
@@ -200,8 +213,13 @@ def _scanner_effects(key: str) -> list:
         RandHistogramShiftd(key, num_control_points=SHIFT_HISTOGRAM_POINTS, prob=SHIFT_HISTOGRAM_PROB),
         RandScaleIntensityd(key, factors=SHIFT_INTENSITY, prob=SHIFT_INTENSITY_PROB),
         RandShiftIntensityd(key, offsets=SHIFT_INTENSITY, prob=SHIFT_INTENSITY_PROB),
-        RandGaussianSmoothd(key, sigma_x=SHIFT_SMOOTH_SIGMA, sigma_y=SHIFT_SMOOTH_SIGMA, sigma_z=SHIFT_SMOOTH_SIGMA,
-                            prob=SHIFT_SMOOTH_PROB),
+        RandGaussianSmoothd(
+            key,
+            sigma_x=SHIFT_SMOOTH_SIGMA,
+            sigma_y=SHIFT_SMOOTH_SIGMA,
+            sigma_z=SHIFT_SMOOTH_SIGMA,
+            prob=SHIFT_SMOOTH_PROB,
+        ),
         RandGaussianSharpend(key, alpha=SHIFT_SHARPEN_ALPHA, prob=SHIFT_SHARPEN_PROB),
         RandGaussianNoised(key, prob=SHIFT_NOISE_PROB, std=SHIFT_NOISE_STD),  # last: noise is not blurred
     ]

@@ -138,10 +138,14 @@ def validate_site(
     if channels is None and seen_channels:
         report.channels = Counter(seen_channels.values()).most_common(1)[0][0]
     if listing.layout not in ("missing", "unknown") and usable < min_subjects:
-        report.problems.append(Problem(
-            "error", "too-few-subjects", str(listing.site_dir),
-            f"{usable} usable subjects; a train / validation / test split needs at least {min_subjects}",
-        ))
+        report.problems.append(
+            Problem(
+                "error",
+                "too-few-subjects",
+                str(listing.site_dir),
+                f"{usable} usable subjects; a train / validation / test split needs at least {min_subjects}",
+            )
+        )
     memo.save()
     return report
 
@@ -155,8 +159,9 @@ def check_site(
     max_voxels: int | None = None,
 ) -> ValidationReport:
     """Validate and raise SiteDataError (message with files, `public` with kinds only) on errors."""
-    report = validate_site(site_dir, num_classes, channels, memo_file=memo_file, label_values=label_values,
-                           max_voxels=max_voxels)
+    report = validate_site(
+        site_dir, num_classes, channels, memo_file=memo_file, label_values=label_values, max_voxels=max_voxels
+    )
     if not report.ok:
         raise SiteDataError("; ".join(map(str, report.errors)), public_summary(report.errors))
     return report
@@ -218,18 +223,33 @@ def _image_dims_ok(volume: _Volume, multi_file: bool, problems: list[Problem]) -
 def _compare_grids(reference: _Volume, other: _Volume, tolerance: float) -> list[Problem]:
     """Shape and affine of `other` against the subject's first image."""
     if reference.shape[:3] != other.shape[:3]:
-        return [_error("shape-mismatch", other.path,
-                       f"voxel grid {other.shape[:3]} differs from {reference.path.name} {reference.shape[:3]}")]
+        return [
+            _error(
+                "shape-mismatch",
+                other.path,
+                f"voxel grid {other.shape[:3]} differs from {reference.path.name} {reference.shape[:3]}",
+            )
+        ]
     spacing_ref = np.linalg.norm(reference.affine[:3, :3], axis=0)
     spacing = np.linalg.norm(other.affine[:3, :3], axis=0)
     if not np.allclose(spacing, spacing_ref, atol=tolerance):
-        return [_error("affine-mismatch", other.path,
-                       f"spacing {_fmt(spacing)} mm differs from {reference.path.name} {_fmt(spacing_ref)} mm")]
+        return [
+            _error(
+                "affine-mismatch",
+                other.path,
+                f"spacing {_fmt(spacing)} mm differs from {reference.path.name} {_fmt(spacing_ref)} mm",
+            )
+        ]
     difference = float(np.abs(other.affine - reference.affine).max())
     if difference > tolerance:
-        return [_error("affine-mismatch", other.path,
-                       f"orientation/origin differ from {reference.path.name} by up to {difference:.4g}"
-                       f" (tolerance {tolerance:g})")]
+        return [
+            _error(
+                "affine-mismatch",
+                other.path,
+                f"orientation/origin differ from {reference.path.name} by up to {difference:.4g}"
+                f" (tolerance {tolerance:g})",
+            )
+        ]
     return []
 
 
@@ -247,13 +267,24 @@ def _check_label_values(label: _Volume, allowed: list[int] | None) -> list[Probl
         return [_error("label-values", label.path, f"non-integer label values, e.g. {_fmt(odd)}")]
     odd = values[(values < 0) | (values > MAX_LABEL_VALUE)]
     if allowed is None and odd.size:
-        return [_error("label-values", label.path, f"label values {_fmt(odd[:10])}: labels are class numbers 0 to "
-                                                   f"{MAX_LABEL_VALUE} (give the class count to check them exactly)")]
+        return [
+            _error(
+                "label-values",
+                label.path,
+                f"label values {_fmt(odd[:10])}: labels are class numbers 0 to "
+                f"{MAX_LABEL_VALUE} (give the class count to check them exactly)",
+            )
+        ]
     if allowed is not None:
         outside = values[~np.isin(values, allowed)]
         if outside.size:
-            return [_error("label-values", label.path,
-                           f"label values {_fmt(outside[:10])} outside the declared classes {_ranges(allowed)}")]
+            return [
+                _error(
+                    "label-values",
+                    label.path,
+                    f"label values {_fmt(outside[:10])} outside the declared classes {_ranges(allowed)}",
+                )
+            ]
     if not np.any(values != 0):
         return [Problem("warning", "empty-label", str(label.path), "label has no foreground voxels")]
     return []
@@ -261,14 +292,20 @@ def _check_label_values(label: _Volume, allowed: list[int] | None) -> list[Probl
 
 def _check_channels(seen: dict[Path, int], expected: int | None) -> list[Problem]:
     if expected is not None:
-        return [_error("channels", path, f"{n} image channels, the run expects {expected}")
-                for path, n in seen.items() if n != expected]
+        return [
+            _error("channels", path, f"{n} image channels, the run expects {expected}")
+            for path, n in seen.items()
+            if n != expected
+        ]
     counts = sorted(set(seen.values()))
     if len(counts) <= 1:
         return []
     usual = max(counts, key=list(seen.values()).count)
-    return [_error("channels", path, f"{n} image channels, most subjects have {usual}")
-            for path, n in seen.items() if n != usual]
+    return [
+        _error("channels", path, f"{n} image channels, most subjects have {usual}")
+        for path, n in seen.items()
+        if n != usual
+    ]
 
 
 def _ranges(values: list[int]) -> str:

@@ -98,8 +98,13 @@ def make_certs(
         keys.append(site_keys)
         files.update(site_files)
     write_key_files(files, out, force)
-    return CertBundle(ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.crt",
-                      server_key=out / "server.key", sites=keys)
+    return CertBundle(
+        ca_cert=out / "ca.crt",
+        ca_key=out / "ca.key",
+        server_cert=out / "server.crt",
+        server_key=out / "server.key",
+        sites=keys,
+    )
 
 
 def make_site_keys(site_dir: str | Path, name: str, force: bool = False) -> SiteKeys:
@@ -218,9 +223,7 @@ def _server_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
 

@@ -53,8 +53,16 @@ def superlink_command(
     if tls is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                    "--ssl-keyfile", str(tls.server_key), "--isolation", "process"]
+        command += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+            "--isolation",
+            "process",
+        ]
     if node_auth:
         command.append("--enable-supernode-auth")
     if database:
@@ -65,8 +73,13 @@ def superlink_command(
 def superexec_command(runtime_address: str, ca_cert: str | Path, parent_pid: int | None = None) -> list[str]:
     """`flower-superexec` running the ServerApps of the SuperLink at `runtime_address` ('host:port', the
     host a name of the SuperLink's certificate), verifying it with `ca_cert`; it stops with `parent_pid`."""
-    command = ["flower-superexec", "--runtime-api-address", runtime_address,
-               "--root-certificates", str(Path(ca_cert).expanduser().resolve())]
+    command = [
+        "flower-superexec",
+        "--runtime-api-address",
+        runtime_address,
+        "--root-certificates",
+        str(Path(ca_cert).expanduser().resolve()),
+    ]
     return command + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
 
 
@@ -88,8 +101,17 @@ def supernode_command(
     worker: str | Path | None = None,
 ) -> list[str]:
     """`flower-supernode` for one site; root_certificates None means --insecure (local trials)."""
-    command = ["flower-supernode", "--superlink", superlink, "--node-config", node_config(data_dir, site_id, worker),
-               "--host", "127.0.0.1", "--port", str(local_port)]
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config(data_dir, site_id, worker),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(local_port),
+    ]
     if root_certificates is None:
         command.append("--insecure")
     else:
@@ -120,8 +142,10 @@ def site_worker_socket(data_dir: str | Path) -> Path:
 def start_site_worker(socket: Path) -> None:
     """Start the site's warm worker (fedseg.deploy.site_worker) on `socket` as a child of this process,
     which then becomes the SuperNode (exec keeps the process id): the worker ends with it."""
-    subprocess.Popen([sys.executable, "-m", "fedseg.deploy.site_worker", "--socket", str(socket),
-                      "--parent-pid", str(os.getpid())], env=flower_environment())
+    subprocess.Popen(
+        [sys.executable, "-m", "fedseg.deploy.site_worker", "--socket", str(socket), "--parent-pid", str(os.getpid())],
+        env=flower_environment(),
+    )
 
 
 def shell_line(command: list[str]) -> str:

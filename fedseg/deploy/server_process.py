@@ -24,7 +24,10 @@ STOP_TIMEOUT_S = 10.0
 
 
 def run_server(
-    superlink: list[str], superexec: Callable[[int], list[str]], local_address: str, ca_cert: Path,
+    superlink: list[str],
+    superexec: Callable[[int], list[str]],
+    local_address: str,
+    ca_cert: Path,
     echo: Callable[[str], None] = print,
 ) -> int:
     """Start `superlink`, verify it at `local_address`, start `superexec(superlink pid)`; return the exit code."""

@@ -102,8 +102,10 @@ def check_server_files(ca_cert: Path, server_cert: Path, server_key: Path, hosts
         raise CertError(f"{server_cert}: {fault}; make new certificates with `fedseg certs --force`")
     for host in hosts:
         if not cert.covers(host):
-            raise CertError(f"{server_cert}: is valid for {', '.join(cert.names)}, not for '{host}' "
-                            f"(make it with `fedseg certs ... --host {host}`)")
+            raise CertError(
+                f"{server_cert}: is valid for {', '.join(cert.names)}, not for '{host}' "
+                f"(make it with `fedseg certs ... --host {host}`)"
+            )
     chain_fault = chain_fault_of(cert, ca_cert, hosts[0])
     if chain_fault:
         raise CertError(f"{server_cert}: {chain_fault}")

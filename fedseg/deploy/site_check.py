@@ -48,8 +48,12 @@ def check_site_ready(
     `in-channels` when set, else whatever the subjects agree on); when it has no errors, do the dry
     forward pass with a network taking that many channels. A failing dry run (inside MONAI or the
     network, e.g. out of memory) becomes a `dry-run` error of the report, with the cause."""
-    report = validate_site(data_dir, channels=config.in_channels or None,
-                           label_values=config.labels.allowed_label_values, allow_outside=allow_outside)
+    report = validate_site(
+        data_dir,
+        channels=config.in_channels or None,
+        label_values=config.labels.allowed_label_values,
+        allow_outside=allow_outside,
+    )
     if not report.ok:
         return report, None
     try:
@@ -59,8 +63,9 @@ def check_site_ready(
         cause = err.__cause__ if isinstance(err, RuntimeError) and err.__cause__ is not None else None
         if cause is not None:  # MONAI wraps a transform's error: "applying transform ..." -> say what failed
             text = f"{text}: {type(cause).__name__}: {first_line(cause)}"
-        report.problems.append(Problem("error", "dry-run", str(data_dir),
-                                       f"the dry forward pass failed: {type(err).__name__}: {text}"))
+        report.problems.append(
+            Problem("error", "dry-run", str(data_dir), f"the dry forward pass failed: {type(err).__name__}: {text}")
+        )
         return report, None
 
 
@@ -68,8 +73,9 @@ def dry_forward(data_dir: str | Path, config: RunConfig, in_channels: int, allow
     """Sliding-window logits of an untrained model on the site's first volume."""
     labels = config.labels
     items = load_datalist(data_dir, allow_outside)[:1]
-    volume = evaluation_dataset(items, config.spacing, label_mapping=labels.label_mapping,
-                                window=intensity_window(config))[0]
+    volume = evaluation_dataset(
+        items, config.spacing, label_mapping=labels.label_mapping, window=intensity_window(config)
+    )[0]
     volume = volume["image"]
     spec = model_spec(config)
     trainer = SegmentationTrainer(

@@ -62,12 +62,18 @@ def forward(path: str, message: Message, context: Context, code: str) -> Message
     except OSError as err:
         raise WorkerUnavailable(f"no site worker at {path}: {err.strerror or err}") from None
     with conn:
-        _send(conn, code.encode(), serde.message_to_proto(message).SerializeToString(),
-              serde.context_to_proto(context).SerializeToString())
+        _send(
+            conn,
+            code.encode(),
+            serde.message_to_proto(message).SerializeToString(),
+            serde.context_to_proto(context).SerializeToString(),
+        )
         status, reply_bytes, state_bytes = _receive(conn, 3)
     if status != ANSWERED:
-        raise WorkerUnavailable(f"the site worker at {path} runs other fedseg code than this run's app "
-                                "(restart `fedseg site join` after updating fedseg)")
+        raise WorkerUnavailable(
+            f"the site worker at {path} runs other fedseg code than this run's app "
+            "(restart `fedseg site join` after updating fedseg)"
+        )
     reply = serde.message_from_proto(ProtoMessage.FromString(reply_bytes))
     context.state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state_bytes))
     if reply.has_error():
@@ -118,8 +124,12 @@ def serve(path: Path, parent_pid: int | None = None) -> None:
                     forget_runtimes()  # the next message validates the changed scans and reopens the data
                 reply = _answer(client_app_module.app, message, context)
                 try:
-                    _send(conn, ANSWERED, serde.message_to_proto(reply).SerializeToString(),
-                          serde.recorddict_to_proto(context.state).SerializeToString())
+                    _send(
+                        conn,
+                        ANSWERED,
+                        serde.message_to_proto(reply).SerializeToString(),
+                        serde.recorddict_to_proto(context.state).SerializeToString(),
+                    )
                 except OSError as err:
                     log.error("the ClientApp left before the reply: %s", err)
         log.info("the SuperNode ended; the site worker stops")

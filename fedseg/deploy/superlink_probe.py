@@ -71,10 +71,14 @@ def probe_superlink(address: str, ca_cert: str | Path, timeout: float = 10.0) ->
     except ssl.SSLCertVerificationError as err:
         return probe.failed(_verification_fault(host, port, Path(ca_cert), err, timeout))
     except (ssl.SSLError, OSError) as err:
-        return probe.failed(f"TLS handshake failed ({getattr(err, 'reason', None) or err}): is it a TLS SuperLink "
-                            "(not started with --insecure), and is this its port?")
-    probe.passed(f"TLS verified with {Path(ca_cert).name} (certificate for {', '.join(cert.names)}, "
-                 f"valid until {cert.not_after:%Y-%m-%d})")
+        return probe.failed(
+            f"TLS handshake failed ({getattr(err, 'reason', None) or err}): is it a TLS SuperLink "
+            "(not started with --insecure), and is this its port?"
+        )
+    probe.passed(
+        f"TLS verified with {Path(ca_cert).name} (certificate for {', '.join(cert.names)}, "
+        f"valid until {cert.not_after:%Y-%m-%d})"
+    )
     return probe
 
 
@@ -83,16 +87,23 @@ def _verification_fault(host: str, port: int, ca_cert: Path, err: ssl.SSLCertVer
     cert = _peer_certificate(host, port, timeout)
     if cert is not None:
         if not _issued_by_any(cert, ca_cert):
-            same_name = (" (another CA of that name: a ca.crt of an older `fedseg certs`?)"
-                         if _names_issuer(cert, ca_cert) else "")
-            return (f"TLS: wrong CA: the SuperLink's certificate was issued by '{cert.issuer}', which {ca_cert.name} "
-                    f"does not hold{same_name}; get the federation's current ca.crt from the coordinator")
+            same_name = (
+                " (another CA of that name: a ca.crt of an older `fedseg certs`?)"
+                if _names_issuer(cert, ca_cert)
+                else ""
+            )
+            return (
+                f"TLS: wrong CA: the SuperLink's certificate was issued by '{cert.issuer}', which {ca_cert.name} "
+                f"does not hold{same_name}; get the federation's current ca.crt from the coordinator"
+            )
         fault = cert.validity_fault()
         if fault:
             return f"TLS: the SuperLink's certificate {fault} (the coordinator must make new certificates)"
         if not cert.covers(host):
-            return (f"TLS: wrong name: the SuperLink's certificate is valid for {', '.join(cert.names)}, not for "
-                    f"'{host}' (dial one of those names, or the coordinator reissues it with --host {host})")
+            return (
+                f"TLS: wrong name: the SuperLink's certificate is valid for {', '.join(cert.names)}, not for "
+                f"'{host}' (dial one of those names, or the coordinator reissues it with --host {host})"
+            )
     return f"TLS: the SuperLink's certificate does not verify: {err.verify_message or err}"
 
 
@@ -102,8 +113,10 @@ def _peer_certificate(host: str, port: int, timeout: float) -> ServerCertificate
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with (socket.create_connection((host, port), timeout=timeout) as raw,
-              context.wrap_socket(raw, server_hostname=host) as tls):
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
             der = tls.getpeercert(binary_form=True)
         return ServerCertificate.from_der(der, f"{host}:{port}") if der else None
     except (OSError, ssl.SSLError, ValueError):

@@ -61,20 +61,42 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
     if "federated" in spec.arms:
         arms += [Arm(s, "federated", "federation", sites, s, rounds, epochs) for s in spec.strategies]
     if "iil" in spec.arms:  # one visit per site, with the whole budget
-        arms.append(Arm("iil", "cyclic", "federation", sites, "cyclic", spec.sites, rounds * epochs,
-                        {"cyclic.cycles": 1}))
+        arms.append(
+            Arm("iil", "cyclic", "federation", sites, "cyclic", spec.sites, rounds * epochs, {"cyclic.cycles": 1})
+        )
     if "ciil" in spec.arms:  # `rounds` cycles of one visit per site
-        arms.append(Arm("ciil", "cyclic", "federation", sites, "cyclic", rounds * spec.sites, epochs,
-                        {"cyclic.cycles": 0}))
+        arms.append(
+            Arm("ciil", "cyclic", "federation", sites, "cyclic", rounds * spec.sites, epochs, {"cyclic.cycles": 0})
+        )
     if "leave-one-out" in spec.arms:
-        arms += [Arm(f"loo-{first}", "leave-one-out", f"without-site-{k}", tuple(s for s in sites if s != k), first,
-                     rounds, epochs) for k in sites]
+        arms += [
+            Arm(
+                f"loo-{first}",
+                "leave-one-out",
+                f"without-site-{k}",
+                tuple(s for s in sites if s != k),
+                first,
+                rounds,
+                epochs,
+            )
+            for k in sites
+        ]
     if spec.finetune_rounds:
         base = arm_id(first, "federation")
         if "federated" not in spec.arms:
             arms.append(Arm(first, "federated", "federation", sites, first, rounds, epochs))
-        arms += [Arm(f"{first}-finetuned", "finetuned", f"site-{k}", (k,), rounds=spec.finetune_rounds,
-                     epochs=epochs, start_from=base) for k in sites]
+        arms += [
+            Arm(
+                f"{first}-finetuned",
+                "finetuned",
+                f"site-{k}",
+                (k,),
+                rounds=spec.finetune_rounds,
+                epochs=epochs,
+                start_from=base,
+            )
+            for k in sites
+        ]
     if spec.ensemble_folds:
         arms += _ensembles(spec, rounds, epochs)
     return arms + _privacy_sweep(spec, rounds, epochs)
@@ -83,10 +105,32 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
 def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
     """One federated arm per noise level: DP-SGD at the sites (first strategy), then client-level dp-noised."""
     sites, first = tuple(range(spec.sites)), spec.strategies[0]
-    arms = [Arm(f"{first}-dpsgd-z{z}", "federated", "federation", sites, first, rounds, epochs,
-                {"dp-sgd": True, "dp-noise-multiplier": z}) for z in spec.dp_sgd_noise_multipliers]
-    arms += [Arm(f"dp-noised-z{z}", "federated", "federation", sites, "dp-noised", rounds, epochs,
-                 {"dp-noised.noise-multiplier": z}) for z in spec.dp_noised_noise_multipliers]
+    arms = [
+        Arm(
+            f"{first}-dpsgd-z{z}",
+            "federated",
+            "federation",
+            sites,
+            first,
+            rounds,
+            epochs,
+            {"dp-sgd": True, "dp-noise-multiplier": z},
+        )
+        for z in spec.dp_sgd_noise_multipliers
+    ]
+    arms += [
+        Arm(
+            f"dp-noised-z{z}",
+            "federated",
+            "federation",
+            sites,
+            "dp-noised",
+            rounds,
+            epochs,
+            {"dp-noised.noise-multiplier": z},
+        )
+        for z in spec.dp_noised_noise_multipliers
+    ]
     return arms
 
 
@@ -103,8 +147,10 @@ def _ensembles(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
         bases.append((first, "federated", "federation", sites, first))
     arms = []
     for name, kind, trained_on, nodes, strategy in bases:
-        folds = [Arm(f"{name}-fold{f}", kind, trained_on, nodes, strategy, rounds, epochs, fold=f, evaluated=False)
-                 for f in range(k)]
+        folds = [
+            Arm(f"{name}-fold{f}", kind, trained_on, nodes, strategy, rounds, epochs, fold=f, evaluated=False)
+            for f in range(k)
+        ]
         arms += folds
         arms.append(Arm(f"{name}-ens{k}", "ensemble", trained_on, members=tuple(a.id for a in folds)))
     return arms

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 from monai.data import DataLoader, Dataset
 
+from clients.personal import PersonalState
 from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import RunConfig
 from fedseg.data.datalist import SiteSplit, load_datalist
@@ -32,7 +33,6 @@ from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregat
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
-from clients.personal import PersonalState
 from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
@@ -88,8 +88,14 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
                 echo(f"[{index}/{len(arms)}] {arm.id}: finished earlier, skipped")
                 bars.advance(arm_bar)
                 continue
-            echo(f"[{index}/{len(arms)}] {arm.id}: " + (f"ensemble of {len(arm.members)} models" if arm.members else
-                 f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"))
+            echo(
+                f"[{index}/{len(arms)}] {arm.id}: "
+                + (
+                    f"ensemble of {len(arm.members)} models"
+                    if arm.members
+                    else f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"
+                )
+            )
             started = time.perf_counter()
             folder.mkdir(parents=True, exist_ok=True)
             models = [ModelCheckpoint.load(results / ARMS / m / MODEL) for m in arm.members] or [
@@ -102,8 +108,10 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
                     rows += _personal_rows(spec, arm, models[0], tests, results, folder)
                 write_cases(folder / CASES, rows, spec.run_config().labels.structures)
                 inside = [r.score for r in rows if not r.outside]
-                echo(f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
-                     + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else ""))
+                echo(
+                    f"    mean Dice {np.nanmean(inside):.3f} on the sites' test splits"
+                    + (f"; {dp_kind} ε = {epsilon:.2f} at δ = {delta:g}" if dp_kind else "")
+                )
             model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
             seconds = time.perf_counter() - started
             ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
@@ -143,8 +151,14 @@ def _train(
     """One Federation run of the arm through the LocalGrid (resumed if interrupted); the final model.
     `progress` sees the rounds as a tracker does (fedseg.progress.RoundBar)."""
     values = spec.run_values(
-        **{"strategy": arm.strategy, "num-server-rounds": arm.rounds, "local-epochs": arm.epochs,
-           "min-sites": len(arm.nodes), "output-dir": str(folder), **arm.params}
+        **{
+            "strategy": arm.strategy,
+            "num-server-rounds": arm.rounds,
+            "local-epochs": arm.epochs,
+            "min-sites": len(arm.nodes),
+            "output-dir": str(folder),
+            **arm.params,
+        }
     )
     values["secure-aggregation"] = with_secure_aggregation(arm, bool(values.get("secure-aggregation", False)))
     values["tracking-dir"] = values.get("tracking-dir") or str(results)  # one TensorBoard / MLflow view per experiment
@@ -152,8 +166,9 @@ def _train(
     nodes = []
     for node in arm.nodes:  # each site's state (privacy ledger, preprocessed cache) stays in this experiment
         data_dir = _node_dir(spec, arm, node, splits, results)
-        nodes.append({"data-dir": str(data_dir), "site-id": max(node, 0),
-                      "state-dir": str(results / SITE_STATE / data_dir.name)})
+        nodes.append(
+            {"data-dir": str(data_dir), "site-id": max(node, 0), "state-dir": str(results / SITE_STATE / data_dir.name)}
+        )
     resume = None
     if (folder / CHECKPOINT_FILE).is_file():
         resume = load_checkpoint(folder)
@@ -203,9 +218,10 @@ def _privacy(folder: Path) -> Privacy:
 def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
     config = spec.run_config()  # evaluate on the grid the models were trained at, with their label values
     spacing, mapping, window = config.spacing, config.labels.label_mapping, intensity_window(config)
-    sets = [TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping,
-                                                                     window=window))
-            for k, s in enumerate(splits)]
+    sets = [
+        TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping, window=window))
+        for k, s in enumerate(splits)
+    ]
     if spec.outside_dir is not None:
         items = load_datalist(spec.outside_dir)
         outside = evaluation_dataset(items, spacing, label_mapping=mapping, window=window)
@@ -214,7 +230,11 @@ def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSe
 
 
 def _evaluate(
-    arm: Arm, models: Sequence[ModelCheckpoint], tests: Sequence[TestSet], results: Path, overlay_cases: int,
+    arm: Arm,
+    models: Sequence[ModelCheckpoint],
+    tests: Sequence[TestSet],
+    results: Path,
+    overlay_cases: int,
     privacy: Privacy,
 ) -> list[CaseRow]:
     """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
@@ -228,11 +248,16 @@ def _evaluate(
             probabilities = probabilities.mean(0).cpu()
             dice = labels.dice(probabilities, batch["label"])[0].tolist()
             subject = test.items[index]["subject"]
-            rows.append(CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice),
-                                *privacy))
+            rows.append(
+                CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice), *privacy)
+            )
             if own and index < overlay_cases:
-                _save_overlay(results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
-                              batch["image"][0, 0], batch["label"][0, 0], labels.label_map(probabilities)[0, 0])
+                _save_overlay(
+                    results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
+                    batch["image"][0, 0],
+                    batch["label"][0, 0],
+                    labels.label_map(probabilities)[0, 0],
+                )
     return rows
 
 
@@ -257,8 +282,12 @@ def _save_overlay(path: Path, image: torch.Tensor, truth: torch.Tensor, predicti
     """One axial slice (the one with the most foreground in the truth) of image, truth and prediction."""
     z = int((truth > 0).sum(dim=(0, 1)).argmax())
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, image=image[..., z].numpy().astype(np.float16),
-                        truth=truth[..., z].numpy().astype(np.uint8), prediction=prediction[..., z].numpy().astype(np.uint8))
+    np.savez_compressed(
+        path,
+        image=image[..., z].numpy().astype(np.float16),
+        truth=truth[..., z].numpy().astype(np.uint8),
+        prediction=prediction[..., z].numpy().astype(np.uint8),
+    )
 
 
 def _collect_cases(results: Path, arms: Sequence[Arm], structures: Sequence[str]) -> None:

@@ -41,14 +41,34 @@ from strategies.registry import build_strategy
 
 ARM_KINDS = ("private", "centralized", "federated", "iil", "ciil", "leave-one-out")
 EXPERIMENT_KEYS = {
-    "name", "data-dir", "sites", "outside", "output-dir", "arms", "strategies", "finetune-rounds",
-    "ensemble-folds", "ensemble-arms", "overlay-cases", "dp-sgd-noise-multipliers", "dp-noised-noise-multipliers",
+    "name",
+    "data-dir",
+    "sites",
+    "outside",
+    "output-dir",
+    "arms",
+    "strategies",
+    "finetune-rounds",
+    "ensemble-folds",
+    "ensemble-arms",
+    "overlay-cases",
+    "dp-sgd-noise-multipliers",
+    "dp-noised-noise-multipliers",
 }
 SWEEPS = ("dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
 # The TOML type of each [experiment] key (the sweeps are checked by _noise_values).
 KEY_TYPES: dict[str, type] = {
-    "name": str, "data-dir": str, "sites": int, "outside": str, "output-dir": str, "arms": list, "strategies": list,
-    "finetune-rounds": int, "ensemble-folds": int, "ensemble-arms": list, "overlay-cases": int,
+    "name": str,
+    "data-dir": str,
+    "sites": int,
+    "outside": str,
+    "output-dir": str,
+    "arms": list,
+    "strategies": list,
+    "finetune-rounds": int,
+    "ensemble-folds": int,
+    "ensemble-arms": list,
+    "overlay-cases": int,
 }
 UPPER_BOUNDS = {"sites": 1000, "finetune-rounds": 100_000, "ensemble-folds": 100, "overlay-cases": 1000}
 RUN_KEYS_SET_BY_ARMS = ("strategy", "data-dir", "output-dir", "min-sites", "resume-from")
@@ -108,7 +128,9 @@ class ExperimentSpec:
     def from_mapping(cls, data: Mapping[str, Any]) -> ExperimentSpec:
         unknown_tables = set(data) - {"experiment", "run"}
         if unknown_tables or "experiment" not in data:
-            raise ConfigError(f"needs an [experiment] table and an optional [run] table; unexpected: {sorted(unknown_tables)}")
+            raise ConfigError(
+                f"needs an [experiment] table and an optional [run] table; unexpected: {sorted(unknown_tables)}"
+            )
         for table in ("experiment", "run"):
             if not isinstance(data.get(table, {}), Mapping):
                 raise ConfigError(f"'{table}' must be a table ([{table}]), got {type(data[table]).__name__}")
@@ -116,7 +138,9 @@ class ExperimentSpec:
         _check_types(experiment)
         unknown = set(experiment) - EXPERIMENT_KEYS
         if unknown:
-            raise ConfigError(f"unknown [experiment] key(s) {sorted(unknown)}; valid: {', '.join(sorted(EXPERIMENT_KEYS))}")
+            raise ConfigError(
+                f"unknown [experiment] key(s) {sorted(unknown)}; valid: {', '.join(sorted(EXPERIMENT_KEYS))}"
+            )
         missing = [k for k in ("name", "data-dir", "sites") if k not in experiment]
         if missing:
             raise ConfigError(f"[experiment] needs {', '.join(missing)}")
@@ -143,14 +167,20 @@ class ExperimentSpec:
         for key, value in (("data-dir", self.data_dir), ("output-dir", self.output_dir)):
             if not value.strip() or any(c in value for c in "\0\n\r"):
                 raise ConfigError(f"[experiment] '{key}' must name a folder, got {value!r}")
-        if not Path(self.output_dir).expanduser().is_absolute() and Path(os.path.normpath(self.output_dir)).parts[:1] == ("..",):
-            raise ConfigError(f"[experiment] 'output-dir' {self.output_dir!r} climbs out of the working folder; give a "
-                              "folder below it, or an absolute path")
+        if not Path(self.output_dir).expanduser().is_absolute() and Path(os.path.normpath(self.output_dir)).parts[
+            :1
+        ] == ("..",):
+            raise ConfigError(
+                f"[experiment] 'output-dir' {self.output_dir!r} climbs out of the working folder; give a "
+                "folder below it, or an absolute path"
+            )
         if self.sites < 2:
             raise ConfigError(f"[experiment] 'sites' must be >= 2, got {self.sites}")
         for key, bound in UPPER_BOUNDS.items():
             if getattr(self, key.replace("-", "_")) > bound:
-                raise ConfigError(f"[experiment] '{key}' must be <= {bound}, got {getattr(self, key.replace('-', '_'))}")
+                raise ConfigError(
+                    f"[experiment] '{key}' must be <= {bound}, got {getattr(self, key.replace('-', '_'))}"
+                )
         bad = [arm for arm in self.arms if arm not in ARM_KINDS]
         if bad or not self.arms:
             raise ConfigError(f"[experiment] 'arms' has {bad or 'nothing'}; choose from: {', '.join(ARM_KINDS)}")
@@ -167,20 +197,26 @@ class ExperimentSpec:
             build_strategy(self.run_config(strategy=strategy))
         build_strategy(self.run_config(strategy="cyclic", **{"secure-aggregation": False}))  # cyclic arms: no sum
         if self.run_config().secure_aggregation and "leave-one-out" in self.arms and self.sites < 4:
-            raise ConfigError(f"[run] 'secure-aggregation' needs 3 sites in every arm that sums updates; the "
-                              f"leave-one-out arms of {self.sites} sites have {self.sites - 1}")
+            raise ConfigError(
+                f"[run] 'secure-aggregation' needs 3 sites in every arm that sums updates; the "
+                f"leave-one-out arms of {self.sites} sites have {self.sites - 1}"
+            )
         self._validate_sweep()
 
     def _validate_sweep(self) -> None:
         """Each sweep arm's run config must be valid, and each arm must carry one DP kind only."""
         sweep = self.dp_sgd_noise_multipliers or self.dp_noised_noise_multipliers
         if self.run_config().dp_sgd and (sweep or "dp-noised" in self.strategies):
-            raise ConfigError("[run] 'dp-sgd' must be off with a privacy sweep or the dp-noised strategy: "
-                              "cases.csv records one DP kind per model (the sweep turns DP on per arm)")
+            raise ConfigError(
+                "[run] 'dp-sgd' must be off with a privacy sweep or the dp-noised strategy: "
+                "cases.csv records one DP kind per model (the sweep turns DP on per arm)"
+            )
         first = self.strategies[0]
         if self.dp_sgd_noise_multipliers and first == "dp-noised":
-            raise ConfigError("[experiment] 'dp-sgd-noise-multipliers' trains the first strategy with DP-SGD; "
-                              "it must not be 'dp-noised' (one DP kind per arm)")
+            raise ConfigError(
+                "[experiment] 'dp-sgd-noise-multipliers' trains the first strategy with DP-SGD; "
+                "it must not be 'dp-noised' (one DP kind per arm)"
+            )
         for z in self.dp_sgd_noise_multipliers:
             build_strategy(self.run_config(strategy=first, **{"dp-sgd": True, "dp-noise-multiplier": z}))
         for z in self.dp_noised_noise_multipliers:

@@ -76,8 +76,9 @@ def write_cases(path: Path, rows: Iterable[CaseRow], structures: Sequence[str] |
         for row in rows:
             dice = ["" if math.isnan(d) else f"{d:.6f}" for d in row.dice]
             privacy = [row.dp_kind, _optional(row.epsilon, "{!r}"), _optional(row.delta, "{!r}")]
-            writer.writerow([row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice,
-                             *privacy])
+            writer.writerow(
+                [row.arm, row.kind, row.trained_on, row.tested_on, int(row.outside), row.subject, *dice, *privacy]
+            )
 
 
 def read_cases(path: Path) -> list[CaseRow]:
@@ -108,7 +109,7 @@ def read_structures(path: Path) -> tuple[str, ...]:
             header = next(csv.reader(handle), [])
     except OSError as err:
         raise CasesError(f"{path}: cannot read cases file: {err}") from err
-    return tuple(name[len(DICE_PREFIX):] for name in header if name.startswith(DICE_PREFIX))
+    return tuple(name[len(DICE_PREFIX) :] for name in header if name.startswith(DICE_PREFIX))
 
 
 def _optional(value: float, fmt: str) -> str:

@@ -105,8 +105,10 @@ def plot_boxes(rows: Sequence[CaseRow], path: Path) -> None:
     fig, axes = plt.subplots(1, len(columns), figsize=(3 + 2.2 * len(columns), 4), sharey=True, squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         present = [m for m in row_models if any(r.model == m and r.tested_on == column for r in rows)]
-        data = [[r.score for r in rows if r.model == m and r.tested_on == column and not math.isnan(r.score)]
-                for m in present]
+        data = [
+            [r.score for r in rows if r.model == m and r.tested_on == column and not math.isnan(r.score)]
+            for m in present
+        ]
         ax.boxplot(data)
         ax.set_xticks(range(1, len(present) + 1), [model_label(m, rows) for m in present], rotation=60, ha="right")
         ax.set_title(f"tested on {column}")
@@ -121,17 +123,21 @@ def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], pa
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for kind in dict.fromkeys(p.dp_kind for p in points):
         shown = [p for p in points if p.dp_kind == kind and math.isfinite(p.epsilon)]
-        ax.errorbar([p.epsilon for p in shown], [p.internal.mean for p in shown],
-                    yerr=[0.0 if math.isnan(p.internal.sd) else p.internal.sd for p in shown],
-                    marker="o", capsize=3, label=f"{kind} DP")
+        ax.errorbar(
+            [p.epsilon for p in shown],
+            [p.internal.mean for p in shown],
+            yerr=[0.0 if math.isnan(p.internal.sd) else p.internal.sd for p in shown],
+            marker="o",
+            capsize=3,
+            label=f"{kind} DP",
+        )
     for (label, cell), style in zip(references.items(), cycle(("--", ":", "-."))):
         ax.axhline(cell.mean, linestyle=style, color="black", linewidth=1, label=f"{label} (no DP)")
     epsilons = [p.epsilon for p in points if math.isfinite(p.epsilon) and p.epsilon > 0]
     if epsilons and max(epsilons) > 10 * min(epsilons):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy",
-           ylim=(0, 1))
+    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy", ylim=(0, 1))
     _finish(fig, ax, path)
 
 
@@ -162,8 +168,15 @@ def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
 
 def _label_panel(ax: plt.Axes, image: np.ndarray, labels: np.ndarray, title: str) -> None:
     ax.imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
-    ax.imshow(np.ma.masked_equal(labels, 0).T, cmap="autumn", alpha=0.5, origin="lower", vmin=0, vmax=3,
-              interpolation="nearest")
+    ax.imshow(
+        np.ma.masked_equal(labels, 0).T,
+        cmap="autumn",
+        alpha=0.5,
+        origin="lower",
+        vmin=0,
+        vmax=3,
+        interpolation="nearest",
+    )
     ax.set_title(title, fontsize=7)
 
 

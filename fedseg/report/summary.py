@@ -73,8 +73,14 @@ def matrix_table(rows: Sequence[CaseRow]) -> str:
 def arms_table(rows: Sequence[CaseRow]) -> str:
     header = ["arm", "kind", "internal test sets", f"{CI_LEVEL:.0%} CI of the mean", "outside", "% of centralized"]
     body = [
-        [s.arm, s.kind, _cell(s.internal), _interval(s.internal_ci), _cell(s.outside),
-         _number(s.percent_of_centralized, "{:.1f} %")]
+        [
+            s.arm,
+            s.kind,
+            _cell(s.internal),
+            _interval(s.internal_ci),
+            _cell(s.outside),
+            _number(s.percent_of_centralized, "{:.1f} %"),
+        ]
         for s in arm_summaries(rows)
     ]
     return _markdown(header, body) + (
@@ -86,13 +92,24 @@ def arms_table(rows: Sequence[CaseRow]) -> str:
 def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
     """Per arm, each structure's internal Dice with % of centralized, and its outside Dice."""
     summaries = {(s.arm, s.structure): s for s in structure_summaries(rows, structures)}
-    header = ["arm", *(f"{name} internal (% of centralized)" for name in structures),
-              *(f"{name} outside" for name in structures)]
+    header = [
+        "arm",
+        *(f"{name} internal (% of centralized)" for name in structures),
+        *(f"{name} outside" for name in structures),
+    ]
     body = []
     for arm in dict.fromkeys(r.arm for r in rows):
         cells = [summaries[(arm, name)] for name in structures]
-        body.append([arm, *(f"{c.internal.mean:.3f} ({_number(c.percent_of_centralized, '{:.1f} %')})"
-                            if c.internal.n else "–" for c in cells), *(_cell(c.outside) for c in cells)])
+        body.append(
+            [
+                arm,
+                *(
+                    f"{c.internal.mean:.3f} ({_number(c.percent_of_centralized, '{:.1f} %')})" if c.internal.n else "–"
+                    for c in cells
+                ),
+                *(_cell(c.outside) for c in cells),
+            ]
+        )
     return _markdown(header, body)
 
 
@@ -100,12 +117,27 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
     tests = paired_tests(rows)
     if not tests:
         return "No private arm, or no federated/cyclic/centralized arm: nothing to pair."
-    header = ["model", "vs private", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)",
-              "q (paired t)"]
+    header = [
+        "model",
+        "vs private",
+        "n",
+        "mean difference",
+        "P (Wilcoxon)",
+        "P (paired t)",
+        "q (Wilcoxon)",
+        "q (paired t)",
+    ]
     body = [
-        [model_label(t.model, rows), model_label(t.private, rows), str(t.n), _number(t.mean_difference, "{:+.3f}"),
-         _number(t.p_wilcoxon, "{:.3g}"), _number(t.p_ttest, "{:.3g}"), _number(t.q_wilcoxon, "{:.3g}"),
-         _number(t.q_ttest, "{:.3g}")]
+        [
+            model_label(t.model, rows),
+            model_label(t.private, rows),
+            str(t.n),
+            _number(t.mean_difference, "{:+.3f}"),
+            _number(t.p_wilcoxon, "{:.3g}"),
+            _number(t.p_ttest, "{:.3g}"),
+            _number(t.q_wilcoxon, "{:.3g}"),
+            _number(t.q_ttest, "{:.3g}"),
+        ]
         for t in tests
     ]
     return _markdown(header, body) + (
@@ -126,10 +158,22 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
         return f"{100 * cell.mean / baseline:.0f} %" if baseline > 0 else "–"
 
     header = ["model", "DP", "ε", "δ", "internal test Dice", "% of non-DP federated", "ε protects"]
-    body = [[model_label(p.model, rows), p.dp_kind, _number(p.epsilon, "{:.2f}"), _number(p.delta, "{:g}"),
-             _cell(p.internal), share(p.internal), PROTECTS[p.dp_kind]] for p in privacy_points(rows)]
-    body += [[model_label(m, rows), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
-             for m, cell in references.items()]
+    body = [
+        [
+            model_label(p.model, rows),
+            p.dp_kind,
+            _number(p.epsilon, "{:.2f}"),
+            _number(p.delta, "{:g}"),
+            _cell(p.internal),
+            share(p.internal),
+            PROTECTS[p.dp_kind],
+        ]
+        for p in privacy_points(rows)
+    ]
+    body += [
+        [model_label(m, rows), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
+        for m, cell in references.items()
+    ]
     return _markdown(header, body) + (
         "\n\nSmaller ε is stronger protection: the model changes the odds of telling whether the protected "
         "unit took part by at most a factor e^ε (except with probability δ). A DP-SGD model's ε is the largest "

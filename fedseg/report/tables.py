@@ -97,8 +97,10 @@ def cross_site_matrix(rows: Sequence[CaseRow]) -> dict[Model, dict[str, Cell]]:
     scores: dict[Model, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         scores[row.model][row.tested_on].append(row.score)
-    return {model: {name: Cell.of(scores[model][name]) for name in test_sets(rows) if name in scores[model]}
-            for model in models(rows)}
+    return {
+        model: {name: Cell.of(scores[model][name]) for name in test_sets(rows) if name in scores[model]}
+        for model in models(rows)
+    }
 
 
 def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
@@ -127,8 +129,14 @@ def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[floa
     finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if finite.size < 2:
         return math.nan, math.nan
-    result = stats.bootstrap((finite,), np.mean, confidence_level=level, n_resamples=BOOTSTRAP_RESAMPLES,
-                             method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
+    result = stats.bootstrap(
+        (finite,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -160,6 +168,7 @@ def structure_summaries(rows: Sequence[CaseRow], structures: Sequence[str]) -> l
     central = next((r.arm for r in rows if r.kind == "centralized"), None)
     out = []
     for index, structure in enumerate(structures):
+
         def cell(arm: str, outside: bool, index: int = index) -> Cell:
             return Cell.of([r.dice[index] for r in rows if r.arm == arm and r.outside == outside])
 
@@ -200,8 +209,9 @@ def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
     internal = _internal_scores(rows)
     tests = [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
     q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
-    return [dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt)
-            for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)]
+    return [
+        dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)
+    ]
 
 
 def _paired(model: Model, private: Model, ours: dict, theirs: dict) -> PairedTest:

@@ -43,8 +43,7 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def private_bytes(key: X25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
 def private_key(raw: bytes) -> X25519PrivateKey:
@@ -84,6 +83,6 @@ def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
     raw = stream.data.cast("B")
     combine = np.add if sign > 0 else np.subtract
     for start in range(0, vector.size, _CHUNK_WORDS):
-        part = vector[start:start + _CHUNK_WORDS]
-        encryptor.update_into(_ZEROS[:part.size * 8], raw)
-        combine(part, stream[:part.size], out=part)
+        part = vector[start : start + _CHUNK_WORDS]
+        encryptor.update_into(_ZEROS[: part.size * 8], raw)
+        combine(part, stream[: part.size], out=part)

@@ -59,15 +59,19 @@ def update_norm(reference: ArrayRecord, weights: Mapping[str, ArrayLike]) -> flo
         if is_float(ref):
             own_flat, ref_flat = np.asarray(weights[key]).reshape(-1), ref.reshape(-1)
             for start in range(0, ref.size, BLOCK):
-                delta = own_flat[start:start + BLOCK].astype(np.float64)
-                delta -= ref_flat[start:start + BLOCK]
+                delta = own_flat[start : start + BLOCK].astype(np.float64)
+                delta -= ref_flat[start : start + BLOCK]
                 squared += float(np.dot(delta, delta))
     return float(np.sqrt(squared))
 
 
-def encode_update(reference: ArrayRecord, weights: Mapping[str, ArrayLike], weight: float,
-                  clip_scale: float = 1.0, noise: Callable[[int], np.ndarray] | None = None,
-                  ) -> tuple[np.ndarray, UpdateStats]:
+def encode_update(
+    reference: ArrayRecord,
+    weights: Mapping[str, ArrayLike],
+    weight: float,
+    clip_scale: float = 1.0,
+    noise: Callable[[int], np.ndarray] | None = None,
+) -> tuple[np.ndarray, UpdateStats]:
     """round(weight · Δ · 2^f) (2^0 on integer buffers) as uint64 words (two's complement) in
     encoding order, and the update's statistics; computed block by block in float64 (Δ of float32
     weights is exact there), so no model-sized float64 temporaries exist.
@@ -87,8 +91,8 @@ def encode_update(reference: ArrayRecord, weights: Mapping[str, ArrayLike], weig
         scale = weight * 2.0**FRACTION_BITS if floating else weight
         own_flat, ref_flat = own.reshape(-1), ref.reshape(-1)
         for start in range(0, ref.size, BLOCK):
-            delta = own_flat[start:start + BLOCK].astype(np.float64)
-            delta -= ref_flat[start:start + BLOCK]
+            delta = own_flat[start : start + BLOCK].astype(np.float64)
+            delta -= ref_flat[start : start + BLOCK]
             largest = float(np.abs(delta).max()) if delta.size else 0.0
             finite = finite and np.isfinite(largest)
             if floating:
@@ -105,7 +109,7 @@ def encode_update(reference: ArrayRecord, weights: Mapping[str, ArrayLike], weig
             delta *= scale
             np.rint(delta, out=delta)
             if finite:
-                out[offset + start:offset + start + delta.size] = delta
+                out[offset + start : offset + start + delta.size] = delta
         offset += ref.size
     return out.view(np.uint64), UpdateStats(finite, float(np.sqrt(squared)), float_max, integer_max)
 
@@ -123,7 +127,7 @@ def decode(total: np.ndarray, total_weight: float, reference: ArrayRecord) -> Ar
     out: dict[str, Array] = {}
     offset = 0
     for key, ref in layout(reference):
-        part = signed[offset:offset + ref.size].astype(np.float64)
+        part = signed[offset : offset + ref.size].astype(np.float64)
         offset += ref.size
         if is_float(ref):
             mean = part / (total_weight * 2.0**FRACTION_BITS)

@@ -67,12 +67,15 @@ class SecureAggregation:
     bound: float
     max_update_ratio: float
 
-    def train(self, server_round: int, instructions: list[Message], exchange: Exchange, fail: Fail) -> SecureRoundResult:
+    def train(
+        self, server_round: int, instructions: list[Message], exchange: Exchange, fail: Fail
+    ) -> SecureRoundResult:
         instructions = sorted(instructions, key=lambda msg: msg.metadata.dst_node_id)
         if len(instructions) < MIN_SITES:
             raise SecureAggregationError(
                 f"secure aggregation needs at least {MIN_SITES} live sites in a round, only {len(instructions)} "
-                f"in round {server_round} (with two, each site learns the other's update from the sum)")
+                f"in round {server_round} (with two, each site learns the other's update from the sum)"
+            )
         first = instructions[0].content.config_records[m.CONFIG]
         context = ConfigRecord({m.RUN_KEY: first[m.RUN_KEY], m.SERVER_ROUND: server_round})
         round_ = _Round(self, server_round, context, instructions, exchange, fail)
@@ -105,23 +108,32 @@ class _Round:
         uniform = as_float(config.get(m.DP_CLIP, 0.0)) > 0  # dp-distributed
         weights = {i: 1.0 if uniform else as_float(_metrics(reply)[m.NUM_EXAMPLES]) for i, (reply, _) in masked.items()}
         if not ring.fits(sum(weights.values()), self.owner.bound, len(masked)):
-            return SecureRoundResult(replies, None, "the sites' total num-examples × secure-aggregation-bound "
-                                                    "would overflow the 64-bit ring; lower the bound")
+            return SecureRoundResult(
+                replies,
+                None,
+                "the sites' total num-examples × secure-aggregation-bound "
+                "would overflow the 64-bit ring; lower the bound",
+            )
         dropped = sorted(set(shares) - set(masked))
         total = self._unmask(sorted(masked), dropped, {i: keys[i][1] for i in shares}, masked)
         if isinstance(total, str):
             return SecureRoundResult(replies, None, total)
         reference = self.instructions[0].content.array_records[m.ARRAYS]
         model = ring.decode(total, sum(weights.values()), reference)
-        log(INFO, "[fedseg] secure aggregation: round %d summed %d site(s)%s", self.server_round, len(masked),
-            f", {len(dropped)} dropped site(s) unmasked" if dropped else "")
+        log(
+            INFO,
+            "[fedseg] secure aggregation: round %d summed %d site(s)%s",
+            self.server_round,
+            len(masked),
+            f", {len(dropped)} dropped site(s) unmasked" if dropped else "",
+        )
         return SecureRoundResult(replies, self._aggregate_reply(model, [reply for reply, _ in masked.values()]))
 
     # ------------------------------------------------------------------ stages
     def _setup(self) -> dict[int, tuple[bytes, bytes]]:
         def content(index: int) -> RecordDict:
-            return self._record({m.SECAGG_INDEX: index, m.SECAGG_COUNT: self.count,
-                                 m.SECAGG_THRESHOLD: self.threshold})
+            return self._record({m.SECAGG_INDEX: index, m.SECAGG_COUNT: self.count, m.SECAGG_THRESHOLD: self.threshold})
+
         answers = self._send(m.SECAGG_SETUP, {i: content(i) for i in self.node_of})
         keys = {}
         for index, config in answers.items():
@@ -135,17 +147,24 @@ class _Round:
     def _share(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, dict[int, bytes]]:
         """Forwarded ciphertexts by receiver, then by sender (only senders that reached every other)."""
         participants = sorted(keys)
-        record = self._record({m.SECAGG_PARTICIPANTS: participants,
-                               m.SECAGG_CIPHER_KEYS: [keys[i][0] for i in participants],
-                               m.SECAGG_MASK_KEYS: [keys[i][1] for i in participants]})
+        record = self._record(
+            {
+                m.SECAGG_PARTICIPANTS: participants,
+                m.SECAGG_CIPHER_KEYS: [keys[i][0] for i in participants],
+                m.SECAGG_MASK_KEYS: [keys[i][1] for i in participants],
+            }
+        )
         answers = self._send(m.SECAGG_SHARE, {i: record for i in participants})
         inbox: dict[int, dict[int, bytes]] = {}
         for index, config in answers.items():
             destinations = list_of(config.get(m.SECAGG_DESTINATIONS), int)
             ciphertexts = list_of(config.get(m.SECAGG_SHARES), bytes)
-            if (destinations is None or ciphertexts is None
-                    or sorted(destinations) != [i for i in participants if i != index]
-                    or len(ciphertexts) != len(destinations)):
+            if (
+                destinations is None
+                or ciphertexts is None
+                or sorted(destinations) != [i for i in participants if i != index]
+                or len(ciphertexts) != len(destinations)
+            ):
                 self._malformed(index)
                 continue
             inbox.setdefault(index, {})
@@ -161,15 +180,23 @@ class _Round:
         contents = {}
         for index in participants:
             sources = sorted(s for s in shares[index] if s != index)
-            secagg = self._record({
-                m.SECAGG_PARTICIPANTS: participants, m.SECAGG_SOURCES: sources,
-                m.SECAGG_SHARES: [shares[index][s] for s in sources], m.SECAGG_BOUND: self.owner.bound,
-                m.SECAGG_MAX_UPDATE_RATIO: self.owner.max_update_ratio,
-            })
+            secagg = self._record(
+                {
+                    m.SECAGG_PARTICIPANTS: participants,
+                    m.SECAGG_SOURCES: sources,
+                    m.SECAGG_SHARES: [shares[index][s] for s in sources],
+                    m.SECAGG_BOUND: self.owner.bound,
+                    m.SECAGG_MAX_UPDATE_RATIO: self.owner.max_update_ratio,
+                }
+            )
             instruction = by_node[self.node_of[index]].content
             contents[index] = RecordDict({**dict(instruction.items()), m.SECAGG: secagg[m.SECAGG]})
-        log(INFO, "[fedseg] secure aggregation: round %d: %d site(s) train and mask their updates", self.server_round,
-            len(participants))
+        log(
+            INFO,
+            "[fedseg] secure aggregation: round %d: %d site(s) train and mask their updates",
+            self.server_round,
+            len(participants),
+        )
         pairs = self._exchange(m.SECAGG_TRAIN, contents)
         masked = {}
         index_of = {node: index for index, node in self.node_of.items()}
@@ -183,20 +210,29 @@ class _Round:
                 masked[index_of[node]] = (reply, vector)
         return pairs, masked
 
-    def _unmask(self, survivors: list[int], dropped: list[int], mask_keys: dict[int, bytes],
-                masked: dict[int, tuple[Message, np.ndarray]]) -> np.ndarray | str:
+    def _unmask(
+        self,
+        survivors: list[int],
+        dropped: list[int],
+        mask_keys: dict[int, bytes],
+        masked: dict[int, tuple[Message, np.ndarray]],
+    ) -> np.ndarray | str:
         record = self._record({m.SECAGG_SURVIVORS: survivors, m.SECAGG_DROPPED: dropped})
         answers = self._send(m.SECAGG_UNMASK, {i: record for i in survivors})
         good = []  # (seed shares, key shares) of each well-formed answer
         for config in answers.values():
             seed_shares = list_of(config.get(m.SECAGG_SEED_SHARES, []), bytes)
             key_shares = list_of(config.get(m.SECAGG_KEY_SHARES, []), bytes)
-            if (seed_shares is not None and key_shares is not None
-                    and len(seed_shares) == len(survivors) and len(key_shares) == len(dropped)):
+            if (
+                seed_shares is not None
+                and key_shares is not None
+                and len(seed_shares) == len(survivors)
+                and len(key_shares) == len(dropped)
+            ):
                 good.append((seed_shares, key_shares))
         if len(good) < self.threshold:
             return self._too_few("answered the unmask request", len(good))
-        good = good[:self.threshold]
+        good = good[: self.threshold]
         total = np.zeros(next(iter(masked.values()))[1].size, np.uint64)
         for _, vector in masked.values():
             np.add(total, vector, out=total)
@@ -206,8 +242,11 @@ class _Round:
             for k, index in enumerate(dropped):
                 secret = crypto.private_key(crypto.combine_shares([keys[k] for _, keys in good]))
                 for survivor in survivors:
-                    seed = crypto.agree(secret, mask_keys[survivor],
-                                        crypto.pair_label("mask", round_context(self.context), index, survivor))
+                    seed = crypto.agree(
+                        secret,
+                        mask_keys[survivor],
+                        crypto.pair_label("mask", round_context(self.context), index, survivor),
+                    )
                     crypto.add_mask(total, seed, -1 if survivor < index else +1)
         except ValueError:
             return "the sites' shares did not rebuild the round's secrets"
@@ -231,16 +270,25 @@ class _Round:
         return answers
 
     def _exchange(self, action: str, contents: dict[int, RecordDict]) -> list[tuple[int, Message]]:
-        messages = [Message(content, dst_node_id=self.node_of[index], message_type=f"{MessageType.TRAIN}.{action}",
-                            group_id=str(self.server_round)) for index, content in contents.items()]
+        messages = [
+            Message(
+                content,
+                dst_node_id=self.node_of[index],
+                message_type=f"{MessageType.TRAIN}.{action}",
+                group_id=str(self.server_round),
+            )
+            for index, content in contents.items()
+        ]
         return self.exchange(messages)
 
     def _malformed(self, index: int) -> None:
         self.fail(self.node_of[index], "secure aggregation: malformed reply, left out of the round", None)
 
     def _too_few(self, what: str, found: int) -> str:
-        reason = (f"secure aggregation: only {found} site(s) {what}, {self.threshold} needed to unmask the sum; "
-                  "the global model is unchanged this round")
+        reason = (
+            f"secure aggregation: only {found} site(s) {what}, {self.threshold} needed to unmask the sum; "
+            "the global model is unchanged this round"
+        )
         log(WARNING, "[fedseg] round %d: %s", self.server_round, reason)
         return reason
 

@@ -65,13 +65,20 @@ def setup(config: ConfigRecord, context: Context) -> ConfigRecord:
     if not (1 <= index <= count and 2 <= threshold <= count):
         raise SecureRoundError("inconsistent secure-aggregation setup (index, count, threshold)")
     cipher_key, mask_key = crypto.new_private_key(), crypto.new_private_key()
-    context.state[STATE] = ConfigRecord({
-        "round": round_context(config), "index": index, "count": count, "threshold": threshold,
-        "cipher-sk": crypto.private_bytes(cipher_key), "mask-sk": crypto.private_bytes(mask_key),
-        "seed": crypto.new_seed(),
-    })
-    return ConfigRecord({m.SECAGG_CIPHER_KEY: crypto.public_bytes(cipher_key),
-                         m.SECAGG_MASK_KEY: crypto.public_bytes(mask_key)})
+    context.state[STATE] = ConfigRecord(
+        {
+            "round": round_context(config),
+            "index": index,
+            "count": count,
+            "threshold": threshold,
+            "cipher-sk": crypto.private_bytes(cipher_key),
+            "mask-sk": crypto.private_bytes(mask_key),
+            "seed": crypto.new_seed(),
+        }
+    )
+    return ConfigRecord(
+        {m.SECAGG_CIPHER_KEY: crypto.public_bytes(cipher_key), m.SECAGG_MASK_KEY: crypto.public_bytes(mask_key)}
+    )
 
 
 def share(config: ConfigRecord, context: Context) -> ConfigRecord:
@@ -83,11 +90,16 @@ def share(config: ConfigRecord, context: Context) -> ConfigRecord:
     index, threshold, count = as_int(state["index"]), as_int(state["threshold"]), as_int(state["count"])
     own_cipher = crypto.private_key(as_bytes(state["cipher-sk"]))
     round_name = as_str(state["round"])
-    if (len(set(participants)) != len(participants) or index not in participants
-            or len(cipher_keys) != len(participants) or len(mask_keys) != len(participants)
-            or len(set(mask_keys)) != len(mask_keys) or len(participants) < threshold
-            or cipher_keys[participants.index(index)] != crypto.public_bytes(own_cipher)
-            or any(not 1 <= i <= count for i in participants)):
+    if (
+        len(set(participants)) != len(participants)
+        or index not in participants
+        or len(cipher_keys) != len(participants)
+        or len(mask_keys) != len(participants)
+        or len(set(mask_keys)) != len(mask_keys)
+        or len(participants) < threshold
+        or cipher_keys[participants.index(index)] != crypto.public_bytes(own_cipher)
+        or any(not 1 <= i <= count for i in participants)
+    ):
         raise SecureRoundError("inconsistent secure-aggregation key list")
     seed_shares = crypto.create_shares(as_bytes(state["seed"]), threshold, count)
     key_shares = crypto.create_shares(as_bytes(state["mask-sk"]), threshold, count)
@@ -104,8 +116,14 @@ def share(config: ConfigRecord, context: Context) -> ConfigRecord:
     return ConfigRecord({m.SECAGG_DESTINATIONS: destinations, m.SECAGG_SHARES: ciphertexts})
 
 
-def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights: Mapping[str, ArrayLike],
-         weight: float, privacy: DistributedNoise | None = None) -> ArrayRecord:
+def mask(
+    config: ConfigRecord,
+    context: Context,
+    reference: ArrayRecord,
+    weights: Mapping[str, ArrayLike],
+    weight: float,
+    privacy: DistributedNoise | None = None,
+) -> ArrayRecord:
     """Stage 3 (after the local fit): check the own update, encode a·Δ in the ring (under distributed
     DP: weight 1, Δ clipped and noised by `privacy`), add the pairwise masks of every other participant
     that shared its keys and the self mask."""
@@ -115,10 +133,14 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
     sources = int_list(config[m.SECAGG_SOURCES])
     known = int_list(state["participants"])
     received = bytes_list(config[m.SECAGG_SHARES])
-    if (index not in participants or sorted(set(sources) | {index}) != sorted(participants)
-            or len(sources) != len(set(sources)) or not set(participants) <= set(known)
-            or len(participants) < as_int(state["threshold"])
-            or len(received) != len(sources)):
+    if (
+        index not in participants
+        or sorted(set(sources) | {index}) != sorted(participants)
+        or len(sources) != len(set(sources))
+        or not set(participants) <= set(known)
+        or len(participants) < as_int(state["threshold"])
+        or len(received) != len(sources)
+    ):
         raise SecureRoundError("inconsistent secure-aggregation participant list")
     state["sources"], state["received"] = sources, received
     if privacy is None:
@@ -127,8 +149,9 @@ def mask(config: ConfigRecord, context: Context, reference: ArrayRecord, weights
         norm = ring.update_norm(reference, weights)
         scale = min(1.0, privacy.clip / norm) if norm > 0 else 1.0
         source = gaussian_source(privacy.source)
-        vector, stats = ring.encode_update(reference, weights, 1.0, scale,
-                                           lambda size: source.normal(0.0, privacy.noise_std, size))
+        vector, stats = ring.encode_update(
+            reference, weights, 1.0, scale, lambda size: source.normal(0.0, privacy.noise_std, size)
+        )
     check_update(stats, reference, as_float(config[m.SECAGG_MAX_UPDATE_RATIO]), as_float(config[m.SECAGG_BOUND]))
     own_mask = crypto.private_key(as_bytes(state["mask-sk"]))
     mask_keys = dict(zip(known, bytes_list(state["mask-pks"]), strict=True))
@@ -149,9 +172,14 @@ def unmask(config: ConfigRecord, context: Context) -> ConfigRecord:
     dropped = int_list(config[m.SECAGG_DROPPED])
     sources = int_list(state["sources"])
     participants = set(sources) | {index}
-    if (set(survivors) & set(dropped) or len(set(survivors)) != len(survivors)
-            or len(set(dropped)) != len(dropped) or index not in survivors
-            or not set(survivors) | set(dropped) <= participants or len(survivors) < as_int(state["threshold"])):
+    if (
+        set(survivors) & set(dropped)
+        or len(set(survivors)) != len(survivors)
+        or len(set(dropped)) != len(dropped)
+        or index not in survivors
+        or not set(survivors) | set(dropped) <= participants
+        or len(survivors) < as_int(state["threshold"])
+    ):
         raise SecureRoundError("inconsistent secure-aggregation unmask request")
     cipher_keys = dict(zip(int_list(state["participants"]), bytes_list(state["cipher-pks"]), strict=True))
     own_cipher = crypto.private_key(as_bytes(state["cipher-sk"]))
@@ -162,8 +190,12 @@ def unmask(config: ConfigRecord, context: Context) -> ConfigRecord:
         shares[source] = crypto.decrypt(key, ciphertext, _associated(round_name, source, index))
     half = len(own_share) // 2
     del context.state[STATE]
-    return ConfigRecord({m.SECAGG_SEED_SHARES: [shares[i][:half] for i in survivors],
-                         m.SECAGG_KEY_SHARES: [shares[i][half:] for i in dropped]})
+    return ConfigRecord(
+        {
+            m.SECAGG_SEED_SHARES: [shares[i][:half] for i in survivors],
+            m.SECAGG_KEY_SHARES: [shares[i][half:] for i in dropped],
+        }
+    )
 
 
 def check_update(stats: ring.UpdateStats, reference: ArrayRecord, max_update_ratio: float, bound: float) -> None:
@@ -173,8 +205,9 @@ def check_update(stats: ring.UpdateStats, reference: ArrayRecord, max_update_rat
     if not stats.finite:
         raise UpdateRefused("the update holds non-finite values")
     if max_update_ratio > 0:
-        reference_norm = np.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for _, v in ring.layout(reference)
-                                     if v.dtype.kind == "f"))
+        reference_norm = np.sqrt(
+            sum(float(np.dot(v.ravel(), v.ravel())) for _, v in ring.layout(reference) if v.dtype.kind == "f")
+        )
         if stats.float_norm > max_update_ratio * max(reference_norm, 1.0):
             raise UpdateRefused("the update norm exceeds max-update-ratio × the global model's norm")
     if stats.float_max > bound:

@@ -15,7 +15,13 @@ from fedseg.tracking.backends import (
 from fedseg.tracking.base import NullTracker, Tracker, TrackerGroup, round_metrics
 
 __all__ = [
-    "BACKENDS", "NullTracker", "Tracker", "TrackerGroup", "missing_packages", "open_run_tracker", "open_tracker",
+    "BACKENDS",
+    "NullTracker",
+    "Tracker",
+    "TrackerGroup",
+    "missing_packages",
+    "open_run_tracker",
+    "open_tracker",
     "parse_backends",
     "round_metrics",
 ]

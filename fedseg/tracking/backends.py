@@ -55,7 +55,9 @@ def open_run_tracker(config: RunConfig, run_dir: Path, experiment: str = "fedseg
     names = parse_backends(config.tracking)
     missing = missing_packages(names)
     if missing:
-        raise ConfigError(f"run-config 'tracking' is '{config.tracking}' but {', '.join(missing)} is not installed "
-                          "where the server runs: pip install 'fedseg[tracking]'")
+        raise ConfigError(
+            f"run-config 'tracking' is '{config.tracking}' but {', '.join(missing)} is not installed "
+            "where the server runs: pip install 'fedseg[tracking]'"
+        )
     root = Path(config.tracking_dir).expanduser().resolve() if config.tracking_dir else run_dir.parent
     return open_tracker(config.tracking, root, run_dir.name, experiment)

@@ -38,8 +38,10 @@ class MLflowTracker:
         self.uri = tracking_uri(root)
         self._client = client = MlflowClient(self.uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=(root / "mlflow-artifacts").resolve().as_uri()
+        experiment_id = (
+            found.experiment_id
+            if found
+            else client.create_experiment(experiment, artifact_location=(root / "mlflow-artifacts").resolve().as_uri())
         )
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
         run = runs[0] if runs else client.create_run(experiment_id, run_name=run_name, tags={RUN_TAG: run_name})
@@ -51,10 +53,13 @@ class MLflowTracker:
     def log_config(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(key, value[:MAX_PARAM_CHARS]) for key, value in flat_config(config).items()
-                  if key not in self._logged_params]
+        params = [
+            Param(key, value[:MAX_PARAM_CHARS])
+            for key, value in flat_config(config).items()
+            if key not in self._logged_params
+        ]
         for start in range(0, len(params), BATCH):
-            self._client.log_batch(self.run_id, params=params[start:start + BATCH])
+            self._client.log_batch(self.run_id, params=params[start : start + BATCH])
         self._logged_params.update({param.key: param.value for param in params})
 
     def log_round(self, record: RoundRecord) -> None:
@@ -63,7 +68,7 @@ class MLflowTracker:
         now = int(time.time() * 1000)
         metrics = [Metric(name, value, now, record.round) for name, value in round_metrics(record).items()]
         for start in range(0, len(metrics), 1000):
-            self._client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+            self._client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def close(self, failed: bool = False) -> None:
         self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

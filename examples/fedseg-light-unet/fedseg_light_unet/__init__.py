@@ -39,8 +39,7 @@ class LightUNet(nn.Module):
         self.stem = nn.Conv3d(in_channels, features[0], kernel_size=3, padding=1)
         self.down = nn.ModuleList(_block(a, b) for a, b in zip((features[0], *features[:-1]), features, strict=True))
         self.pool = nn.MaxPool3d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose3d(b, a, kernel_size=2, stride=2)
-                                for a, b in pairwise(features))
+        self.up = nn.ModuleList(nn.ConvTranspose3d(b, a, kernel_size=2, stride=2) for a, b in pairwise(features))
         self.merge = nn.ModuleList(_block(2 * a, a) for a in features[:-1])
         self.head = nn.Conv3d(features[0], out_channels, kernel_size=1)
 

@@ -46,8 +46,16 @@ class TrimmedMean(FedSegStrategy):
     """Coordinate-wise trimmed mean that cuts a share of the sites' weight (examples) at each end."""
 
     name = "trimmed-mean"
-    params = (Param("trim-fraction", float, 0.2, "share of the total weight cut at each end, per coordinate",
-                    minimum=0.0, maximum=0.49),)
+    params = (
+        Param(
+            "trim-fraction",
+            float,
+            0.2,
+            "share of the total weight cut at each end, per coordinate",
+            minimum=0.0,
+            maximum=0.49,
+        ),
+    )
     trim_fraction: float
 
     def __init__(self, min_sites: int = 2, **params: Any) -> None:
@@ -70,4 +78,8 @@ class TrimmedMean(FedSegStrategy):
         return ArrayRecord(out)
 
     def round_report(self, server_round: int) -> dict[str, Any]:
-        return {**super().round_report(server_round), "trim-fraction": self.trim_fraction, "weights": dict(self._weights)}
+        return {
+            **super().round_report(server_round),
+            "trim-fraction": self.trim_fraction,
+            "weights": dict(self._weights),
+        }
