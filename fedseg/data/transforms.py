@@ -281,23 +281,33 @@ class RandThickSlicesd(RandomizableTransform, MapTransform):
         return d
 
 
-class RandNegated(RandomizableTransform, MapTransform):
-    """Negates `keys` with probability `prob`: on a z-scored image, an inverted contrast (bright ↔ dark)."""
+class RandImaged(RandomizableTransform, MapTransform):
+    """With probability `prob` (one draw per call), replaces each of `keys` by `apply(value)`."""
 
     def __init__(self, keys: KeysCollection, prob: float) -> None:
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys)
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         self.randomize(None)
         if self._do_transform:
             for key in self.key_iterator(d):
-                d[key] = -d[key]
+                d[key] = self.apply(d[key])
         return d
 
 
-class RandTissueContrastd(RandomizableTransform, MapTransform):
+class RandNegated(RandImaged):
+    """Negates `keys` with probability `prob`: on a z-scored image, an inverted contrast (bright ↔ dark)."""
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        return -value
+
+
+class RandTissueContrastd(RandImaged):
     """With probability `prob`, gives each channel of `keys` a random tissue contrast: its intensities
     pass through a random, generally non-monotone, piecewise-linear curve (REMAP_POINTS control points
     over the patch's 0.5–99.5 % intensity range, values uniform in [-1, 1]) and are z-scored again.
@@ -308,20 +318,9 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
     images, Billot et al. 2023) pushes the network towards shape cues.
     """
 
-    def __init__(self, keys: KeysCollection, prob: float) -> None:
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key]).float()
-            out = torch.stack([self._remap(channel) for channel in image])
-            d[key] = convert_to_dst_type(out, d[key])[0]
-        return d
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([self._remap(channel) for channel in torch.as_tensor(value).float()])
+        return convert_to_dst_type(out, value)[0]
 
     def _remap(self, channel: torch.Tensor) -> torch.Tensor:
         points = int(self.R.randint(REMAP_POINTS[0], REMAP_POINTS[1] + 1))
