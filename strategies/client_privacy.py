@@ -38,8 +38,10 @@ import numpy as np
 from dp_accounting.rdp import RdpAccountant
 
 from fedseg.noise import GaussianSource
+from strategies.params import Param
 
 SAMPLINGS = ("all", "poisson", "fixed")
+TARGET_DELTA = Param("target-delta", float, 1e-5, "δ at which the cumulative ε is reported", minimum=1e-12, maximum=0.5)
 
 
 class _SkippedOrderNote(logging.Filter):

@@ -38,6 +38,7 @@ from fedseg.config import ConfigError, RunConfig
 from fedseg.noise import NOISE_SOURCES
 from fedseg.record_values import as_int
 from strategies.client_privacy import (
+    TARGET_DELTA,
     Release,
     epsilon_of,
     releases_from_state,
@@ -57,7 +58,7 @@ class DPDistributed(FedAvg):
         Param(
             "noise-multiplier", float, 1.0, "noise std z relative to C of the sum (each site adds z·C/√m)", minimum=0.0
         ),
-        Param("target-delta", float, 1e-5, "δ at which the cumulative ε is reported", minimum=1e-12, maximum=0.5),
+        TARGET_DELTA,
         Param(
             "noise-source",
             str,

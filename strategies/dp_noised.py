@@ -43,6 +43,7 @@ from strategies.aggregate import weighted_sum
 from strategies.base import FedSegStrategy, Reply
 from strategies.client_privacy import (
     SAMPLINGS,
+    TARGET_DELTA,
     QuantileClip,
     Release,
     default_count_stddev,
@@ -71,7 +72,7 @@ class DPNoised(FedSegStrategy):
         Param(
             "noise-multiplier", float, 1.0, "noise std z relative to C (std of the averaged noise: z·C/m)", minimum=0.0
         ),
-        Param("target-delta", float, 1e-5, "δ at which the cumulative ε is reported", minimum=1e-12, maximum=0.5),
+        TARGET_DELTA,
         Param(
             "sampling",
             str,

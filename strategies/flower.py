@@ -222,25 +222,21 @@ def _inner_message(reply: Reply, metric_keys: list[str]) -> Message:
 
 
 # ---------------------------------------------------------------------- built-in names
+_ADAPTIVE_LIMITS = {  # FedAdam and FedYogi: server step, moment decays, adaptivity floor
+    "eta": {"minimum": 0.0},
+    "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
+    "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE},
+    "tau": {"minimum": _POSITIVE},
+}
 FedAdam = flower_strategy(
     flower.FedAdam,
     "fedadam",
-    {
-        "eta": {"minimum": 0.0},
-        "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
-        "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE},
-        "tau": {"minimum": _POSITIVE},
-    },
+    _ADAPTIVE_LIMITS,
 )
 FedYogi = flower_strategy(
     flower.FedYogi,
     "fedyogi",
-    {
-        "eta": {"minimum": 0.0},
-        "beta-1": {"minimum": 0.0, "maximum": _BELOW_ONE},
-        "beta-2": {"minimum": 0.0, "maximum": _BELOW_ONE},
-        "tau": {"minimum": _POSITIVE},
-    },
+    _ADAPTIVE_LIMITS,
 )
 FedAdagrad = flower_strategy(flower.FedAdagrad, "fedadagrad", {"eta": {"minimum": 0.0}, "tau": {"minimum": _POSITIVE}})
 FedAvgM = flower_strategy(
