@@ -25,7 +25,7 @@ import torch
 from fedseg.data.datalist import load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.synth import INSTITUTIONS, OUTSIDE, OUTSIDE_KEY, PRESETS, Institution, write_site
-from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
 
 SITE_A = INSTITUTIONS[0]
 
@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    try:  # every model file checked before any subject is rendered
+        models = {path: ModelCheckpoint.load(path) for path in args.models}
+    except CheckpointError as error:
+        parser.error(str(error))
     size, base = PRESETS[args.size]
     subjects = max(4, round(base * OUTSIDE.subjects))  # as fedseg synth writes the outside institution
     results: dict[str, dict[str, float]] = {}
@@ -58,8 +62,7 @@ def main() -> None:
             name: write_site(Path(tmp), OUTSIDE_KEY, subjects, size, args.seed, inst=inst, folder=f"v{i}")
             for i, (name, inst) in enumerate(variants().items())
         }
-        for path in args.models:
-            model = ModelCheckpoint.load(path)
+        for path, model in models.items():
             trainer = model.trainer(device="cpu")
             scores = {}
             for name, folder in folders.items():
