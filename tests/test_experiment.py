@@ -74,8 +74,20 @@ def test_experiment_runs_resumes_and_matches_the_clients_evaluation(tmp_path: Pa
         expected = np.mean(np.nan_to_num(np.nanmean(per_case, axis=0), nan=0.0))
         assert history["rounds"][-1]["eval"][site]["dice"] == pytest.approx(expected, abs=1e-6)
 
-    with pytest.raises(ExperimentError, match=r"different experiment config \(changed: strategies\)"):
+    with pytest.raises(ExperimentError, match=r"different experiment config \(changed: strategies\).*appended"):
         run_experiment(_spec(tmp_path, strategies=["fedprox"]), echo=again.append)
+    # A strategy appended to the list adds its arm; the finished ones stay (stopped before any training here)
+    grown: list[str] = []
+    with pytest.raises(Interrupted):
+        run_experiment(_spec(tmp_path, strategies=["fedavg", "fedprox"]), echo=_interrupt_at("[4/4]", grown))
+    assert grown[0].endswith("values appended to strategies; finished arms are kept, the new ones run")
+    assert grown[1:] == [
+        "[1/4] private--site-0: finished earlier, skipped",
+        "[2/4] private--site-1: finished earlier, skipped",
+        "[3/4] fedavg--federation: finished earlier, skipped",
+        "[4/4] fedprox--federation: fedprox, 1 round(s) × 1 epoch(s) on 2 node(s)",
+    ]
+    assert json.loads((results / "experiment.json").read_text())["strategies"] == ["fedavg", "fedprox"]
 
 
 def test_bad_experiment_config_fails_before_training(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,8 @@ from strategies.registry import build_strategy
 
 SPEC_FILE = "experiment.json"
 TRACKING_KEYS = ("tracking", "tracking-dir")  # [run] keys that do not change an arm's results
+# Lists whose appended values only add arms (the first strategy, which a DP sweep trains, stays first)
+GROWABLE = ("strategies", "dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
 VIEWS = "views"
 
 
@@ -76,7 +79,7 @@ class TestSet:
 def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) -> Path:
     """Run (or continue) every arm of `spec`; return the results folder holding cases.csv."""
     results = spec.results_dir.resolve()
-    _claim(results, spec)
+    _claim(results, spec, echo)
     arms = plan_arms(spec)
     seed = spec.run_config().seed
     splits = load_splits([spec.site_dir(k) for k in range(spec.sites)], seed)
@@ -121,28 +124,43 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
     return results
 
 
-def _claim(results: Path, spec: ExperimentSpec) -> None:
-    """Record the config in a new results folder; refuse a folder made by a different config."""
+def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> None:
+    """Record the config in a new results folder; refuse a folder made by a different config. Values
+    appended to a GROWABLE list (a sweep, the strategies) only add arms: the experiment continues."""
     path = results / SPEC_FILE
     wanted = spec.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
-        if _results_defining(saved) != _results_defining(wanted):
-            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        changed = sorted(k for k in set(saved) | set(wanted) if not _keeps_results(k, saved.get(k), wanted.get(k)))
+        if changed:
             raise ExperimentError(
-                f"{results}: made by a different experiment config (changed: {', '.join(changed)}); "
+                f"{results}: made by a different experiment config (changed: {_keys(changed)}); "
                 "delete the folder or give the experiment another name"
+                + (f" (values may only be appended to {_keys(GROWABLE)})" if set(changed) & set(GROWABLE) else "")
             )
-        return
+        grown = [k for k in GROWABLE if saved.get(k) != wanted.get(k)]
+        if not grown:
+            return
+        echo(f"{results}: values appended to {_keys(grown)}; finished arms are kept, the new ones run")
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2))
 
 
-def _results_defining(spec: dict) -> dict:
-    """The experiment config without the [run] keys that only say where a run is watched (tracking): turning
-    tracking on or off continues the experiment."""
-    run = {key: value for key, value in spec.get("run", {}).items() if key not in TRACKING_KEYS}
-    return {**spec, "run": run}
+def _keys(names: Sequence[str]) -> str:
+    """Spec field names as the config file spells them (dp_sgd_noise_multipliers → dp-sgd-noise-multipliers)."""
+    return ", ".join(name.replace("_", "-") for name in names)
+
+
+def _keeps_results(key: str, saved: Any, wanted: Any) -> bool:
+    """Whether changing `key` from `saved` to `wanted` leaves the arms already run as they are: only the
+    [run] keys that say where a run is watched (tracking) changed, or values were appended to a sweep."""
+    if key == "run":
+        return {k: v for k, v in (saved or {}).items() if k not in TRACKING_KEYS} == {
+            k: v for k, v in (wanted or {}).items() if k not in TRACKING_KEYS
+        }
+    if key in GROWABLE and isinstance(saved, list) and isinstance(wanted, list):
+        return wanted[: len(saved)] == saved
+    return saved == wanted
 
 
 def _train(
