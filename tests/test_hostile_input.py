@@ -35,7 +35,7 @@ from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import ALLOW_OUTSIDE_FILE, SiteDataError, scan_site
 from fedseg.data.nifti_guard import DEFAULT_MAX_VOXELS, VolumeError, inspect_nifti
 from fedseg.data.splits import load_or_make_split
-from fedseg.experiments.spec import ExperimentSpec
+from fedseg.experiments.spec import EXPERIMENT_KEYS, ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.models import build_model
 
@@ -626,22 +626,7 @@ def test_experiment_tables_of_the_wrong_type_are_refused(tmp_path: Path, text: s
 @FUZZ
 @given(
     values=st.dictionaries(
-        st.sampled_from(
-            [
-                "name",
-                "data-dir",
-                "sites",
-                "outside",
-                "output-dir",
-                "arms",
-                "strategies",
-                "finetune-rounds",
-                "ensemble-folds",
-                "ensemble-arms",
-                "overlay-cases",
-                "dp-sgd-noise-multipliers",
-            ]
-        ),
+        st.sampled_from(sorted(EXPERIMENT_KEYS)),
         VALUES,
         max_size=4,
     )
