@@ -248,4 +248,4 @@ def _as_array(data: io.BytesIO | np.ndarray | np.generic, ref: np.ndarray) -> Ar
     """An Array of `ref`'s dtype and shape from a filled .npy stream or from values to cast."""
     if isinstance(data, io.BytesIO):
         return Array(dtype=str(ref.dtype), shape=tuple(ref.shape), stype=SType.NUMPY, data=data.getvalue())
-    return Array(np.ascontiguousarray(data, dtype=ref.dtype))
+    return Array(np.ascontiguousarray(data, dtype=ref.dtype).reshape(ref.shape))  # 0-d stays 0-d

@@ -69,7 +69,7 @@ def test_fedavg_equals_flower_fedavg_and_keeps_dtypes() -> None:
         assert ours[key].dtype == np.float32, key
         np.testing.assert_allclose(ours[key], flower[key], rtol=1e-6, atol=1e-7, err_msg=key)
     counters = [s["bn.num_batches_tracked"] for s in site_models()]
-    assert ours["bn.num_batches_tracked"].dtype == np.int64
+    assert ours["bn.num_batches_tracked"].dtype == np.int64 and ours["bn.num_batches_tracked"].shape == ()
     assert ours["bn.num_batches_tracked"] == round((3 * counters[0] + 7 * counters[1] + 12 * counters[2]) / 22)
     assert flower["bn.num_batches_tracked"].dtype == np.float64  # the cast fedseg avoids
 
