@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, TreeMemorySampler, descendants
+from fedseg.local_superlink import flwr_environment, flwr_run_command
 
 SUPERLINK_MARK = "flower-superlink"
 SIMULATION_MARK = "flwr-simulation"
@@ -31,13 +30,6 @@ class SimulationRun:
     def round_seconds(self) -> list[float]:
         """Seconds of every training round (train + aggregate + evaluate), as history.json records them."""
         return [r["seconds"] for r in self.history["rounds"] if r["round"] > 0]
-
-
-def toml_value(value: object) -> str:
-    """A run-config override value in the syntax of Flower's --run-config."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def _local_superlinks() -> list[int]:
@@ -76,25 +68,11 @@ def _cmdline(pid: int) -> str:
 
 def flwr_run(run_config: dict[str, Any], num_supernodes: int, num_cpus: int, timeout: float = 1800) -> SimulationRun:
     """`flwr run` this app (no runtime dependency installation) into a fresh temporary output dir."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-    }
+    env = flwr_environment(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     with tempfile.TemporaryDirectory(prefix="fedseg-bench-") as tmp:
         output = Path(tmp) / "runs"
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in {**run_config, "output-dir": str(output)}.items())
-        command = [
-            os.path.join(bin_dir, "flwr"),
-            "run",
-            str(REPO),
-            "--stream",
-            "--run-config",
-            overrides,
-            "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}",
-        ]
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus}"
+        command = flwr_run_command(REPO, None, {**run_config, "output-dir": str(output)}, [], [federation])
         with TreeMemorySampler(SimulationProcesses()) as sampler:
             started = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

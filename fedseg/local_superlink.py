@@ -197,13 +197,15 @@ def flwr_run_command(
     run_config: dict[str, Any],
     overrides: list[str],
     federation_config: list[str],
-    stream: bool,
-    scratch: Path,
+    stream: bool = True,
+    scratch: Path | None = None,
 ) -> list[str]:
-    """`flwr run` of this environment with the caller's overrides and then the absolute paths (the last wins);
+    """`flwr run` of this environment with the caller's overrides and then `run_config` (the last wins);
     a TOML file of overrides is merged with them into `scratch`/run-config.toml (flwr takes a file alone)."""
     command = [str(this_bin_dir() / "flwr"), "run", str(app_dir)] + ([connection] if connection else [])
     if len(overrides) == 1 and overrides[0].endswith(".toml"):
+        if scratch is None:
+            raise ValueError("a TOML file of run-config overrides needs a scratch folder")
         merged = {**_parsed(overrides), **run_config}
         path = scratch / "run-config.toml"
         path.write_text("".join(f"{_toml_key(key)} = {json.dumps(value)}\n" for key, value in merged.items()))
@@ -212,7 +214,7 @@ def flwr_run_command(
         for override in overrides:
             command += ["--run-config", override]
         if run_config:
-            command += ["--run-config", " ".join(f"{key}={_quoted(value)}" for key, value in run_config.items())]
+            command += ["--run-config", " ".join(f"{key}={run_config_value(v)}" for key, v in run_config.items())]
     for item in federation_config:
         command += ["--federation-config", item]
     return command + (["--stream"] if stream else [])
@@ -236,7 +238,7 @@ def run(
         check_local_superlink(restart_superlink, echo)
     for key, value in run_config.items():
         echo(f"{key}: {value}")
-    env = {**os.environ, "PATH": f"{this_bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr starts ours
+    env = flwr_environment()
     with tempfile.TemporaryDirectory(prefix="fedseg-run-") as scratch:
         command = flwr_run_command(app_dir, connection, run_config, overrides, federation_config, stream, Path(scratch))
         return subprocess.run(command, env=env, check=False).returncode
@@ -254,10 +256,21 @@ def _parsed(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"--run-config {' '.join(overrides)!r}: {message}") from None
 
 
-def _quoted(value: str) -> str:
-    """A path as a value flwr's --run-config parser reads back unchanged (it takes no escapes)."""
+def flwr_environment(**extra: str) -> dict[str, str]:
+    """This process's environment with this environment's bin folder first on PATH (so that `flwr` starts
+    our flower-superlink), plus `extra` variables."""
+    return {**os.environ, "PATH": f"{this_bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def run_config_value(value: object) -> str:
+    """A run-config value as flwr's --run-config parser reads it back unchanged: a string in double quotes
+    (the parser takes no escapes), a boolean in lower case, a number as it is."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, str):
+        return str(value)
     if '"' in value:
-        raise ConfigError(f"path {value!r}: a double quote cannot be passed to flwr's --run-config")
+        raise ConfigError(f"value {value!r}: a double quote cannot be passed to flwr's --run-config")
     return f'"{value}"'
 
 
