@@ -12,6 +12,7 @@ from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, Tensors, sca
 from clients.site_runtime import SiteRuntime
 from clients.weights import state_from_record
 from fedseg import messages as m
+from fedseg.config import UPPER_BOUNDS
 from fedseg.models import norm_state_keys
 from fedseg.privacy import SitePrivacy
 from fedseg.record_values import as_float, as_int
@@ -40,7 +41,9 @@ def train_round(
     trainer = site.trainer
     server_round = as_int(config.get(m.SERVER_ROUND, 0))
     learning_rate = as_float(config.get(m.LEARNING_RATE, site.config.learning_rate))
-    epochs = as_int(config.get(m.LOCAL_EPOCHS, site.config.local_epochs))
+    epochs = as_float(config.get(m.LOCAL_EPOCHS, site.config.local_epochs))
+    if not 0 < epochs <= UPPER_BOUNDS["local-epochs"]:
+        raise ValueError(f"instruction '{m.LOCAL_EPOCHS}' must be in (0, {UPPER_BOUNDS['local-epochs']}], got {epochs}")
     received = state_from_record(content.array_records[m.ARRAYS])
     local_norm = bool(config.get(m.LOCAL_NORM, False))
     ditto_lambda = as_float(config.get(m.DITTO_LAMBDA, 0.0))

@@ -109,7 +109,7 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
                 plan = (
                     f"ensemble of {len(arm.members)} models"
                     if arm.members
-                    else f"{arm.strategy}, {arm.rounds} round(s) x {arm.epochs} epoch(s)"
+                    else f"{arm.strategy}, {arm.rounds} round(s) x {arm.epochs:g} epoch(s)"
                 )
                 typer.echo(f"arm {arm.id}: {arm.kind}, {plan}")
             typer.echo(f"{len(arms)} arms; valid")

@@ -66,7 +66,7 @@ class RunConfig:
     """Settings of one federated run (keys are the hyphenated names in pyproject)."""
 
     num_server_rounds: int = 6
-    local_epochs: int = 3
+    local_epochs: float = 3.0  # passes over the site's data per round; 0.5: half a shuffled pass (fedseg.trainer)
     learning_rate: float = 0.01
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -183,7 +183,6 @@ class RunConfig:
         """Check ranges and names; raise ConfigError on the first bad value."""
         positive = {
             "num-server-rounds": self.num_server_rounds,
-            "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,
             "synthetic-subjects": self.synthetic_subjects,
             "synthetic-size": self.synthetic_size,
@@ -193,6 +192,10 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"run-config '{key}' must be >= 1, got {value}")
+        if not self.local_epochs > 0:
+            raise ConfigError(
+                f"run-config 'local-epochs' must be > 0 (0.5: half a pass per round), got {self.local_epochs}"
+            )
         _validate_bounds(self)
         if not 0.0 < self.learning_rate < 10.0:
             raise ConfigError(f"run-config 'learning-rate' must be in (0, 10), got {self.learning_rate}")
@@ -398,6 +401,11 @@ def _validate_dp(config: RunConfig) -> None:
         )
     if not config.dp_sgd:
         return
+    if not float(config.local_epochs).is_integer():
+        raise ConfigError(
+            f"run-config 'local-epochs' is {config.local_epochs:g}; DP-SGD trains whole epochs of Poisson-sampled "
+            "steps (the accountant counts them): give a whole number"
+        )
     if config.dp_noise_multiplier == 0 and config.dp_target_epsilon == 0:
         raise ConfigError(
             "run-config 'dp-sgd' is on but neither 'dp-noise-multiplier' nor 'dp-target-epsilon' is > 0: "

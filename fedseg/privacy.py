@@ -91,7 +91,7 @@ class DPSettings:
             delta=config.dp_delta,
             target_epsilon=config.dp_target_epsilon,
             accountant=config.dp_accountant,
-            planned_epochs=config.num_server_rounds * config.local_epochs,
+            planned_epochs=int(config.num_server_rounds * config.local_epochs),  # whole epochs under DP-SGD
             physical_batch_size=config.dp_physical_batch_size,
             augmentation_multiplicity=config.dp_augmentation_multiplicity,
             noise_source=config.dp_noise_source,

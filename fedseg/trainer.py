@@ -11,9 +11,10 @@ forward and leaves cuDNN free to pick its fastest kernels; on CPU with a seed it
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -115,7 +116,7 @@ class SegmentationTrainer:
     def fit(
         self,
         dataset: Dataset,
-        epochs: int,
+        epochs: float,
         start_weights: StateDict | None = None,
         prox_mu: float = 0.0,
         seed: int | None = None,
@@ -125,7 +126,8 @@ class SegmentationTrainer:
         gradient_correction: StateDict | None = None,
         average_gradients: bool = False,
     ) -> FitResult:
-        """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's).
+        """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's); a fractional
+        part trains that share of one more shuffled pass (0.5: the first half of its batches).
 
         With prox_mu > 0 add (mu/2)·‖w − a‖² to the loss, a = `prox_anchor` (Ditto: the global
         model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
@@ -136,6 +138,8 @@ class SegmentationTrainer:
         """
         if privacy is not None and self.precision.name == "fp16":
             raise ValueError("DP-SGD cannot train in fp16: Opacus' per-sample gradients are not loss-scaled")
+        if privacy is not None and not float(epochs).is_integer():
+            raise ValueError(f"DP-SGD trains whole epochs (the accountant counts Poisson steps), got {epochs:g}")
         if privacy is not None and (prox_mu > 0 or gradient_correction is not None):
             raise ValueError(
                 "DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces the gradient)"
@@ -168,34 +172,33 @@ class SegmentationTrainer:
             )
             session = nullcontext((optimizer, loader, self._train_forward))
         else:  # Opacus' hooks sit on the plain module
-            session = privacy.attach(self.model, optimizer, dataset, self.batch_size, epochs)
+            session = privacy.attach(self.model, optimizer, dataset, self.batch_size, int(epochs))
         self.model.train()
         started = time.perf_counter()
         total_loss, steps = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
         scaler = self.precision.scaler()  # fp16 only; a pass-through otherwise
         with session as (stepper, batches, forward):
-            for _ in range(epochs):
-                for batch in batches:
-                    image = batch["image"].to(self.device, non_blocking=True)
-                    label = batch["label"].to(self.device, non_blocking=True)
-                    stepper.zero_grad(set_to_none=True)
-                    with self.precision.autocast():
-                        loss = self.loss_fn(forward(image), self.labels.loss_target(label))
-                    if anchor is not None:
-                        loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(stepper)  # true gradients for the sums, the corrections and the step
-                    if gradient_sums is not None:
-                        for name, param in named:
-                            if param.grad is not None:
-                                gradient_sums[name] += param.grad
-                    for param, extra in correction or ():
+            for batch in _passes(batches, epochs):
+                image = batch["image"].to(self.device, non_blocking=True)
+                label = batch["label"].to(self.device, non_blocking=True)
+                stepper.zero_grad(set_to_none=True)
+                with self.precision.autocast():
+                    loss = self.loss_fn(forward(image), self.labels.loss_target(label))
+                if anchor is not None:
+                    loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
+                scaler.scale(loss).backward()
+                scaler.unscale_(stepper)  # true gradients for the sums, the corrections and the step
+                if gradient_sums is not None:
+                    for name, param in named:
                         if param.grad is not None:
-                            param.grad.add_(extra)
-                    scaler.step(stepper)  # skipped when fp16 gradients overflowed
-                    scaler.update()
-                    total_loss += loss.detach()
-                    steps += 1
+                            gradient_sums[name] += param.grad
+                for param, extra in correction or ():
+                    if param.grad is not None:
+                        param.grad.add_(extra)
+                scaler.step(stepper)  # skipped when fp16 gradients overflowed
+                scaler.update()
+                total_loss += loss.detach()
+                steps += 1
         return FitResult(
             train_loss=float(total_loss) / max(steps, 1),
             num_examples=len(dataset),
@@ -231,6 +234,16 @@ class SegmentationTrainer:
             rows.append(self.labels.dice(self.labels.probabilities(logits.cpu()), batch["label"]).numpy())
         per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
         return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
+
+
+def _passes(batches: Iterable[Any], epochs: float) -> Iterator[Any]:
+    """The batches of `epochs` passes over `batches` (each pass a fresh shuffle): the whole passes, then
+    the first round(fraction × batches per pass) batches of one more, at least one."""
+    whole, fraction = divmod(epochs, 1.0)
+    for _ in range(int(whole)):
+        yield from batches
+    if fraction:
+        yield from itertools.islice(batches, max(1, round(fraction * len(cast(Sized, batches)))))
 
 
 def _squared_distance(params: Iterable[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:

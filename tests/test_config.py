@@ -29,7 +29,8 @@ def test_pyproject_defaults_are_valid_and_match_the_dataclass() -> None:
     [
         ("num-server-rounds", 0, "'num-server-rounds' must be >= 1, got 0"),
         ("learning-rate", "fast", "'learning-rate' must be a number, got 'fast'"),
-        ("local-epochs", 1.5, "'local-epochs' must be an integer, got 1.5"),
+        ("local-epochs", 0, "'local-epochs' must be > 0 (0.5: half a pass per round), got 0.0"),
+        ("local-epochs", "two", "'local-epochs' must be a number, got 'two'"),
         ("model", "resnet", "'model' is 'resnet'; choose one of: unet, segresnet, dynunet, ahnet"),
         ("patch-size", "32,32", "'patch-size' needs 1 or 3 sizes"),
         ("patch-size", "a,b,c", "'patch-size' must be like"),
@@ -44,6 +45,13 @@ def test_bad_value_names_key_and_problem(key: str, value: object, message: str) 
     values = {**default_run_config(), key: value}
     with pytest.raises(ConfigError, match=_literal(message)):
         RunConfig.from_mapping(values)
+
+
+def test_fractional_local_epochs_except_under_dp_sgd() -> None:
+    assert RunConfig.from_mapping({**default_run_config(), "local-epochs": 0.5}).local_epochs == 0.5
+    dp = {**default_run_config(), "local-epochs": 0.5, "dp-sgd": True, "dp-noise-multiplier": 1.0}
+    with pytest.raises(ConfigError, match=_literal("'local-epochs' is 0.5; DP-SGD trains whole epochs")):
+        RunConfig.from_mapping(dp)
 
 
 def test_unknown_key_lists_valid_keys() -> None:

@@ -71,3 +71,13 @@ def test_eval_result_ignores_absent_classes() -> None:
     assert result.class_dice == pytest.approx([0.7, 0.5])
     assert result.mean_dice == pytest.approx(0.6)
     assert result.num_cases == 2
+
+
+@pytest.mark.parametrize("epochs", [0.5, 1.34])
+def test_fractional_epochs_train_that_share_of_a_pass(site, epochs: float) -> None:
+    train_set, _ = site
+    per_pass = -(-len(train_set) // 2)  # batches of 2
+    assert per_pass >= 3
+    result = make_trainer().fit(train_set, epochs=epochs, seed=5)
+    assert result.steps == int(epochs) * per_pass + max(1, round((epochs % 1) * per_pass))
+    assert np.isfinite(result.train_loss)

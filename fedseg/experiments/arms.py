@@ -26,7 +26,7 @@ class Arm:
     nodes: tuple[int, ...] = ()  # site indices, one node each (POOLED: one node holding every site)
     strategy: str = "fedavg"
     rounds: int = 1
-    epochs: int = 1
+    epochs: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     start_from: str = ""  # arm id whose final model is the starting point
     fold: int | None = None
@@ -102,7 +102,7 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
     return arms + _privacy_sweep(spec, rounds, epochs)
 
 
-def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
+def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: float) -> list[Arm]:
     """One federated arm per noise level: DP-SGD at the sites (first strategy), then client-level dp-noised."""
     sites, first = tuple(range(spec.sites)), spec.strategies[0]
     arms = [
@@ -134,7 +134,7 @@ def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
     return arms
 
 
-def _ensembles(spec: ExperimentSpec, rounds: int, epochs: int) -> list[Arm]:
+def _ensembles(spec: ExperimentSpec, rounds: int, epochs: float) -> list[Arm]:
     """For each ensembled arm: one submodel per fold, then the ensemble (probabilities averaged)."""
     k, sites = spec.ensemble_folds, tuple(range(spec.sites))
     bases: list[tuple[str, str, str, tuple[int, ...], str]] = []  # (name, kind, trained on, nodes, strategy)

@@ -96,7 +96,7 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
                 + (
                     f"ensemble of {len(arm.members)} models"
                     if arm.members
-                    else f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs} epoch(s) on {len(arm.nodes)} node(s)"
+                    else f"{arm.strategy}, {arm.rounds} round(s) × {arm.epochs:g} epoch(s) on {len(arm.nodes)} node(s)"
                 )
             )
             started = time.perf_counter()
