@@ -1,17 +1,30 @@
-"""Shared fixtures: tiny seeded synthetic sites and a `flwr run` launcher."""
+"""Shared fixtures: tiny seeded synthetic sites and a `flwr run` launcher on a private local SuperLink."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
+from private_superlink import free_port, start_local_superlink
+
+from fedseg.local_superlink import (
+    find_local_superlink,
+    flwr_environment,
+    flwr_run_command,
+    stop_local_superlink,
+    this_bin_dir,
+)
+
+pytest_plugins = ("private_superlink",)  # the private_flwr fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,43 +41,55 @@ TINY_RUN = {
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Synthetic sites of in-process tests go to a per-session temporary cache.
-
-    Apps started by `flwr run` inherit the environment of the long-lived local SuperLink instead,
-    so their sites and caches go to that process's $FEDSEG_CACHE (default ~/.cache/fedseg).
-    """
+    """Synthetic sites of in-process tests go to a per-session temporary cache (so do those of the apps
+    that the session's local SuperLink starts: it is started with the same $FEDSEG_CACHE)."""
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path_factory.getbasetemp() / "fedseg-cache"))
 
 
-def toml_value(value: object) -> str:
-    """A run-config override value as Flower's --run-config parser expects it."""
-    return (
-        json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-    )
-
-
-def flwr_run(
-    run_config: dict[str, object], num_supernodes: int, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Run this app as a local simulation with `flwr run`, no runtime dependency installation."""
-    bin_dir = str(Path(sys.executable).parent)
+@pytest.fixture(scope="session")
+def local_superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's local SuperLink, started from a folder of its own (yielded): a private FLWR_HOME and
+    ports, set in this process too, so that every `flwr run` and `fedseg run` of the session uses this one
+    SuperLink and never the machine's shared one (nor one that another checkout left behind)."""
+    root = Path(tempfile.mkdtemp(prefix="fedseg-tests-flwr-"))  # not tmp_path: it outlives single tests
     env = {
-        **os.environ,
+        "FLWR_HOME": str(root / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "FEDSEG_CACHE": str(tmp_path_factory.getbasetemp() / "fedseg-cache"),
     }
-    overrides = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
-    command = [
-        os.path.join(bin_dir, "flwr"),
-        "run",
-        str(REPO),
-        "--stream",
-        "--run-config",
-        overrides,
-        "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    folder = root / "superlink-folder"
+    folder.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        proc = start_local_superlink(this_bin_dir(), folder, dict(os.environ))
+        try:
+            yield folder
+        finally:
+            superlink = find_local_superlink()
+            if superlink is not None:
+                stop_local_superlink(superlink)
+            proc.wait(timeout=30)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def flwr_run(local_superlink: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`flwr_run(run_config, num_supernodes)`: this app as a simulation (`flwr run`, no runtime dependency
+    installation) on the session's local SuperLink; one CPU per simulated site."""
+
+    def run(
+        run_config: dict[str, object], num_supernodes: int, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+        command = flwr_run_command(REPO, None, run_config, [], [federation])
+        return subprocess.run(
+            command, env=flwr_environment(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+
+    return run
 
 
 def read_history(output_dir: Path) -> dict:

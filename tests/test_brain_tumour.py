@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, flwr_run, read_history
+from conftest import TINY_RUN, read_history
 from inprocess_grid import InProcessGrid, run_federation, task_identity
 
 from fedseg import messages as m
@@ -149,7 +149,7 @@ def test_predict_segments_a_four_modality_case_in_the_input_space(tmp_path: Path
 
 
 @pytest.mark.parametrize("region_training", [True])
-def test_flwr_run_trains_a_four_channel_brats_federation(tmp_path: Path, region_training: bool) -> None:
+def test_flwr_run_trains_a_four_channel_brats_federation(tmp_path: Path, region_training: bool, flwr_run) -> None:
     output = tmp_path / "runs"
     run = {**BRATS_RUN, "num-server-rounds": 3, "region-training": region_training, "output-dir": str(output)}
     result = flwr_run(run, num_supernodes=2)

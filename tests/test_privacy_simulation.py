@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import flwr_run, read_history
+from conftest import read_history
 
 from fedseg.config import RunConfig
 from fedseg.data.sites import load_site_split, site_dir_for
@@ -27,7 +27,7 @@ RUN = {
 }
 
 
-def test_dp_sgd_sites_report_epsilon_and_stop_at_budget(tmp_path: Path) -> None:
+def test_dp_sgd_sites_report_epsilon_and_stop_at_budget(tmp_path: Path, flwr_run) -> None:
     config = RunConfig.from_mapping(RUN)
     subjects = {len(load_site_split(site_dir_for(config, i), seed=config.seed).train) for i in range(2)}
     assert len(subjects) == 1, "both sites hold the same number of training subjects"

@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, read_history, toml_value
+from conftest import REPO, TINY_RUN, read_history
 from private_superlink import free_port, start_local_superlink, stop_processes
 
-from fedseg.local_superlink import this_bin_dir
-
-pytest_plugins = ("private_superlink",)  # the private_flwr fixture
+from fedseg.local_superlink import flwr_run_command, this_bin_dir
 
 
 def _pids_using(marker: str) -> list[int]:
@@ -68,21 +66,9 @@ def test_simulation_runs_on_an_existing_two_node_ray_cluster(
     env, cluster_logs = ray_cluster
     start_local_superlink(this_bin_dir(), tmp_path, env)  # the SuperLink's simulations inherit RAY_ADDRESS
     output = tmp_path / "runs"
-    overrides = " ".join(
-        f"{k}={toml_value(v)}"
-        for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1, "output-dir": str(output)}.items()
-    )
+    run_config = {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1, "output-dir": str(output)}
     result = subprocess.run(
-        [
-            str(this_bin_dir() / "flwr"),
-            "run",
-            str(REPO),
-            "--stream",
-            "--run-config",
-            overrides,
-            "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
-        ],
+        flwr_run_command(REPO, None, run_config, [], ["num-supernodes=2 client-resources-num-cpus=1"]),
         env={**env, "PATH": f"{this_bin_dir()}{os.pathsep}{env['PATH']}"},
         cwd=tmp_path,
         capture_output=True,

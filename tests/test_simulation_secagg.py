@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import TINY_RUN, flwr_run, read_history
+from conftest import TINY_RUN, read_history
 
 
-def test_three_site_secure_simulation_improves_dice(tmp_path: Path) -> None:
+def test_three_site_secure_simulation_improves_dice(tmp_path: Path, flwr_run) -> None:
     output = tmp_path / "runs"
     result = flwr_run(
         {**TINY_RUN, "num-server-rounds": 2, "output-dir": str(output), "min-sites": 3, "secure-aggregation": True},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, flwr_run, installed_example, read_history
+from conftest import TINY_RUN, installed_example, read_history
 from scipy.stats import trim_mean
 from strategy_replies import as_numpy, instructions, reply, task_identity  # noqa: F401 - fixture
 from typer.testing import CliRunner
@@ -88,7 +88,7 @@ def test_integer_weights_equal_the_plain_trimmed_mean_of_repeated_sites() -> Non
     assert not np.allclose(result["w"], trim_mean(np.stack(values), 0.2, axis=0), rtol=1e-3)  # ≠ FedTrimmedAvg
 
 
-def test_plugin_runs_end_to_end_through_flwr_run(tmp_path: Path) -> None:
+def test_plugin_runs_end_to_end_through_flwr_run(tmp_path: Path, flwr_run) -> None:
     output = tmp_path / "runs"
     run = {
         **TINY_RUN,
