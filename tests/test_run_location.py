@@ -1,17 +1,15 @@
-"""Runs land where the user expects: `fedseg run` from a second folder writes below that folder although
-the local SuperLink was started from the first one, and a local SuperLink of another Python environment
-is found, refused and stopped. Every SuperLink here is private (own FLWR_HOME and ports)."""
+"""Runs land where the user expects: `fedseg run` resolves relative run-config paths against the caller's
+folder (end to end, with a run: tests/test_simulation.py), and a local SuperLink of another Python
+environment is found, refused and stopped. Every SuperLink here is private (own FLWR_HOME and ports)."""
 
 from __future__ import annotations
 
 import site
-import subprocess
 import venv
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, read_history, toml_value
-from mlflow.tracking import MlflowClient
+from conftest import REPO
 from private_superlink import start_local_superlink
 
 from fedseg.local_superlink import (
@@ -21,9 +19,6 @@ from fedseg.local_superlink import (
     find_local_superlink,
     this_bin_dir,
 )
-from fedseg.tracking.mlflow_tracker import tracking_uri
-
-pytest_plugins = ("private_superlink",)  # the private_flwr fixture
 
 
 def other_environment(root: Path) -> Path:
@@ -72,47 +67,3 @@ def test_a_superlink_of_another_environment_is_refused_then_stopped(
     assert proc.poll() is None
     check_local_superlink(restart=True, echo=lambda line: None)
     assert proc.wait(timeout=30) is not None and find_local_superlink() is None
-
-
-def test_fedseg_run_writes_below_the_callers_folder_not_the_superlinks(
-    tmp_path: Path, private_flwr: dict[str, str]
-) -> None:
-    first, second = tmp_path / "first-checkout", tmp_path / "second-checkout"
-    first.mkdir()
-    second.mkdir()
-    start_local_superlink(this_bin_dir(), first, private_flwr)
-    overrides = " ".join(
-        f"{k}={toml_value(v)}"
-        for k, v in {**TINY_RUN, "num-server-rounds": 1, "local-epochs": 1, "tracking": "tensorboard,mlflow"}.items()
-    )
-    result = subprocess.run(
-        [
-            str(this_bin_dir() / "fedseg"),
-            "run",
-            str(REPO),
-            "--run-config",
-            overrides,
-            "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
-        ],
-        cwd=second,
-        env=private_flwr,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"output-dir: {second / 'runs'}" in result.stdout
-    runs = list((second / "runs").glob("*/history.json"))  # the default output-dir "runs", below the caller's folder
-    assert len(runs) == 1, result.stdout[-3000:] + result.stderr[-2000:]
-    history = read_history(second / "runs")
-    assert [r["round"] for r in history["rounds"]] == [0, 1]
-    assert not (first / "runs").exists()
-    assert f"folder {first}" in result.stdout  # the ServerApp ran in the SuperLink's folder and says so
-    # the ServerApp's trackers wrote beside the run folders: TensorBoard events and an MLflow run
-    run_name = next((second / "runs").glob("*/history.json")).parent.name
-    assert list((second / "runs" / "tensorboard" / run_name).glob("events.out.tfevents.*"))
-    client = MlflowClient(tracking_uri(second / "runs"))
-    (tracked,) = client.search_runs([client.get_experiment_by_name("fedseg").experiment_id])
-    assert tracked.info.run_name == run_name and "site-1/eval/dice" in tracked.data.metrics
