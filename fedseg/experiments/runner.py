@@ -58,7 +58,7 @@ from strategies.registry import build_strategy
 SPEC_FILE = "experiment.json"
 TRACKING_KEYS = ("tracking", "tracking-dir")  # [run] keys that do not change an arm's results
 # Lists whose appended values only add arms (the first strategy, which a DP sweep trains, stays first)
-GROWABLE = ("strategies", "dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
+GROWABLE = ("arms", "strategies", "dp_sgd_noise_multipliers", "dp_noised_noise_multipliers")
 VIEWS = "views"
 
 
