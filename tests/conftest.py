@@ -41,13 +41,13 @@ TINY_RUN = {
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Synthetic sites of in-process tests go to a per-session temporary cache (so do those of the apps
-    that the session's local SuperLink starts: it is started with the same $FEDSEG_CACHE)."""
+    """Synthetic sites of in-process tests go to a per-session temporary cache (the apps that the session's
+    local SuperLink starts have a cache of their own)."""
     monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path_factory.getbasetemp() / "fedseg-cache"))
 
 
 @pytest.fixture(scope="session")
-def local_superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def local_superlink() -> Iterator[Path]:
     """The session's local SuperLink, started from a folder of its own (yielded): a private FLWR_HOME and
     ports, set in this process too, so that every `flwr run` and `fedseg run` of the session uses this one
     SuperLink and never the machine's shared one (nor one that another checkout left behind)."""
@@ -57,7 +57,7 @@ def local_superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FEDSEG_CACHE": str(tmp_path_factory.getbasetemp() / "fedseg-cache"),
+        "FEDSEG_CACHE": str(root / "cache"),  # its apps' own cache, apart from the in-process tests' one
     }
     folder = root / "superlink-folder"
     folder.mkdir()
