@@ -65,6 +65,7 @@ def start_local_superlink(bin_dir: Path, folder: Path, env: dict[str, str]) -> s
         "--log-file",
         str(home / "superlink.log"),
     ]
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}  # it starts flower-superexec by name
     proc = subprocess.Popen(
         command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -23,14 +23,15 @@ from fedseg.local_superlink import (
 
 def other_environment(root: Path) -> Path:
     """A second Python environment (its own prefix and bin folder) that sees this one's packages; its
-    flower-superlink runs with its own interpreter. Returns its bin folder."""
+    flower-superlink (and the flower-superexec it starts) run with its own interpreter. Returns its bin folder."""
     venv.EnvBuilder(with_pip=False, symlinks=True).create(root)
     bin_dir = root / "bin"
     (site_packages,) = (root / "lib").glob("python*/site-packages")
     (site_packages / "shared.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    script = (this_bin_dir() / "flower-superlink").read_text().split("\n", 1)[1]
-    (bin_dir / "flower-superlink").write_text(f"#!{bin_dir / 'python'}\n{script}")
-    (bin_dir / "flower-superlink").chmod(0o755)
+    for name in ("flower-superlink", "flower-superexec"):  # the SuperLink starts the second by name
+        script = (this_bin_dir() / name).read_text().split("\n", 1)[1]
+        (bin_dir / name).write_text(f"#!{bin_dir / 'python'}\n{script}")
+        (bin_dir / name).chmod(0o755)
     return bin_dir
 
 
