@@ -75,7 +75,7 @@ def test_arm_means_and_percent_of_centralized(cases_csv: Path) -> None:
 
 
 def test_paired_tests_have_hand_computed_p_values(cases_csv: Path) -> None:
-    tests = {(t.model, t.private): t for t in paired_tests(read_cases(cases_csv))}
+    tests = {(t.model, t.reference): t for t in paired_tests(read_cases(cases_csv))}
     assert len(tests) == 4  # fedavg and centralized, each against two private models
     # fedavg beats private site-0 on all 6 cases with distinct gaps: exact two-sided P = 2 / 2^6
     better = tests[(("fedavg", "federation"), ("private", "site-0"))]
@@ -92,6 +92,15 @@ def test_paired_tests_have_hand_computed_p_values(cases_csv: Path) -> None:
         ps = sorted(getattr(t, f"p_{kind}") for t in tests.values())
         expected = [min(p * 4 / j for j, p in enumerate(ps, start=1) if j >= i) for i in range(1, 5)]
         assert sorted(getattr(t, f"q_{kind}") for t in tests.values()) == pytest.approx(expected)
+
+
+def test_paired_tests_against_the_centralized_model(cases_csv: Path) -> None:
+    (test,) = paired_tests(read_cases(cases_csv), "centralized")  # fedavg only: private arms are not compared
+    assert (test.model, test.reference) == (("fedavg", "federation"), ("centralized", "pooled"))
+    gaps = [-0.10, -0.05, -0.15, -0.20, -0.20, -0.05]  # fedavg − centralized, case by case
+    assert test.n == 6 and test.mean_difference == pytest.approx(statistics.mean(gaps))
+    assert test.p_wilcoxon == pytest.approx(stats.wilcoxon(gaps).pvalue)
+    assert test.p_ttest == pytest.approx(stats.ttest_1samp(gaps, 0.0).pvalue)
 
 
 def test_false_discovery_rate_adjustment_by_hand() -> None:
@@ -125,6 +134,8 @@ def test_report_markdown_and_plots(cases_csv: Path, tmp_path: Path) -> None:
     assert 0.6 < low < 0.75 < high < 0.9
     assert f"| fedavg | federated | 0.750 ± 0.105 (6) | {low:.3f}–{high:.3f} | 0.600 ± 0.141 (2) | 85.7 % |" in report
     assert "| fedavg | private (site-0) | 6 | +0.173 | 0.0312 |" in report
+    assert "## Paired tests against the centralized model" in report
+    assert "| fedavg | centralized | 6 | -0.125 |" in report
     for name in ("heatmap.png", "boxes.png", "dice_vs_round.png", "dice_vs_cost.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "overlays.png" not in report

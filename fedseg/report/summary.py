@@ -26,6 +26,7 @@ from fedseg.report.tables import (
 
 REPORT = "report.md"
 CURVE_KINDS = ("federated", "cyclic")  # arms drawn in the Dice-vs-round and cost plots
+CENTRAL = "centralized"  # the arm kind every other shared model is also paired with
 PROTECTS = {  # what ε bounds, in plain words, per DP kind
     SAMPLE_LEVEL: "one subject's scans at a site: whether any single subject was in a site's training data",
     CLIENT_LEVEL: "a whole site's participation: whether any one site, with all its subjects, took part",
@@ -50,7 +51,12 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         arms_table(rows),
         *(["## Dice per structure", structure_table(rows, structures)] if len(structures) > 1 else []),
         "## Paired tests against each private model (same internal test cases)",
-        paired_table(rows),
+        paired_table(rows, "private"),
+        *(
+            ["## Paired tests against the centralized model (same internal test cases)", paired_table(rows, CENTRAL)]
+            if any(row.kind == CENTRAL for row in rows)
+            else []
+        ),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
         "## Plots",
         _plots(results_dir, out, rows),
@@ -113,13 +119,13 @@ def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
     return _markdown(header, body)
 
 
-def paired_table(rows: Sequence[CaseRow]) -> str:
-    tests = paired_tests(rows)
+def paired_table(rows: Sequence[CaseRow], reference_kind: str) -> str:
+    tests = paired_tests(rows, reference_kind)
     if not tests:
-        return "No private arm, or no federated/cyclic/centralized arm: nothing to pair."
+        return f"No {reference_kind} arm, or no arm to compare with it: nothing to pair."
     header = [
         "model",
-        "vs private",
+        f"vs {reference_kind}",
         "n",
         "mean difference",
         "P (Wilcoxon)",
@@ -130,7 +136,7 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
     body = [
         [
             model_label(t.model, rows),
-            model_label(t.private, rows),
+            model_label(t.reference, rows),
             str(t.n),
             _number(t.mean_difference, "{:+.3f}"),
             _number(t.p_wilcoxon, "{:.3g}"),
@@ -141,8 +147,8 @@ def paired_table(rows: Sequence[CaseRow]) -> str:
         for t in tests
     ]
     return _markdown(header, body) + (
-        "\n\nTwo-sided tests on per-case Dice; difference = model − private model. q: the P value adjusted for "
-        f"the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
+        f"\n\nTwo-sided tests on per-case Dice; difference = model − {reference_kind} model. q: the P value adjusted "
+        f"for the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
         "scipy.stats.false_discovery_control); a difference is significant at false discovery rate α when q < α."
     )
 

@@ -50,10 +50,11 @@ class ArmSummary:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """`model` vs a private model on the same internal test cases (difference = model − private)."""
+    """`model` vs a reference model (a private or the centralized one) on the same internal test cases
+    (difference = model − reference)."""
 
     model: Model
-    private: Model
+    reference: Model
     n: int
     mean_difference: float
     p_wilcoxon: float
@@ -200,31 +201,32 @@ def privacy_references(rows: Sequence[CaseRow]) -> dict[Model, Cell]:
     }
 
 
-def paired_tests(rows: Sequence[CaseRow]) -> list[PairedTest]:
-    """Each federated/cyclic/centralized model against each private model, paired by test case; the P values
-    of each test kind adjusted for the number of comparisons (Benjamini–Hochberg, `fdr_adjusted`)."""
+def paired_tests(rows: Sequence[CaseRow], reference_kind: str = "private") -> list[PairedTest]:
+    """Each model of the COMPARED_KINDS other than `reference_kind` against each model of that kind ("private"
+    or "centralized"), paired by test case; the P values of each test kind adjusted for the number of
+    comparisons (Benjamini–Hochberg, `fdr_adjusted`)."""
     kinds = {row.model: row.kind for row in rows}
-    privates = [m for m in models(rows) if kinds[m] == "private"]
-    compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS]
+    references = [m for m in models(rows) if kinds[m] == reference_kind]
+    compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
     internal = _internal_scores(rows)
-    tests = [_paired(model, private, internal[model], internal[private]) for model in compared for private in privates]
+    tests = [_paired(model, ref, internal[model], internal[ref]) for model in compared for ref in references]
     q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
     return [
         dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)
     ]
 
 
-def _paired(model: Model, private: Model, ours: dict, theirs: dict) -> PairedTest:
+def _paired(model: Model, reference: Model, ours: dict, theirs: dict) -> PairedTest:
     keys = [k for k in ours if k in theirs and not math.isnan(ours[k]) and not math.isnan(theirs[k])]
     a = np.array([ours[k] for k in keys])
     b = np.array([theirs[k] for k in keys])
     if len(keys) < 2:
-        return PairedTest(model, private, len(keys), float(np.mean(a - b)) if keys else math.nan, math.nan, math.nan)
+        return PairedTest(model, reference, len(keys), float(np.mean(a - b)) if keys else math.nan, math.nan, math.nan)
     if np.allclose(a, b):
-        return PairedTest(model, private, len(keys), 0.0, 1.0, 1.0)
+        return PairedTest(model, reference, len(keys), 0.0, 1.0, 1.0)
     return PairedTest(
         model=model,
-        private=private,
+        reference=reference,
         n=len(keys),
         mean_difference=float(np.mean(a - b)),
         p_wilcoxon=float(stats.wilcoxon(a, b, alternative="two-sided").pvalue),
