@@ -155,12 +155,15 @@ def _keeps_results(key: str, saved: Any, wanted: Any) -> bool:
     """Whether changing `key` from `saved` to `wanted` leaves the arms already run as they are: only the
     [run] keys that say where a run is watched (tracking) changed, or values were appended to a sweep."""
     if key == "run":
-        return {k: v for k, v in (saved or {}).items() if k not in TRACKING_KEYS} == {
-            k: v for k, v in (wanted or {}).items() if k not in TRACKING_KEYS
-        }
+        return _untracked(saved) == _untracked(wanted)
     if key in GROWABLE and isinstance(saved, list) and isinstance(wanted, list):
         return wanted[: len(saved)] == saved
     return saved == wanted
+
+
+def _untracked(run: dict | None) -> dict:
+    """[run] without the keys that only say where a run is watched."""
+    return {key: value for key, value in (run or {}).items() if key not in TRACKING_KEYS}
 
 
 def _train(
