@@ -2,8 +2,9 @@
 
 Renders the outside institution's subjects again (same seeds, same anatomy) with one of its
 properties set to that of site A at a time — T2 contrast instead of fat-suppressed T2, 1 mm instead
-of 3 mm slices, no bias field, RAS instead of LPS storage, no annotator offset — and scores fedseg
-model files on every variant. The property whose removal restores the Dice is the cause.
+of 3 mm slices, no bias field, RAS instead of LPS storage, no annotator offset — and with T2 contrast
+plus site A's annotators or patients (gland size, transition-zone share, lesion rate), and scores
+fedseg model files on every variant. The property whose removal restores the Dice is the cause.
 
     python bench/outside_causes.py results/quality-cpu/arms/centralized--pooled/model.pt \\
         results/quality-cpu/arms/private--site-1/model.pt --size small
@@ -39,7 +40,14 @@ def variants() -> dict[str, Institution]:
         "no bias field": dataclasses.replace(OUTSIDE, bias=0.0),
         "RAS storage": dataclasses.replace(OUTSIDE, lps=False),
         "no annotator offset": dataclasses.replace(OUTSIDE, annotator_mm=0.0),
+        "T2 + no annotator offset": dataclasses.replace(OUTSIDE, contrast=SITE_A.contrast, annotator_mm=0.0),
+        "T2 + site-A patients": dataclasses.replace(OUTSIDE, contrast=SITE_A.contrast, **_patients(SITE_A)),
     }
+
+
+def _patients(inst: Institution) -> dict[str, object]:
+    """The patient population of `inst`: gland size, transition-zone share, lesion rate."""
+    return {"gland_scale": inst.gland_scale, "tz_fraction": inst.tz_fraction, "lesion_rate": inst.lesion_rate}
 
 
 def main() -> None:

@@ -146,3 +146,19 @@ def test_malformed_cases_file_names_file_and_problem(tmp_path: Path) -> None:
     path.write_text("arm,trained_on,subject,dice_1\nfedavg,federation,a,0.5\n")
     with pytest.raises(CasesError, match=r"cases.csv: header lacks \['kind', 'tested_on', 'outside'\]"):
         read_cases(path)
+
+
+def test_paired_tests_on_the_outside_institution(tmp_path: Path) -> None:
+    outside = {"private": [0.40, 0.50, 0.30], "fedavg": [0.55, 0.70, 0.36]}  # fedavg − private: 0.15, 0.20, 0.06
+    rows = [
+        CaseRow(arm, kind, trained_on, "outside", True, subject, (score, score))
+        for arm, kind, trained_on in (("private", "private", "site-1"), ("fedavg", "federated", "federation"))
+        for subject, score in zip(("o1", "o2", "o3"), outside[arm], strict=True)
+    ]
+    rows.append(CaseRow("private", "private", "site-0", "site-0", False, "a", (0.8, 0.8)))  # no outside case
+    write_cases(tmp_path / "cases.csv", rows)
+    (test,) = paired_tests(read_cases(tmp_path / "cases.csv"), outside=True)
+    assert (test.model, test.reference) == (("fedavg", "federation"), ("private", "site-1"))
+    assert test.n == 3 and test.mean_difference == pytest.approx((0.15 + 0.20 + 0.06) / 3)
+    assert test.p_wilcoxon == pytest.approx(2 / 8)  # all three gaps positive: exact two-sided P = 2 / 2^3
+    assert "| fedavg | private (site-1) | 3 | +0.137 | 0.25 |" in build_report(tmp_path).read_text()

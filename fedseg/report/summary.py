@@ -57,6 +57,14 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             if any(row.kind == CENTRAL for row in rows)
             else []
         ),
+        *(
+            [
+                "## Paired tests against each private model on the outside institution",
+                paired_table(rows, "private", outside=True),
+            ]
+            if any(row.outside for row in rows)
+            else []
+        ),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
         "## Plots",
         _plots(results_dir, out, rows),
@@ -119,10 +127,10 @@ def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
     return _markdown(header, body)
 
 
-def paired_table(rows: Sequence[CaseRow], reference_kind: str) -> str:
-    tests = paired_tests(rows, reference_kind)
+def paired_table(rows: Sequence[CaseRow], reference_kind: str, *, outside: bool = False) -> str:
+    tests = paired_tests(rows, reference_kind, outside=outside)
     if not tests:
-        return f"No {reference_kind} arm, or no arm to compare with it: nothing to pair."
+        return f"No {reference_kind} arm, or no arm to compare with it{' outside' if outside else ''}: nothing to pair."
     header = [
         "model",
         f"vs {reference_kind}",

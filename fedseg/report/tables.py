@@ -50,8 +50,8 @@ class ArmSummary:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """`model` vs a reference model (a private or the centralized one) on the same internal test cases
-    (difference = model − reference)."""
+    """`model` vs a reference model (a private or the centralized one) on the same test cases, internal or
+    outside (difference = model − reference)."""
 
     model: Model
     reference: Model
@@ -201,15 +201,23 @@ def privacy_references(rows: Sequence[CaseRow]) -> dict[Model, Cell]:
     }
 
 
-def paired_tests(rows: Sequence[CaseRow], reference_kind: str = "private") -> list[PairedTest]:
+def paired_tests(
+    rows: Sequence[CaseRow], reference_kind: str = "private", *, outside: bool = False
+) -> list[PairedTest]:
     """Each model of the COMPARED_KINDS other than `reference_kind` against each model of that kind ("private"
-    or "centralized"), paired by test case; the P values of each test kind adjusted for the number of
-    comparisons (Benjamini–Hochberg, `fdr_adjusted`)."""
+    or "centralized"), paired by internal test case (`outside`: by outside-institution case; models without
+    such cases are left out); the P values of each test kind adjusted for the number of comparisons
+    (Benjamini–Hochberg, `fdr_adjusted`)."""
     kinds = {row.model: row.kind for row in rows}
     references = [m for m in models(rows) if kinds[m] == reference_kind]
     compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
-    internal = _internal_scores(rows)
-    tests = [_paired(model, ref, internal[model], internal[ref]) for model in compared for ref in references]
+    scores = _scores(rows, outside)
+    tests = [
+        _paired(model, ref, scores[model], scores[ref])
+        for model in compared
+        for ref in references
+        if model in scores and ref in scores
+    ]
     q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
     return [
         dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)
@@ -234,10 +242,10 @@ def _paired(model: Model, reference: Model, ours: dict, theirs: dict) -> PairedT
     )
 
 
-def _internal_scores(rows: Sequence[CaseRow]) -> dict[Model, dict[tuple[str, str], float]]:
+def _scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
     scores: dict[Model, dict[tuple[str, str], float]] = defaultdict(dict)
     for row in rows:
-        if not row.outside:
+        if row.outside == outside:
             scores[row.model][(row.tested_on, row.subject)] = row.score
     return scores
 
