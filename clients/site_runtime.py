@@ -144,6 +144,7 @@ def _build_runtime(
             augmentation=config.augmentation,
             invert_probability=config.augmentation_invert,
             remap_probability=config.augmentation_remap,
+            structure_probability=config.augmentation_structures,
             window=window,
         ),
         val_set=evaluation_dataset(split.val, config.spacing, cache_dir, labels.label_mapping, window),

@@ -90,6 +90,7 @@ class RunConfig:
     augmentation: str = "standard"  # training augmentation preset (fedseg.data.transforms.AUGMENTATIONS)
     augmentation_invert: float = 0.0  # "shift" only: probability of negating a z-scored patch
     augmentation_remap: float = 0.0  # "shift" only: probability of a random tissue contrast per patch
+    augmentation_structures: float = 0.0  # "shift" only: probability of repainting a patch's labelled structures
     data_dir: str = "synthetic"
     synthetic_subjects: int = 8
     synthetic_size: int = 40
@@ -264,8 +265,8 @@ def _validate_model(config: RunConfig) -> None:
 
 
 def _validate_augmentation(config: RunConfig) -> None:
-    """`augmentation` (a preset of fedseg.data.transforms), `augmentation-invert` and `augmentation-remap`
-    (probabilities "shift" uses)."""
+    """`augmentation` (a preset of fedseg.data.transforms), `augmentation-invert`, `augmentation-remap` and
+    `augmentation-structures` (probabilities "shift" uses)."""
     if config.augmentation not in AUGMENTATIONS:
         raise ConfigError(
             f"run-config 'augmentation' is '{config.augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}"
@@ -273,6 +274,7 @@ def _validate_augmentation(config: RunConfig) -> None:
     for key, value, effect in (
         ("augmentation-invert", config.augmentation_invert, "inverts contrast"),
         ("augmentation-remap", config.augmentation_remap, "remaps tissue contrast"),
+        ("augmentation-structures", config.augmentation_structures, "repaints labelled structures"),
     ):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"run-config '{key}' must be in [0, 1], got {value}")

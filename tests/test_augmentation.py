@@ -28,6 +28,7 @@ from fedseg.data.transforms import (
     FG_INDICES,
     KEYS,
     RandNegated,
+    RandStructureContrastd,
     RandTissueContrastd,
     augmentation,
     preprocessing,
@@ -55,9 +56,22 @@ def preprocessed(channels: int = 1, seed: int = 0) -> dict:
 
 
 def patches(
-    preset: str, item: dict, seed: int, samples: int = 2, invert: float = 0.0, remap: float = 0.0
+    preset: str,
+    item: dict,
+    seed: int,
+    samples: int = 2,
+    invert: float = 0.0,
+    remap: float = 0.0,
+    structures: float = 0.0,
 ) -> list[dict]:
-    pipeline = augmentation(PATCH, samples, preset=preset, invert_probability=invert, remap_probability=remap)
+    pipeline = augmentation(
+        PATCH,
+        samples,
+        preset=preset,
+        invert_probability=invert,
+        remap_probability=remap,
+        structure_probability=structures,
+    )
     pipeline.set_random_state(seed=seed)
     return pipeline(item)
 
@@ -104,7 +118,8 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_every_preset_gives_patches_with_the_label_values_kept(preset: str, channels: int) -> None:
     item = preprocessed(channels)
     for seed in range(4):  # "shift" rotates/scales 40 % of patches: some of these 12 are resampled
-        out = patches(preset, item, seed, samples=3, invert=0.5 if preset == "shift" else 0.0)
+        shift = preset == "shift"
+        out = patches(preset, item, seed, samples=3, invert=0.5 * shift, structures=0.5 * shift)
         assert len(out) == 3
         for patch in out:
             assert tuple(patch["image"].shape) == (channels, *PATCH) and tuple(patch["label"].shape) == (1, *PATCH)
@@ -194,6 +209,32 @@ def test_tissue_contrast_remap_gives_random_structure_contrasts_on_the_same_shap
     assert weak >= 10
 
 
+def test_structure_contrast_repaints_labelled_structures_and_keeps_their_surroundings() -> None:
+    label = torch.zeros(1, SIDE, SIDE, SIDE)
+    label[0, 4:20, 4:20, 4:20] = 1
+    label[0, 8:16, 8:16, 8:16] = 2  # inside structure 1, always the brighter one in the input
+    rng = np.random.default_rng(0)
+    image = (label * 1.5 + 0.2 * torch.as_tensor(rng.standard_normal(label.shape), dtype=torch.float32)).float()
+    item = {"image": image, "label": label}
+    assert RandStructureContrastd("image", label_key="label", prob=0.0)(item)["image"] is image
+    repaint = RandStructureContrastd("image", label_key="label", prob=1.0)
+    repaint.set_random_state(seed=5)
+    far = torch.ones(SIDE, SIDE, SIDE, dtype=torch.bool)
+    far[2:22, 2:22, 2:22] = False  # background two voxels or more from structure 1 (4 edge sigmas)
+    brighter, below_background = 0, 0
+    for _ in range(100):
+        out = repaint(item)
+        assert torch.equal(out["label"], label)
+        torch.testing.assert_close(out["image"][0][far], image[0][far], atol=1e-5, rtol=0)
+        means = [float(out["image"][0][label[0] == v].mean()) for v in (0, 1, 2)]
+        brighter += means[2] > means[1]
+        below_background += means[1] < means[0]
+    assert 25 <= brighter <= 75  # in the input: always
+    assert below_background >= 5  # in the input: never (levels are uniform over the patch's 2–98 % range)
+    empty = {"image": image, "label": torch.zeros_like(label)}
+    assert torch.equal(repaint(empty)["image"], image)
+
+
 @pytest.mark.parametrize("preset", AUGMENTATIONS)
 def test_same_seed_same_patches(preset: str) -> None:
     item = preprocessed(4)
@@ -253,6 +294,8 @@ def test_config_keys() -> None:
         ({"augmentation-invert": 0.3}, "'augmentation-invert' is 0.3 but only augmentation 'shift' inverts"),
         ({"augmentation": "shift", "augmentation-remap": 2}, "'augmentation-remap' must be in [0, 1], got 2"),
         ({"augmentation-remap": 0.5}, "'augmentation-remap' is 0.5 but only augmentation 'shift' remaps"),
+        ({"augmentation": "shift", "augmentation-structures": -1}, "'augmentation-structures' must be in [0, 1]"),
+        ({"augmentation-structures": 0.5}, "'augmentation-structures' is 0.5 but only augmentation 'shift' repaints"),
     ],
 )
 def test_config_errors_name_the_key(values: dict, message: str) -> None:

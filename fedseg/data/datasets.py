@@ -42,11 +42,13 @@ def training_dataset(
     augmentation: str = "standard",
     invert_probability: float = 0.0,
     remap_probability: float = 0.0,
+    structure_probability: float = 0.0,
     window: IntensityWindow | None = None,
 ) -> Dataset:
     """Cached preprocessing (with crop indices) followed by random patch sampling and augmentation
-    preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability` and
-    `remap_probability`: "shift"'s contrast inversion and random tissue contrast). The preset is not
+    preset `augmentation` (fedseg.data.transforms.AUGMENTATIONS; `invert_probability`,
+    `remap_probability` and `structure_probability`: "shift"'s contrast inversion, random tissue
+    contrast and random structure contrast). The preset is not
     part of the cache key: it only acts after the cache."""
     deterministic = training_preprocessing(patch_size, pixdim, label_mapping, window)
     settings = {
@@ -61,6 +63,7 @@ def training_dataset(
         preset=augmentation,
         invert_probability=invert_probability,
         remap_probability=remap_probability,
+        structure_probability=structure_probability,
     )
     return _cached(items, deterministic, settings, random, cache_dir)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
+from monai.networks.layers import GaussianFilter
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -83,6 +84,9 @@ SHIFT_SHARPEN_PROB = 0.1
 SHIFT_SHARPEN_ALPHA = (2.0, 8.0)  # MONAI's default (10, 30) is far beyond any scanner's edge enhancement
 SHIFT_NOISE_PROB = 0.2
 REMAP_POINTS = (4, 8)  # control points of a random tissue-contrast curve over a patch's intensity range
+STRUCTURE_LEVELS = (0.02, 0.98)  # a labelled structure's new mean: uniform between these quantiles of the patch
+STRUCTURE_GAIN = (0.5, 1.5)  # its texture about that mean, scaled
+STRUCTURE_EDGE_SIGMA = 0.5  # voxels: a repainted structure's new level blends into its surroundings (partial volume)
 SHIFT_NOISE_STD = 0.15  # z units, drawn in [0, this], added to the noise a site has (synthetic: 0.09 to 0.31)
 
 
@@ -136,6 +140,7 @@ def augmentation(
     preset: str = "standard",
     invert_probability: float = 0.0,
     remap_probability: float = 0.0,
+    structure_probability: float = 0.0,
 ) -> Compose:
     """The random training part of preset `preset` (one of `AUGMENTATIONS`), on `training_preprocessing`'s output.
 
@@ -146,11 +151,17 @@ def augmentation(
     shift, intensity scale/shift, blur or sharpening, Gaussian noise; then, with
     `invert_probability` > 0, negates the whole z-scored image (contrast inversion, e.g. T1 vs T2)
     with that probability, and with `remap_probability` > 0 gives a patch a random tissue contrast
-    (RandTissueContrastd). "none" crops only.
+    (RandTissueContrastd); `structure_probability` > 0 first repaints the labelled structures
+    against their surroundings (RandStructureContrastd, before the scanner effects blur and bias
+    them). "none" crops only.
     """
     if preset not in AUGMENTATIONS:
         raise ValueError(f"augmentation preset '{preset}': choose one of {', '.join(AUGMENTATIONS)}")
-    for name, value in (("invert_probability", invert_probability), ("remap_probability", remap_probability)):
+    for name, value in (
+        ("invert_probability", invert_probability),
+        ("remap_probability", remap_probability),
+        ("structure_probability", structure_probability),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     crop = RandCropByPosNegLabeld(
@@ -175,12 +186,14 @@ def augmentation(
                 RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
             ]
         )
-    steps = [
+    steps: list[MapTransform] = [
         crop,
         *_flips(),
         _affine(SHIFT_ROTATION_DEG, SHIFT_SCALE, SHIFT_AFFINE_PROB),
-        ChannelWised("image", Compose(_scanner_effects("image"))),
     ]
+    if structure_probability > 0:  # 0: no step at all
+        steps.append(RandStructureContrastd("image", label_key="label", prob=structure_probability))
+    steps.append(ChannelWised("image", Compose(_scanner_effects("image"))))
     if remap_probability > 0:  # 0: no step at all
         steps.append(RandTissueContrastd("image", prob=remap_probability))
     if invert_probability > 0:
@@ -331,3 +344,50 @@ class RandTissueContrastd(RandImaged):
         weight = position - left
         curve = values[left] * (1 - weight) + values[left + 1] * weight
         return (curve - curve.mean()) / curve.std().clamp_min(1e-6)
+
+
+class RandStructureContrastd(RandomizableTransform, MapTransform):
+    """With probability `prob`, gives each labelled structure of a patch its own contrast against its
+    surroundings: inside label value v, each image channel's intensities move to a random mean level
+    (uniform between the channel's STRUCTURE_LEVELS quantiles over the patch) with their texture about
+    the structure's mean scaled by a random gain (STRUCTURE_GAIN). The shift of the mean is smoothed
+    over STRUCTURE_EDGE_SIGMA voxels, so a structure blends into its surroundings as through partial
+    volume (a wider blur would carry the old contrast into thin structures). Labels are untouched.
+
+    What a protocol changes most is how bright an organ is against what surrounds it (fat suppression
+    darkens the fat around the prostate; T1 vs T2 swaps zones), and no curve over intensities changes
+    that when organ and neighbour are about equally bright. SynthSeg (Billot et al. 2023) draws each
+    labelled tissue's intensity at random for that reason; here the labelled structures of a real
+    image are redrawn and their unlabelled surroundings kept, so the network has to find them by shape.
+    """
+
+    def __init__(self, keys: KeysCollection, label_key: str, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+        self._smooth = GaussianFilter(spatial_dims=3, sigma=STRUCTURE_EDGE_SIGMA)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        label = torch.as_tensor(d[self.label_key])[0]
+        structures = [label == v for v in torch.unique(label).tolist() if v != 0]
+        if not structures:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key]).float()
+            d[key] = convert_to_dst_type(torch.stack([self._repaint(c, structures) for c in image]), d[key])[0]
+        return d
+
+    def _repaint(self, channel: torch.Tensor, structures: list[torch.Tensor]) -> torch.Tensor:
+        low, high = torch.quantile(channel.flatten(), torch.tensor(STRUCTURE_LEVELS))
+        out, shift = channel.clone(), torch.zeros_like(channel)
+        for inside in structures:
+            mean = channel[inside].mean()
+            level = low + (high - low) * float(self.R.uniform())
+            out[inside] = mean + (channel[inside] - mean) * float(self.R.uniform(*STRUCTURE_GAIN))
+            shift[inside] = level - mean
+        with torch.no_grad():
+            return out + self._smooth(shift[None, None])[0, 0]
