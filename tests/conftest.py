@@ -92,10 +92,12 @@ def flwr_run(local_superlink: Path) -> Callable[..., subprocess.CompletedProcess
     return run
 
 
-def read_history(output_dir: Path) -> dict:
-    """history.json of the single run written under `output_dir`."""
+def read_history(output_dir: Path, run: subprocess.CompletedProcess[str] | None = None) -> dict:
+    """history.json of the single run written under `output_dir`; `run` (the `flwr run` that should have
+    written it) adds the end of its output to the failure message."""
     runs = sorted(output_dir.glob("*/history.json"))
-    assert len(runs) == 1, f"expected one run folder in {output_dir}, found {runs}"
+    log = f"\n{run.stdout[-3000:]}{run.stderr[-3000:]}" if run is not None else ""
+    assert len(runs) == 1, f"expected one run folder in {output_dir}, found {runs}{log}"
     return json.loads(runs[0].read_text())
 
 

@@ -154,7 +154,7 @@ def test_flwr_run_trains_a_four_channel_brats_federation(tmp_path: Path, region_
     run = {**BRATS_RUN, "num-server-rounds": 3, "region-training": region_training, "output-dir": str(output)}
     result = flwr_run(run, num_supernodes=2)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = read_history(output)
+    history = read_history(output, result)
     assert history["config"]["in-channels"] == 4
     first, last = history["rounds"][0], history["rounds"][-1]
     assert last["failures"] == [] and set(last["eval"]) == {"site-0", "site-1"}

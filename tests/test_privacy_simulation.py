@@ -41,7 +41,7 @@ def test_dp_sgd_sites_report_epsilon_and_stop_at_budget(tmp_path: Path, flwr_run
     result = flwr_run({**RUN, "dp-target-epsilon": budget, "output-dir": str(output)}, num_supernodes=2)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
-    rounds = read_history(output)["rounds"]
+    rounds = read_history(output, result)["rounds"]
 
     for server_round in (1, 2):
         train = rounds[server_round]["train"]

@@ -21,7 +21,7 @@ def test_three_site_secure_simulation_improves_dice(tmp_path: Path, flwr_run) ->
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "round 1 summed 3 site(s)" in log and "round 2 summed 3 site(s)" in log, log
-    rounds = read_history(output)["rounds"]
+    rounds = read_history(output, result)["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert set(rounds[-1]["train"]) == {"site-0", "site-1", "site-2"} and rounds[-1]["failures"] == []
     assert rounds[-1]["mean_dice"] > rounds[0]["mean_dice"] + 0.1  # as the plain two-site simulation test

@@ -100,7 +100,7 @@ def test_plugin_runs_end_to_end_through_flwr_run(tmp_path: Path, flwr_run) -> No
     }
     result = flwr_run(run, num_supernodes=2)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = read_history(output)
+    history = read_history(output, result)
     assert history["config"]["strategy"] == "trimmed-mean"
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
