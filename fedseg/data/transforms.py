@@ -11,8 +11,8 @@ background voxel indices, so the random crops of every epoch do not rescan the w
 The random part (`augmentation`) is chosen by preset name (`AUGMENTATIONS`, run-config key
 `augmentation`): "standard" (crops, flips, small affine, intensity scale/shift), "shift" (for
 institutions no site resembles: also bias field, gamma, histogram shift, noise, blur/sharpen,
-thick slices, larger rotations and scalings, optional contrast inversion and random tissue
-contrast) or "none" (crops only).
+thick slices, larger rotations and scalings, optional contrast inversion, random tissue contrast
+and repainted labelled structures) or "none" (crops only).
 It runs on patches of the z-scored image, after the cached deterministic part.
 """
 
