@@ -220,7 +220,7 @@ def test_structure_contrast_repaints_labelled_structures_and_keeps_their_surroun
     repaint = RandStructureContrastd("image", label_key="label", prob=1.0)
     repaint.set_random_state(seed=5)
     far = torch.ones(SIDE, SIDE, SIDE, dtype=torch.bool)
-    far[2:22, 2:22, 2:22] = False  # background two voxels or more from structure 1 (4 edge sigmas)
+    far[2:22, 2:22, 2:22] = False  # background three voxels or more from structure 1 (beyond the kernel)
     brighter, below_background = 0, 0
     for _ in range(100):
         out = repaint(item)
@@ -233,14 +233,20 @@ def test_structure_contrast_repaints_labelled_structures_and_keeps_their_surroun
     assert below_background >= 5  # in the input: never (levels are uniform over the patch's 2–98 % range)
     empty = {"image": image, "label": torch.zeros_like(label)}
     assert torch.equal(repaint(empty)["image"], image)
+    # a structure filling the patch: every voxel, border ones included, moves by the same level shift
+    whole = {"image": image, "label": torch.ones_like(label)}
+    shifted = repaint(whole)["image"][0]
+    gained = shifted - shifted.mean()
+    texture = (image[0] - image[0].mean()) / (image[0] - image[0].mean()).std()
+    torch.testing.assert_close(gained / gained.std(), texture, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("preset", AUGMENTATIONS)
 def test_same_seed_same_patches(preset: str) -> None:
     item = preprocessed(4)
-    invert = 0.5 if preset == "shift" else 0.0
-    first, again = (patches(preset, item, seed=11, samples=3, invert=invert) for _ in range(2))
-    other = patches(preset, item, seed=12, samples=3, invert=invert)
+    invert = structures = 0.5 if preset == "shift" else 0.0
+    first, again = (patches(preset, item, seed=11, samples=3, invert=invert, structures=structures) for _ in range(2))
+    other = patches(preset, item, seed=12, samples=3, invert=invert, structures=structures)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert not all(torch.equal(a["image"], c["image"]) for a, c in zip(first, other, strict=True))

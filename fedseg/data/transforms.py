@@ -352,7 +352,8 @@ class RandStructureContrastd(RandomizableTransform, MapTransform):
     (uniform between the channel's STRUCTURE_LEVELS quantiles over the patch) with their texture about
     the structure's mean scaled by a random gain (STRUCTURE_GAIN). The shift of the mean is smoothed
     over STRUCTURE_EDGE_SIGMA voxels, so a structure blends into its surroundings as through partial
-    volume (a wider blur would carry the old contrast into thin structures). Labels are untouched.
+    volume (a wider blur would carry the old contrast into thin structures), normalised so that a
+    structure cut by the patch border keeps its level up to the border. Labels are untouched.
 
     What a protocol changes most is how bright an organ is against what surrounds it (fat suppression
     darkens the fat around the prostate; T1 vs T2 swaps zones), and no curve over intensities changes
@@ -389,5 +390,6 @@ class RandStructureContrastd(RandomizableTransform, MapTransform):
             level = low + (high - low) * float(self.R.uniform())
             out[inside] = mean + (channel[inside] - mean) * float(self.R.uniform(*STRUCTURE_GAIN))
             shift[inside] = level - mean
-        with torch.no_grad():
-            return out + self._smooth(shift[None, None])[0, 0]
+        with torch.no_grad():  # divided by the blurred ones: the filter pads with zeros at the patch border
+            weight = self._smooth(torch.ones_like(shift)[None, None])[0, 0]
+            return out + self._smooth(shift[None, None])[0, 0] / weight
