@@ -35,10 +35,9 @@ def test_fedseg_run_trains_two_sites_below_the_callers_folder(tmp_path: Path, lo
     assert result.returncode == 0, result.stdout + result.stderr
     output = caller / "runs"
     assert f"output-dir: {output}" in result.stdout
-    assert len(list(output.glob("*/history.json"))) == 1, result.stdout[-3000:] + result.stderr[-2000:]
+    history = read_history(output, result)
     assert not (local_superlink / "runs").exists()
     assert f"folder {local_superlink}" in result.stdout  # the ServerApp ran in the SuperLink's folder and says so
-    history = read_history(output)
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert set(rounds[-1]["eval"]) == {"site-0", "site-1"}

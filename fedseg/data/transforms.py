@@ -377,12 +377,15 @@ class RandStructureContrastd(RandomizableTransform, MapTransform):
         structures = [label == v for v in torch.unique(label).tolist() if v != 0]
         if not structures:
             return d
+        with torch.no_grad():  # the filter pads with zeros: dividing by the blurred ones keeps levels at the border
+            weight = self._smooth(torch.ones_like(label, dtype=torch.float32)[None, None])[0, 0]
         for key in self.key_iterator(d):
             image = torch.as_tensor(d[key]).float()
-            d[key] = convert_to_dst_type(torch.stack([self._repaint(c, structures) for c in image]), d[key])[0]
+            repainted = [self._repaint(c, structures, weight) for c in image]
+            d[key] = convert_to_dst_type(torch.stack(repainted), d[key])[0]
         return d
 
-    def _repaint(self, channel: torch.Tensor, structures: list[torch.Tensor]) -> torch.Tensor:
+    def _repaint(self, channel: torch.Tensor, structures: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
         low, high = torch.quantile(channel.flatten(), torch.tensor(STRUCTURE_LEVELS))
         out, shift = channel.clone(), torch.zeros_like(channel)
         for inside in structures:
@@ -390,6 +393,5 @@ class RandStructureContrastd(RandomizableTransform, MapTransform):
             level = low + (high - low) * float(self.R.uniform())
             out[inside] = mean + (channel[inside] - mean) * float(self.R.uniform(*STRUCTURE_GAIN))
             shift[inside] = level - mean
-        with torch.no_grad():  # divided by the blurred ones: the filter pads with zeros at the patch border
-            weight = self._smooth(torch.ones_like(shift)[None, None])[0, 0]
+        with torch.no_grad():
             return out + self._smooth(shift[None, None])[0, 0] / weight
