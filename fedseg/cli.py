@@ -468,15 +468,24 @@ def experiment(config: str = typer.Argument(..., help="experiment TOML (see conf
 @app.command()
 @_boundary
 def report(
-    results_dir: str = typer.Argument(..., help="results folder holding cases.csv"),
-    out: str = typer.Option(None, help="where report.md and the plots go (default: RESULTS_DIR)"),
+    results_dirs: list[str] = typer.Argument(
+        ..., metavar="RESULTS_DIR...", help="results folder holding cases.csv; several: one study at other seeds"
+    ),
+    out: str = typer.Option(None, help="where report.md and the plots go (default: RESULTS_DIR; several: required)"),
 ) -> None:
-    """Markdown tables (cross-site Dice, arm means, paired tests) and PNG plots from cases.csv."""
-    from fedseg.report import build_report
+    """Markdown tables (cross-site Dice, arm means, paired tests) and PNG plots from cases.csv; with several
+    results folders (the same study at other seeds), report.md summarising them: % of centralized per
+    run and on average, outside Dice, paired tests pooled over the runs."""
+    from fedseg.report import build_report, build_seed_report
     from fedseg.report.cases import CasesError
 
     try:
-        typer.echo(build_report(results_dir, out))
+        if len(results_dirs) == 1:
+            typer.echo(build_report(results_dirs[0], out))
+        elif out is None:
+            raise CasesError(f"{len(results_dirs)} results folders need --out (a folder for their report.md)")
+        else:
+            typer.echo(build_seed_report(results_dirs, out))
     except CasesError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

@@ -1,4 +1,5 @@
-"""`fedseg report RESULTS_DIR`: report.md with the tables and PNG plots of one experiment."""
+"""`fedseg report RESULTS_DIR`: report.md with the tables and PNG plots of one experiment; with several
+results folders (one study at other seeds), report.md summarising them (`build_seed_report`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, read_structures
 from fedseg.report.layout import CASES
+from fedseg.report.seeds import pooled_rows, read_runs, seed_summaries
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_LEVEL,
@@ -68,6 +70,45 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
         "## Plots",
         _plots(results_dir, out, rows),
+    ]
+    path = out / REPORT
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Write report.md summarising one study's runs at several seeds into `out_dir`; return its path."""
+    runs = read_runs(results_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pooled_rows(runs)
+    names = [run.name for run in runs]
+    summaries = seed_summaries(runs)
+    sections = [
+        f"# Seeds report: {', '.join(names)}",
+        f"{len(runs)} runs of one study (another split, initial model and draws each), from their `{CASES}`. "
+        "Per run, an arm's internal Dice (mean over its test cases) as % of that run's centralized model; "
+        "the mean is over the runs that have the arm.",
+        "## Internal Dice, % of centralized",
+        _markdown(
+            ["arm", "kind", *names, "mean"],
+            [
+                [s.arm, s.kind, *(_number(p, "{:.1f} %") for p in s.percent), _number(s.mean_percent, "{:.1f} %")]
+                for s in summaries
+            ],
+        ),
+        "## Outside institution, mean Dice",
+        _markdown(
+            ["arm", "kind", *names, "mean"],
+            [
+                [s.arm, s.kind, *(_number(o, "{:.3f}") for o in s.outside), _number(s.mean_outside, "{:.3f}")]
+                for s in summaries
+            ],
+        ),
+        "## Paired tests against the centralized model, pooled over the runs (same internal test cases)",
+        paired_table(rows, CENTRAL),
+        "## Paired tests against each private model on the outside institution, pooled over the runs",
+        paired_table(rows, "private", outside=True),
     ]
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
