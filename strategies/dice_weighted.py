@@ -6,9 +6,11 @@ federated prostate segmentation, aggregation weighted by each site's validation 
 
 dᵢ is the reply's `val-dice` (mean foreground Dice of the site's freshly trained model on its
 own validation split, in [0, 1]), nᵢ its `num-examples`, λ the parameter `example-mix`
-(0: Dice only, 1: plain FedAvg). If every site reports Dice 0 (Σ dᵢ = 0, e.g. an untrained
-first round) the Dice term is undefined and the round falls back to example weights (λ = 1),
-with a warning. A reply whose `val-dice` lies outside [0, 1] is dropped.
+(0: Dice only, 1: plain FedAvg; default 0.5, the best measured over five seeds of the README's
+160 × 0.25 study: 98.9 % of the centralized Dice against 97.9 % with Dice only and 96.8 % FedAvg —
+Dice-only weights neglect the largest site, example weights the smallest). If every site reports
+Dice 0 (Σ dᵢ = 0, e.g. an untrained first round) the Dice term is undefined and the round falls
+back to example weights (λ = 1), with a warning. A reply whose `val-dice` lies outside [0, 1] is dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class DiceWeighted(FedSegStrategy):
         Param(
             "example-mix",
             float,
-            0.0,
+            0.5,
             "share λ of the example-count weights (0: Dice only, 1: FedAvg)",
             minimum=0.0,
             maximum=1.0,
