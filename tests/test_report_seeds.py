@@ -12,15 +12,20 @@ from typer.testing import CliRunner
 from fedseg.cli import app
 from fedseg.report import build_seed_report
 from fedseg.report.cases import CaseRow, CasesError, write_cases
-from fedseg.report.seeds import pooled_rows, read_runs, seed_summaries
+from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
 
-# per run: arm → internal scores of subjects s1..s3 at site-0; the second run has no fedprox arm
+# per run: arm → internal scores of its test subjects at site-0 (s1 and s2 are in both runs' test sets);
+# the second run has no fedprox arm
+SUBJECTS = {"study": ("s1", "s2", "s3"), "study-seed1": ("s1", "s2", "s4")}
 RUNS = {
     "study": {"centralized": [0.8, 0.9, 1.0], "fedavg": [0.7, 0.9, 0.8], "fedprox": [0.9, 0.9, 0.9]},
     "study-seed1": {"centralized": [0.6, 0.6, 0.6], "fedavg": [0.5, 0.55, 0.45]},
 }
 KINDS = {"centralized": "centralized", "fedavg": "federated", "fedprox": "federated"}
 OUTSIDE = {"study": {"fedavg": 0.3, "centralized": 0.1}, "study-seed1": {"fedavg": 0.5, "centralized": 0.3}}
+# fedavg vs centralized, a scan once: s1, s2 averaged over both runs; s3 first run only; s4 second only
+POOLED_FEDAVG = [(0.7 + 0.5) / 2, (0.9 + 0.55) / 2, 0.8, 0.45]
+POOLED_CENTRAL = [(0.8 + 0.6) / 2, (0.9 + 0.6) / 2, 1.0, 0.6]
 
 
 def _write_runs(root: Path) -> list[Path]:
@@ -30,8 +35,8 @@ def _write_runs(root: Path) -> list[Path]:
         for arm, scores in arms.items():
             trained_on = "pooled" if arm == "centralized" else "federation"
             rows += [
-                CaseRow(arm, KINDS[arm], trained_on, "site-0", False, f"s{i}", (score, score))
-                for i, score in enumerate(scores, start=1)
+                CaseRow(arm, KINDS[arm], trained_on, "site-0", False, subject, (score, score))
+                for subject, score in zip(SUBJECTS[name], scores, strict=True)
             ]
             if arm in OUTSIDE[name]:
                 rows.append(CaseRow(arm, KINDS[arm], trained_on, "outside", True, "o1", (OUTSIDE[name][arm], math.nan)))
@@ -50,46 +55,55 @@ def test_percent_per_run_and_mean_over_the_runs_that_have_the_arm(tmp_path: Path
     assert summaries["fedavg"].outside == pytest.approx((0.3, 0.5))
 
 
-def test_pooled_pairs_are_the_same_subject_of_the_same_run(tmp_path: Path) -> None:
-    rows = pooled_rows(read_runs(_write_runs(tmp_path)))
-    fedavg = {r.subject: r.score for r in rows if r.arm == "fedavg" and not r.outside}
-    assert fedavg == pytest.approx(
-        {
-            "study/s1": 0.7,
-            "study/s2": 0.9,
-            "study/s3": 0.8,
-            "study-seed1/s1": 0.5,
-            "study-seed1/s2": 0.55,
-            "study-seed1/s3": 0.45,
-        }
-    )
+def test_pooled_tests_count_a_scan_once_averaged_over_the_runs(tmp_path: Path) -> None:
+    fedavg, fedprox = pooled_tests(read_runs(_write_runs(tmp_path)), "centralized")
+    assert fedprox.model == ("fedprox", "federation") and fedprox.n == 3  # the first run's cases only
+    test = fedavg
+    assert test.model == ("fedavg", "federation") and test.n == 4
+    differences = [f - c for f, c in zip(POOLED_FEDAVG, POOLED_CENTRAL, strict=True)]
+    assert test.mean_difference == pytest.approx(sum(differences) / 4)
+    assert test.p_ttest == pytest.approx(stats.ttest_rel(POOLED_FEDAVG, POOLED_CENTRAL).pvalue)
 
 
 def test_report_has_the_pooled_wilcoxon_p_value(tmp_path: Path) -> None:
-    path = build_seed_report(_write_runs(tmp_path), tmp_path / "out")
-    text = path.read_text()
-    fedavg = [0.7, 0.9, 0.8, 0.5, 0.55, 0.45]
-    central = [0.8, 0.9, 1.0, 0.6, 0.6, 0.6]
-    p = stats.wilcoxon(fedavg, central).pvalue
+    text = build_seed_report(_write_runs(tmp_path), tmp_path / "out").read_text()
+    p = stats.wilcoxon(POOLED_FEDAVG, POOLED_CENTRAL).pvalue
     line = next(x for x in text.splitlines() if x.startswith("| fedavg | centralized |"))
-    assert f"| 6 | -0.100 | {p:.3g} |" in line
+    difference = sum(f - c for f, c in zip(POOLED_FEDAVG, POOLED_CENTRAL, strict=True)) / 4
+    assert f"| 4 | {difference:+.3f} | {p:.3g} |" in line
     row = next(x for x in text.splitlines() if x.startswith("| fedavg | federated | 88.9 %"))
     assert row.endswith(f"| {(100 * 0.8 / 0.9 + 100 * 0.5 / 0.6) / 2:.1f} % |")
     assert "| fedprox | federated | 100.0 % | – | 100.0 % |" in text
+    assert "| fedavg | federated | 0.300 | 0.500 | 0.400 |" in text
+    assert "No private arm, or no arm to compare with it outside: nothing to pair." in text
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     first, second = _write_runs(tmp_path)
     with pytest.raises(CasesError, match="at least two"):
         read_runs([first])
-    with pytest.raises(CasesError, match="study is given twice"):
-        read_runs([first, first])
+    with pytest.raises(CasesError, match="is given twice"):
+        read_runs([first, f"{tmp_path}/./study/"])
+    (tmp_path / "elsewhere" / "study").mkdir(parents=True)
+    with pytest.raises(CasesError, match="share the name study"):
+        read_runs([first, tmp_path / "elsewhere" / "study"])
+    with pytest.raises(CasesError, match="is one of the results folders"):
+        build_seed_report([first, second], first)
+    (second / "cases.csv").write_text("")
+    with pytest.raises(CasesError, match="empty file"):
+        read_runs([first, second])
+    (second / "cases.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CasesError, match="not a CSV text file"):
+        read_runs([first, second])
     write_cases(second / "cases.csv", [CaseRow("fedavg", "federated", "federation", "site-0", False, "s1", (0.5,))])
     with pytest.raises(CasesError, match="must score the same ones"):
         read_runs([first, second])
-    result = CliRunner().invoke(app, ["report", str(first), str(tmp_path / "missing")], catch_exceptions=False)
-    assert result.exit_code == 2 and "need --out" in result.output
-    result = CliRunner().invoke(
-        app, ["report", str(first), str(tmp_path / "missing"), "--out", str(tmp_path / "o")], catch_exceptions=False
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(first), str(tmp_path / "absent")], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: 2 results folders need --out (a folder for their report.md)"]
+    result = runner.invoke(
+        app, ["report", str(first), str(tmp_path / "absent"), "--out", str(tmp_path / "o")], catch_exceptions=False
     )
-    assert result.exit_code == 2 and "missing" in result.output and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "cases.csv: cannot read cases file" in lines[0]

@@ -97,6 +97,8 @@ def read_cases(path: Path) -> list[CaseRow]:
             rows = [_parse(path, line_no, values, index, dice_cols) for line_no, values in enumerate(reader, start=2)]
     except OSError as err:
         raise CasesError(f"{path}: cannot read cases file: {err}") from err
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CasesError(f"{path}: not a CSV text file: {err}") from err
     if not rows:
         raise CasesError(f"{path}: no result rows")
     return rows

@@ -1,19 +1,22 @@
 """`fedseg report RUN RUN ... --out DIR`: one study repeated with other seeds (another split of every site,
 initial model and patch draws), summarised over the runs: each arm's % of the centralized model per run
-and on average, its outside Dice, and paired tests pooled over every run's cases (a case is a run's
-subject, so n grows with the runs while each pair still compares two models on the same scan)."""
+and on average, its outside Dice, and paired tests over the runs' cases.
+
+A scan can be a test case in several runs (the outside institution's in every one, an internal subject
+whenever two splits put it in the test set), so the pooled tests count each scan once: its Dice under a
+model, averaged over the runs that tested both compared models on it."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedseg.report.cases import CaseRow, CasesError, read_cases, read_structures
+from fedseg.report.cases import CaseRow, CasesError, mean_sd, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.tables import arm_summaries
+from fedseg.report.tables import PairedTest, adjusted, arm_summaries, case_scores, model_pairs, paired_test
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class Run:
 
 @dataclass(frozen=True)
 class SeedSummary:
-    """One arm over the runs: per run (NaN where the run lacks the arm) and the mean over the runs that have it."""
+    """One arm over the runs: per run (NaN where the run lacks the arm, or % where it lacks a centralized
+    model) and the mean over the runs with a value."""
 
     arm: str
     kind: str
@@ -35,30 +39,37 @@ class SeedSummary:
 
     @property
     def mean_percent(self) -> float:
-        return _mean(self.percent)
+        return mean_sd(self.percent)[0]
 
     @property
     def mean_outside(self) -> float:
-        return _mean(self.outside)
+        return mean_sd(self.outside)[0]
 
 
 def read_runs(results_dirs: Sequence[str | Path]) -> list[Run]:
-    """Each folder's cases; CasesError when fewer than two, one repeated, or the scored structures differ."""
+    """Each folder's cases; CasesError when fewer than two, one repeated, two share a name, or the scored
+    structures differ."""
     paths = [Path(d) for d in results_dirs]
-    names = [p.resolve().name for p in paths]
     if len(paths) < 2:
         raise CasesError("a seeds summary needs at least two results folders")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise CasesError(f"results folder {repeated[0]} is given twice (runs are told apart by folder name)")
-    structures = [read_structures(p / CASES) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    for i, path in enumerate(resolved):
+        for other in resolved[:i]:
+            if path == other:
+                raise CasesError(f"results folder {paths[i]} is given twice")
+            if path.name == other.name:
+                raise CasesError(
+                    f"results folders {other} and {path} share the name {path.name}; runs are told apart by it"
+                )
+    runs = [Run(path.name, read_cases(path / CASES)) for path in resolved]
+    structures = [read_structures(path / CASES) for path in resolved]
     for path, scored in zip(paths, structures, strict=True):
         if scored != structures[0]:
             raise CasesError(
                 f"{path / CASES}: scores structures {list(scored)}, {paths[0] / CASES} scores "
                 f"{list(structures[0])}; runs of one study must score the same ones"
             )
-    return [Run(name, read_cases(path / CASES)) for name, path in zip(names, paths, strict=True)]
+    return runs
 
 
 def seed_summaries(runs: Sequence[Run]) -> list[SeedSummary]:
@@ -76,12 +87,24 @@ def seed_summaries(runs: Sequence[Run]) -> list[SeedSummary]:
     ]
 
 
-def pooled_rows(runs: Sequence[Run]) -> list[CaseRow]:
-    """All runs' rows as one study whose subjects are named `run/subject`: a model (arm, trained on) is
-    paired with another on the cases both were tested on, in every run."""
-    return [dataclasses.replace(row, subject=f"{run.name}/{row.subject}") for run in runs for row in run.rows]
+def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = False) -> list[PairedTest]:
+    """`paired_tests` over all runs, a scan counted once: for each (model, reference) pair, each scan's Dice
+    under either model averaged over the runs that have both models and scored both on it."""
+    per_run = [case_scores(run.rows, outside) for run in runs]
+    tests = []
+    for model, ref in model_pairs([row for run in runs for row in run.rows], reference_kind):
+        ours: dict[tuple[str, str], list[float]] = defaultdict(list)
+        theirs: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for scores in per_run:
+            for key in scores.get(model, {}).keys() & scores.get(ref, {}).keys():
+                a, b = scores[model][key], scores[ref][key]
+                if not (math.isnan(a) or math.isnan(b)):
+                    ours[key].append(a)
+                    theirs[key].append(b)
+        if ours:
+            tests.append(paired_test(model, ref, _means(ours), _means(theirs)))
+    return adjusted(tests)
 
 
-def _mean(values: Sequence[float]) -> float:
-    present = [v for v in values if not math.isnan(v)]
-    return sum(present) / len(present) if present else math.nan
+def _means(values: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], float]:
+    return {key: sum(v) / len(v) for key, v in values.items()}

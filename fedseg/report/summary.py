@@ -8,13 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedseg.report import plots
-from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, read_structures
+from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, CasesError, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import pooled_rows, read_runs, seed_summaries
+from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_LEVEL,
     Cell,
+    PairedTest,
     arm_summaries,
     cross_site_matrix,
     model_label,
@@ -77,18 +78,24 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
 
 
 def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Write report.md summarising one study's runs at several seeds into `out_dir`; return its path."""
-    runs = read_runs(results_dirs)
+    """Write report.md summarising one study's runs at several seeds into `out_dir` (not one of the runs'
+    folders: their own report.md stays); return its path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = pooled_rows(runs)
+    if any(out.resolve() == Path(d).resolve() for d in results_dirs):
+        raise CasesError(f"--out {out} is one of the results folders; give the summary a folder of its own")
+    runs = read_runs(results_dirs)
+    rows = [row for run in runs for row in run.rows]  # for the models' labels and which sections apply
     names = [run.name for run in runs]
     summaries = seed_summaries(runs)
+    pooled = (
+        "Pooled over the runs, each scan is one case: its Dice under either model averaged over the runs that "
+        "tested both on it (a scan is a test case in several runs: the outside institution's in all)."
+    )
     sections = [
         f"# Seeds report: {', '.join(names)}",
         f"{len(runs)} runs of one study (another split, initial model and draws each), from their `{CASES}`. "
-        "Per run, an arm's internal Dice (mean over its test cases) as % of that run's centralized model; "
-        "the mean is over the runs that have the arm.",
+        "Per run, an arm's internal Dice (mean over its test cases) as % of that run's centralized model "
+        "(– where the run lacks the arm or a centralized model); the mean is over the runs with a value.",
         "## Internal Dice, % of centralized",
         _markdown(
             ["arm", "kind", *names, "mean"],
@@ -97,19 +104,31 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
                 for s in summaries
             ],
         ),
-        "## Outside institution, mean Dice",
-        _markdown(
-            ["arm", "kind", *names, "mean"],
-            [
-                [s.arm, s.kind, *(_number(o, "{:.3f}") for o in s.outside), _number(s.mean_outside, "{:.3f}")]
-                for s in summaries
-            ],
-        ),
-        "## Paired tests against the centralized model, pooled over the runs (same internal test cases)",
-        paired_table(rows, CENTRAL),
-        "## Paired tests against each private model on the outside institution, pooled over the runs",
-        paired_table(rows, "private", outside=True),
     ]
+    if any(row.outside for row in rows):
+        sections += [
+            "## Outside institution, mean Dice",
+            _markdown(
+                ["arm", "kind", *names, "mean"],
+                [
+                    [s.arm, s.kind, *(_number(o, "{:.3f}") for o in s.outside), _number(s.mean_outside, "{:.3f}")]
+                    for s in summaries
+                ],
+            ),
+        ]
+    if any(row.kind == CENTRAL for row in rows):
+        sections += [
+            "## Paired tests against the centralized model over the runs (internal test cases)",
+            pooled,
+            paired_markdown(pooled_tests(runs, CENTRAL), rows, CENTRAL),
+        ]
+    if any(row.outside for row in rows):
+        sections += [
+            "## Paired tests against each private model on the outside institution over the runs",
+            pooled,
+            paired_markdown(pooled_tests(runs, "private", outside=True), rows, "private", outside=True),
+        ]
+    out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
     return path
@@ -169,7 +188,13 @@ def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
 
 
 def paired_table(rows: Sequence[CaseRow], reference_kind: str, *, outside: bool = False) -> str:
-    tests = paired_tests(rows, reference_kind, outside=outside)
+    return paired_markdown(paired_tests(rows, reference_kind, outside=outside), rows, reference_kind, outside=outside)
+
+
+def paired_markdown(
+    tests: Sequence[PairedTest], rows: Sequence[CaseRow], reference_kind: str, *, outside: bool = False
+) -> str:
+    """The tests as a markdown table, models labelled as in `rows`."""
     if not tests:
         return f"No {reference_kind} arm, or no arm to compare with it{' outside' if outside else ''}: nothing to pair."
     header = [

@@ -208,23 +208,34 @@ def paired_tests(
     or "centralized"), paired by internal test case (`outside`: by outside-institution case; models without
     such cases are left out); the P values of each test kind adjusted for the number of comparisons
     (Benjamini–Hochberg, `fdr_adjusted`)."""
+    scores = case_scores(rows, outside)
+    return adjusted(
+        [
+            paired_test(model, ref, scores[model], scores[ref])
+            for model, ref in model_pairs(rows, reference_kind)
+            if model in scores and ref in scores
+        ]
+    )
+
+
+def model_pairs(rows: Sequence[CaseRow], reference_kind: str) -> list[tuple[Model, Model]]:
+    """(model, reference) for each model of the COMPARED_KINDS other than `reference_kind` and each model of it."""
     kinds = {row.model: row.kind for row in rows}
     references = [m for m in models(rows) if kinds[m] == reference_kind]
     compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
-    scores = _scores(rows, outside)
-    tests = [
-        _paired(model, ref, scores[model], scores[ref])
-        for model in compared
-        for ref in references
-        if model in scores and ref in scores
-    ]
+    return [(model, ref) for model in compared for ref in references]
+
+
+def adjusted(tests: Sequence[PairedTest]) -> list[PairedTest]:
+    """The tests with their Benjamini–Hochberg q values over this set of comparisons."""
     q_wilcoxon, q_ttest = fdr_adjusted([t.p_wilcoxon for t in tests]), fdr_adjusted([t.p_ttest for t in tests])
     return [
         dataclasses.replace(t, q_wilcoxon=qw, q_ttest=qt) for t, qw, qt in zip(tests, q_wilcoxon, q_ttest, strict=True)
     ]
 
 
-def _paired(model: Model, reference: Model, ours: dict, theirs: dict) -> PairedTest:
+def paired_test(model: Model, reference: Model, ours: dict, theirs: dict) -> PairedTest:
+    """Wilcoxon signed-rank and paired t of `ours` against `theirs` on the keys both score (not NaN)."""
     keys = [k for k in ours if k in theirs and not math.isnan(ours[k]) and not math.isnan(theirs[k])]
     a = np.array([ours[k] for k in keys])
     b = np.array([theirs[k] for k in keys])
@@ -242,7 +253,8 @@ def _paired(model: Model, reference: Model, ours: dict, theirs: dict) -> PairedT
     )
 
 
-def _scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
+def case_scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
+    """model → (tested on, subject) → the case's Dice, internal or outside cases."""
     scores: dict[Model, dict[tuple[str, str], float]] = defaultdict(dict)
     for row in rows:
         if row.outside == outside:
