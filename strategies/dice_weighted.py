@@ -8,7 +8,8 @@ dᵢ is the reply's `val-dice` (mean foreground Dice of the site's freshly train
 own validation split, in [0, 1]), nᵢ its `num-examples`, λ the parameter `example-mix`
 (0: Dice only, 1: plain FedAvg; default 0.5, the best measured over five seeds of the README's
 160 × 0.25 study: 98.9 % of the centralized Dice against 97.9 % with Dice only and 96.8 % FedAvg —
-Dice-only weights neglect the largest site, example weights the smallest). If every site reports
+Dice-only weights neglect the largest site, example weights the smallest; with the README's
+augmentation for unseen protocols λ 0 served the outside institution better). If every site reports
 Dice 0 (Σ dᵢ = 0, e.g. an untrained first round) the Dice term is undefined and the round falls
 back to example weights (λ = 1), with a warning. A reply whose `val-dice` lies outside [0, 1] is dropped.
 """
