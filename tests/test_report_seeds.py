@@ -58,11 +58,10 @@ def test_percent_per_run_and_mean_over_the_runs_that_have_the_arm(tmp_path: Path
 def test_pooled_tests_count_a_scan_once_averaged_over_the_runs(tmp_path: Path) -> None:
     fedavg, fedprox = pooled_tests(read_runs(_write_runs(tmp_path)), "centralized")
     assert fedprox.model == ("fedprox", "federation") and fedprox.n == 3  # the first run's cases only
-    test = fedavg
-    assert test.model == ("fedavg", "federation") and test.n == 4
+    assert fedavg.model == ("fedavg", "federation") and fedavg.n == 4
     differences = [f - c for f, c in zip(POOLED_FEDAVG, POOLED_CENTRAL, strict=True)]
-    assert test.mean_difference == pytest.approx(sum(differences) / 4)
-    assert test.p_ttest == pytest.approx(stats.ttest_rel(POOLED_FEDAVG, POOLED_CENTRAL).pvalue)
+    assert fedavg.mean_difference == pytest.approx(sum(differences) / 4)
+    assert fedavg.p_ttest == pytest.approx(stats.ttest_rel(POOLED_FEDAVG, POOLED_CENTRAL).pvalue)
 
 
 def test_report_has_the_pooled_wilcoxon_p_value(tmp_path: Path) -> None:

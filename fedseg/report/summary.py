@@ -10,7 +10,7 @@ from pathlib import Path
 from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, CasesError, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
+from fedseg.report.seeds import SeedSummary, pooled_tests, read_runs, seed_summaries
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_LEVEL,
@@ -97,24 +97,13 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
         "Per run, an arm's internal Dice (mean over its test cases) as % of that run's centralized model "
         "(– where the run lacks the arm or a centralized model); the mean is over the runs with a value.",
         "## Internal Dice, % of centralized",
-        _markdown(
-            ["arm", "kind", *names, "mean"],
-            [
-                [s.arm, s.kind, *(_number(p, "{:.1f} %") for p in s.percent), _number(s.mean_percent, "{:.1f} %")]
-                for s in summaries
-            ],
-        ),
+        _per_run_table(names, [(s, s.percent, s.mean_percent) for s in summaries], "{:.1f} %"),
     ]
-    if any(row.outside for row in rows):
+    outside = any(row.outside for row in rows)
+    if outside:
         sections += [
             "## Outside institution, mean Dice",
-            _markdown(
-                ["arm", "kind", *names, "mean"],
-                [
-                    [s.arm, s.kind, *(_number(o, "{:.3f}") for o in s.outside), _number(s.mean_outside, "{:.3f}")]
-                    for s in summaries
-                ],
-            ),
+            _per_run_table(names, [(s, s.outside, s.mean_outside) for s in summaries], "{:.3f}"),
         ]
     if any(row.kind == CENTRAL for row in rows):
         sections += [
@@ -122,7 +111,7 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
             pooled,
             paired_markdown(pooled_tests(runs, CENTRAL), rows, CENTRAL),
         ]
-    if any(row.outside for row in rows):
+    if outside:
         sections += [
             "## Paired tests against each private model on the outside institution over the runs",
             pooled,
@@ -132,6 +121,14 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def _per_run_table(names: Sequence[str], values: Sequence[tuple[SeedSummary, Sequence[float], float]], fmt: str) -> str:
+    """One row per arm: its value in each run, then their mean; "–" where NaN."""
+    return _markdown(
+        ["arm", "kind", *names, "mean"],
+        [[s.arm, s.kind, *(_number(v, fmt) for v in per_run), _number(mean, fmt)] for s, per_run, mean in values],
+    )
 
 
 def matrix_table(rows: Sequence[CaseRow]) -> str:
