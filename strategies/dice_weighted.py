@@ -12,6 +12,7 @@ Dice-only weights neglect the largest site, example weights the smallest; with t
 augmentation for unseen protocols λ 0 served the outside institution better). If every site reports
 Dice 0 (Σ dᵢ = 0, e.g. an untrained first round) the Dice term is undefined and the round falls
 back to example weights (λ = 1), with a warning. A reply whose `val-dice` lies outside [0, 1] is dropped.
+`proximal-mu` > 0 adds FedProx's term (mu/2)·‖w − w_global‖² to the sites' losses (default 0: none).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from flwr.common.logger import log
 
 from fedseg.messages import VAL_DICE
 from fedseg.record_values import as_float
-from strategies.base import NUM_EXAMPLES, FedSegStrategy, Reply
+from strategies.base import NUM_EXAMPLES, Reply
+from strategies.fedprox import ProximalTerm
 from strategies.params import Param
 
 
@@ -38,8 +40,8 @@ def dice_weights(dice: list[float], examples: list[float], example_mix: float) -
     ]
 
 
-class DiceWeighted(FedSegStrategy):
-    """Average weighted by validation Dice, optionally mixed with example counts."""
+class DiceWeighted(ProximalTerm):
+    """Average weighted by validation Dice, optionally mixed with example counts (and FedProx's term)."""
 
     name = "dice-weighted"
     secure_aggregation_conflict = "it weights each site's update by its validation Dice, not by its examples"

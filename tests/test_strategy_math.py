@@ -201,9 +201,18 @@ def test_all_replies_bad_leaves_no_model() -> None:
     assert aggregate(strategy, [corrupt("nan")], [{"num_examples": 1}], nodes=NODES[:1])[1] is None
 
 
-def test_fedprox_sends_mu() -> None:
-    sent = instructions(FedProx(min_sites=3, proximal_mu=0.25), GLOBAL, NODES)
-    assert {m.content["config"]["proximal-mu"] for m in sent.values()} == {0.25}
+@pytest.mark.parametrize(
+    ("strategy", "mu"),
+    [
+        (FedProx(min_sites=3, proximal_mu=0.25), 0.25),
+        (FedProx(min_sites=3), 0.01),
+        (DiceWeighted(min_sites=3, proximal_mu=0.5), 0.5),
+        (DiceWeighted(min_sites=3), 0.0),
+    ],
+)
+def test_proximal_term_sends_mu(strategy, mu: float) -> None:
+    sent = instructions(strategy, GLOBAL, NODES)
+    assert {m.content["config"]["proximal-mu"] for m in sent.values()} == {mu}
 
 
 def test_cyclic_visits_sites_in_site_id_order_and_iil_stops_after_one_pass() -> None:
