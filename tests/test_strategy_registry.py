@@ -101,6 +101,8 @@ def test_stateless_strategy_state_contract() -> None:
 
 def test_proximal_term_with_dp_sgd_is_refused_only_when_on() -> None:
     dp = {"strategy": "dice-weighted", "dp-sgd": True, "dp-noise-multiplier": 1.0}
-    with pytest.raises(ConfigError, match=r"'dice-weighted.proximal-mu' is 0.1 but 'dp-sgd' is on: .*drops the proximal"):
+    with pytest.raises(
+        ConfigError, match=r"'dice-weighted.proximal-mu' is 0.1 but 'dp-sgd' is on: .*drops the proximal"
+    ):
         build(**dp, **{"dice-weighted.proximal-mu": 0.1})
     assert build(**dp).proximal_mu == 0.0
