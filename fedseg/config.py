@@ -413,11 +413,6 @@ def _validate_dp(config: RunConfig) -> None:
             "run-config 'dp-sgd' is on but neither 'dp-noise-multiplier' nor 'dp-target-epsilon' is > 0: "
             "set the noise, or the ε budget to derive it from"
         )
-    if config.strategy == "fedprox":
-        raise ConfigError(
-            "run-config 'dp-sgd' cannot be combined with strategy 'fedprox': Opacus replaces the gradient by "
-            "the clipped, noised per-subject sum, which drops the proximal term"
-        )
 
 
 def _validate_runtime(config: RunConfig) -> None:

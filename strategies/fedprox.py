@@ -26,8 +26,18 @@ def proximal_param(default: float) -> Param:
     return Param("proximal-mu", float, default, "weight mu of the proximal term (mu/2)·‖w − w_global‖²", minimum=0.0)
 
 
+def refuse_with_dp_sgd(config: RunConfig, strategy: str, mu: float) -> None:
+    """ConfigError if the sites would add a proximal term (mu > 0) while DP-SGD trains them."""
+    if config.dp_sgd and mu > 0:
+        raise ConfigError(
+            f"run-config '{strategy}.proximal-mu' is {mu:g} but 'dp-sgd' is on: Opacus replaces the gradient by "
+            "the clipped, noised per-subject sum, which drops the proximal term (set it to 0)"
+        )
+
+
 class ProximalTerm(FedSegStrategy):
-    """Mixin: each round's train config carries `proximal-mu`, so the sites add the proximal term."""
+    """Base of the strategies whose sites add the proximal term (FedProx, dice-weighted): each
+    round's train config carries `proximal-mu`; refused with DP-SGD when mu > 0."""
 
     params = (proximal_param(0.0),)
     proximal_mu: float
@@ -35,12 +45,7 @@ class ProximalTerm(FedSegStrategy):
     @classmethod
     def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
         strategy = cast(ProximalTerm, super().from_config(config, values))
-        if config.dp_sgd and strategy.proximal_mu > 0:
-            raise ConfigError(
-                f"run-config '{cls.strategy_name()}.proximal-mu' is {strategy.proximal_mu:g} but 'dp-sgd' is on: "
-                "Opacus replaces the gradient by the clipped, noised per-subject sum, which drops the proximal term "
-                "(set it to 0)"
-            )
+        refuse_with_dp_sgd(config, cls.strategy_name(), strategy.proximal_mu)
         return strategy
 
     def configure_train(

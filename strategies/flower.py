@@ -47,6 +47,7 @@ from fedseg.flower_compat import message_with_metadata
 from strategies import array_state
 from strategies.aggregate import array_view, is_float
 from strategies.base import FedSegStrategy, Reply
+from strategies.fedprox import refuse_with_dp_sgd
 from strategies.flower_params import (
     SAMPLING_ARGS,
     constructor_arguments,
@@ -91,7 +92,9 @@ class FlowerStrategy(FedSegStrategy):
 
     @classmethod
     def from_config(cls, config: Any, values: Mapping[str, Any]) -> FedSegStrategy:
-        return cls(min_sites=config.min_sites, site_learning_rate=config.learning_rate, **values)
+        strategy = cls(min_sites=config.min_sites, site_learning_rate=config.learning_rate, **values)
+        refuse_with_dp_sgd(config, cls.strategy_name(), getattr(strategy, "proximal_mu", 0.0) or 0.0)
+        return strategy
 
     @classmethod
     def flower_params(cls) -> tuple[Param, ...]:

@@ -166,7 +166,7 @@ def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None
         _spec(tmp_path, **{"dp-sgd-noise-multipliers": [0]})
     with pytest.raises(ConfigError, match=r"'dp-noised-noise-multipliers' must be a list of numbers"):
         _spec(tmp_path, **{"dp-noised-noise-multipliers": "1.0"})
-    with pytest.raises(ConfigError, match="'dp-sgd' cannot be combined with strategy 'fedprox'"):
+    with pytest.raises(ConfigError, match=r"'fedprox.proximal-mu' is 0.01 but 'dp-sgd' is on"):
         _spec(tmp_path, strategies=["fedprox"])
     with pytest.raises(ConfigError, match=r"\[run\] 'dp-sgd' must be off with a privacy sweep or the dp-noised"):
         ExperimentSpec.from_mapping(

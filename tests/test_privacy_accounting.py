@@ -75,10 +75,6 @@ def test_ledger_persists_epsilon_across_processes(tmp_path: Path) -> None:
     ("values", "message"),
     [
         ({"dp-sgd": True}, "neither 'dp-noise-multiplier' nor 'dp-target-epsilon' is > 0"),
-        (
-            {"dp-sgd": True, "dp-noise-multiplier": 1.0, "strategy": "fedprox"},
-            "cannot be combined with strategy 'fedprox'",
-        ),
         ({"dp-delta": 1.0}, "'dp-delta' must be in (0, 1), got 1.0"),
         ({"dp-max-grad-norm": 0.0}, "'dp-max-grad-norm' must be > 0"),
         ({"dp-accountant": "gdp"}, "'dp-accountant' is 'gdp'; choose one of: rdp, prv"),

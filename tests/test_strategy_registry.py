@@ -99,10 +99,12 @@ def test_stateless_strategy_state_contract() -> None:
         strategy.load_state_dict({"turn": 3})
 
 
-def test_proximal_term_with_dp_sgd_is_refused_only_when_on() -> None:
-    dp = {"strategy": "dice-weighted", "dp-sgd": True, "dp-noise-multiplier": 1.0}
-    with pytest.raises(
-        ConfigError, match=r"'dice-weighted.proximal-mu' is 0.1 but 'dp-sgd' is on: .*drops the proximal"
-    ):
-        build(**dp, **{"dice-weighted.proximal-mu": 0.1})
-    assert build(**dp).proximal_mu == 0.0
+@pytest.mark.parametrize(
+    ("strategy", "key"),
+    [("dice-weighted", "dice-weighted"), ("fedprox", "fedprox"), ("flower:FedProx", "flower-fedprox")],
+)
+def test_proximal_term_with_dp_sgd_is_refused_only_when_on(strategy: str, key: str) -> None:
+    dp = {"strategy": strategy, "dp-sgd": True, "dp-noise-multiplier": 1.0}
+    with pytest.raises(ConfigError, match=rf"'{key}.proximal-mu' is 0.1 but 'dp-sgd' is on: .*drops the proximal"):
+        build(**dp, **{f"{key}.proximal-mu": 0.1})
+    assert build(**dp, **{f"{key}.proximal-mu": 0.0}).proximal_mu == 0.0
