@@ -472,15 +472,26 @@ def report(
         ..., metavar="RESULTS_DIR...", help="results folder holding cases.csv; several: one study at other seeds"
     ),
     out: str = typer.Option(None, help="where report.md and the plots go (default: RESULTS_DIR; several: required)"),
+    against: str = typer.Option(
+        None,
+        help="comma-separated results folders of another configuration (the same seeds): pair each model "
+        "both trained across the two, scan by scan (needs --out)",
+    ),
 ) -> None:
     """Markdown tables (cross-site Dice, arm means, paired tests) and PNG plots from cases.csv; with several
     results folders (the same study at other seeds), report.md summarising them: % of centralized per
-    run and on average, outside Dice, paired tests pooled over the runs."""
-    from fedseg.report import build_report, build_seed_report
+    run and on average, outside Dice, paired tests pooled over the runs; with --against, report.md
+    comparing them with another configuration's runs, model by model."""
+    from fedseg.report import build_against_report, build_report, build_seed_report
     from fedseg.report.cases import CasesError
 
     try:
-        if len(results_dirs) == 1:
+        if against is not None:
+            if out is None:
+                raise CasesError("--against needs --out (a folder for the comparison's report.md)")
+            others = [folder for folder in against.split(",") if folder.strip()]
+            typer.echo(build_against_report(results_dirs, others, out))
+        elif len(results_dirs) == 1:
             typer.echo(build_report(results_dirs[0], out))
         elif out is None:
             raise CasesError(f"{len(results_dirs)} results folders need --out (a folder for their report.md)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from typer.testing import CliRunner
 
 from fedseg.cli import app
 from fedseg.report import build_seed_report
-from fedseg.report.cases import CaseRow, CasesError, write_cases
+from fedseg.report.against import against_tests
+from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
 from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
 
 # per run: arm → internal scores of its test subjects at site-0 (s1 and s2 are in both runs' test sets);
@@ -106,3 +108,53 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "cases.csv: cannot read cases file" in lines[0]
+
+
+def _write_other_configuration(root: Path, shift: float) -> list[Path]:
+    """The same two runs under other names, fedavg scoring `shift` more on every scan, centralized copied."""
+    folders = []
+    for name, source in zip(("other", "other-seed1"), _write_runs(root), strict=True):
+        rows = [
+            dataclasses.replace(row, dice=tuple(d + shift for d in row.dice)) if row.arm == "fedavg" else row
+            for row in read_cases(source / "cases.csv")
+        ]
+        (root / name).mkdir()
+        write_cases(root / name / "cases.csv", rows)
+        folders.append(root / name)
+    return folders
+
+
+def test_against_pairs_each_model_across_two_configurations_scan_by_scan(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ours, theirs = _write_runs(tmp_path / "a"), _write_other_configuration(tmp_path / "b", 0.04)
+    tests, same = against_tests(read_runs(ours), read_runs(theirs), outside=False)
+    assert same == [("centralized", "pooled"), ("fedprox", "federation")]  # alike on both sides: not tested
+    fedavg = next(t for t in tests if t.model == ("fedavg", "federation"))
+    assert fedavg.n == 4 and fedavg.mean_difference == pytest.approx(-0.04)
+    shifted = [score + 0.04 for score in POOLED_FEDAVG]
+    assert fedavg.p_ttest == pytest.approx(stats.ttest_rel(POOLED_FEDAVG, shifted).pvalue)
+    outside, _ = against_tests(read_runs(ours), read_runs(theirs), outside=True)
+    assert [(t.model, t.n, round(t.mean_difference, 6)) for t in outside] == [(("fedavg", "federation"), 1, -0.04)]
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["report", *map(str, ours), "--against", ",".join(map(str, theirs)), "--out", str(tmp_path / "vs")],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "vs" / "report.md").read_text()
+    assert "| fedavg | 4 | -0.0400 |" in text
+    assert "The same on both sides (every scan's Dice equal; not tested): centralized, fedprox." in text
+    assert "| fedprox | 100.0 % | 100.0 % |" in text
+    result = runner.invoke(app, ["report", str(ours[0]), "--against", str(theirs[0])], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --against needs --out (a folder for the comparison's report.md)"
+    ]
+    result = runner.invoke(
+        app, ["report", str(ours[0]), "--against", str(ours[0]), "--out", str(tmp_path / "o")], catch_exceptions=False
+    )
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: results folder {ours[0]} is given twice"
+    ]

@@ -125,9 +125,12 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
 
 def _per_run_table(names: Sequence[str], values: Sequence[tuple[SeedSummary, Sequence[float], float]], fmt: str) -> str:
     """One row per arm: its value in each run, then their mean; "–" where NaN."""
-    return _markdown(
+    return markdown_table(
         ["arm", "kind", *names, "mean"],
-        [[s.arm, s.kind, *(_number(v, fmt) for v in per_run), _number(mean, fmt)] for s, per_run, mean in values],
+        [
+            [s.arm, s.kind, *(format_number(v, fmt) for v in per_run), format_number(mean, fmt)]
+            for s, per_run, mean in values
+        ],
     )
 
 
@@ -138,7 +141,7 @@ def matrix_table(rows: Sequence[CaseRow]) -> str:
     header = ["model", *(f"{c}*" if c in outside else c for c in columns)]
     body = [[model_label(m, rows), *(_cell(matrix[m].get(c)) for c in columns)] for m in models(rows)]
     note = "\n\n\\* outside institution (never trained on)." if outside else ""
-    return _markdown(header, body) + note
+    return markdown_table(header, body) + note
 
 
 def arms_table(rows: Sequence[CaseRow]) -> str:
@@ -150,11 +153,11 @@ def arms_table(rows: Sequence[CaseRow]) -> str:
             _cell(s.internal),
             _interval(s.internal_ci),
             _cell(s.outside),
-            _number(s.percent_of_centralized, "{:.1f} %"),
+            format_number(s.percent_of_centralized, "{:.1f} %"),
         ]
         for s in arm_summaries(rows)
     ]
-    return _markdown(header, body) + (
+    return markdown_table(header, body) + (
         f"\n\nCI: percentile bootstrap of the mean internal-test Dice ({BOOTSTRAP_RESAMPLES} resamples of the "
         "arm's cases, seeded)."
     )
@@ -175,13 +178,15 @@ def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
             [
                 arm,
                 *(
-                    f"{c.internal.mean:.3f} ({_number(c.percent_of_centralized, '{:.1f} %')})" if c.internal.n else "–"
+                    f"{c.internal.mean:.3f} ({format_number(c.percent_of_centralized, '{:.1f} %')})"
+                    if c.internal.n
+                    else "–"
                     for c in cells
                 ),
                 *(_cell(c.outside) for c in cells),
             ]
         )
-    return _markdown(header, body)
+    return markdown_table(header, body)
 
 
 def paired_table(rows: Sequence[CaseRow], reference_kind: str, *, outside: bool = False) -> str:
@@ -209,15 +214,15 @@ def paired_markdown(
             model_label(t.model, rows),
             model_label(t.reference, rows),
             str(t.n),
-            _number(t.mean_difference, "{:+.3f}"),
-            _number(t.p_wilcoxon, "{:.3g}"),
-            _number(t.p_ttest, "{:.3g}"),
-            _number(t.q_wilcoxon, "{:.3g}"),
-            _number(t.q_ttest, "{:.3g}"),
+            format_number(t.mean_difference, "{:+.3f}"),
+            format_number(t.p_wilcoxon, "{:.3g}"),
+            format_number(t.p_ttest, "{:.3g}"),
+            format_number(t.q_wilcoxon, "{:.3g}"),
+            format_number(t.q_ttest, "{:.3g}"),
         ]
         for t in tests
     ]
-    return _markdown(header, body) + (
+    return markdown_table(header, body) + (
         f"\n\nTwo-sided tests on per-case Dice; difference = model − {reference_kind} model. q: the P value adjusted "
         f"for the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
         "scipy.stats.false_discovery_control); a difference is significant at false discovery rate α when q < α."
@@ -239,8 +244,8 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
         [
             model_label(p.model, rows),
             p.dp_kind,
-            _number(p.epsilon, "{:.2f}"),
-            _number(p.delta, "{:g}"),
+            format_number(p.epsilon, "{:.2f}"),
+            format_number(p.delta, "{:g}"),
             _cell(p.internal),
             share(p.internal),
             PROTECTS[p.dp_kind],
@@ -251,7 +256,7 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
         [model_label(m, rows), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
         for m, cell in references.items()
     ]
-    return _markdown(header, body) + (
+    return markdown_table(header, body) + (
         "\n\nSmaller ε is stronger protection: the model changes the odds of telling whether the protected "
         "unit took part by at most a factor e^ε (except with probability δ). A DP-SGD model's ε is the largest "
         "over its sites. % of non-DP federated: internal test Dice relative to the first federated model "
@@ -293,11 +298,11 @@ def _cell(cell: Cell | None) -> str:
     return f"{cell.mean:.3f}{sd} ({cell.n})"
 
 
-def _number(value: float, fmt: str) -> str:
+def format_number(value: float, fmt: str) -> str:
     return "–" if math.isnan(value) else fmt.format(value)
 
 
-def _markdown(header: list[str], body: list[list[str]]) -> str:
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)

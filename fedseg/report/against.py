@@ -1,0 +1,116 @@
+"""`fedseg report RUN ... --against RUN,... --out DIR`: two configurations of one study, each run at one or
+more seeds, compared model by model: every model both trained (same arm, same training data) is paired
+with itself on the same scans.
+
+Within a configuration a scan's Dice under a model is averaged over its runs that tested the scan (as in
+the seeds report), so each scan is one case; the two configurations' values of a scan form a pair
+(Wilcoxon signed-rank and paired t; Benjamini–Hochberg q over the models of the table). Give both the
+same seeds of the same data: then each scan is tested equally often on both sides."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedseg.report.cases import CaseRow, CasesError
+from fedseg.report.seeds import Run, read_runs, seed_summaries
+from fedseg.report.summary import REPORT, format_number, markdown_table
+from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
+
+
+def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
+    """model → scan → its Dice averaged over the runs that scored it (NaN left out)."""
+    values: dict[Model, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for model, scans in case_scores(run.rows, outside).items():
+            for scan, score in scans.items():
+                if not math.isnan(score):
+                    values[model][scan].append(score)
+    return {model: {scan: sum(v) / len(v) for scan, v in scans.items()} for model, scans in values.items()}
+
+
+def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> tuple[list[PairedTest], list[Model]]:
+    """Each model of `runs` that `others` also has: its pooled scans in `runs` against those in `others`
+    (difference = runs − others). Models that score every scan alike on both sides (an arm one
+    configuration copied from the other) are returned apart, not tested: they would only dilute the q values."""
+    ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
+    common = [m for m in models([row for run in runs for row in run.rows]) if m in ours and m in theirs]
+    same = [m for m in common if ours[m] == theirs[m]]
+    return adjusted([paired_test(m, m, ours[m], theirs[m]) for m in common if m not in same]), same
+
+
+def build_against_report(
+    results_dirs: Sequence[str | Path], against: Sequence[str | Path], out_dir: str | Path
+) -> Path:
+    """Write report.md comparing the runs of `results_dirs` with those of `against` into `out_dir`; return it."""
+    out = Path(out_dir)
+    if any(out.resolve() == Path(d).resolve() for d in [*results_dirs, *against]):
+        raise CasesError(f"--out {out} is one of the results folders; give the comparison a folder of its own")
+    if not results_dirs or not against:
+        raise CasesError("a comparison needs results folders on both sides of --against")
+    every = read_runs([*results_dirs, *against])  # distinct folders and names, the same scored structures
+    runs, others = every[: len(results_dirs)], every[len(results_dirs) :]
+    first, second = _side(runs), _side(others)
+    rows = [row for run in every for row in run.rows]
+    sections = [
+        f"# Comparison: {first} against {second}",
+        f"- {first}: {', '.join(r.name for r in runs)}\n- {second}: {', '.join(r.name for r in others)}",
+        "Every model both configurations trained (same arm, same training data) is paired with itself on the "
+        "same scans. Within a configuration a scan's Dice is averaged over its runs that tested the scan, so "
+        "each scan is one case; difference = the first configuration − the second.",
+        "## Internal Dice, % of each run's centralized model (mean over the runs)",
+        _percent_table(runs, others, first, second),
+        "## Paired tests, internal test cases",
+        _tests_table(against_tests(runs, others, outside=False), rows),
+    ]
+    if any(row.outside for row in rows):
+        sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / REPORT
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def _side(runs: Sequence[Run]) -> str:
+    return runs[0].name + (f" (+{len(runs) - 1} runs)" if len(runs) > 1 else "")
+
+
+def _percent_table(runs: Sequence[Run], others: Sequence[Run], first: str, second: str) -> str:
+    ours = {s.arm: s.mean_percent for s in seed_summaries(runs)}
+    theirs = {s.arm: s.mean_percent for s in seed_summaries(others)}
+    return markdown_table(
+        ["arm", first, second],
+        [
+            [arm, format_number(ours[arm], "{:.1f} %"), format_number(theirs[arm], "{:.1f} %")]
+            for arm in ours
+            if arm in theirs
+        ],
+    )
+
+
+def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[CaseRow]) -> str:
+    tests, same = compared
+    alike = ", ".join(model_label(m, rows) for m in same)
+    note = f"\n\nThe same on both sides (every scan's Dice equal; not tested): {alike}." if same else ""
+    if not tests:
+        return "No model that differs between the configurations has cases here: nothing to pair." + note
+    return (
+        markdown_table(
+            ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"],
+            [
+                [
+                    model_label(t.model, rows),
+                    str(t.n),
+                    format_number(t.mean_difference, "{:+.4f}"),
+                    format_number(t.p_wilcoxon, "{:.3g}"),
+                    format_number(t.p_ttest, "{:.3g}"),
+                    format_number(t.q_wilcoxon, "{:.3g}"),
+                    format_number(t.q_ttest, "{:.3g}"),
+                ]
+                for t in tests
+            ],
+        )
+        + note
+    )
