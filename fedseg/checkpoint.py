@@ -3,8 +3,8 @@
 `checkpoint.pt` is rewritten atomically after every finished round. It holds the global
 weights, the round, the strategy's state (`strategy.state_dict()`, e.g. a privacy
 accountant, or a server optimizer's moments as tensors), the server's random number generator
-states, the history and which Flower node is which site (so a resumed run names a site that
-dies before it answers). It is loaded
+states, the history, which Flower node is which site (so a resumed run names a site that
+dies before it answers) and the running weight average (`swa-rounds`). It is loaded
 with `torch.load(weights_only=True)`: only tensors and plain Python values, no pickled code.
 """
 
@@ -42,6 +42,7 @@ class Checkpoint:
     rng_state: dict[str, Any]
     history: History
     site_names: dict[int, str] = field(default_factory=dict)
+    weight_average: dict[str, Any] = field(default_factory=dict)  # fedseg.weight_average's state ({}: none)
 
     def save(self, run_dir: Path) -> Path:
         """Write `<run_dir>/checkpoint.pt` atomically (a crash leaves the previous one intact)."""
@@ -56,6 +57,7 @@ class Checkpoint:
                     "rng": self.rng_state,
                     "history": self.history.to_dict(),
                     "sites": dict(self.site_names),
+                    "weight_average": self.weight_average,
                 },
                 tmp,
             )
@@ -80,6 +82,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         rng_state=data["rng"],
         history=History.from_dict(data["history"]),
         site_names={int(node): str(name) for node, name in data["sites"].items()},
+        weight_average=dict(data.get("weight_average") or {}),
     )
 
 

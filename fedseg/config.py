@@ -74,6 +74,9 @@ class RunConfig:
     lr_schedule: str = "constant"
     warmup_rounds: int = 0
     lr_final_ratio: float = 0.0
+    swa_rounds: int = (
+        0  # the final model is the mean of the global models of the last swa-rounds rounds (fedseg.weight_average)
+    )
     strategy: str = "fedavg"
     model: str = "unet"
     model_args: str = ""  # the network's keyword arguments, "init_filters=16, dropout_prob=0.1" (fedseg.model_args)
@@ -337,6 +340,8 @@ def _validate_optimizer(config: RunConfig) -> None:
         raise ConfigError(f"run-config 'warmup-rounds' must be in [0, num-server-rounds), got {config.warmup_rounds}")
     if not 0.0 <= config.lr_final_ratio <= 1.0:
         raise ConfigError(f"run-config 'lr-final-ratio' must be in [0, 1], got {config.lr_final_ratio}")
+    if not 0 <= config.swa_rounds <= config.num_server_rounds:
+        raise ConfigError(f"run-config 'swa-rounds' must be in [0, num-server-rounds], got {config.swa_rounds}")
 
 
 def _validate_labels(config: RunConfig) -> None:

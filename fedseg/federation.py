@@ -3,7 +3,8 @@
 fedseg runs its own loop over a Flower strategy's configure/aggregate hooks (instead of
 `Strategy.start`) so that it can keep per-site metrics and failures in history.json,
 write history.json and the checkpoint after every round (best-model.pt whenever the global
-model reaches its best mean validation Dice over the sites; model.pt once the run ends),
+model reaches its best mean validation Dice over the sites; model.pt once the run ends: the last
+global model, or with `swa-rounds` the mean of the last rounds' global models, fedseg.weight_average),
 resume from a checkpoint, and go on without sites that died:
 
 - A site that does not answer within `round-timeout`, or that the SuperLink reports as
@@ -53,6 +54,7 @@ from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
 from fedseg.tracking import NullTracker, Tracker
+from fedseg.weight_average import WeightAverage
 from strategies.base import strategy_round_report
 
 # Errors the SuperLink itself sends for a node or message that is gone: the site is dropped.
@@ -117,10 +119,12 @@ class Federation:
     _live: set[int] = field(default_factory=set, init=False)
     _started: bool = field(default=False, init=False)
     _secure: SecureAggregation | None = field(default=None, init=False)
+    _average: WeightAverage | None = field(default=None, init=False)  # swa-rounds: the final model's running mean
 
     def __post_init__(self) -> None:
         self.config = with_input_channels(self.config)  # every site is told the global model's input channels
         self._minimums = {name: getattr(self.strategy, name) for name in NODE_MINIMUMS if hasattr(self.strategy, name)}
+        self._average = WeightAverage.last_rounds(self.config.swa_rounds, self.config.num_server_rounds)
         if self.config.secure_aggregation:  # the strategy was checked to compose (strategies.base)
             self._secure = SecureAggregation(
                 self.config.secure_aggregation_bound, float(getattr(self.strategy, "max_update_ratio", 0.0))
@@ -153,11 +157,18 @@ class Federation:
             started = time.perf_counter()
             record = RoundRecord(round=server_round)
             arrays = self._train(server_round, arrays, record)
+            if self._average is not None:
+                self._average.add(server_round, arrays)
             self._evaluate(server_round, arrays, record)
             record.strategy = strategy_round_report(self.strategy, server_round)
             record.seconds = time.perf_counter() - started
             self._finish_round(arrays, history, record)
-        self._save_model(arrays, FINAL_MODEL, f"final model after round {history.rounds[-1].round}")
+        last = history.rounds[-1].round
+        if self._average is not None and self._average.count:
+            arrays = self._average.arrays(like=arrays)
+            self._save_model(arrays, FINAL_MODEL, f"final model: {self._average.describe(last)}")
+        else:
+            self._save_model(arrays, FINAL_MODEL, f"final model after round {last}")
         return arrays, history
 
     # ------------------------------------------------------------------ rounds
@@ -238,6 +249,7 @@ class Federation:
             rng_state=rng_state(),
             history=history,
             site_names=self._site_names,
+            weight_average=self._average.state_dict() if self._average is not None else {},
         ).save(self.run_dir)
         self.tracker.log_round(record)
         self._report(record)
@@ -247,6 +259,8 @@ class Federation:
         restore_strategy(self.strategy, checkpoint.strategy_state)
         set_rng_state(checkpoint.rng_state)
         self._site_names.update(checkpoint.site_names)
+        if self._average is not None and checkpoint.weight_average:
+            self._average.load_state_dict(checkpoint.weight_average)
         log(INFO, "[fedseg] resuming %s after round %d", self.run_dir, checkpoint.round)
         return checkpoint.arrays, checkpoint.history
 

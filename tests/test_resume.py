@@ -39,8 +39,11 @@ def crash_in_round(grid: InProcessGrid, server_round: int) -> None:
     grid.before_send = before_send
 
 
-def test_resumed_run_is_bit_identical(tmp_path: Path, task_identity: None) -> None:
-    values = tiny_config(tmp_path, **{"num-server-rounds": ROUNDS})
+@pytest.mark.parametrize("swa_rounds", [0, ROUNDS])
+def test_resumed_run_is_bit_identical(tmp_path: Path, task_identity: None, swa_rounds: int) -> None:
+    """Also with a final model averaged over both rounds: the resumed run's average holds round 1's model
+    only if the checkpoint kept it."""
+    values = tiny_config(tmp_path, **{"num-server-rounds": ROUNDS, "swa-rounds": swa_rounds})
     reference, reference_history = run_federation(InProcessGrid(values, 2), values, tmp_path / "reference")
 
     interrupted_dir = tmp_path / "interrupted"
