@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError
 from fedseg.report.seeds import Run, read_runs, seed_summaries
-from fedseg.report.summary import REPORT, format_number, markdown_table
+from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells
 from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
 
 
@@ -96,21 +96,5 @@ def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[
     note = f"\n\nThe same on both sides (every scan's Dice equal; not tested): {alike}." if same else ""
     if not tests:
         return "No model that differs between the configurations has cases here: nothing to pair." + note
-    return (
-        markdown_table(
-            ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"],
-            [
-                [
-                    model_label(t.model, rows),
-                    str(t.n),
-                    format_number(t.mean_difference, "{:+.4f}"),
-                    format_number(t.p_wilcoxon, "{:.3g}"),
-                    format_number(t.p_ttest, "{:.3g}"),
-                    format_number(t.q_wilcoxon, "{:.3g}"),
-                    format_number(t.q_ttest, "{:.3g}"),
-                ]
-                for t in tests
-            ],
-        )
-        + note
-    )
+    header = ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"]
+    return markdown_table(header, [[model_label(t.model, rows), *paired_cells(t, "{:+.4f}")] for t in tests]) + note

@@ -193,6 +193,15 @@ def paired_table(rows: Sequence[CaseRow], reference_kind: str, *, outside: bool 
     return paired_markdown(paired_tests(rows, reference_kind, outside=outside), rows, reference_kind, outside=outside)
 
 
+def paired_cells(test: PairedTest, difference_format: str) -> list[str]:
+    """n, mean difference, P and q values of a paired test, as table cells."""
+    return [
+        str(test.n),
+        format_number(test.mean_difference, difference_format),
+        *(format_number(p, "{:.3g}") for p in (test.p_wilcoxon, test.p_ttest, test.q_wilcoxon, test.q_ttest)),
+    ]
+
+
 def paired_markdown(
     tests: Sequence[PairedTest], rows: Sequence[CaseRow], reference_kind: str, *, outside: bool = False
 ) -> str:
@@ -209,19 +218,7 @@ def paired_markdown(
         "q (Wilcoxon)",
         "q (paired t)",
     ]
-    body = [
-        [
-            model_label(t.model, rows),
-            model_label(t.reference, rows),
-            str(t.n),
-            format_number(t.mean_difference, "{:+.3f}"),
-            format_number(t.p_wilcoxon, "{:.3g}"),
-            format_number(t.p_ttest, "{:.3g}"),
-            format_number(t.q_wilcoxon, "{:.3g}"),
-            format_number(t.q_ttest, "{:.3g}"),
-        ]
-        for t in tests
-    ]
+    body = [[model_label(t.model, rows), model_label(t.reference, rows), *paired_cells(t, "{:+.3f}")] for t in tests]
     return markdown_table(header, body) + (
         f"\n\nTwo-sided tests on per-case Dice; difference = model − {reference_kind} model. q: the P value adjusted "
         f"for the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
