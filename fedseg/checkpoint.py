@@ -23,6 +23,7 @@ from fedseg.atomic import atomic_path
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.sites import with_input_channels
 from fedseg.history import History
+from fedseg.weight_average import WeightAverage, state_problem
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -75,6 +76,9 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         raise ConfigError(f"run-config 'resume-from': cannot read {path}: {err}") from err
     if data.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{path}: checkpoint format {data.get('format')!r}, this fedseg reads {FORMAT_VERSION}")
+    average = dict(data.get("weight_average") or {})
+    if average and (problem := state_problem(average, data["weights"])):
+        raise ConfigError(f"{path}: {problem}")
     return Checkpoint(
         round=int(data["round"]),
         arrays=ArrayRecord(data["weights"]),
@@ -82,7 +86,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         rng_state=data["rng"],
         history=History.from_dict(data["history"]),
         site_names={int(node): str(name) for node, name in data["sites"].items()},
-        weight_average=dict(data.get("weight_average") or {}),
+        weight_average=average,
     )
 
 
@@ -96,6 +100,9 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Pa
     if changed:
         details = ", ".join(f"'{k}' was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {run_dir}: the run config changed: {details}")
+    average = WeightAverage.last_rounds(config.swa_rounds, config.num_server_rounds)
+    if average is not None and (problem := average.resume_problem(checkpoint.weight_average)):
+        raise ConfigError(f"cannot resume {run_dir}: {problem}")
 
 
 def rng_state() -> dict[str, Any]:

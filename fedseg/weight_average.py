@@ -60,4 +60,27 @@ class WeightAverage:
         return {"first_round": self.first_round, "count": self.count, "mean": dict(self.mean)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first_round, self.count, self.mean = int(state["first_round"]), int(state["count"]), dict(state["mean"])
+        """Continue from `state_dict()` of the same run (checked by `state_problem` and `resume_problem`)."""
+        self.count, self.mean = int(state["count"]), dict(state["mean"])
+
+    def resume_problem(self, state: dict[str, Any]) -> str | None:
+        """Why this average cannot continue the saved one (it began at another round), or None."""
+        if state.get("count") and state.get("first_round") != self.first_round:
+            return (
+                f"its weight average (swa-rounds) began at round {state.get('first_round')}; with this run "
+                f"config it would begin at round {self.first_round} (keep num-server-rounds as it was)"
+            )
+        return None
+
+
+def state_problem(state: dict[str, Any], weights: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a saved average's state for a model with `weights`, or None."""
+    first, count, mean = state.get("first_round"), state.get("count"), state.get("mean")
+    if not (isinstance(first, int) and first >= 1 and isinstance(count, int) and count >= 0 and isinstance(mean, dict)):
+        return "weight average is not {first_round ≥ 1, count ≥ 0, mean}"
+    if count and (
+        set(mean) != set(weights)
+        or any(not isinstance(mean[k], torch.Tensor) or mean[k].shape != weights[k].shape for k in weights)
+    ):
+        return "weight average does not hold one tensor of the model's shape per weight"
+    return None

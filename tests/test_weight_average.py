@@ -3,6 +3,7 @@ rounds' global models, the sites keep training from the ordinary global model.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
+from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.weight_average import WeightAverage
@@ -63,3 +65,33 @@ def test_final_model_is_the_mean_of_the_last_rounds_global_models(tmp_path: Path
 def test_swa_rounds_beyond_the_run_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"'swa-rounds' must be in \[0, num-server-rounds\], got 4"):
         RunConfig.from_mapping({"num-server-rounds": 3, "swa-rounds": 4})
+
+
+@pytest.mark.parametrize(
+    "tampered, fault",
+    [
+        ({"first_round": "2", "count": 2}, "is not {first_round"),
+        ({"count": -1}, "is not {first_round"),
+        ({"mean": [1.0]}, "is not {first_round"),
+        ({"mean": {}}, "does not hold one tensor"),
+        ({"mean": {"w": torch.zeros(1)}}, "does not hold one tensor"),
+        ({"mean": "shape"}, "does not hold one tensor"),
+    ],
+)
+def test_a_tampered_or_shifted_average_fails_the_resume_with_one_line(
+    tmp_path: Path, task_identity: None, tampered: dict, fault: str
+) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 2, "swa-rounds": 2})
+    run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    good = torch.load(path, weights_only=True)
+    assert good["weight_average"]["count"] == 2
+    if tampered.get("mean") == "shape":
+        tampered = {"mean": {k: v.reshape(-1)[:1] for k, v in good["weight_average"]["mean"].items()}}
+    torch.save({**good, "weight_average": {**good["weight_average"], **tampered}}, path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: weight average {fault}")):
+        load_checkpoint(tmp_path / "run")
+    torch.save(good, path)
+    longer = RunConfig.from_mapping({**values, "num-server-rounds": 4, "resume-from": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"its weight average \(swa-rounds\) began at round 1; .* round 3"):
+        check_resumable(load_checkpoint(tmp_path / "run"), longer, tmp_path / "run")
