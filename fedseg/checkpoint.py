@@ -76,8 +76,9 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         raise ConfigError(f"run-config 'resume-from': cannot read {path}: {err}") from err
     if data.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{path}: checkpoint format {data.get('format')!r}, this fedseg reads {FORMAT_VERSION}")
-    average = dict(data.get("weight_average") or {})
-    if average and (problem := state_problem(average, data["weights"])):
+    average = data.get("weight_average", {})
+    unused = isinstance(average, dict) and not average  # a run without swa-rounds
+    if not unused and (problem := state_problem(average, data["weights"], int(data["round"]))):
         raise ConfigError(f"{path}: {problem}")
     return Checkpoint(
         round=int(data["round"]),
@@ -94,14 +95,14 @@ def check_resumable(checkpoint: Checkpoint, config: RunConfig, run_dir: str | Pa
     """Fail before any round if the run config changed what the interrupted run computes."""
     saved = checkpoint.history.config
     current = with_input_channels(config).to_dict()  # as the run recorded it: in-channels resolved
-    changed = sorted(
-        key for key in set(saved) | set(current) if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
-    )
+    defaults = RunConfig().to_dict()  # a key the interrupted run's fedseg did not know yet had its default
+    was = {key: saved.get(key, defaults.get(key)) for key in set(saved) | set(current)}
+    changed = sorted(key for key in was if key not in RESUMABLE_CHANGES and was[key] != current.get(key))
     if changed:
-        details = ", ".join(f"'{k}' was {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        details = ", ".join(f"'{k}' was {was[k]!r}, now {current.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {run_dir}: the run config changed: {details}")
     average = WeightAverage.last_rounds(config.swa_rounds, config.num_server_rounds)
-    if average is not None and (problem := average.resume_problem(checkpoint.weight_average)):
+    if average is not None and (problem := average.resume_problem(checkpoint.weight_average, checkpoint.round)):
         raise ConfigError(f"cannot resume {run_dir}: {problem}")
 
 

@@ -489,7 +489,7 @@ def report(
         if against is not None:
             if out is None:
                 raise CasesError("--against needs --out (a folder for the comparison's report.md)")
-            others = [folder for folder in against.split(",") if folder.strip()]
+            others = [folder.strip() for folder in against.split(",") if folder.strip()]
             typer.echo(build_against_report(results_dirs, others, out))
         elif len(results_dirs) == 1:
             typer.echo(build_report(results_dirs[0], out))

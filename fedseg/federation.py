@@ -67,6 +67,7 @@ RECORDED_METRIC = {"train": m.TRAIN_LOSS, "evaluate": m.DICE}
 POLL_SECONDS = 1.0
 FINAL_MODEL, BEST_MODEL = "model.pt", "best-model.pt"  # run-folder model files (fedseg.model_checkpoint format)
 RUN_KEY = "run-key"  # history.json: the key that names the run to the sites
+AVERAGED_MODEL = "averaged-model"  # history.json: what model.pt averages (swa-rounds) and the sites' Dice of it
 
 
 class FederationError(RuntimeError):
@@ -167,9 +168,31 @@ class Federation:
         if self._average is not None and self._average.count:
             arrays = self._average.arrays(like=arrays)
             self._save_model(arrays, FINAL_MODEL, f"final model: {self._average.describe(last)}")
+            history.extra[AVERAGED_MODEL] = self._score_average(last, arrays)
+            history.save(self.run_dir / "history.json")
         else:
             self._save_model(arrays, FINAL_MODEL, f"final model after round {last}")
         return arrays, history
+
+    def _score_average(self, last: int, arrays: ArrayRecord) -> dict[str, object]:
+        """The sites' Dice of the averaged final model (one evaluate stage the strategy does not aggregate):
+        the per-round figures in history.json are those of the global model the sites trained on."""
+        assert self._average is not None
+        record = RoundRecord(round=last)
+        replies = self._stage(
+            "evaluate",
+            lambda grid: self.strategy.configure_evaluate(last, arrays, self._instruction({}), grid),
+            record,
+        )
+        record.eval = self._collect(replies, "evaluate", record)
+        log(
+            INFO,
+            "[fedseg] model.pt, %s: mean Dice %.3f, validation %.3f",
+            self._average.describe(last),
+            record.mean_dice,
+            record.val_dice,
+        )
+        return {"model": self._average.describe(last), "dice": record.mean_dice, "val-dice": record.val_dice}
 
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:

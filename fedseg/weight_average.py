@@ -7,14 +7,19 @@ are what generalises to unseen domains (Cha et al. 2021, SWAD) and to heterogene
 (Caldarola et al. 2022, server-side SWA). The sites keep training from the ordinary global model;
 the average is only the run's output (model.pt). It needs no data and no communication, and it is
 post-processing of models the server holds anyway, so a DP guarantee is unchanged. Floating-point
-tensors are averaged, integer buffers (e.g. BatchNorm's batch counters) are taken from the last round.
-The running mean lives in the checkpoint, so a resumed run ends with the same average bit for bit.
+tensors are averaged, integer buffers (e.g. BatchNorm's batch counters) are taken from the last round;
+BatchNorm running statistics are averaged too, not recomputed (fedseg's networks default to instance
+norm, which has none). A round without a usable reply leaves the global model as it was, and that
+model counts again. The running mean lives in the checkpoint, so a resumed run ends with the same
+average bit for bit; the rounds it averages are those of the arm or run (a cyclic arm's rounds are
+visits to one site each). Only the shared model is averaged: FedBN's site layers and Ditto's personal
+models stay each site's last ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from flwr.app import ArrayRecord
@@ -47,40 +52,61 @@ class WeightAverage:
                 self.mean[key] += (value.double() - self.mean[key]) / self.count
 
     def arrays(self, like: ArrayRecord) -> ArrayRecord:
-        """The average in the dtypes of `like` (a global model); `like` itself before any round was averaged."""
-        if not self.count:
-            return like
+        """The average (at least one round folded in) in the dtypes of `like`, a global model."""
         dtypes = {key: value.dtype for key, value in like.to_torch_state_dict().items()}
         return ArrayRecord({key: self.mean[key].to(dtypes[key]) for key in dtypes})
 
     def describe(self, last_round: int) -> str:
-        return f"mean of the global models of rounds {self.first_round}-{last_round} (swa-rounds {self.count})"
+        return f"mean of the global models of rounds {self.first_round}-{last_round}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first_round": self.first_round, "count": self.count, "mean": dict(self.mean)}
+        """A copy of the running mean, for the checkpoint (checked on load by `state_problem`)."""
+        return {"first_round": self.first_round, "count": self.count, "mean": _copy(self.mean)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()` of the same run (checked by `state_problem` and `resume_problem`)."""
-        self.count, self.mean = int(state["count"]), dict(state["mean"])
+        """Continue the saved average of this run (`resume_problem` says whether it can)."""
+        self.count, self.mean = int(state["count"]), _copy(state["mean"])
 
-    def resume_problem(self, state: dict[str, Any]) -> str | None:
-        """Why this average cannot continue the saved one (it began at another round), or None."""
-        if state.get("count") and state.get("first_round") != self.first_round:
-            return (
-                f"its weight average (swa-rounds) began at round {state.get('first_round')}; with this run "
-                f"config it would begin at round {self.first_round} (keep num-server-rounds as it was)"
-            )
-        return None
+    def resume_problem(self, state: dict[str, Any], checkpoint_round: int) -> str | None:
+        """Why this average cannot continue the one saved after `checkpoint_round`, or None: it must hold
+        exactly the rounds up to there that this run config averages."""
+        expected = max(0, checkpoint_round - self.first_round + 1)
+        saved = int(state.get("count", 0))
+        if saved == expected and (not saved or state.get("first_round") == self.first_round):
+            return None
+        began = f"began at round {state.get('first_round')}" if saved else "had not begun"
+        return (
+            f"its weight average (swa-rounds) {began} after round {checkpoint_round}; with this run config it "
+            f"would begin at round {self.first_round} (keep num-server-rounds and swa-rounds as they were)"
+        )
 
 
-def state_problem(state: dict[str, Any], weights: dict[str, torch.Tensor]) -> str | None:
-    """What is wrong with a saved average's state for a model with `weights`, or None."""
+def state_problem(state: object, weights: dict[str, torch.Tensor], checkpoint_round: int) -> str | None:
+    """What is wrong with a saved average's state for a model with `weights`, saved after
+    `checkpoint_round`, or None. It must be the running mean of rounds first_round .. checkpoint_round
+    (none yet: count 0, empty mean), in float64 for floating weights, finite."""
+    if not isinstance(state, dict):
+        return f"weight average is a {type(state).__name__}, not a dict"
     first, count, mean = state.get("first_round"), state.get("count"), state.get("mean")
-    if not (isinstance(first, int) and first >= 1 and isinstance(count, int) and count >= 0 and isinstance(mean, dict)):
+    if not (_natural(first) and first >= 1 and _natural(count) and isinstance(mean, dict)):
         return "weight average is not {first_round ≥ 1, count ≥ 0, mean}"
-    if count and (
-        set(mean) != set(weights)
-        or any(not isinstance(mean[k], torch.Tensor) or mean[k].shape != weights[k].shape for k in weights)
-    ):
-        return "weight average does not hold one tensor of the model's shape per weight"
+    if count != (checkpoint_round - first + 1 if count else 0) or (not count and mean):
+        return f"weight average counts {count} round(s) from round {first} after round {checkpoint_round}"
+    for key, weight in weights.items() if count else ():
+        value = mean.get(key)
+        dtype = torch.float64 if weight.is_floating_point() else weight.dtype
+        if not isinstance(value, torch.Tensor) or value.shape != weight.shape or value.dtype != dtype:
+            return f"weight average's '{key}' is not a {dtype} tensor of shape {tuple(weight.shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"weight average's '{key}' holds NaN or infinite values"
+    if count and set(mean) != set(weights):
+        return "weight average holds other weights than the model"
     return None
+
+
+def _natural(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in tensors.items()}

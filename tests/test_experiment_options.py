@@ -175,3 +175,16 @@ def test_privacy_sweep_config_is_checked_before_training(tmp_path: Path) -> None
                 "run": {"dp-sgd": True, "dp-noise-multiplier": 1.0},
             }
         )
+
+
+def test_an_arm_whose_own_rounds_break_a_run_value_fails_before_any_arm_trains(tmp_path: Path) -> None:
+    """A fine-tuning arm trains finetune-rounds rounds: swa-rounds above that is refused for it, at the start."""
+    spec = ExperimentSpec.from_mapping(
+        {
+            "experiment": {**EXPERIMENT, "data-dir": str(tmp_path / "absent"), "output-dir": str(tmp_path / "r")},
+            "run": {**RUN, "num-server-rounds": 3, "swa-rounds": 2},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"^arm fedavg-finetuned--site-0: run-config 'swa-rounds' must be in"):
+        run_experiment(spec, echo=lambda _: None)
+    assert not (tmp_path / "r").exists()  # nothing claimed, nothing trained

@@ -11,7 +11,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from fedseg.cli import app
-from fedseg.report import build_seed_report
+from fedseg.report import build_against_report, build_seed_report
 from fedseg.report.against import against_tests
 from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
 from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
@@ -139,7 +139,7 @@ def test_against_pairs_each_model_across_two_configurations_scan_by_scan(tmp_pat
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["report", *map(str, ours), "--against", ",".join(map(str, theirs)), "--out", str(tmp_path / "vs")],
+        ["report", *map(str, ours), "--against", ", ".join(map(str, theirs)) + ",", "--out", str(tmp_path / "vs")],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -156,5 +156,14 @@ def test_against_pairs_each_model_across_two_configurations_scan_by_scan(tmp_pat
         app, ["report", str(ours[0]), "--against", str(ours[0]), "--out", str(tmp_path / "o")], catch_exceptions=False
     )
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        f"error: results folder {ours[0]} is given twice"
+        f"error: results folder {ours[0]} is on both sides of --against"
     ]
+
+
+def test_against_accepts_runs_that_share_a_name_across_the_sides(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ours, theirs = _write_runs(tmp_path / "a"), _write_runs(tmp_path / "b")  # the same names on both sides
+    text = build_against_report(ours, theirs, tmp_path / "vs").read_text()
+    assert "Nothing to pair: every model both trained scores alike." in text
+    assert "The same on both sides (every scan's Dice equal; not tested): centralized, fedavg, fedprox." in text

@@ -10,7 +10,7 @@ import pytest
 import torch
 from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 
-from fedseg.checkpoint import CHECKPOINT_FILE, load_checkpoint, resume_checkpoint
+from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.history import History
 from fedseg.model_checkpoint import ModelCheckpoint
@@ -103,3 +103,13 @@ def test_resume_from_a_folder_without_checkpoint_names_the_file(tmp_path: Path) 
     config = RunConfig.from_mapping({"resume-from": str(tmp_path)})
     with pytest.raises(ConfigError, match=f"{tmp_path / CHECKPOINT_FILE} not found"):
         resume_checkpoint(config)
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1})
+    run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run")
+    del checkpoint.history.config["swa-rounds"]  # written by a fedseg without that key
+    check_resumable(checkpoint, RunConfig.from_mapping({**values, "num-server-rounds": 2}), tmp_path / "run")
+    with pytest.raises(ConfigError, match="'swa-rounds' was 0, now 1"):
+        check_resumable(checkpoint, RunConfig.from_mapping({**values, "swa-rounds": 1}), tmp_path / "run")

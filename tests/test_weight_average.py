@@ -3,6 +3,7 @@ rounds' global models, the sites keep training from the ordinary global model.""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_average_of_the_last_rounds_keeps_dtypes_and_takes_integer_buffers_from_
     result = average.arrays(like=_model([0.0, 0.0], 0)).to_torch_state_dict()
     assert torch.equal(result["w"], torch.tensor([1.5, 3.5])) and result["w"].dtype == torch.float32
     assert int(result["n"]) == 3  # round 1 (9, 9) is not in it; the counter is round 3's
-    restored = WeightAverage(first_round=1)
+    restored = WeightAverage(first_round=2)
     restored.load_state_dict(average.state_dict())
     restored.add(4, _model([3.0, 0.5], 4))
     assert torch.allclose(
@@ -44,10 +45,10 @@ def test_final_model_is_the_mean_of_the_last_rounds_global_models(tmp_path: Path
     grid = InProcessGrid(values, 2)
     globals_after: dict[int, dict[str, torch.Tensor]] = {}
 
-    def keep_evaluated_model(messages: list) -> None:  # round r's evaluate messages carry its global model
+    def keep_evaluated_model(messages: list) -> None:  # round r's first evaluate messages carry its global model
         if messages and messages[0].metadata.message_type == "evaluate":
             round_ = int(messages[0].content["config"]["server-round"])
-            globals_after[round_] = messages[0].content["arrays"].to_torch_state_dict()
+            globals_after.setdefault(round_, messages[0].content["arrays"].to_torch_state_dict())  # then: model.pt's
 
     grid.before_send = keep_evaluated_model
     final, _ = run_federation(grid, values, tmp_path / "run")
@@ -60,6 +61,10 @@ def test_final_model_is_the_mean_of_the_last_rounds_global_models(tmp_path: Path
     saved = ModelCheckpoint.load(tmp_path / "run" / "model.pt")
     assert all(torch.equal(saved.state_dict[key], got[key]) for key in got)
     assert "mean of the global models of rounds 2-3" in saved.description
+    scored = json.loads((tmp_path / "run" / "history.json").read_text())["averaged-model"]
+    assert scored["model"] == "mean of the global models of rounds 2-3" and 0.0 <= scored["val-dice"] <= 1.0
+    last = json.loads((tmp_path / "run" / "history.json").read_text())["rounds"][-1]
+    assert scored["val-dice"] != pytest.approx(sum(s["val-dice"] for s in last["eval"].values()) / 2, abs=1e-9)
 
 
 def test_swa_rounds_beyond_the_run_is_refused() -> None:
@@ -67,31 +72,58 @@ def test_swa_rounds_beyond_the_run_is_refused() -> None:
         RunConfig.from_mapping({"num-server-rounds": 3, "swa-rounds": 4})
 
 
+NOT_A_TENSOR = "weight average's '"
+
+
 @pytest.mark.parametrize(
     "tampered, fault",
     [
-        ({"first_round": "2", "count": 2}, "is not {first_round"),
-        ({"count": -1}, "is not {first_round"),
-        ({"mean": [1.0]}, "is not {first_round"),
-        ({"mean": {}}, "does not hold one tensor"),
-        ({"mean": {"w": torch.zeros(1)}}, "does not hold one tensor"),
-        ({"mean": "shape"}, "does not hold one tensor"),
+        ({"first_round": "2"}, "weight average is not {first_round"),
+        ({"count": -1}, "weight average is not {first_round"),
+        ({"count": True}, "weight average is not {first_round"),
+        ({"mean": [1.0]}, "weight average is not {first_round"),
+        ({"count": 5}, "weight average counts 5 round(s) from round 1 after round 2"),
+        ({"mean": {}}, NOT_A_TENSOR),
+        ({"mean": {"w": torch.zeros(1)}}, NOT_A_TENSOR),
+        ("shape", NOT_A_TENSOR),
+        ("float32", NOT_A_TENSOR),
+        ("nan", "holds NaN or infinite values"),
+        ("tensor", "weight average is a Tensor, not a dict"),
     ],
 )
-def test_a_tampered_or_shifted_average_fails_the_resume_with_one_line(
-    tmp_path: Path, task_identity: None, tampered: dict, fault: str
+def test_a_tampered_average_in_the_checkpoint_is_a_one_line_error(
+    tmp_path: Path, task_identity: None, tampered: dict | str, fault: str
 ) -> None:
     values = tiny_config(tmp_path, **{"num-server-rounds": 2, "swa-rounds": 2})
     run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
     path = tmp_path / "run" / CHECKPOINT_FILE
     good = torch.load(path, weights_only=True)
-    assert good["weight_average"]["count"] == 2
-    if tampered.get("mean") == "shape":
-        tampered = {"mean": {k: v.reshape(-1)[:1] for k, v in good["weight_average"]["mean"].items()}}
-    torch.save({**good, "weight_average": {**good["weight_average"], **tampered}}, path)
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: weight average {fault}")):
+    saved = good["weight_average"]
+    assert saved["count"] == 2 and saved["first_round"] == 1
+    first = next(k for k, v in saved["mean"].items() if v.is_floating_point())
+    average: object = (
+        {
+            "shape": {**saved, "mean": {k: v.reshape(-1)[:1] for k, v in saved["mean"].items()}},
+            "float32": {**saved, "mean": {**saved["mean"], first: saved["mean"][first].float()}},
+            "nan": {**saved, "mean": {**saved["mean"], first: saved["mean"][first] * float("nan")}},
+            "tensor": torch.ones(2),
+        }.get(tampered)
+        if isinstance(tampered, str)
+        else {**saved, **tampered}
+    )
+    torch.save({**good, "weight_average": average}, path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: ") + ".*" + re.escape(fault)):
         load_checkpoint(tmp_path / "run")
-    torch.save(good, path)
+
+
+def test_resuming_with_rounds_that_move_the_average_is_refused(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 2, "swa-rounds": 2})
+    run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run")
     longer = RunConfig.from_mapping({**values, "num-server-rounds": 4, "resume-from": str(tmp_path / "run")})
-    with pytest.raises(ConfigError, match=r"its weight average \(swa-rounds\) began at round 1; .* round 3"):
-        check_resumable(load_checkpoint(tmp_path / "run"), longer, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"weight average \(swa-rounds\) began at round 1 after round 2; .* round 3"):
+        check_resumable(checkpoint, longer, tmp_path / "run")
+    # an average that had not begun cannot start in a round that already ran
+    shorter = WeightAverage(first_round=1)
+    assert "had not begun after round 1" in (shorter.resume_problem({"first_round": 2, "count": 0}, 1) or "")
+    assert WeightAverage(first_round=2).resume_problem({"first_round": 2, "count": 0}, 1) is None

@@ -26,7 +26,7 @@ from monai.data import DataLoader, Dataset
 
 from clients.personal import PersonalState
 from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
-from fedseg.config import RunConfig
+from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.sites import with_input_channels
@@ -79,8 +79,9 @@ class TestSet:
 def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) -> Path:
     """Run (or continue) every arm of `spec`; return the results folder holding cases.csv."""
     results = spec.results_dir.resolve()
-    _claim(results, spec, echo)
     arms = plan_arms(spec)
+    _check_arms(spec, arms, results)
+    _claim(results, spec, echo)
     seed = spec.run_config().seed
     splits = load_splits([spec.site_dir(k) for k in range(spec.sites)], seed)
     tests = _test_sets(spec, splits)
@@ -171,18 +172,7 @@ def _train(
 ) -> ModelCheckpoint:
     """One Federation run of the arm through the LocalGrid (resumed if interrupted); the final model.
     `progress` sees the rounds as a tracker does (fedseg.progress.RoundBar)."""
-    values = spec.run_values(
-        **{
-            "strategy": arm.strategy,
-            "num-server-rounds": arm.rounds,
-            "local-epochs": arm.epochs,
-            "min-sites": len(arm.nodes),
-            "output-dir": str(folder),
-            **arm.params,
-        }
-    )
-    values["secure-aggregation"] = with_secure_aggregation(arm, bool(values.get("secure-aggregation", False)))
-    values["tracking-dir"] = values.get("tracking-dir") or str(results)  # one TensorBoard / MLflow view per experiment
+    values = _arm_values(spec, arm, results, folder)
     config = with_input_channels(RunConfig.from_mapping(values))
     nodes = []
     for node in arm.nodes:  # each site's state (privacy ledger, preprocessed cache) stays in this experiment
@@ -206,6 +196,35 @@ def _train(
     model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
     model.save(folder / MODEL)
     return model
+
+
+def _arm_values(spec: ExperimentSpec, arm: Arm, results: Path, folder: Path) -> dict[str, Any]:
+    """The run config of one arm: the experiment's [run] with the arm's strategy, rounds and sites."""
+    values = spec.run_values(
+        **{
+            "strategy": arm.strategy,
+            "num-server-rounds": arm.rounds,
+            "local-epochs": arm.epochs,
+            "min-sites": len(arm.nodes),
+            "output-dir": str(folder),
+            **arm.params,
+        }
+    )
+    values["secure-aggregation"] = with_secure_aggregation(arm, bool(values.get("secure-aggregation", False)))
+    values["tracking-dir"] = values.get("tracking-dir") or str(results)  # one TensorBoard / MLflow view per experiment
+    return values
+
+
+def _check_arms(spec: ExperimentSpec, arms: Sequence[Arm], results: Path) -> None:
+    """Every trained arm's run config, before the first arm trains (an arm with other rounds, e.g. a
+    fine-tuning or cyclic arm, can make a [run] value invalid for it alone)."""
+    for arm in arms:
+        if arm.members:
+            continue
+        try:
+            RunConfig.from_mapping(_arm_values(spec, arm, results, results / ARMS / arm.id))
+        except ConfigError as err:
+            raise ConfigError(f"arm {arm.id}: {err}") from None
 
 
 def _node_dir(spec: ExperimentSpec, arm: Arm, node: int, splits: Sequence[SiteSplit], results: Path) -> Path:

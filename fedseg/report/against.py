@@ -14,7 +14,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedseg.report.cases import CaseRow, CasesError
+from fedseg.report.cases import CaseRow, CasesError, read_structures
+from fedseg.report.layout import CASES
 from fedseg.report.seeds import Run, read_runs, seed_summaries
 from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells
 from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
@@ -50,8 +51,16 @@ def build_against_report(
         raise CasesError(f"--out {out} is one of the results folders; give the comparison a folder of its own")
     if not results_dirs or not against:
         raise CasesError("a comparison needs results folders on both sides of --against")
-    every = read_runs([*results_dirs, *against])  # distinct folders and names, the same scored structures
-    runs, others = every[: len(results_dirs)], every[len(results_dirs) :]
+    for folder in {Path(d).resolve() for d in results_dirs} & {Path(d).resolve() for d in against}:
+        raise CasesError(f"results folder {folder} is on both sides of --against")
+    runs, others = read_runs(results_dirs, minimum=1), read_runs(against, minimum=1)  # each side: distinct names
+    ours, theirs = read_structures(Path(results_dirs[0]) / CASES), read_structures(Path(against[0]) / CASES)
+    if ours != theirs:
+        raise CasesError(
+            f"{Path(results_dirs[0]) / CASES} scores {list(ours)}, {Path(against[0]) / CASES} scores {list(theirs)}; "
+            "compared configurations must score the same structures"
+        )
+    every = [*runs, *others]
     first, second = _side(runs), _side(others)
     rows = [row for run in every for row in run.rows]
     sections = [
@@ -95,6 +104,9 @@ def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[
     alike = ", ".join(model_label(m, rows) for m in same)
     note = f"\n\nThe same on both sides (every scan's Dice equal; not tested): {alike}." if same else ""
     if not tests:
-        return "No model that differs between the configurations has cases here: nothing to pair." + note
+        reason = (
+            "every model both trained scores alike" if same else "the configurations share no model with such cases"
+        )
+        return f"Nothing to pair: {reason}." + note
     header = ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"]
     return markdown_table(header, [[model_label(t.model, rows), *paired_cells(t, "{:+.4f}")] for t in tests]) + note

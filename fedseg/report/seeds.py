@@ -46,12 +46,12 @@ class SeedSummary:
         return mean_sd(self.outside)[0]
 
 
-def read_runs(results_dirs: Sequence[str | Path]) -> list[Run]:
-    """Each folder's cases; CasesError when fewer than two, one repeated, two share a name, or the scored
-    structures differ."""
+def read_runs(results_dirs: Sequence[str | Path], minimum: int = 2) -> list[Run]:
+    """Each folder's cases; CasesError when fewer than `minimum` (a seeds summary needs two), one
+    repeated, two share a name, or the scored structures differ."""
     paths = [Path(d) for d in results_dirs]
-    if len(paths) < 2:
-        raise CasesError("a seeds summary needs at least two results folders")
+    if len(paths) < minimum:
+        raise CasesError("a seeds summary needs at least two results folders" if minimum == 2 else "no results folder")
     resolved = [p.resolve() for p in paths]
     for i, path in enumerate(resolved):
         for other in resolved[:i]:
