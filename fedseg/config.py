@@ -74,9 +74,8 @@ class RunConfig:
     lr_schedule: str = "constant"
     warmup_rounds: int = 0
     lr_final_ratio: float = 0.0
-    swa_rounds: int = (
-        0  # the final model is the mean of the global models of the last swa-rounds rounds (fedseg.weight_average)
-    )
+    # the final model is the mean of the global models of the last swa-rounds rounds (fedseg.weight_average)
+    swa_rounds: int = 0
     strategy: str = "fedavg"
     model: str = "unet"
     model_args: str = ""  # the network's keyword arguments, "init_filters=16, dropout_prob=0.1" (fedseg.model_args)

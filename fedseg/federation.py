@@ -178,21 +178,10 @@ class Federation:
         """The sites' Dice of the averaged final model (one evaluate stage the strategy does not aggregate):
         the per-round figures in history.json are those of the global model the sites trained on."""
         assert self._average is not None
-        record = RoundRecord(round=last)
-        replies = self._stage(
-            "evaluate",
-            lambda grid: self.strategy.configure_evaluate(last, arrays, self._instruction({}), grid),
-            record,
-        )
-        record.eval = self._collect(replies, "evaluate", record)
-        log(
-            INFO,
-            "[fedseg] model.pt, %s: mean Dice %.3f, validation %.3f",
-            self._average.describe(last),
-            record.mean_dice,
-            record.val_dice,
-        )
-        return {"model": self._average.describe(last), "dice": record.mean_dice, "val-dice": record.val_dice}
+        record = self._evaluate(last, arrays, RoundRecord(round=last), aggregate=False)
+        model = self._average.describe(last)
+        log(INFO, "[fedseg] model.pt, %s: mean Dice %.3f, validation %.3f", model, record.mean_dice, record.val_dice)
+        return {"model": model, "dice": record.mean_dice, "val-dice": record.val_dice}
 
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
@@ -236,14 +225,18 @@ class Federation:
             record.failures.append({"site": "all", "stage": "train", "reason": result.reason})
         return self._ordered(result.replies), [result.aggregate] if result.aggregate is not None else []
 
-    def _evaluate(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> RoundRecord:
+    def _evaluate(
+        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, aggregate: bool = True
+    ) -> RoundRecord:
+        """The sites' Dice of `arrays` into `record`; the strategy aggregates the replies unless told not to."""
         replies = self._stage(
             "evaluate",
             lambda grid: self.strategy.configure_evaluate(server_round, arrays, self._instruction({}), grid),
             record,
         )
         record.eval = self._collect(replies, "evaluate", record)
-        self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
+        if aggregate:
+            self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
         return record
 
     def _save_model(self, arrays: ArrayRecord, name: str, what: str) -> None:

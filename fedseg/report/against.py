@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import Run, read_runs, seed_summaries
+from fedseg.report.seeds import Run, read_runs, scan_means, seed_summaries
 from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells
 from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
 
@@ -29,7 +29,7 @@ def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[
             for scan, score in scans.items():
                 if not math.isnan(score):
                     values[model][scan].append(score)
-    return {model: {scan: sum(v) / len(v) for scan, v in scans.items()} for model, scans in values.items()}
+    return {model: scan_means(scans) for model, scans in values.items()}
 
 
 def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> tuple[list[PairedTest], list[Model]]:
@@ -51,8 +51,8 @@ def build_against_report(
         raise CasesError(f"--out {out} is one of the results folders; give the comparison a folder of its own")
     if not results_dirs or not against:
         raise CasesError("a comparison needs results folders on both sides of --against")
-    for folder in {Path(d).resolve() for d in results_dirs} & {Path(d).resolve() for d in against}:
-        raise CasesError(f"results folder {folder} is on both sides of --against")
+    if both := {Path(d).resolve() for d in results_dirs} & {Path(d).resolve() for d in against}:
+        raise CasesError(f"results folder {min(both)} is on both sides of --against")
     runs, others = read_runs(results_dirs, minimum=1), read_runs(against, minimum=1)  # each side: distinct names
     ours, theirs = read_structures(Path(results_dirs[0]) / CASES), read_structures(Path(against[0]) / CASES)
     if ours != theirs:
@@ -60,9 +60,8 @@ def build_against_report(
             f"{Path(results_dirs[0]) / CASES} scores {list(ours)}, {Path(against[0]) / CASES} scores {list(theirs)}; "
             "compared configurations must score the same structures"
         )
-    every = [*runs, *others]
     first, second = _side(runs), _side(others)
-    rows = [row for run in every for row in run.rows]
+    rows = [row for run in [*runs, *others] for row in run.rows]
     sections = [
         f"# Comparison: {first} against {second}",
         f"- {first}: {', '.join(r.name for r in runs)}\n- {second}: {', '.join(r.name for r in others)}",

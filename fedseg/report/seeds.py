@@ -102,9 +102,10 @@ def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = Fa
                     ours[key].append(a)
                     theirs[key].append(b)
         if ours:
-            tests.append(paired_test(model, ref, _means(ours), _means(theirs)))
+            tests.append(paired_test(model, ref, scan_means(ours), scan_means(theirs)))
     return adjusted(tests)
 
 
-def _means(values: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], float]:
+def scan_means(values: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], float]:
+    """Each scan's Dice values (over runs) → their mean."""
     return {key: sum(v) / len(v) for key, v in values.items()}
