@@ -127,6 +127,7 @@ def _build_runtime(
         num_workers=config.num_workers,
         labels=labels,
         optimizer=optimizer_factory(config.optimizer, config.weight_decay, config.momentum),
+        sam_rho=config.sam_rho,
     )
     runtime = SiteRuntime(
         config=config,

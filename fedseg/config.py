@@ -50,6 +50,7 @@ UPPER_BOUNDS = {
     "dp-target-epsilon": 1e6,
 }
 MAX_PATCH_SIDE = 512
+MAX_SAM_RHO = 10.0  # a sharpness-aware radius beyond any weight norm's scale
 # output-dir: relative ones may not climb out with '..'
 PATH_KEYS = ("data-dir", "output-dir", "resume-from", "bundle", "init-from")
 # 'strategy': a built-in or plugin name, 'flower:<Class>' or 'package.module:Class' (never a relative import)
@@ -76,6 +77,7 @@ class RunConfig:
     lr_final_ratio: float = 0.0
     # the final model is the mean of the global models of the last swa-rounds rounds (fedseg.weight_average)
     swa_rounds: int = 0
+    sam_rho: float = 0.0  # > 0: sharpness-aware local steps of this radius (fedseg.sharpness)
     strategy: str = "fedavg"
     model: str = "unet"
     model_args: str = ""  # the network's keyword arguments, "init_filters=16, dropout_prob=0.1" (fedseg.model_args)
@@ -339,6 +341,13 @@ def _validate_optimizer(config: RunConfig) -> None:
         raise ConfigError(f"run-config 'warmup-rounds' must be in [0, num-server-rounds), got {config.warmup_rounds}")
     if not 0.0 <= config.lr_final_ratio <= 1.0:
         raise ConfigError(f"run-config 'lr-final-ratio' must be in [0, 1], got {config.lr_final_ratio}")
+    if not 0.0 <= config.sam_rho <= MAX_SAM_RHO:
+        raise ConfigError(f"run-config 'sam-rho' must be in [0, {MAX_SAM_RHO:g}], got {config.sam_rho}")
+    if config.sam_rho > 0 and (config.dp_sgd or config.precision == "fp16"):
+        raise ConfigError(
+            "run-config 'sam-rho' needs plain gradients: sharpness-aware steps cannot be combined with "
+            f"{'dp-sgd' if config.dp_sgd else 'precision fp16 (loss scaling)'}; set 'sam-rho' to 0"
+        )
     if not 0 <= config.swa_rounds <= config.num_server_rounds:
         raise ConfigError(f"run-config 'swa-rounds' must be in [0, num-server-rounds], got {config.swa_rounds}")
 

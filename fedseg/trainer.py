@@ -1,9 +1,9 @@
 """SegmentationTrainer: MONAI 3D segmentation training and evaluation, no Flower inside.
 
 fit() trains from given start weights for some epochs (optionally with a FedProx proximal
-term); evaluate() runs sliding-window inference on whole volumes and returns the Dice of every
-scored structure (classes, or BraTS tumour regions: the `LabelScheme` decides the network's
-outputs, the loss and the scoring).
+term or sharpness-aware steps: fedseg.sharpness); evaluate() runs sliding-window inference on whole
+volumes and returns the Dice of every scored structure (classes, or BraTS tumour regions: the
+`LabelScheme` decides the network's outputs, the loss and the scoring).
 Precision follows fedseg.precision (default: bf16 autocast on CUDA, fp32 elsewhere; fp16 with a
 gradient scaler); data loading uses `num_workers` processes. On CUDA it can compile the training
 forward and leaves cuDNN free to pick its fastest kernels; on CPU with a seed it is deterministic.
@@ -31,6 +31,7 @@ from fedseg.models import build_model
 from fedseg.optim import OptimizerFactory, optimizer_factory
 from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
+from fedseg.sharpness import ascended
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -86,6 +87,7 @@ class SegmentationTrainer:
         labels: LabelScheme | None = None,
         optimizer: OptimizerFactory | None = None,
         model_args: Mapping[str, Any] | None = None,
+        sam_rho: float = 0.0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.labels = labels or LabelScheme("classes", num_classes)
@@ -99,6 +101,7 @@ class SegmentationTrainer:
         self.num_workers = num_workers  # data-loading worker processes (0: in this process)
         self.loss_fn = self.labels.loss()
         self.make_optimizer = optimizer or optimizer_factory("adam")
+        self.sam_rho = sam_rho  # > 0: sharpness-aware steps (fedseg.sharpness), two passes per step
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
         # and the state dict keys stay on the plain module, which shares its parameters.
         self._train_forward: Callable[..., Any] = torch.compile(self.model) if compile else self.model
@@ -140,6 +143,8 @@ class SegmentationTrainer:
             raise ValueError("DP-SGD cannot train in fp16: Opacus' per-sample gradients are not loss-scaled")
         if privacy is not None and not float(epochs).is_integer():
             raise ValueError(f"DP-SGD trains whole epochs (the accountant counts Poisson steps), got {epochs:g}")
+        if self.sam_rho > 0 and (privacy is not None or self.precision.name == "fp16"):
+            raise ValueError("sharpness-aware steps need plain gradients: not with DP-SGD, nor with fp16 loss scaling")
         if privacy is not None and (prox_mu > 0 or gradient_correction is not None):
             raise ValueError(
                 "DP-SGD cannot train a proximal term or a gradient correction (Opacus replaces the gradient)"
@@ -153,6 +158,7 @@ class SegmentationTrainer:
             source = prox_anchor if prox_anchor is not None else dict(self.model.named_parameters())
             anchor = [source[name].detach().to(self.device).clone() for name, _ in self.model.named_parameters()]
         named = list(self.model.named_parameters())
+        params = [param for _, param in named]
         gradient_sums = {name: torch.zeros_like(p) for name, p in named} if average_gradients else None
         correction = None
         if gradient_correction is not None:
@@ -182,11 +188,12 @@ class SegmentationTrainer:
                 image = batch["image"].to(self.device, non_blocking=True)
                 label = batch["label"].to(self.device, non_blocking=True)
                 stepper.zero_grad(set_to_none=True)
-                with self.precision.autocast():
-                    loss = self.loss_fn(forward(image), self.labels.loss_target(label))
-                if anchor is not None:
-                    loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
+                loss = self._loss(forward, image, label, prox_mu, anchor)
                 scaler.scale(loss).backward()
+                if self.sam_rho > 0:  # the gradient at the ascended weights, applied at the weights
+                    with ascended(params, self.sam_rho):
+                        stepper.zero_grad(set_to_none=True)
+                        self._loss(forward, image, label, prox_mu, anchor).backward()
                 scaler.unscale_(stepper)  # true gradients for the sums, the corrections and the step
                 if gradient_sums is not None:
                     for name, param in named:
@@ -206,6 +213,21 @@ class SegmentationTrainer:
             steps=steps,
             mean_gradients={k: (v / max(steps, 1)).cpu() for k, v in gradient_sums.items()} if gradient_sums else None,
         )
+
+    def _loss(
+        self,
+        forward: Callable[..., Any],
+        image: torch.Tensor,
+        label: torch.Tensor,
+        prox_mu: float,
+        anchor: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The segmentation loss of one batch, plus (mu/2)·‖w − a‖² when there is a proximal anchor."""
+        with self.precision.autocast():
+            loss = self.loss_fn(forward(image), self.labels.loss_target(label))
+        if anchor is not None:
+            loss = loss + 0.5 * prox_mu * _squared_distance(self.model.parameters(), anchor)
+        return cast(torch.Tensor, loss)
 
     def release_memory(self) -> None:
         """Hand cached, unused GPU memory back to the driver (other site processes may share the GPU)."""
