@@ -4,7 +4,9 @@ Each step's gradient is taken at the nearby worst point w + ρ·g/‖g‖ (g: th
 over all parameters) and applied at w, steering training towards flat minima. In federated training
 flat local minima average into a better global model that generalises to unseen institutions
 (Caldarola et al. 2022, FedSAM, with server-side weight averaging: `swa-rounds`). A step costs two
-forward and backward passes; ρ 0 is plain training.
+forward and backward passes; ρ 0 is plain training. The loss at the ascended point is the whole
+training loss, a proximal term (FedProx, Ditto) included; running normalisation statistics are
+updated by the first pass only (`kept_statistics`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-
-DEFAULT_RHO = 0.05  # Foret et al.'s default neighbourhood radius
 
 
 @contextmanager
@@ -36,3 +36,21 @@ def ascended(params: Sequence[nn.Parameter], rho: float) -> Iterator[None]:
         with torch.no_grad():
             for p, original in zip(moved, originals, strict=True):
                 p.copy_(original)
+
+
+@contextmanager
+def kept_statistics(model: nn.Module) -> Iterator[None]:
+    """Put back every batch-norm layer's running statistics (mean, variance, batch count) after the body,
+    so the extra pass at the ascended weights does not count as a second batch."""
+    saved = [
+        (module, {name: buffer.clone() for name, buffer in module.named_buffers(recurse=False) if buffer is not None})
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in saved:
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)

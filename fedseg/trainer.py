@@ -31,7 +31,7 @@ from fedseg.models import build_model
 from fedseg.optim import OptimizerFactory, optimizer_factory
 from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
-from fedseg.sharpness import ascended
+from fedseg.sharpness import ascended, kept_statistics
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -44,7 +44,8 @@ class FitResult:
     num_examples: int
     seconds: float
     steps: int = 0  # optimizer steps taken
-    mean_gradients: dict[str, torch.Tensor] | None = None  # per parameter, the raw gradients' mean over the steps
+    # per parameter, the raw gradients' mean over the steps (with sam_rho: those at the ascended weights)
+    mean_gradients: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class SegmentationTrainer:
         model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
         parameter name) is added to every gradient before each step; with `average_gradients` the
         result carries each parameter's mean raw gradient (before the correction) over the steps.
+        With the trainer's `sam_rho` > 0 each step applies the gradient at the ascended weights
+        (fedseg.sharpness), the proximal term included; those are the gradients corrected and summed.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
         sampling, per-subject clipping and noise; proximal terms and corrections are refused there.
         """
@@ -191,7 +194,7 @@ class SegmentationTrainer:
                 loss = self._loss(forward, image, label, prox_mu, anchor)
                 scaler.scale(loss).backward()
                 if self.sam_rho > 0:  # the gradient at the ascended weights, applied at the weights
-                    with ascended(params, self.sam_rho):
+                    with ascended(params, self.sam_rho), kept_statistics(self.model):
                         stepper.zero_grad(set_to_none=True)
                         self._loss(forward, image, label, prox_mu, anchor).backward()
                 scaler.unscale_(stepper)  # true gradients for the sums, the corrections and the step

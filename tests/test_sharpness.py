@@ -39,6 +39,14 @@ def test_ascent_moves_along_the_normalised_gradient_and_restores_exactly() -> No
         assert torch.equal(param, original)  # bit for bit, not w + e − e
 
 
+def test_a_zero_gradient_ascends_nowhere() -> None:
+    layer = nn.Linear(3, 2)
+    layer.weight.grad, layer.bias.grad = torch.zeros(2, 3), torch.zeros(2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    with ascended(list(layer.parameters()), 0.05):
+        assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before, strict=True))
+
+
 def _batch() -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
     image = torch.randn(1, *PATCH, generator=generator)
@@ -46,7 +54,7 @@ def _batch() -> list[dict[str, torch.Tensor]]:
     return [{"image": image, "label": label}]
 
 
-def _trainer(sam_rho: float) -> SegmentationTrainer:
+def _trainer(sam_rho: float, **model_args: object) -> SegmentationTrainer:
     return SegmentationTrainer(
         "unet",
         3,
@@ -55,6 +63,7 @@ def _trainer(sam_rho: float) -> SegmentationTrainer:
         learning_rate=0.1,
         optimizer=optimizer_factory("sgd", momentum=0.0),
         sam_rho=sam_rho,
+        model_args=model_args,
     )
 
 
@@ -89,6 +98,18 @@ def test_a_sharpness_aware_step_applies_the_gradient_at_the_ascended_weights() -
         torch.testing.assert_close(after[name], expected[name], rtol=1e-5, atol=1e-6)
     # the test can tell the two apart: a plain step lands elsewhere
     assert max((after[n] - plain[n]).abs().max().item() for n in names) > 1e-4
+
+
+def test_batch_norm_statistics_count_one_batch_per_step() -> None:
+    """The pass at the ascended weights must not move running statistics: they equal a plain step's."""
+    with_sam, plain = _trainer(0.05, norm="batch"), _trainer(0.0, norm="batch")
+    plain.set_weights(with_sam.get_weights())
+    with_sam.fit(_batch(), epochs=1)
+    plain.fit(_batch(), epochs=1)
+    statistics = {k: v for k, v in with_sam.get_weights().items() if "running" in k or "num_batches" in k}
+    assert statistics and all(v.item() == 1 for k, v in statistics.items() if k.endswith("num_batches_tracked"))
+    for key, value in statistics.items():
+        assert torch.equal(value, plain.get_weights()[key]), key
 
 
 def test_sharpness_aware_steps_refuse_fp16_loss_scaling() -> None:
