@@ -13,7 +13,8 @@ served the outside institution better). If every site reports
 Dice 0 (Σ dᵢ = 0, e.g. an untrained first round) the Dice term is undefined and the round falls
 back to example weights (λ = 1), with a warning. A reply whose `val-dice` lies outside [0, 1] is dropped.
 `proximal-mu` > 0 adds FedProx's term (mu/2)·‖w − w_global‖² to the sites' losses (default 0: none;
-λ 0.5 with mu 0.01 measured 98.9 % over the ten seeds, a gain of +0.004 per scan, P 0.09).
+λ 0.5 with mu 0.01 measured 98.9 % over the ten seeds, a gain of +0.004 per scan, P 0.09;
+trained to convergence, 80 epochs for every arm, 99.3 %).
 """
 
 from __future__ import annotations
