@@ -43,7 +43,7 @@ def kept_statistics(model: nn.Module) -> Iterator[None]:
     """Put back every batch-norm layer's running statistics (mean, variance, batch count) after the body,
     so the extra pass at the ascended weights does not count as a second batch."""
     saved = [
-        (module, {name: buffer.clone() for name, buffer in module.named_buffers(recurse=False) if buffer is not None})
+        (module, {name: buffer.clone() for name, buffer in module.named_buffers(recurse=False)})
         for module in model.modules()
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
     ]
