@@ -195,6 +195,11 @@ def synth(
         "pelvis",
         help="pelvis (prostate zones, 1 MR contrast) | brain (BraTS gliomas: T1, T1-Gd, T2, FLAIR; labels 0, 1, 2, 4)",
     ),
+    outside_annotator_mm: float = typer.Option(
+        None,
+        help="label the outside institution's (same) images with this boundary offset in mm "
+        "(0: the true boundary; default: its own annotator's)",
+    ),
 ) -> None:
     """Write realistic non-IID synthetic institutions as NIfTI + dataset.json."""
     import json
@@ -202,7 +207,7 @@ def synth(
     from fedseg.data.synth import synthesize
 
     try:
-        folders = synthesize(out, size, seed, sites, num_classes, overwrite, anatomy, subjects)
+        folders = synthesize(out, size, seed, sites, num_classes, overwrite, anatomy, subjects, outside_annotator_mm)
     except (ValueError, FileExistsError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

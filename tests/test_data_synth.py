@@ -99,6 +99,43 @@ def test_refuses_to_overwrite_and_rejects_bad_options(tiny: Path) -> None:
         write_site(tiny / "x", 0, 1, 16, 0, num_classes=6)
 
 
+@pytest.mark.parametrize("anatomy", ["pelvis", "brain"])
+def test_outside_annotator_relabels_the_same_outside_images(tmp_path: Path, anatomy: str) -> None:
+    own = synthesize(tmp_path / "own", "tiny", seed=2, num_sites=1, anatomy=anatomy)
+    options = ["--size", "tiny", "--sites", "1", "--seed", "2", "--anatomy", anatomy, "--outside-annotator-mm", "0"]
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "true"), *options])
+    assert result.exit_code == 0, result.output
+    relabelled = tmp_path / "true"
+    for folder in ("site-0", "outside"):
+        assert sorted((own[0].parent / folder).rglob("*.nii.gz")) != []
+        for path in sorted((own[0].parent / folder).rglob("*.nii.gz")):
+            twin = relabelled / folder / path.relative_to(own[0].parent / folder)
+            is_label = "labelsTr" in path.parts or path.name.endswith("_seg.nii.gz")  # MSD or BraTS layout
+            assert np.array_equal(ras(path), ras(twin)) == (folder == "site-0" or not is_label), twin
+    own_meta = json.loads((own[0].parent / "outside" / "dataset.json").read_text())["institution"]
+    true_meta = json.loads((relabelled / "outside" / "dataset.json").read_text())["institution"]
+    assert own_meta["annotator_mm"] > 0 and true_meta["annotator_mm"] == 0.0
+    own_voxels, true_voxels = (
+        sum(
+            int((ras(p) > 0).sum())
+            for p in (root / "outside").rglob("*.nii.gz")
+            if p.name.endswith("_seg.nii.gz") or "labelsTr" in p.parts
+        )
+        for root in (own[0].parent, relabelled)
+    )
+    assert true_voxels < own_voxels  # the outside institution's own annotator draws looser
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5.5", "6"])
+def test_outside_annotator_rejects_offsets_beyond_the_anatomy(tmp_path: Path, value: str) -> None:
+    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-annotator-mm", value])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: outside annotator offset must be in [-5, 5] mm, got {float(value)}"
+    ]
+    assert not (tmp_path / "outside").exists()
+
+
 def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:
     ok = CliRunner().invoke(app, ["validate-data", str(tiny / "site-1")])
     assert ok.exit_code == 0 and "decathlon layout, 4 subjects, 0 errors, 0 warnings" in ok.output

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,6 +126,7 @@ OUTSIDE = Institution(
     True,
 )
 OUTSIDE_KEY = 1000  # seed key of the outside institution
+MAX_ANNOTATOR_MM = 5.0  # largest |annotator offset| synthesize accepts: beyond it zones vanish or swallow the pelvis
 
 PRESETS = {  # name: (reference crop side in mm ≈ voxels at 1 mm, base subjects per site)
     "tiny": (32, 6),
@@ -228,12 +229,16 @@ def synthesize(
     overwrite: bool = False,
     anatomy: str = "pelvis",
     subjects: int = 0,
+    outside_annotator_mm: float | None = None,
 ) -> list[Path]:
     """Write `num_sites` institutions `<out>/site-k` and `<out>/outside` of `anatomy`; return their folders.
 
     `subjects` > 0 replaces the preset's base subject count (each institution still scales it by its
     own factor): cohorts sized like real ones at small volumes, e.g. `tiny` with 270 subjects gives
     every site at least 100 training subjects; many sites are cheap at `tiny` (~0.04 s per subject).
+    `outside_annotator_mm` replaces the outside institution's annotator offset (None: its own): the
+    same outside images, labelled by an annotator with another convention (0: the true boundary),
+    so a study can tell how much of a model's outside Dice is the annotator's convention.
     """
     _check_anatomy(anatomy)
     if preset not in PRESETS:
@@ -242,6 +247,9 @@ def synthesize(
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     if subjects < 0:
         raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
+    if outside_annotator_mm is not None and not abs(outside_annotator_mm) <= MAX_ANNOTATOR_MM:  # NaN fails too
+        bound = f"{MAX_ANNOTATOR_MM:g}"
+        raise ValueError(f"outside annotator offset must be in [-{bound}, {bound}] mm, got {outside_annotator_mm}")
     size, base = PRESETS[preset]
     base = subjects or base
     out = Path(out)
@@ -250,10 +258,13 @@ def synthesize(
 
         plan: list[tuple[int, Institution | BrainInstitution, str]]
         plan = [(k, brain_institution(k), f"site-{k}") for k in range(num_sites)]
-        plan.append((OUTSIDE_KEY, BRAIN_OUTSIDE, "outside"))
+        outside: Institution | BrainInstitution = BRAIN_OUTSIDE
     else:
         plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)]
-        plan.append((OUTSIDE_KEY, OUTSIDE, "outside"))
+        outside = OUTSIDE
+    if outside_annotator_mm is not None:
+        outside = replace(outside, annotator_mm=float(outside_annotator_mm))
+    plan.append((OUTSIDE_KEY, outside, "outside"))
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
