@@ -99,6 +99,11 @@ def test_refuses_to_overwrite_and_rejects_bad_options(tiny: Path) -> None:
         write_site(tiny / "x", 0, 1, 16, 0, num_classes=6)
 
 
+def is_label(path: Path) -> bool:
+    """A label file of the MSD (labelsTr/) or the BraTS (<subject>_seg) layout."""
+    return "labelsTr" in path.parts or path.name.endswith("_seg.nii.gz")
+
+
 @pytest.mark.parametrize("anatomy", ["pelvis", "brain"])
 def test_outside_annotator_relabels_the_same_outside_images(tmp_path: Path, anatomy: str) -> None:
     own = synthesize(tmp_path / "own", "tiny", seed=2, num_sites=1, anatomy=anatomy)
@@ -110,17 +115,12 @@ def test_outside_annotator_relabels_the_same_outside_images(tmp_path: Path, anat
         assert sorted((own[0].parent / folder).rglob("*.nii.gz")) != []
         for path in sorted((own[0].parent / folder).rglob("*.nii.gz")):
             twin = relabelled / folder / path.relative_to(own[0].parent / folder)
-            is_label = "labelsTr" in path.parts or path.name.endswith("_seg.nii.gz")  # MSD or BraTS layout
-            assert np.array_equal(ras(path), ras(twin)) == (folder == "site-0" or not is_label), twin
+            assert np.array_equal(ras(path), ras(twin)) == (folder == "site-0" or not is_label(path)), twin
     own_meta = json.loads((own[0].parent / "outside" / "dataset.json").read_text())["institution"]
     true_meta = json.loads((relabelled / "outside" / "dataset.json").read_text())["institution"]
     assert own_meta["annotator_mm"] > 0 and true_meta["annotator_mm"] == 0.0
     own_voxels, true_voxels = (
-        sum(
-            int((ras(p) > 0).sum())
-            for p in (root / "outside").rglob("*.nii.gz")
-            if p.name.endswith("_seg.nii.gz") or "labelsTr" in p.parts
-        )
+        sum(int((ras(p) > 0).sum()) for p in (root / "outside").rglob("*.nii.gz") if is_label(p))
         for root in (own[0].parent, relabelled)
     )
     assert true_voxels < own_voxels  # the outside institution's own annotator draws looser
