@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,10 @@ def test_experiment_runs_resumes_and_matches_the_clients_evaluation(tmp_path: Pa
     models = list(dict.fromkeys((r.arm, r.trained_on) for r in rows))
     assert models == [("private", "site-0"), ("private", "site-1"), ("fedavg", "federation")]
     assert [r for r in rows if r.trained_on == "site-0"] == early  # the finished arm was not trained again
+    for arm in ("private--site-0", "fedavg--federation"):  # each arm records the software it ran with
+        software = json.loads((results / "arms" / arm / "arm.json").read_text())["software"]
+        assert software["torch"] == version("torch") and software["monai"] == version("monai")
+        assert software["flwr"] == version("flwr") and software["python"] == platform.python_version()
     assert all(len(r.dice) == 2 and all(0.0 <= d <= 1.0 for d in r.dice if not math.isnan(d)) for r in rows)
 
     # The ClientApp's own evaluation (history.json, last round) of the final federated model, reached

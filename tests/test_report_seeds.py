@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -167,3 +168,52 @@ def test_against_accepts_runs_that_share_a_name_across_the_sides(tmp_path: Path)
     text = build_against_report(ours, theirs, tmp_path / "vs").read_text()
     assert "Nothing to pair: every model both trained scores alike." in text
     assert "The same on both sides (every scan's Dice equal; not tested): centralized, fedavg, fedprox." in text
+
+
+def _record_software(folder: Path, arm: str, software: object) -> None:
+    (folder / "arms" / arm).mkdir(parents=True)
+    info = {"arm": arm, "kind": "federated", "trained_on": "federation", "model_bytes": 1, "sites": 2, "seconds": 1.0}
+    (folder / "arms" / arm / "arm.json").write_text(json.dumps({**info, "software": software}))
+
+
+def test_software_section_names_each_set_and_warns_when_runs_differ(tmp_path: Path) -> None:
+    first, second = _write_runs(tmp_path)
+    old = {"python": "3.11.7", "torch": "2.12.0+cpu", "flwr": "1.41.0"}
+    new = {"python": "3.11.7", "torch": "2.13.0+cpu", "flwr": "1.42.0"}
+    _record_software(first, "fedavg--federation", old)
+    _record_software(first, "centralized--pooled", old)
+    _record_software(second, "fedavg--federation", new)
+    report = build_seed_report([first, second], tmp_path / "out").read_text()
+    software = report[report.index("## Software") :]
+    assert "**The arms ran with different software.**" in software
+    assert "- python 3.11.7, torch 2.12.0+cpu, flwr 1.41.0: study (2 arms)" in software
+    assert "- python 3.11.7, torch 2.13.0+cpu, flwr 1.42.0: study-seed1 (1 arm)" in software
+
+    (second / "arms" / "fedavg--federation" / "arm.json").unlink()
+    _record_software(second, "centralized--pooled", old)
+    same = build_seed_report([first, second], tmp_path / "same").read_text()
+    assert "Every arm ran with this software" in same
+    assert "- python 3.11.7, torch 2.12.0+cpu, flwr 1.41.0: study (2 arms), study-seed1 (1 arm)" in same
+
+    _record_software(second, "fedprox--federation", {})  # an arm.json from before the record
+    unknown = build_seed_report([first, second], tmp_path / "unknown").read_text()
+    assert "Some arms have no software record" in unknown and "- not recorded: study-seed1 (1 arm)" in unknown
+
+
+@pytest.mark.parametrize(
+    ("content", "fault"),
+    [
+        ("{not json", "not a readable arm record (JSONDecodeError)"),
+        ("[1, 2]", "not a readable arm record (AttributeError)"),
+        (json.dumps({"software": {"torch": 2.13}}), "'software' must map package names to version strings"),
+        (json.dumps({"software": "torch 2.13"}), "'software' must map package names to version strings"),
+    ],
+)
+def test_a_broken_arm_record_is_a_one_line_error_naming_it(tmp_path: Path, content: str, fault: str) -> None:
+    first, second = _write_runs(tmp_path)
+    (second / "arms" / "fedavg--federation").mkdir(parents=True)
+    (second / "arms" / "fedavg--federation" / "arm.json").write_text(content)
+    result = CliRunner().invoke(app, ["report", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert f"fedavg--federation/arm.json: {fault}" in result.output
+    assert "Traceback" not in result.output

@@ -52,6 +52,7 @@ from fedseg.report.layout import (
     overlay_case,
 )
 from fedseg.server_app import initial_weights
+from fedseg.software import software_versions
 from fedseg.tracking import Tracker, TrackerGroup, open_run_tracker
 from strategies.registry import build_strategy
 
@@ -118,7 +119,9 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
                 )
             model_bytes = sum(t.numel() * t.element_size() for t in models[0].state_dict.values())
             seconds = time.perf_counter() - started
-            ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds).save(folder)
+            ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds, software_versions()).save(
+                folder
+            )
             _collect_cases(results, arms, spec.run_config().labels.structures)
             echo(f"    done in {seconds:.0f} s")
             bars.advance(arm_bar)

@@ -17,6 +17,7 @@ from pathlib import Path
 from fedseg.report.cases import CaseRow, CasesError, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.seeds import Run, read_runs, scan_means, seed_summaries
+from fedseg.report.software import software_section
 from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells
 from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
 
@@ -75,6 +76,7 @@ def build_against_report(
     ]
     if any(row.outside for row in rows):
         sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
+    sections += ["## Software", software_section([Path(d) for d in [*results_dirs, *against]])]
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")

@@ -3,7 +3,7 @@
 ```
 results/<experiment>/
   cases.csv                   per-case Dice of every finished arm (the report's only required input)
-  arms/<arm-id>/arm.json      what the arm was (arm, kind, trained_on, model bytes, sites, seconds)
+  arms/<arm-id>/arm.json      what the arm was (arm, kind, trained_on, model bytes, sites, seconds, software)
   arms/<arm-id>/history.json  per-round Dice, train loss and seconds (federated and cyclic arms)
   arms/<arm-id>/cases.csv     this arm's rows (cases.csv is their concatenation)
   arms/<arm-id>/final-model.pt  the final model (fedseg.model_checkpoint format), for `fedseg predict`
@@ -18,7 +18,7 @@ Checkpoints and overlays stay local: never commit them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 CASES = "cases.csv"
@@ -40,6 +40,7 @@ class ArmInfo:
     model_bytes: int
     sites: int
     seconds: float
+    software: dict[str, str] = field(default_factory=dict)  # fedseg.software; empty: arm.json from before it
 
     def save(self, folder: Path) -> None:
         (folder / ARM_INFO).write_text(json.dumps(asdict(self), indent=2))

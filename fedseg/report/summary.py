@@ -11,6 +11,7 @@ from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, CasesError, read_cases, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.seeds import SeedSummary, pooled_tests, read_runs, seed_summaries
+from fedseg.report.software import software_section
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_LEVEL,
@@ -69,6 +70,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             else []
         ),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
+        "## Software",
+        software_section([results_dir]),
         "## Plots",
         _plots(results_dir, out, rows),
     ]
@@ -117,6 +120,7 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
             pooled,
             paired_markdown(pooled_tests(runs, "private", outside=True), rows, "private", outside=True),
         ]
+    sections += ["## Software", software_section([Path(d) for d in results_dirs])]
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
