@@ -53,6 +53,7 @@ from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
+from fedseg.software import note_software
 from fedseg.tracking import NullTracker, Tracker
 from fedseg.weight_average import WeightAverage
 from strategies.base import strategy_round_report
@@ -154,6 +155,7 @@ class Federation:
             self._finish_round(arrays, history, record)
         else:
             arrays, history = self._restore(resume)
+        note_software(history.extra, history.rounds[-1].round + 1)
         for server_round in range(history.rounds[-1].round + 1, self.config.num_server_rounds + 1):
             started = time.perf_counter()
             record = RoundRecord(round=server_round)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from fedseg.config import ConfigError, RunConfig
 from fedseg.history import History
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.server_app import initial_weights
+from fedseg.software import software_versions
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -69,6 +71,27 @@ def test_resumed_run_is_bit_identical(tmp_path: Path, task_identity: None, swa_r
     assert [r["round"] for r in saved["rounds"]] == list(range(ROUNDS + 1))
     on_disk = ModelCheckpoint.load(interrupted_dir / "model.pt").state_dict
     assert all(torch.equal(on_disk[k], reference_state[k]) for k in reference_state)
+
+
+def test_history_records_the_software_and_a_resume_under_other_versions(
+    tmp_path: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": ROUNDS})
+    grid = InProcessGrid(values, 2)
+    crash_in_round(grid, 2)
+    with pytest.raises(ServerCrash):
+        run_federation(grid, values, tmp_path / "run")
+    started = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
+    assert started == [{"from-round": 1, **software_versions()}]
+    assert started[0]["torch"] == version("torch") and started[0]["flwr"] == version("flwr")
+
+    upgraded = {**software_versions(), "torch": "9.9.9"}
+    monkeypatch.setattr("fedseg.software.software_versions", lambda: upgraded)
+    resumed_values = {**values, "resume-from": str(tmp_path / "run")}
+    fed = federation(InProcessGrid(values, 2), resumed_values, tmp_path / "run")
+    fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
+    assert saved == [*started, {"from-round": 2, **upgraded}]  # round 2 trained under the other versions
 
 
 def dice_by_round(history: History) -> list[dict[str, float]]:
