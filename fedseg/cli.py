@@ -197,8 +197,8 @@ def synth(
     ),
     outside_annotator_mm: float = typer.Option(
         None,
-        help="label the outside institution's (same) images with this boundary offset in mm "
-        "(0: the true boundary; default: its own annotator's)",
+        help="label the outside institution's (same) images with this boundary offset in mm, -2 to 3 "
+        "(0: the true boundary; default: its own annotator's, +0.5 pelvis, +1 brain)",
     ),
 ) -> None:
     """Write realistic non-IID synthetic institutions as NIfTI + dataset.json."""
@@ -213,7 +213,11 @@ def synth(
         raise typer.Exit(code=2) from err
     for folder in folders:
         meta = json.loads((folder / "dataset.json").read_text())
-        typer.echo(f"{folder}: {meta['numTraining']} subjects, {meta['institution']['contrast']}")
+        institution = meta["institution"]
+        typer.echo(
+            f"{folder}: {meta['numTraining']} subjects, {institution['contrast']}, "
+            f"annotator {institution['annotator_mm']:+g} mm"
+        )
 
 
 @app.command("strategies")

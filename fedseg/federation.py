@@ -151,11 +151,11 @@ class Federation:
         if resume is None:
             arrays, history = initial, History(config=self.config.to_dict(), extra={RUN_KEY: new_run_key(self.run_dir)})
             self._run_key = history.extra[RUN_KEY]
+            note_software(history.extra, 1)
             record = self._evaluate(0, arrays, RoundRecord(round=0))
             self._finish_round(arrays, history, record)
         else:
             arrays, history = self._restore(resume)
-        note_software(history.extra, history.rounds[-1].round + 1)
         for server_round in range(history.rounds[-1].round + 1, self.config.num_server_rounds + 1):
             started = time.perf_counter()
             record = RoundRecord(round=server_round)
@@ -279,6 +279,8 @@ class Federation:
         self._site_names.update(checkpoint.site_names)
         if self._average is not None and checkpoint.weight_average:
             self._average.load_state_dict(checkpoint.weight_average)
+        if checkpoint.round < self.config.num_server_rounds:  # the rounds left train under this process's software
+            note_software(checkpoint.history.extra, checkpoint.round + 1)
         log(INFO, "[fedseg] resuming %s after round %d", self.run_dir, checkpoint.round)
         return checkpoint.arrays, checkpoint.history
 

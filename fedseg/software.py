@@ -1,32 +1,47 @@
 """The software a run trained with, recorded in its history.json (and an experiment arm's arm.json) and
-printed by `fedseg report`: the same config and seed give other figures under another torch, MONAI or
-Flower build, so a figure is reproducible only together with these versions."""
+printed by `fedseg report`: the same config and seed give other figures under another fedseg revision,
+torch, MONAI or Flower build, or thread count, so a figure is reproducible only together with these."""
 
 from __future__ import annotations
 
 import platform
+import subprocess
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+
+import torch
 
 PACKAGES = ("fedseg", "torch", "monai", "flwr", "numpy", "scipy", "nibabel", "opacus")
 SOFTWARE = "software"  # history.json: the versions a run trained under, one entry per change
 FROM_ROUND = "from-round"
+COMMIT = "fedseg-commit"  # the git revision of a source checkout, "+dirty" with uncommitted changes
+ORDER = ("python", *PACKAGES, COMMIT, "cuda", "torch-threads")  # how `describe` lists the names it knows
 
 
 def software_versions() -> dict[str, str]:
-    """Python's version and each installed package of PACKAGES' (torch's includes its build, e.g. +cpu)."""
+    """Python's version, each installed package of PACKAGES' (torch's with its build, e.g. +cpu), fedseg's
+    git revision when it runs from a checkout, torch's CUDA version when it has one, and its CPU threads."""
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
             continue
+    if _REVISION:
+        versions[COMMIT] = _REVISION
+    if torch.version.cuda:
+        versions["cuda"] = str(torch.version.cuda)
+    versions["torch-threads"] = str(torch.get_num_threads())
     return versions
 
 
 def describe(versions: dict[str, str]) -> str:
-    """One line, e.g. "torch 2.13.0+cpu, monai 1.6.1, …"; "not recorded" for an empty record."""
-    return ", ".join(f"{name} {value}" for name, value in versions.items()) or "not recorded"
+    """One line in ORDER (other names after, sorted), e.g. "python 3.11.7, fedseg 0.1.0, torch 2.13.0+cpu, …";
+    "not recorded" for an empty record."""
+    rank = {name: index for index, name in enumerate(ORDER)}
+    names = sorted(versions, key=lambda name: (rank.get(name, len(ORDER)), name))
+    return ", ".join(f"{name} {versions[name]}" for name in names) or "not recorded"
 
 
 def note_software(record: dict[str, Any], first_round: int) -> None:
@@ -36,3 +51,27 @@ def note_software(record: dict[str, Any], first_round: int) -> None:
     current = software_versions()
     if not entries or {k: v for k, v in entries[-1].items() if k != FROM_ROUND} != current:
         entries.append({FROM_ROUND: first_round, **current})
+
+
+def _source_revision() -> str:
+    """fedseg's git commit when imported from a git checkout ("" otherwise or without git)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / ".git").exists():
+        return ""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
+_REVISION = _source_revision()  # at import: the code this process runs, even if the checkout changes later

@@ -126,14 +126,26 @@ def test_outside_annotator_relabels_the_same_outside_images(tmp_path: Path, anat
     assert true_voxels < own_voxels  # the outside institution's own annotator draws looser
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-5.5", "6"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-2.5", "3.5"])
 def test_outside_annotator_rejects_offsets_beyond_the_anatomy(tmp_path: Path, value: str) -> None:
     result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-annotator-mm", value])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"error: outside annotator offset must be in [-5, 5] mm, got {float(value)}"
+        f"error: outside_annotator_mm must be in [-2, 3] mm, got {float(value)}"
     ]
     assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("anatomy", ["pelvis", "brain"])
+@pytest.mark.parametrize("offset", [-2.0, 3.0])
+def test_outside_annotator_at_its_bounds_keeps_every_structure(tmp_path: Path, anatomy: str, offset: float) -> None:
+    def label_values(root: Path) -> set[int]:
+        files = [p for p in (root / "outside").rglob("*.nii.gz") if is_label(p)]
+        return set().union(*(np.unique(ras(p)).astype(int).tolist() for p in files))
+
+    own = synthesize(tmp_path / "own", "tiny", seed=4, num_sites=1, anatomy=anatomy)[0].parent
+    moved = synthesize(tmp_path / "moved", "tiny", seed=4, num_sites=1, anatomy=anatomy, outside_annotator_mm=offset)
+    assert len(label_values(own)) >= 3 and label_values(moved[0].parent) == label_values(own)
 
 
 def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:

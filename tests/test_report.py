@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -162,3 +163,22 @@ def test_paired_tests_on_the_outside_institution(tmp_path: Path) -> None:
     assert test.n == 3 and test.mean_difference == pytest.approx((0.15 + 0.20 + 0.06) / 3)
     assert test.p_wilcoxon == pytest.approx(2 / 8)  # all three gaps positive: exact two-sided P = 2 / 2^3
     assert "| fedavg | private (site-1) | 3 | +0.137 | 0.25 |" in build_report(tmp_path).read_text()
+
+
+@pytest.mark.parametrize(
+    ("arm_json", "history", "fault"),
+    [
+        ({"software": {}}, {"rounds": []}, "arm.json: not an arm record (TypeError)"),
+        ({"arm": "fedavg", "trained_on": "federation", "kind": "federated", "model_bytes": 1, "sites": 2,
+          "seconds": 1.0}, {"rounds": [{"round": 0}]}, "history.json: not a run history (KeyError)"),
+    ],
+)  # fmt: skip
+def test_a_broken_arm_folder_is_a_one_line_error_naming_the_file(
+    cases_csv: Path, tmp_path: Path, arm_json: dict, history: dict, fault: str
+) -> None:
+    arm_dir = tmp_path / "arms" / "fedavg--federation"
+    arm_dir.mkdir(parents=True)
+    (arm_dir / "arm.json").write_text(json.dumps(arm_json))
+    (arm_dir / "history.json").write_text(json.dumps(history))
+    with pytest.raises(CasesError, match=re.escape(f"fedavg--federation/{fault}") + "$"):
+        build_report(tmp_path, tmp_path / "out")

@@ -170,50 +170,105 @@ def test_against_accepts_runs_that_share_a_name_across_the_sides(tmp_path: Path)
     assert "The same on both sides (every scan's Dice equal; not tested): centralized, fedavg, fedprox." in text
 
 
-def _record_software(folder: Path, arm: str, software: object) -> None:
-    (folder / "arms" / arm).mkdir(parents=True)
+def _record_software(folder: Path, arm: str, software: object, history: object = None) -> None:
+    (folder / "arms" / arm).mkdir(parents=True, exist_ok=True)
     info = {"arm": arm, "kind": "federated", "trained_on": "federation", "model_bytes": 1, "sites": 2, "seconds": 1.0}
     (folder / "arms" / arm / "arm.json").write_text(json.dumps({**info, "software": software}))
+    if history is not None:
+        (folder / "arms" / arm / "history.json").write_text(json.dumps({"rounds": [], "software": history}))
+
+
+ARM_IDS = {"study": ("centralized--pooled", "fedavg--federation", "fedprox--federation")}
+ARM_IDS["study-seed1"] = ARM_IDS["study"][:2]
+OLD = {"python": "3.11.7", "torch": "2.12.0+cpu", "flwr": "1.41.0"}
+NEW = {"python": "3.11.7", "torch": "2.13.0+cpu", "flwr": "1.42.0"}
+OLD_LINE, NEW_LINE = "python 3.11.7, torch 2.12.0+cpu, flwr 1.41.0", "python 3.11.7, torch 2.13.0+cpu, flwr 1.42.0"
+
+
+def _software(report: str) -> str:
+    return report[report.index("## Software") :]
 
 
 def test_software_section_names_each_set_and_warns_when_runs_differ(tmp_path: Path) -> None:
     first, second = _write_runs(tmp_path)
-    old = {"python": "3.11.7", "torch": "2.12.0+cpu", "flwr": "1.41.0"}
-    new = {"python": "3.11.7", "torch": "2.13.0+cpu", "flwr": "1.42.0"}
-    _record_software(first, "fedavg--federation", old)
-    _record_software(first, "centralized--pooled", old)
-    _record_software(second, "fedavg--federation", new)
-    report = build_seed_report([first, second], tmp_path / "out").read_text()
-    software = report[report.index("## Software") :]
+    for arm in ARM_IDS["study"]:
+        _record_software(first, arm, OLD)
+    for arm in ARM_IDS["study-seed1"]:
+        _record_software(second, arm, dict(reversed(NEW.items())))  # the order of the names does not matter
+    software = _software(build_seed_report([first, second], tmp_path / "out").read_text())
+    assert software.startswith("## Software\n\n**The arms ran with different software.**")
+    assert f"- {OLD_LINE}: study (3 arms)\n- {NEW_LINE}: study-seed1 (2 arms)" in software
+    assert "no software record" not in software
+
+    for arm in ARM_IDS["study-seed1"]:
+        _record_software(second, arm, OLD)
+    same = _software(build_seed_report([first, second], tmp_path / "same").read_text())
+    assert "Every arm ran with this one software set" in same and "different" not in same
+    assert f"- {OLD_LINE}: study (3 arms), study-seed1 (2 arms)" in same
+
+
+def test_software_section_counts_arms_without_a_record_and_ignores_records_of_no_arm(tmp_path: Path) -> None:
+    first, second = _write_runs(tmp_path)
+    assert "No arm has a software record" in _software(build_seed_report([first, second], tmp_path / "a").read_text())
+    for arm in ARM_IDS["study"]:
+        _record_software(first, arm, OLD)
+    _record_software(second, "fedavg--federation", NEW)
+    _record_software(second, "fedprox--federation", OLD)  # study-seed1 has no fedprox arm: not counted
+    software = _software(build_seed_report([first, second], tmp_path / "b").read_text())
+    assert "**The arms ran with different software.**" in software and "Some arms have no software record" in software
+    expected = {
+        f"- {OLD_LINE}: study (3 arms)",
+        f"- {NEW_LINE}: study-seed1 (1 arm)",
+        "- not recorded: study-seed1 (1 arm)",
+    }
+    assert expected <= set(software.splitlines())
+
+
+def test_software_of_a_resumed_arm_lists_every_set_it_trained_under(tmp_path: Path) -> None:
+    first, second = _write_runs(tmp_path)
+    for arm in ARM_IDS["study"]:
+        _record_software(first, arm, NEW, history=[{"from-round": 1, **NEW}])
+    _record_software(first, "fedavg--federation", NEW, history=[{"from-round": 1, **OLD}, {"from-round": 7, **NEW}])
+    software = _software(build_seed_report([first, second], tmp_path / "out").read_text())
+    assert f"- {NEW_LINE}: study (2 arms)\n- mixed: {OLD_LINE} | {NEW_LINE}: study (1 arm)" in software
     assert "**The arms ran with different software.**" in software
-    assert "- python 3.11.7, torch 2.12.0+cpu, flwr 1.41.0: study (2 arms)" in software
-    assert "- python 3.11.7, torch 2.13.0+cpu, flwr 1.42.0: study-seed1 (1 arm)" in software
 
-    (second / "arms" / "fedavg--federation" / "arm.json").unlink()
-    _record_software(second, "centralized--pooled", old)
-    same = build_seed_report([first, second], tmp_path / "same").read_text()
-    assert "Every arm ran with this software" in same
-    assert "- python 3.11.7, torch 2.12.0+cpu, flwr 1.41.0: study (2 arms), study-seed1 (1 arm)" in same
 
-    _record_software(second, "fedprox--federation", {})  # an arm.json from before the record
-    unknown = build_seed_report([first, second], tmp_path / "unknown").read_text()
-    assert "Some arms have no software record" in unknown and "- not recorded: study-seed1 (1 arm)" in unknown
+def test_against_report_tells_the_two_sides_runs_apart(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    (first,), (other,) = _write_runs(ours)[:1], _write_runs(theirs)[:1]
+    for arm in ARM_IDS["study"]:
+        _record_software(first, arm, NEW)
+        _record_software(other, arm, OLD)
+    software = _software(build_against_report([first], [other], tmp_path / "out").read_text())
+    assert f"- {NEW_LINE}: study (3 arms)\n- {OLD_LINE}: study (against) (3 arms)" in software
 
 
 @pytest.mark.parametrize(
-    ("content", "fault"),
+    ("file", "content", "fault"),
     [
-        ("{not json", "not a readable arm record (JSONDecodeError)"),
-        ("[1, 2]", "not a readable arm record (AttributeError)"),
-        (json.dumps({"software": {"torch": 2.13}}), "'software' must map package names to version strings"),
-        (json.dumps({"software": "torch 2.13"}), "'software' must map package names to version strings"),
+        ("arm.json", "{not json", "not a readable JSON record (JSONDecodeError)"),
+        ("arm.json", "[" * 100_000, "not a readable JSON record (RecursionError)"),
+        ("arm.json", "[1, 2]", "not a JSON object"),
+        ("arm.json", json.dumps({"software": {"torch": 2.13}}), "'software' must map package names to version strings"),
+        ("arm.json", json.dumps({"software": "torch 2.13"}), "'software' must map package names to version strings"),
+        ("history.json", json.dumps({"software": "torch"}), "'software' must be a list of version records"),
+        ("history.json", json.dumps({"software": [[1]]}), "'software' must map package names to version strings"),
     ],
 )
-def test_a_broken_arm_record_is_a_one_line_error_naming_it(tmp_path: Path, content: str, fault: str) -> None:
+def test_a_broken_record_is_a_one_line_error_naming_it(tmp_path: Path, file: str, content: str, fault: str) -> None:
     first, second = _write_runs(tmp_path)
     (second / "arms" / "fedavg--federation").mkdir(parents=True)
-    (second / "arms" / "fedavg--federation" / "arm.json").write_text(content)
+    (second / "arms" / "fedavg--federation" / file).write_text(content)
     result = CliRunner().invoke(app, ["report", str(first), str(second), "--out", str(tmp_path / "out")])
-    assert result.exit_code != 0
-    assert f"fedavg--federation/arm.json: {fault}" in result.output
-    assert "Traceback" not in result.output
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"fedavg--federation/{file}: {fault}" in result.output
+
+
+def test_a_version_cannot_break_the_report_s_lines(tmp_path: Path) -> None:
+    first, second = _write_runs(tmp_path)
+    _record_software(first, "fedavg--federation", {"torch": "2.0\n## injected " + "x" * 500})
+    software = _software(build_seed_report([first, second], tmp_path / "out").read_text())
+    assert "- torch 2.0 ## injected xxx" in software and "\n## injected" not in software
+    assert max(len(line) for line in software.splitlines()) < 400

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -80,18 +81,22 @@ def test_history_records_the_software_and_a_resume_under_other_versions(
     grid = InProcessGrid(values, 2)
     crash_in_round(grid, 2)
     with pytest.raises(ServerCrash):
-        run_federation(grid, values, tmp_path / "run")
-    started = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
+        run_federation(grid, values, tmp_path / "same")
+    started = json.loads((tmp_path / "same" / "history.json").read_text())["software"]
     assert started == [{"from-round": 1, **software_versions()}]
     assert started[0]["torch"] == version("torch") and started[0]["flwr"] == version("flwr")
+    assert started[0]["torch-threads"] == str(torch.get_num_threads())
+    shutil.copytree(tmp_path / "same", tmp_path / "upgraded")
 
+    def resume(run_dir: Path) -> list[dict[str, str]]:
+        fed = federation(InProcessGrid(values, 2), {**values, "resume-from": str(run_dir)}, run_dir)
+        fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+        return json.loads((run_dir / "history.json").read_text())["software"]
+
+    assert resume(tmp_path / "same") == started  # resumed under the same software: still one entry
     upgraded = {**software_versions(), "torch": "9.9.9"}
     monkeypatch.setattr("fedseg.software.software_versions", lambda: upgraded)
-    resumed_values = {**values, "resume-from": str(tmp_path / "run")}
-    fed = federation(InProcessGrid(values, 2), resumed_values, tmp_path / "run")
-    fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
-    saved = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
-    assert saved == [*started, {"from-round": 2, **upgraded}]  # round 2 trained under the other versions
+    assert resume(tmp_path / "upgraded") == [*started, {"from-round": 2, **upgraded}]  # round 2 under the others
 
 
 def dice_by_round(history: History) -> list[dict[str, float]]:

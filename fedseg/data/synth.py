@@ -126,7 +126,9 @@ OUTSIDE = Institution(
     True,
 )
 OUTSIDE_KEY = 1000  # seed key of the outside institution
-MAX_ANNOTATOR_MM = 5.0  # largest |annotator offset| synthesize accepts: beyond it zones vanish or swallow the pelvis
+# annotator offsets synthesize accepts for the outside institution: tighter than -2 mm the thin zones (and the
+# brain's edema) start to vanish at `tiny`; looser than +3 mm is past any site's convention (-0.8 to +1 mm)
+ANNOTATOR_MM = (-2.0, 3.0)
 
 PRESETS = {  # name: (reference crop side in mm ≈ voxels at 1 mm, base subjects per site)
     "tiny": (32, 6),
@@ -247,9 +249,9 @@ def synthesize(
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     if subjects < 0:
         raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
-    if outside_annotator_mm is not None and not abs(outside_annotator_mm) <= MAX_ANNOTATOR_MM:  # NaN fails too
-        bound = f"{MAX_ANNOTATOR_MM:g}"
-        raise ValueError(f"outside annotator offset must be in [-{bound}, {bound}] mm, got {outside_annotator_mm}")
+    low, high = ANNOTATOR_MM
+    if outside_annotator_mm is not None and not low <= outside_annotator_mm <= high:  # NaN fails too
+        raise ValueError(f"outside_annotator_mm must be in [{low:g}, {high:g}] mm, got {outside_annotator_mm}")
     size, base = PRESETS[preset]
     base = subjects or base
     out = Path(out)
@@ -263,7 +265,7 @@ def synthesize(
         plan = [(k, institution(k), f"site-{k}") for k in range(num_sites)]
         outside = OUTSIDE
     if outside_annotator_mm is not None:
-        outside = replace(outside, annotator_mm=float(outside_annotator_mm))
+        outside = replace(outside, annotator_mm=float(outside_annotator_mm) + 0.0)  # + 0.0: -0 is stored as 0
     plan.append((OUTSIDE_KEY, outside, "outside"))
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:

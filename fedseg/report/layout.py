@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedseg.report.cases import CasesError
+
 CASES = "cases.csv"
 ARMS = "arms"
 ARM_INFO = "arm.json"
@@ -47,7 +49,12 @@ class ArmInfo:
 
     @classmethod
     def load(cls, folder: Path) -> ArmInfo:
-        return cls(**json.loads((folder / ARM_INFO).read_text()))
+        """The arm.json in `folder`; CasesError naming it when it is not one."""
+        path = folder / ARM_INFO
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, RecursionError) as err:
+            raise CasesError(f"{path}: not an arm record ({type(err).__name__})") from None
 
 
 def arm_id(arm: str, trained_on: str) -> str:

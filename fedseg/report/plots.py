@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from fedseg.report.cases import CaseRow
+from fedseg.report.cases import CaseRow, CasesError
 from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo
 from fedseg.report.tables import Cell, Model, PrivacyPoint, model_label, models, test_sets
 
@@ -44,18 +44,20 @@ def load_curves(results_dir: Path, keep: Collection[Model]) -> list[Curve]:
         info = ArmInfo.load(folder)
         if (info.arm, info.trained_on) not in keep:
             continue
-        rounds = json.loads((folder / HISTORY).read_text())["rounds"]
-        sent = np.cumsum([2 * info.model_bytes * len(r.get("train", {})) / 1e6 for r in rounds])
         label = info.arm if info.trained_on == "federation" else f"{info.arm} ({info.trained_on})"
-        curves.append(
-            Curve(
+        try:
+            rounds = json.loads((folder / HISTORY).read_text())["rounds"]
+            sent = np.cumsum([2 * info.model_bytes * len(r.get("train", {})) / 1e6 for r in rounds])
+            curve = Curve(
                 label=label,
                 rounds=[int(r["round"]) for r in rounds],
                 dice=[float(r["mean_dice"]) for r in rounds],
                 megabytes=sent.tolist(),
                 seconds=np.cumsum([float(r["seconds"]) for r in rounds]).tolist(),
             )
-        )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+            raise CasesError(f"{folder / HISTORY}: not a run history ({type(err).__name__})") from None
+        curves.append(curve)
     return curves
 
 

@@ -1,51 +1,87 @@
 """The report's software section: which versions the arms of one or more results folders ran with
-(fedseg.software, recorded in each arm.json), and a warning when they differ."""
+(fedseg.software: each arm's arm.json, and its history.json's entries when it was resumed), and a
+warning when they differ or are not known."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from fedseg.report.cases import CasesError
-from fedseg.report.layout import ARM_INFO, ARMS
-from fedseg.software import describe
+from fedseg.report.cases import CasesError, read_cases
+from fedseg.report.layout import ARM_INFO, ARMS, CASES, HISTORY, arm_id
+from fedseg.software import FROM_ROUND, SOFTWARE, describe
+
+NOT_RECORDED = describe({})
+MAX_VALUE = 200  # characters of one recorded version kept in the report
 
 
-def recorded(results_dir: Path) -> list[dict[str, str]]:
-    """The software of every finished arm of `results_dir` ({} where its arm.json predates the record)."""
-    found = []
-    for path in sorted((results_dir / ARMS).glob(f"*/{ARM_INFO}")):
-        try:
-            software = json.loads(path.read_text()).get("software", {})
-        except (OSError, ValueError, AttributeError) as err:
-            raise CasesError(f"{path}: not a readable arm record ({type(err).__name__})") from None
-        if not isinstance(software, dict) or not all(isinstance(v, str) for v in software.values()):
-            raise CasesError(f"{path}: 'software' must map package names to version strings")
-        found.append({str(name): value for name, value in software.items()})
+def arm_software(results_dir: Path) -> dict[str, str]:
+    """Arm id → the software it ran with, described on one line, for every arm of `results_dir`'s cases:
+    "not recorded" without a record, "mixed: …" when a resume trained part of it under other versions."""
+    found = {}
+    for arm in dict.fromkeys(arm_id(row.arm, row.trained_on) for row in read_cases(results_dir / CASES)):
+        folder = results_dir / ARMS / arm
+        recorded = _versions(_load(folder / ARM_INFO).get(SOFTWARE, {}), folder / ARM_INFO)
+        sets = [*_history_sets(folder / HISTORY), recorded]
+        distinct = list(dict.fromkeys(describe(s) for s in sets if s))
+        found[arm] = "mixed: " + " | ".join(distinct) if len(distinct) > 1 else (distinct or [NOT_RECORDED])[0]
     return found
 
 
-def software_section(results_dirs: Sequence[Path]) -> str:
-    """Each distinct software set with the runs (and arm counts) that used it; a warning when there are several."""
+def software_section(results_dirs: Sequence[tuple[str, Path]]) -> str:
+    """Each distinct software set with the runs (label, folder) and arm counts that used it, and a note
+    saying whether the arms ran with one set, with several, or (some of them) without a record."""
     where: dict[str, list[str]] = {}
-    for results_dir in results_dirs:
-        for text, count in Counter(describe(s) for s in recorded(results_dir)).items():
-            where.setdefault(text, []).append(f"{results_dir.resolve().name} ({count} arm{'s' * (count > 1)})")
-    if not where:
-        return "No arm records (`arms/*/arm.json`) beside the cases: the software is not known."
-    unknown = describe({}) in where
-    if len(where) - unknown > 1:
-        note = (
-            "**The arms ran with different software.** The same config and seed give other figures under other "
-            "versions: compare figures within one software set."
+    for label, results_dir in results_dirs:
+        counts: dict[str, int] = {}
+        for text in arm_software(results_dir).values():
+            counts[text] = counts.get(text, 0) + 1
+        for text, count in counts.items():
+            where.setdefault(text, []).append(f"{label} ({count} arm{'s' * (count > 1)})")
+    known = [text for text in where if text != NOT_RECORDED]
+    notes = []
+    if len(known) > 1:
+        notes.append(
+            "**The arms ran with different software.** The same config and seed give other figures under "
+            "other versions: compare figures within one software set."
         )
-    elif unknown:
-        note = (
-            "Some arms have no software record (their arm.json predates it), so their versions are not known; "
-            "the same config and seed give other figures under other versions."
+    if NOT_RECORDED in where:
+        notes.append(
+            ("Some arms have no software record" if known else "No arm has a software record")
+            + " (arm.json and history.json from before fedseg kept one): the versions they ran with are not "
+            "known, and the same config and seed give other figures under other versions."
         )
-    else:
-        note = "Every arm ran with this software; with it, the same configs and seeds give the same figures."
-    return "\n".join([note, "", *(f"- {text}: {', '.join(runs)}" for text, runs in where.items())])
+    if not notes:
+        notes.append("Every arm ran with this one software set; compare these figures with runs made with it.")
+    return "\n".join([" ".join(notes), "", *(f"- {text}: {', '.join(runs)}" for text, runs in where.items())])
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A JSON object file ({} when there is none); CasesError naming it when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise CasesError(f"{path}: not a readable JSON record ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise CasesError(f"{path}: not a JSON object")
+    return data
+
+
+def _history_sets(path: Path) -> list[dict[str, str]]:
+    entries = _load(path).get(SOFTWARE, [])
+    if not isinstance(entries, list):
+        raise CasesError(f"{path}: '{SOFTWARE}' must be a list of version records")
+    return [
+        _versions({k: v for k, v in e.items() if k != FROM_ROUND} if isinstance(e, dict) else e, path) for e in entries
+    ]
+
+
+def _versions(value: object, path: Path) -> dict[str, str]:
+    """A record's {name: version}, each on one line and at most MAX_VALUE characters; CasesError otherwise."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CasesError(f"{path}: '{SOFTWARE}' must map package names to version strings")
+    return {" ".join(k.split())[:MAX_VALUE]: " ".join(v.split())[:MAX_VALUE] for k, v in value.items()}

@@ -70,10 +70,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             else []
         ),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
-        "## Software",
-        software_section([results_dir]),
         "## Plots",
         _plots(results_dir, out, rows),
+        "## Software",
+        software_section([(results_dir.resolve().name, results_dir)]),
     ]
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
@@ -120,7 +120,10 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
             pooled,
             paired_markdown(pooled_tests(runs, "private", outside=True), rows, "private", outside=True),
         ]
-    sections += ["## Software", software_section([Path(d) for d in results_dirs])]
+    sections += [
+        "## Software",
+        software_section([(run.name, Path(d)) for run, d in zip(runs, results_dirs, strict=True)]),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
