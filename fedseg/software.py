@@ -4,6 +4,7 @@ torch, MONAI or Flower build, or thread count, so a figure is reproducible only 
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -28,8 +29,8 @@ def software_versions() -> dict[str, str]:
             versions[name] = version(name)
         except PackageNotFoundError:
             continue
-    if _REVISION:
-        versions[COMMIT] = _REVISION
+    if revision := _source_revision():
+        versions[COMMIT] = revision
     if torch.version.cuda:
         versions["cuda"] = str(torch.version.cuda)
     versions["torch-threads"] = str(torch.get_num_threads())
@@ -53,6 +54,7 @@ def note_software(record: dict[str, Any], first_round: int) -> None:
         entries.append({FROM_ROUND: first_round, **current})
 
 
+@functools.cache  # once per process, at its first record: the code it runs, even if the checkout changes later
 def _source_revision() -> str:
     """fedseg's git commit when imported from a git checkout ("" otherwise or without git)."""
     checkout = Path(__file__).resolve().parent.parent
@@ -72,6 +74,3 @@ def _source_revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return head + ("+dirty" if dirty else "")
-
-
-_REVISION = _source_revision()  # at import: the code this process runs, even if the checkout changes later
