@@ -76,8 +76,8 @@ def build_against_report(
     ]
     if any(row.outside for row in rows):
         sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
-    labelled = [(run.name, Path(d)) for run, d in zip(runs, results_dirs, strict=True)]
-    labelled += [(f"{run.name} (against)", Path(d)) for run, d in zip(others, against, strict=True)]
+    labelled = [(run.name, Path(d), run.rows) for run, d in zip(runs, results_dirs, strict=True)]
+    labelled += [(f"{run.name} (against)", Path(d), run.rows) for run, d in zip(others, against, strict=True)]
     sections += ["## Software", software_section(labelled)]
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT

@@ -5,23 +5,24 @@ warning when they differ or are not known."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedseg.report.cases import CasesError, read_cases
-from fedseg.report.layout import ARM_INFO, ARMS, CASES, HISTORY, arm_id
+from fedseg.report.cases import CaseRow, CasesError
+from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, arm_id
 from fedseg.software import FROM_ROUND, SOFTWARE, describe
 
 NOT_RECORDED = describe({})
 MAX_VALUE = 200  # characters of one recorded version kept in the report
 
 
-def arm_software(results_dir: Path) -> dict[str, str]:
-    """Arm id → the software it ran with, described on one line, for every arm of `results_dir`'s cases:
+def arm_software(results_dir: Path, rows: Sequence[CaseRow]) -> dict[str, str]:
+    """Arm id → the software it ran with, described on one line, for every arm of `rows` (the folder's cases):
     "not recorded" without a record, "mixed: …" when a resume trained part of it under other versions."""
     found = {}
-    for arm in dict.fromkeys(arm_id(row.arm, row.trained_on) for row in read_cases(results_dir / CASES)):
+    for arm in dict.fromkeys(arm_id(row.arm, row.trained_on) for row in rows):
         folder = results_dir / ARMS / arm
         recorded = _versions(_load(folder / ARM_INFO).get(SOFTWARE, {}), folder / ARM_INFO)
         sets = [*_history_sets(folder / HISTORY), recorded]
@@ -30,15 +31,12 @@ def arm_software(results_dir: Path) -> dict[str, str]:
     return found
 
 
-def software_section(results_dirs: Sequence[tuple[str, Path]]) -> str:
-    """Each distinct software set with the runs (label, folder) and arm counts that used it, and a note
-    saying whether the arms ran with one set, with several, or (some of them) without a record."""
+def software_section(results_dirs: Sequence[tuple[str, Path, Sequence[CaseRow]]]) -> str:
+    """Each distinct software set with the runs (label, folder, its cases) and arm counts that used it, and
+    a note saying whether the arms ran with one set, with several, or (some of them) without a record."""
     where: dict[str, list[str]] = {}
-    for label, results_dir in results_dirs:
-        counts: dict[str, int] = {}
-        for text in arm_software(results_dir).values():
-            counts[text] = counts.get(text, 0) + 1
-        for text, count in counts.items():
+    for label, results_dir, rows in results_dirs:
+        for text, count in Counter(arm_software(results_dir, rows).values()).items():
             where.setdefault(text, []).append(f"{label} ({count} arm{'s' * (count > 1)})")
     known = [text for text in where if text != NOT_RECORDED]
     notes = []

@@ -73,7 +73,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         "## Plots",
         _plots(results_dir, out, rows),
         "## Software",
-        software_section([(results_dir.resolve().name, results_dir)]),
+        software_section([(results_dir.resolve().name, results_dir, rows)]),
     ]
     path = out / REPORT
     path.write_text("\n\n".join(sections) + "\n")
@@ -122,7 +122,7 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
         ]
     sections += [
         "## Software",
-        software_section([(run.name, Path(d)) for run, d in zip(runs, results_dirs, strict=True)]),
+        software_section([(run.name, Path(d), run.rows) for run, d in zip(runs, results_dirs, strict=True)]),
     ]
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT
