@@ -200,6 +200,9 @@ def synth(
         help="label the outside institution's (same) images with this boundary offset in mm, -2 to 3 "
         "(0: the true boundary; default: its own annotator's, +0.5 pelvis, +1 brain)",
     ),
+    outside_subjects: int = typer.Option(
+        0, help="subjects of the outside institution (0: its share of the base; more begin with the same scans)"
+    ),
 ) -> None:
     """Write realistic non-IID synthetic institutions as NIfTI + dataset.json."""
     import json
@@ -207,7 +210,9 @@ def synth(
     from fedseg.data.synth import synthesize
 
     try:
-        folders = synthesize(out, size, seed, sites, num_classes, overwrite, anatomy, subjects, outside_annotator_mm)
+        folders = synthesize(
+            out, size, seed, sites, num_classes, overwrite, anatomy, subjects, outside_annotator_mm, outside_subjects
+        )
     except (ValueError, FileExistsError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

@@ -148,6 +148,33 @@ def test_outside_annotator_at_its_bounds_keeps_every_structure(tmp_path: Path, a
     assert len(label_values(own)) >= 3 and label_values(moved[0].parent) == label_values(own)
 
 
+@pytest.mark.parametrize("anatomy", ["pelvis", "brain"])
+def test_outside_subjects_extend_the_same_outside_scans(tmp_path: Path, anatomy: str) -> None:
+    own = synthesize(tmp_path / "own", "tiny", seed=5, num_sites=1, anatomy=anatomy)[0].parent
+    options = ["--size", "tiny", "--sites", "1", "--seed", "5", "--anatomy", anatomy, "--outside-subjects", "7"]
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "more"), *options])
+    assert result.exit_code == 0, result.output
+    more = tmp_path / "more"
+    meta = json.loads((more / "outside" / "dataset.json").read_text())
+    assert meta["numTraining"] == 7 and json.loads((own / "outside" / "dataset.json").read_text())["numTraining"] == 4
+    assert "outside: 7 subjects" in result.output
+    for folder in ("site-0", "outside"):  # the sites and the first scans of the outside set are the same files
+        files = sorted((own / folder).rglob("*.nii.gz"))
+        assert files != []
+        for path in files:
+            assert np.array_equal(ras(path), ras(more / folder / path.relative_to(own / folder))), path
+    assert len([p for p in (more / "outside").rglob("*.nii.gz") if is_label(p)]) == 7
+
+
+def test_outside_subjects_rejects_a_negative_count(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-subjects", "-1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: outside_subjects must be >= 0 (0: the institution's share), got -1"
+    ]
+    assert not (tmp_path / "outside").exists()
+
+
 def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:
     ok = CliRunner().invoke(app, ["validate-data", str(tiny / "site-1")])
     assert ok.exit_code == 0 and "decathlon layout, 4 subjects, 0 errors, 0 warnings" in ok.output

@@ -232,6 +232,7 @@ def synthesize(
     anatomy: str = "pelvis",
     subjects: int = 0,
     outside_annotator_mm: float | None = None,
+    outside_subjects: int = 0,
 ) -> list[Path]:
     """Write `num_sites` institutions `<out>/site-k` and `<out>/outside` of `anatomy`; return their folders.
 
@@ -241,6 +242,8 @@ def synthesize(
     `outside_annotator_mm` replaces the outside institution's annotator offset (None: its own): the
     same outside images, labelled by an annotator with another convention (0: the true boundary),
     so a study can tell how much of a model's outside Dice is the annotator's convention.
+    `outside_subjects` > 0 replaces the outside institution's subject count (0: its own share of the
+    base): subjects are seeded one by one, so a larger outside set begins with the same scans.
     """
     _check_anatomy(anatomy)
     if preset not in PRESETS:
@@ -249,6 +252,8 @@ def synthesize(
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     if subjects < 0:
         raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
+    if outside_subjects < 0:
+        raise ValueError(f"outside_subjects must be >= 0 (0: the institution's share), got {outside_subjects}")
     low, high = ANNOTATOR_MM
     if outside_annotator_mm is not None and not low <= outside_annotator_mm <= high:  # NaN fails too
         raise ValueError(f"outside_annotator_mm must be in [{low:g}, {high:g}] mm, got {outside_annotator_mm}")
@@ -267,14 +272,16 @@ def synthesize(
     if outside_annotator_mm is not None:
         outside = replace(outside, annotator_mm=float(outside_annotator_mm) + 0.0)  # + 0.0: -0 is stored as 0
     plan.append((OUTSIDE_KEY, outside, "outside"))
+    counts = [max(4, round(base * inst.subjects)) for _, inst, _ in plan]
+    counts[-1] = outside_subjects or counts[-1]
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
     for path in existing:
         shutil.rmtree(path)
     return [
-        write_site(out, key, max(4, round(base * inst.subjects)), size, seed, num_classes, inst, folder, anatomy)
-        for key, inst, folder in track(plan, "writing sites")
+        write_site(out, key, count, size, seed, num_classes, inst, folder, anatomy)
+        for (key, inst, folder), count in track(zip(plan, counts, strict=True), "writing sites")
     ]
 
 
