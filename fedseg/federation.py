@@ -53,7 +53,7 @@ from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
-from fedseg.software import note_software
+from fedseg.software import flower_app, note_software
 from fedseg.tracking import NullTracker, Tracker
 from fedseg.weight_average import WeightAverage
 from strategies.base import strategy_round_report
@@ -151,7 +151,7 @@ class Federation:
         if resume is None:
             arrays, history = initial, History(config=self.config.to_dict(), extra={RUN_KEY: new_run_key(self.run_dir)})
             self._run_key = history.extra[RUN_KEY]
-            note_software(history.extra, 1)
+            note_software(history.extra, 1, flower_app(self.grid))
             record = self._evaluate(0, arrays, RoundRecord(round=0))
             self._finish_round(arrays, history, record)
         else:
@@ -280,7 +280,7 @@ class Federation:
         if self._average is not None and checkpoint.weight_average:
             self._average.load_state_dict(checkpoint.weight_average)
         if checkpoint.round < self.config.num_server_rounds:  # the rounds left train under this process's software
-            note_software(checkpoint.history.extra, checkpoint.round + 1)
+            note_software(checkpoint.history.extra, checkpoint.round + 1, flower_app(self.grid))
         log(INFO, "[fedseg] resuming %s after round %d", self.run_dir, checkpoint.round)
         return checkpoint.arrays, checkpoint.history
 

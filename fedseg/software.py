@@ -9,15 +9,19 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 PACKAGES = ("fedseg", "torch", "monai", "flwr", "numpy", "scipy", "nibabel", "opacus")
 SOFTWARE = "software"  # history.json: the versions a run trained under, one entry per change
 FROM_ROUND = "from-round"
 COMMIT = "fedseg-commit"  # the git revision of a source checkout, "+dirty" with uncommitted changes
-ORDER = ("python", *PACKAGES, COMMIT, "cuda", "torch-threads")  # how `describe` lists the names it knows
+FLOWER_APP = "flower-app"  # the FAB Flower ran (`flwr run`, a deployment): "<fab id> <version> sha256:<hash>"
+ORDER = ("python", *PACKAGES, COMMIT, FLOWER_APP, "cuda", "torch-threads")  # how `describe` lists the names it knows
 
 
 def software_versions() -> dict[str, str]:
@@ -45,11 +49,26 @@ def describe(versions: dict[str, str]) -> str:
     return ", ".join(f"{name} {versions[name]}" for name in names) or "not recorded"
 
 
-def note_software(record: dict[str, Any], first_round: int) -> None:
-    """Append this process's versions to `record["software"]` (a run's history.json), with the round
-    they train from, unless the last entry already has them: a run resumed under other software shows it."""
+def flower_app(grid: Grid) -> dict[str, str]:
+    """{FLOWER_APP: ...} when Flower started the run from a FAB (`flwr run`, a deployed federation): it names
+    the exact app code, which is Flower's unpacked copy and so has no git commit; {} for a grid without one
+    (an experiment's in-process grid)."""
+    try:
+        run = grid.run
+    except (AttributeError, TypeError):  # a Grid whose runtime has set no Run
+        return {}
+    fab_hash = str(getattr(run, "fab_hash", "") or "")
+    if not fab_hash:
+        return {}
+    return {FLOWER_APP: f"{getattr(run, 'fab_id', '')} {getattr(run, 'fab_version', '')} sha256:{fab_hash}".strip()}
+
+
+def note_software(record: dict[str, Any], first_round: int, app: dict[str, str] | None = None) -> None:
+    """Append this process's versions (and `app`, the FAB it runs: `flower_app`) to `record["software"]`
+    (a run's history.json), with the round they train from, unless the last entry already has them: a run
+    resumed under other software shows it."""
     entries = record.setdefault(SOFTWARE, [])
-    current = software_versions()
+    current = {**software_versions(), **(app or {})}
     if not entries or {k: v for k, v in entries[-1].items() if k != FROM_ROUND} != current:
         entries.append({FROM_ROUND: first_round, **current})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -14,6 +15,7 @@ from inprocess_grid import InProcessGrid, federation, run_federation, task_ident
 
 from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
+from fedseg.flower_compat import empty_run
 from fedseg.history import History
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.server_app import initial_weights
@@ -97,6 +99,30 @@ def test_history_records_the_software_and_a_resume_under_other_versions(
     upgraded = {**software_versions(), "torch": "9.9.9"}
     monkeypatch.setattr("fedseg.software.software_versions", lambda: upgraded)
     assert resume(tmp_path / "upgraded") == [*started, {"from-round": 2, **upgraded}]  # round 2 under the others
+
+
+def test_history_records_the_flower_app_a_run_was_started_from(tmp_path: Path, task_identity: None) -> None:
+    """`flwr run` hands the ServerApp a Run naming its FAB; a resume from another FAB adds an entry."""
+    values = tiny_config(tmp_path, **{"num-server-rounds": ROUNDS})
+
+    def grid_of(fab_hash: str) -> InProcessGrid:
+        grid = InProcessGrid(values, 2)
+        grid.set_run(dataclasses.replace(empty_run(1), fab_id="fedseg/fedseg", fab_version="0.1.0", fab_hash=fab_hash))
+        return grid
+
+    first, second = "a1" * 32, "b2" * 32
+    grid = grid_of(first)
+    crash_in_round(grid, 2)
+    with pytest.raises(ServerCrash):
+        run_federation(grid, values, tmp_path / "run")
+    fed = federation(grid_of(second), {**values, "resume-from": str(tmp_path / "run")}, tmp_path / "run")
+    fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+    software = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
+    assert [(e["from-round"], e["flower-app"]) for e in software] == [
+        (1, f"fedseg/fedseg 0.1.0 sha256:{first}"),
+        (2, f"fedseg/fedseg 0.1.0 sha256:{second}"),
+    ]
+    assert software[1] == {**software[0], "from-round": 2, "flower-app": f"fedseg/fedseg 0.1.0 sha256:{second}"}
 
 
 def dice_by_round(history: History) -> list[dict[str, float]]:
