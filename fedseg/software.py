@@ -20,7 +20,7 @@ PACKAGES = ("fedseg", "torch", "monai", "flwr", "numpy", "scipy", "nibabel", "op
 SOFTWARE = "software"  # history.json: the versions a run trained under, one entry per change
 FROM_ROUND = "from-round"
 COMMIT = "fedseg-commit"  # the git revision of a source checkout, "+dirty" with uncommitted changes
-FLOWER_APP = "flower-app"  # the FAB Flower ran (`flwr run`, a deployment): "<fab id> <version> sha256:<hash>"
+FLOWER_APP = "flower-app"  # the FAB Flower ran (`flwr run`, a deployment): "sha256:<hash> <fab id> <version>"
 ORDER = ("python", *PACKAGES, COMMIT, FLOWER_APP, "cuda", "torch-threads")  # how `describe` lists the names it knows
 
 
@@ -60,7 +60,8 @@ def flower_app(grid: Grid) -> dict[str, str]:
     fab_hash = str(getattr(run, "fab_hash", "") or "")
     if not fab_hash:
         return {}
-    return {FLOWER_APP: f"{getattr(run, 'fab_id', '')} {getattr(run, 'fab_version', '')} sha256:{fab_hash}".strip()}
+    parts = (f"sha256:{fab_hash}", str(getattr(run, "fab_id", "") or ""), str(getattr(run, "fab_version", "") or ""))
+    return {FLOWER_APP: " ".join(part for part in parts if part)}  # the hash first: a report cuts long values
 
 
 def note_software(record: dict[str, Any], first_round: int, app: dict[str, str] | None = None) -> None:

@@ -157,6 +157,7 @@ def test_outside_subjects_extend_the_same_outside_scans(tmp_path: Path, anatomy:
     more = tmp_path / "more"
     meta = json.loads((more / "outside" / "dataset.json").read_text())
     assert meta["numTraining"] == 7 and json.loads((own / "outside" / "dataset.json").read_text())["numTraining"] == 4
+    assert meta["institution"]["subjects"] * 6 == pytest.approx(7)  # relative to the base (6 at `tiny`)
     assert "outside: 7 subjects" in result.output
     for folder in ("site-0", "outside"):  # the sites and the first scans of the outside set are the same files
         files = sorted((own / folder).rglob("*.nii.gz"))
@@ -166,11 +167,12 @@ def test_outside_subjects_extend_the_same_outside_scans(tmp_path: Path, anatomy:
     assert len([p for p in (more / "outside").rglob("*.nii.gz") if is_label(p)]) == 7
 
 
-def test_outside_subjects_rejects_a_negative_count(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-subjects", "-1"])
+@pytest.mark.parametrize("value", ["-1", "1", "3"])
+def test_outside_subjects_rejects_counts_below_an_institutions(tmp_path: Path, value: str) -> None:
+    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-subjects", value])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: outside_subjects must be >= 0 (0: the institution's share), got -1"
+        f"error: outside_subjects must be 0 (the institution's share) or >= 4, got {value}"
     ]
     assert not (tmp_path / "outside").exists()
 

@@ -15,11 +15,11 @@ from inprocess_grid import InProcessGrid, federation, run_federation, task_ident
 
 from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
-from fedseg.flower_compat import empty_run
+from fedseg.flower_compat import Run, empty_run
 from fedseg.history import History
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.server_app import initial_weights
-from fedseg.software import software_versions
+from fedseg.software import flower_app, software_versions
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -115,14 +115,33 @@ def test_history_records_the_flower_app_a_run_was_started_from(tmp_path: Path, t
     crash_in_round(grid, 2)
     with pytest.raises(ServerCrash):
         run_federation(grid, values, tmp_path / "run")
-    fed = federation(grid_of(second), {**values, "resume-from": str(tmp_path / "run")}, tmp_path / "run")
-    fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
-    software = json.loads((tmp_path / "run" / "history.json").read_text())["software"]
+    shutil.copytree(tmp_path / "run", tmp_path / "same")
+
+    def resume(run_dir: Path, fab_hash: str) -> list[dict[str, str]]:
+        fed = federation(grid_of(fab_hash), {**values, "resume-from": str(run_dir)}, run_dir)
+        fed.run(initial_weights(fed.config), resume=resume_checkpoint(fed.config))
+        return json.loads((run_dir / "history.json").read_text())["software"]
+
+    assert [e["flower-app"] for e in resume(tmp_path / "same", first)] == [f"sha256:{first} fedseg/fedseg 0.1.0"]
+    software = resume(tmp_path / "run", second)
     assert [(e["from-round"], e["flower-app"]) for e in software] == [
-        (1, f"fedseg/fedseg 0.1.0 sha256:{first}"),
-        (2, f"fedseg/fedseg 0.1.0 sha256:{second}"),
+        (1, f"sha256:{first} fedseg/fedseg 0.1.0"),
+        (2, f"sha256:{second} fedseg/fedseg 0.1.0"),
     ]
-    assert software[1] == {**software[0], "from-round": 2, "flower-app": f"fedseg/fedseg 0.1.0 sha256:{second}"}
+    assert software[1] == {**software[0], "from-round": 2, "flower-app": f"sha256:{second} fedseg/fedseg 0.1.0"}
+
+
+def test_a_grid_without_a_flower_run_records_no_app(tmp_path: Path) -> None:
+    """An experiment's in-process grid holds an empty Run; a Flower grid before its runtime set one raises."""
+
+    class Unset(InProcessGrid):
+        @property
+        def run(self) -> Run:
+            raise TypeError("vars() argument must have __dict__ attribute")  # InMemoryGrid, HttpGrid with no Run
+
+    values = tiny_config(tmp_path)
+    assert flower_app(InProcessGrid(values, 2)) == {}
+    assert flower_app(Unset(values, 2)) == {}
 
 
 def dice_by_round(history: History) -> list[dict[str, float]]:

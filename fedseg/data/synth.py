@@ -129,6 +129,7 @@ OUTSIDE_KEY = 1000  # seed key of the outside institution
 # annotator offsets synthesize accepts for the outside institution: tighter than -2 mm the thin zones (and the
 # brain's edema) start to vanish at `tiny`; looser than +3 mm is past any site's convention (-0.8 to +1 mm)
 ANNOTATOR_MM = (-2.0, 3.0)
+SYNTH_MIN_SUBJECTS = 4  # the fewest subjects synthesize writes for an institution
 
 PRESETS = {  # name: (reference crop side in mm ≈ voxels at 1 mm, base subjects per site)
     "tiny": (32, 6),
@@ -252,8 +253,10 @@ def synthesize(
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     if subjects < 0:
         raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
-    if outside_subjects < 0:
-        raise ValueError(f"outside_subjects must be >= 0 (0: the institution's share), got {outside_subjects}")
+    if outside_subjects != 0 and outside_subjects < SYNTH_MIN_SUBJECTS:
+        raise ValueError(
+            f"outside_subjects must be 0 (the institution's share) or >= {SYNTH_MIN_SUBJECTS}, got {outside_subjects}"
+        )
     low, high = ANNOTATOR_MM
     if outside_annotator_mm is not None and not low <= outside_annotator_mm <= high:  # NaN fails too
         raise ValueError(f"outside_annotator_mm must be in [{low:g}, {high:g}] mm, got {outside_annotator_mm}")
@@ -271,17 +274,27 @@ def synthesize(
         outside = OUTSIDE
     if outside_annotator_mm is not None:
         outside = replace(outside, annotator_mm=float(outside_annotator_mm) + 0.0)  # + 0.0: -0 is stored as 0
+    if outside_subjects:
+        outside = replace(outside, subjects=outside_subjects / base)
     plan.append((OUTSIDE_KEY, outside, "outside"))
-    counts = [max(4, round(base * inst.subjects)) for _, inst, _ in plan]
-    counts[-1] = outside_subjects or counts[-1]
     existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
     for path in existing:
         shutil.rmtree(path)
     return [
-        write_site(out, key, count, size, seed, num_classes, inst, folder, anatomy)
-        for (key, inst, folder), count in track(zip(plan, counts, strict=True), "writing sites")
+        write_site(
+            out,
+            key,
+            max(SYNTH_MIN_SUBJECTS, round(base * inst.subjects)),
+            size,
+            seed,
+            num_classes,
+            inst,
+            folder,
+            anatomy,
+        )
+        for key, inst, folder in track(plan, "writing sites")
     ]
 
 
