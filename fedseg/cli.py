@@ -34,7 +34,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedseg.data.datalist import SiteDataError
     from fedseg.data.validate import SettingError
     from fedseg.deploy.certs import CertError
-    from fedseg.experiments.runner import ExperimentError
+    from fedseg.experiments import ExperimentError
     from fedseg.model_checkpoint import CheckpointError
     from fedseg.predict import PredictError
     from fedseg.report.cases import CasesError
@@ -476,6 +476,22 @@ def experiment(config: str = typer.Argument(..., help="experiment TOML (see conf
     except (ConfigError, ExperimentError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
+    typer.echo(f"results: {results}; next: fedseg report {results}")
+
+
+@app.command()
+@_boundary
+def retest(
+    config: str = typer.Argument(..., help="the experiment TOML whose finished results hold the models"),
+    outside: str = typer.Argument(..., help="a labelled institution folder no arm trained on"),
+    out: str = typer.Option(..., help="new results folder for `fedseg report` (the experiment's is only read)"),
+) -> None:
+    """Test an experiment's finished models on another outside institution without training again; the
+    internal test cases are kept as they were."""
+    from fedseg.experiments import ExperimentSpec
+    from fedseg.experiments.retest import retest_experiment
+
+    results = retest_experiment(ExperimentSpec.from_toml(config), outside, out, echo=typer.echo)
     typer.echo(f"results: {results}; next: fedseg report {results}")
 
 

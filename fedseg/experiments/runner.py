@@ -15,41 +15,33 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
-from monai.data import DataLoader, Dataset
 
 from clients.personal import PersonalState
 from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import ConfigError, RunConfig
-from fedseg.data.datalist import SiteSplit, load_datalist
-from fedseg.data.datasets import evaluation_dataset
+from fedseg.data.datalist import SiteSplit
 from fedseg.data.sites import with_input_channels
 from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregation
+from fedseg.experiments.evaluation import ExperimentError, TestSet, arm_privacy, collect_cases, evaluate, test_sets
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
 from fedseg.federation import Federation, run_key
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.model_spec import intensity_window
-from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.progress import experiment_bars
-from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
+from fedseg.report.cases import CaseRow, write_cases
 from fedseg.report.layout import (
     ARM_INFO,
     ARMS,
     CASES,
-    HISTORY,
     MODEL,
-    OVERLAYS,
     SITE_STATE,
     ArmInfo,
-    overlay_case,
 )
 from fedseg.server_app import initial_weights
 from fedseg.software import software_versions
@@ -63,20 +55,6 @@ GROWABLE = ("arms", "strategies", "dp_sgd_noise_multipliers", "dp_noised_noise_m
 VIEWS = "views"
 
 
-class ExperimentError(RuntimeError):
-    """The experiment cannot run or continue (e.g. its results folder belongs to another config)."""
-
-
-@dataclass(frozen=True)
-class TestSet:
-    """A held-out test split of a site, or the whole outside institution."""
-
-    name: str
-    outside: bool
-    items: list[dict]
-    dataset: Dataset
-
-
 def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) -> Path:
     """Run (or continue) every arm of `spec`; return the results folder holding cases.csv."""
     results = spec.results_dir.resolve()
@@ -85,7 +63,7 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
     _claim(results, spec, echo)
     seed = spec.run_config().seed
     splits = load_splits([spec.site_dir(k) for k in range(spec.sites)], seed)
-    tests = _test_sets(spec, splits)
+    tests = test_sets(spec, splits)
     with experiment_bars(len(arms)) as (bars, arm_bar, round_bar):
         for index, arm in enumerate(arms, start=1):
             folder = results / ARMS / arm.id
@@ -107,8 +85,8 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
                 _train(spec, arm, splits, results, folder, round_bar.start(f"  {arm.id}: rounds", arm.rounds))
             ]
             if arm.evaluated:
-                dp_kind, epsilon, delta = privacy = _privacy(folder)
-                rows = _evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
+                dp_kind, epsilon, delta = privacy = arm_privacy(folder)
+                rows = evaluate(arm, models, tests, results, spec.overlay_cases, privacy)
                 if arm.kind == "federated":
                     rows += _personal_rows(spec, arm, models[0], tests, results, folder)
                 write_cases(folder / CASES, rows, spec.run_config().labels.structures)
@@ -122,7 +100,7 @@ def run_experiment(spec: ExperimentSpec, echo: Callable[[str], None] = print) ->
             ArmInfo(arm.name, arm.kind, arm.trained_on, model_bytes, len(arm.nodes), seconds, software_versions()).save(
                 folder
             )
-            _collect_cases(results, arms, spec.run_config().labels.structures)
+            collect_cases(results, arms, spec.run_config().labels.structures)
             echo(f"    done in {seconds:.0f} s")
             bars.advance(arm_bar)
     return results
@@ -135,7 +113,7 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
     wanted = spec.to_dict()
     if path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(wanted) if not _keeps_results(k, saved.get(k), wanted.get(k)))
+        changed = changed_keys(saved, wanted)
         if changed:
             raise ExperimentError(
                 f"{results}: made by a different experiment config (changed: {_keys(changed)}); "
@@ -148,6 +126,12 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
         echo(f"{results}: values appended to {_keys(grown)}; finished arms are kept, the new ones run")
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2))
+
+
+def changed_keys(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The spec fields whose change from `saved` (a results folder's experiment.json) to `wanted` would
+    change the arms already run there."""
+    return sorted(k for k in set(saved) | set(wanted) if not _keeps_results(k, saved.get(k), wanted.get(k)))
 
 
 def _keys(names: Sequence[str]) -> str:
@@ -241,69 +225,6 @@ def _node_dir(spec: ExperimentSpec, arm: Arm, node: int, splits: Sequence[SiteSp
     return write_view(results / VIEWS / name, parts, seed)
 
 
-Privacy = tuple[str, float, float]  # (dp_kind, ε, δ); ("", nan, nan) without DP
-
-
-def _privacy(folder: Path) -> Privacy:
-    """The final (ε, δ) of the arm's run from its history.json: client-level, or the largest sample-level ε."""
-    path = folder / HISTORY
-    history = json.loads(path.read_text()) if path.is_file() else {}
-    client, sites = client_epsilon(history), site_epsilons(history)
-    if client is not None and sites:
-        raise ExperimentError(f"{path}: both DP-SGD and client-level DP; cases.csv records one DP kind per model")
-    if client is not None:
-        return (CLIENT_LEVEL, *client)
-    if sites:
-        return (SAMPLE_LEVEL, *max(sites.values()))
-    return ("", math.nan, math.nan)
-
-
-def _test_sets(spec: ExperimentSpec, splits: Sequence[SiteSplit]) -> list[TestSet]:
-    config = spec.run_config()  # evaluate on the grid the models were trained at, with their label values
-    spacing, mapping, window = config.spacing, config.labels.label_mapping, intensity_window(config)
-    sets = [
-        TestSet(f"site-{k}", False, s.test, evaluation_dataset(s.test, spacing, label_mapping=mapping, window=window))
-        for k, s in enumerate(splits)
-    ]
-    if spec.outside_dir is not None:
-        items = load_datalist(spec.outside_dir)
-        outside = evaluation_dataset(items, spacing, label_mapping=mapping, window=window)
-        sets.append(TestSet(spec.outside, True, items, outside))
-    return sets
-
-
-def _evaluate(
-    arm: Arm,
-    models: Sequence[ModelCheckpoint],
-    tests: Sequence[TestSet],
-    results: Path,
-    overlay_cases: int,
-    privacy: Privacy,
-) -> list[CaseRow]:
-    """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
-    trainers = [model.trainer() for model in models]
-    labels = models[0].labels
-    rows = []
-    for test in tests:
-        own = not arm.trained_on.startswith("site-") or arm.trained_on == test.name
-        for index, batch in enumerate(DataLoader(test.dataset, batch_size=1, num_workers=0)):
-            probabilities = torch.stack([labels.probabilities(t.predict_logits(batch["image"])) for t in trainers])
-            probabilities = probabilities.mean(0).cpu()
-            dice = labels.dice(probabilities, batch["label"])[0].tolist()
-            subject = test.items[index]["subject"]
-            rows.append(
-                CaseRow(arm.name, arm.kind, arm.trained_on, test.name, test.outside, subject, tuple(dice), *privacy)
-            )
-            if own and index < overlay_cases:
-                _save_overlay(
-                    results / OVERLAYS / overlay_case(test.name, subject) / f"{arm.id}.npz",
-                    batch["image"][0, 0],
-                    batch["label"][0, 0],
-                    labels.label_map(probabilities)[0, 0],
-                )
-    return rows
-
-
 def _personal_rows(
     spec: ExperimentSpec, arm: Arm, model: ModelCheckpoint, tests: Sequence[TestSet], results: Path, folder: Path
 ) -> list[CaseRow]:
@@ -317,25 +238,5 @@ def _personal_rows(
             continue
         personal = dataclasses.replace(model, state_dict=weights, description=f"{arm.name} personal, site-{node}")
         site = Arm(f"{arm.name}-personal", "personal", f"site-{node}", (node,))
-        rows += _evaluate(site, [personal], [tests[node]], results, 0, ("", math.nan, math.nan))
+        rows += evaluate(site, [personal], [tests[node]], results, 0, ("", math.nan, math.nan))
     return rows
-
-
-def _save_overlay(path: Path, image: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor) -> None:
-    """One axial slice (the one with the most foreground in the truth) of image, truth and prediction."""
-    z = int((truth > 0).sum(dim=(0, 1)).argmax())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        path,
-        image=image[..., z].numpy().astype(np.float16),
-        truth=truth[..., z].numpy().astype(np.uint8),
-        prediction=prediction[..., z].numpy().astype(np.uint8),
-    )
-
-
-def _collect_cases(results: Path, arms: Sequence[Arm], structures: Sequence[str]) -> None:
-    """cases.csv = the rows of every finished, evaluated arm, in plan order."""
-    files = [results / ARMS / arm.id / CASES for arm in arms if arm.evaluated]
-    rows = [row for path in files if path.is_file() for row in read_cases(path)]
-    if rows:
-        write_cases(results / CASES, rows, structures)
