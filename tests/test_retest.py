@@ -13,6 +13,7 @@ from fedseg.cli import app
 from fedseg.data.synth import synthesize
 from fedseg.experiments import ExperimentSpec, run_experiment
 from fedseg.report.cases import read_cases
+from fedseg.software import software_versions
 
 RUN = {"num-server-rounds": 1, "local-epochs": 1, "patch-size": "16,16,16", "batch-size": 2, "seed": 1}
 
@@ -51,7 +52,8 @@ def test_retest_keeps_the_internal_cases_and_tests_every_outside_scan(finished: 
             assert (root / "x" / "arms" / arm / name).read_bytes() == (
                 root / "results" / "tiny" / "arms" / arm / name
             ).read_bytes()
-    assert json.loads((root / "x" / "retest.json").read_text())["outside"] == str(root / "more" / "outside")
+    record = json.loads((root / "x" / "retest.json").read_text())
+    assert record["outside"] == str(root / "more" / "outside") and record["software"] == software_versions()
     assert not list(root.glob(".x.partial"))
 
 

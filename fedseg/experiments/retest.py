@@ -4,9 +4,9 @@ outside test set, one labelled later, or the same scans labelled by another anno
 
 DIR gets what `fedseg report` reads: per arm its arm.json and history.json (copied) and a cases.csv with
 the arm's internal test cases as the experiment wrote them and every labelled subject of OUTSIDE in place
-of the experiment's outside institution; then the merged cases.csv and retest.json (what was retested).
-The experiment's results folder is only read; DIR is written under a temporary name and renamed when
-complete, so an interrupted retest leaves no DIR.
+of the experiment's outside institution; then the merged cases.csv and retest.json (what was retested,
+under which software). The experiment's results folder is only read; DIR is written under a temporary
+name and renamed when complete, so an interrupted retest leaves no DIR.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.report.cases import read_cases, write_cases
 from fedseg.report.layout import ARM_INFO, ARMS, CASES, HISTORY, MODEL
+from fedseg.software import software_versions
 
 RETEST_FILE = "retest.json"
 WHERE = ("data_dir", "output_dir")  # where the sites and results were: a results folder may have moved since
@@ -60,7 +61,12 @@ def retest_experiment(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    record = {"experiment": spec.name, "results": str(results), "outside": str(outside_dir)}
+    record = {
+        "experiment": spec.name,
+        "results": str(results),
+        "outside": str(outside_dir),
+        "software": software_versions(),  # the retest's own: arm.json keeps the software each arm trained with
+    }
     (partial / RETEST_FILE).write_text(json.dumps(record, indent=2))
     partial.rename(target)
     return target

@@ -9,7 +9,7 @@ results/<experiment>/
   arms/<arm-id>/final-model.pt  the final model (fedseg.model_checkpoint format), for `fedseg predict`
   overlays/<case>/<arm-id>.npz  one slice of image, truth and prediction (for the overlay plot)
   experiment.json             the experiment config (a rerun with another config is refused)
-  retest.json                 `fedseg retest` only: the experiment, its results folder and the outside folder tested
+  retest.json                 `fedseg retest` only: the experiment, its results, the outside folder tested, software
   views/                      pooled and k-fold site views (links to the sites' files)
   site-state/<site or view>/  each node's own state: DP-SGD privacy ledgers (one per arm), preprocessed cache
 ```
