@@ -27,7 +27,7 @@ from fedseg.experiments.evaluation import (
     evaluate,
     outside_test_set,
 )
-from fedseg.experiments.runner import SPEC_FILE, changed_keys
+from fedseg.experiments.runner import SPEC_FILE, changed_keys, spec_keys
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.report.cases import read_cases, write_cases
@@ -122,5 +122,4 @@ def _check_results(spec: ExperimentSpec, results: Path) -> None:
         raise ExperimentError(f"{path}: not a JSON object")
     changed = [key for key in changed_keys(saved, spec.to_dict()) if key not in WHERE]
     if changed:
-        names = ", ".join(key.replace("_", "-") for key in changed)
-        raise ExperimentError(f"{results}: made by a different experiment config (changed: {names})")
+        raise ExperimentError(f"{results}: made by a different experiment config (changed: {spec_keys(changed)})")

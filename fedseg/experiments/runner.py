@@ -116,14 +116,14 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
         changed = changed_keys(saved, wanted)
         if changed:
             raise ExperimentError(
-                f"{results}: made by a different experiment config (changed: {_keys(changed)}); "
+                f"{results}: made by a different experiment config (changed: {spec_keys(changed)}); "
                 "delete the folder or give the experiment another name"
-                + (f" (values may only be appended to {_keys(GROWABLE)})" if set(changed) & set(GROWABLE) else "")
+                + (f" (values may only be appended to {spec_keys(GROWABLE)})" if set(changed) & set(GROWABLE) else "")
             )
         grown = [k for k in GROWABLE if saved.get(k) != wanted.get(k)]
         if not grown:
             return
-        echo(f"{results}: values appended to {_keys(grown)}; finished arms are kept, the new ones run")
+        echo(f"{results}: values appended to {spec_keys(grown)}; finished arms are kept, the new ones run")
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2))
 
@@ -134,7 +134,7 @@ def changed_keys(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(saved) | set(wanted) if not _keeps_results(k, saved.get(k), wanted.get(k)))
 
 
-def _keys(names: Sequence[str]) -> str:
+def spec_keys(names: Sequence[str]) -> str:
     """Spec field names as the config file spells them (dp_sgd_noise_multipliers → dp-sgd-noise-multipliers)."""
     return ", ".join(name.replace("_", "-") for name in names)
 
