@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -78,7 +80,7 @@ def test_retest_refuses_what_it_cannot_test_in_one_line(finished: tuple[Path, Pa
     shutil.copytree(root / "results", tmp_path / "partial")
     shutil.rmtree(tmp_path / "partial" / "tiny" / "arms" / "fedavg--federation")
     unfinished = write_config(tmp_path / "u.toml", root / "data", tmp_path / "partial", arms=["private", "federated"])
-    assert "arm(s) fedavg--federation not finished" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
+    assert "arm fedavg--federation not finished" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
     (tmp_path / "partial" / "tiny" / "experiment.json").write_text("[" * 100_000)
     assert "experiment.json: unreadable" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
     (tmp_path / "empty").mkdir()
@@ -87,4 +89,54 @@ def test_retest_refuses_what_it_cannot_test_in_one_line(finished: tuple[Path, Pa
     scan = sorted((tmp_path / "broken" / "imagesTr").iterdir())[1]
     scan.write_bytes(scan.read_bytes()[:200])  # a truncated upload
     assert f"error: {scan}: cannot read" in error(str(config), str(tmp_path / "broken"), "--out", str(tmp_path / "y"))
+    history = tmp_path / "partial" / "tiny" / "arms" / "private--site-0" / "history.json"
+    (tmp_path / "partial" / "tiny" / "experiment.json").write_text(
+        (root / "results" / "tiny" / "experiment.json").read_text()
+    )
+    shutil.copytree(
+        root / "results" / "tiny" / "arms" / "fedavg--federation", history.parents[1] / "fedavg--federation"
+    )
+    for junk in ('{"rounds": [', "[1, 2]", '{"rounds": "x"}'):
+        history.write_text(junk)
+        assert f"{history}: not a run history" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
+    history.unlink()
+    (history.parent / "arm.json").rename(history.parent / "real.json")
+    (history.parent / "arm.json").symlink_to(history.parent / "real.json")
+    assert "arm.json: a link" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
+    spec = json.loads((tmp_path / "partial" / "tiny" / "experiment.json").read_text())
+    (tmp_path / "partial" / "tiny" / "experiment.json").write_text(json.dumps({**spec, "run": [1]}))
+    assert "made by a different experiment config (changed: run)" in error(
+        str(unfinished), outside, "--out", str(tmp_path / "y")
+    )
     assert not (tmp_path / "y").exists() and not Path("y").exists()
+
+
+def test_retest_refuses_the_sites_scans_and_other_channels(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    root, config = finished
+    linked = tmp_path / "linked"  # a folder of links to a site's files, as an experiment's views are
+    shutil.copytree(root / "data" / "site-0", linked, copy_function=lambda src, dst: Path(dst).symlink_to(src))
+    (linked / "allow-outside-data").touch()
+    result = CliRunner().invoke(app, ["retest", str(config), str(linked), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "a scan of a site the experiment trained on (12 such files)" in result.output
+    two = tmp_path / "two"  # the models take one channel
+    shutil.copytree(root / "data" / "outside", two)
+    for scan in (two / "imagesTr").iterdir():
+        image = nib.load(scan)
+        data = np.asanyarray(image.dataobj)
+        nib.save(nib.Nifti1Image(np.stack([data, data], -1), image.affine), scan)
+    result = CliRunner().invoke(app, ["retest", str(config), str(two), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "channel" in result.output and "scans of" not in result.output, result.output
+    assert not (tmp_path / "y").exists()
+
+
+def test_retest_names_the_outside_as_the_experiment_did_and_leaves_other_folders(
+    finished: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, config = finished
+    shutil.copytree(root / "data" / "outside", tmp_path / "site-0")  # a folder whose name is a site's
+    (tmp_path / "victim").mkdir()
+    (tmp_path / ".y.partial").symlink_to(tmp_path / "victim")  # a temporary name another run could hold
+    result = CliRunner().invoke(app, ["retest", str(config), str(tmp_path / "site-0"), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 0, result.output
+    assert {r.tested_on for r in read_cases(tmp_path / "y" / "cases.csv") if r.outside} == {"outside"}
+    assert list((tmp_path / "victim").iterdir()) == [] and (tmp_path / ".y.partial").is_symlink()

@@ -44,8 +44,11 @@ Privacy = tuple[str, float, float]  # (dp_kind, ε, δ); ("", nan, nan) without 
 def arm_privacy(folder: Path) -> Privacy:
     """The final (ε, δ) of the arm's run from its history.json: client-level, or the largest sample-level ε."""
     path = folder / HISTORY
-    history = json.loads(path.read_text()) if path.is_file() else {}
-    client, sites = client_epsilon(history), site_epsilons(history)
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else {}
+        client, sites = client_epsilon(history), site_epsilons(history)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
+        raise ExperimentError(f"{path}: not a run history ({type(err).__name__})") from None
     if client is not None and sites:
         raise ExperimentError(f"{path}: both DP-SGD and client-level DP; cases.csv records one DP kind per model")
     if client is not None:

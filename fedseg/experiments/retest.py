@@ -4,23 +4,30 @@ outside test set, one labelled later, or the same scans labelled by another anno
 
 DIR gets what `fedseg report` reads: per arm its arm.json and history.json (copied) and a cases.csv with
 the arm's internal test cases as the experiment wrote them and every labelled subject of OUTSIDE in place
-of the experiment's outside institution; then the merged cases.csv and retest.json (what was retested,
-under which software). The experiment's results folder is only read; DIR is written under a temporary
-name and renamed when complete, so an interrupted retest leaves no DIR.
+of the experiment's outside institution (under the same test-set name, so `fedseg report --against` pairs
+the two scan by scan); then the merged cases.csv and retest.json (what was retested, under which
+software). Every input is checked before the first model runs: the results files, each model (and that
+its input channels are OUTSIDE's), the scans, and that no scan is one of the sites' files. The
+experiment's results folder is only read; DIR is written into a fresh temporary folder beside it and
+renamed when complete, so a failed or interrupted retest leaves no DIR.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from fedseg.data.datalist import load_datalist
 from fedseg.data.validate import validate_site
 from fedseg.errors import first_line
 from fedseg.experiments.arms import Arm, plan_arms
 from fedseg.experiments.evaluation import (
     ExperimentError,
+    Privacy,
     TestSet,
     arm_privacy,
     collect_cases,
@@ -30,12 +37,23 @@ from fedseg.experiments.evaluation import (
 from fedseg.experiments.runner import SPEC_FILE, changed_keys, spec_keys
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.report.cases import read_cases, write_cases
-from fedseg.report.layout import ARM_INFO, ARMS, CASES, HISTORY, MODEL
+from fedseg.report.cases import CaseRow, read_cases, write_cases
+from fedseg.report.layout import ARM_INFO, ARMS, CASES, HISTORY, MODEL, ArmInfo
 from fedseg.software import software_versions
 
 RETEST_FILE = "retest.json"
 WHERE = ("data_dir", "output_dir")  # where the sites and results were: a results folder may have moved since
+OUTSIDE_NAME = "outside"  # the test-set name when the experiment had no outside institution
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """What one finished arm contributes, read and checked before any model runs."""
+
+    arm: Arm
+    models: tuple[Path, ...]  # the model files (an ensemble's members)
+    kept: list[CaseRow]  # the arm's rows as the experiment wrote them
+    privacy: Privacy
 
 
 def retest_experiment(
@@ -45,67 +63,82 @@ def retest_experiment(
     results = spec.results_dir.resolve()
     outside_dir, target = Path(outside).expanduser().resolve(), Path(out).expanduser().resolve()
     _check_results(spec, results)
-    if outside_dir in {spec.site_dir(k) for k in range(spec.sites)}:
-        raise ExperimentError(f"{outside_dir}: a site the experiment trained on, not an outside institution")
-    if target.exists() or target == results or results in target.parents:
+    if target.exists() or target.is_symlink() or target == results or results in target.parents:
         raise ExperimentError(f"{target}: give a new folder outside the experiment's results (it is never rewritten)")
-    arms = plan_arms(spec)
-    unfinished = [arm.id for arm in arms if not (results / ARMS / arm.id / ARM_INFO).is_file()]
-    if unfinished:
-        raise ExperimentError(f"{results}: arm(s) {', '.join(unfinished)} not finished; run the experiment first")
-    _check_data(spec, outside_dir)
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    finished = [_finished(results, arm) for arm in plan_arms(spec)]
+    channels = _model_channels(finished)
+    _check_data(spec, outside_dir, channels)
+    test = outside_test_set(spec, outside_dir, spec.outside or OUTSIDE_NAME)
+    _check_never_trained_on(spec, test.items, outside_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
-        _retest(spec, arms, results, outside_test_set(spec, outside_dir, outside_dir.name), partial, echo)
+        _write(spec, finished, results, test, partial, echo)
+        record = {
+            "experiment": spec.name,
+            "results": str(results),
+            "outside": str(outside_dir),
+            "software": software_versions(),  # the retest's own: arm.json keeps the software each arm trained with
+        }
+        (partial / RETEST_FILE).write_text(json.dumps(record, indent=2))
+        partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    record = {
-        "experiment": spec.name,
-        "results": str(results),
-        "outside": str(outside_dir),
-        "software": software_versions(),  # the retest's own: arm.json keeps the software each arm trained with
-    }
-    (partial / RETEST_FILE).write_text(json.dumps(record, indent=2))
-    partial.rename(target)
     return target
 
 
-def _retest(
-    spec: ExperimentSpec, arms: list[Arm], results: Path, test: TestSet, partial: Path, echo: Callable[[str], None]
+def _finished(results: Path, arm: Arm) -> _Finished:
+    """The arm's files, each checked: arm.json, its cases, its run history and its model(s)."""
+    source = results / ARMS / arm.id
+    if not (source / ARM_INFO).is_file():
+        raise ExperimentError(f"{results}: arm {arm.id} not finished; run the experiment first")
+    for name in (ARM_INFO, HISTORY, CASES):
+        if (source / name).is_symlink():
+            raise ExperimentError(f"{source / name}: a link; an experiment writes plain files")
+    ArmInfo.load(source)
+    if not arm.evaluated:
+        return _Finished(arm, (), [], ("", 0.0, 0.0))
+    models = tuple(results / ARMS / member / MODEL for member in arm.members or (arm.id,))
+    for path in models:
+        ModelCheckpoint.load(path)  # a broken model is named now, not after hours of testing the others
+    return _Finished(arm, models, read_cases(source / CASES), arm_privacy(source))
+
+
+def _model_channels(finished: Iterable[_Finished]) -> int:
+    """The input channels every model takes (the scans must have as many)."""
+    channels = {ModelCheckpoint.load(path).in_channels for item in finished for path in item.models}
+    if len(channels) > 1:
+        raise ExperimentError(f"the experiment's models take different input channels ({sorted(channels)})")
+    return channels.pop() if channels else 1
+
+
+def _write(
+    spec: ExperimentSpec,
+    finished: list[_Finished],
+    results: Path,
+    test: TestSet,
+    partial: Path,
+    echo: Callable[[str], None],
 ) -> None:
-    """Write each arm's files and cases into `partial`, then the merged cases.csv."""
+    """Each arm's files and cases into `partial`, then the merged cases.csv."""
     structures = spec.run_config().labels.structures
-    for index, arm in enumerate(arms, start=1):
-        source, folder = results / ARMS / arm.id, partial / ARMS / arm.id
+    for index, item in enumerate(finished, start=1):
+        arm = item.arm
+        folder = partial / ARMS / arm.id
         folder.mkdir(parents=True)
         for name in (ARM_INFO, HISTORY):
-            if (source / name).is_file():
-                shutil.copy2(source / name, folder / name)
+            if (results / ARMS / arm.id / name).is_file():
+                shutil.copyfile(results / ARMS / arm.id / name, folder / name)
         if not arm.evaluated:
             continue
-        echo(f"[{index}/{len(arms)}] {arm.id}: {len(test.items)} scans of {test.name}")
-        models = [ModelCheckpoint.load(results / ARMS / member / MODEL) for member in arm.members or (arm.id,)]
-        kept = read_cases(source / CASES)
-        rows = [row for row in kept if row.arm == arm.name and not row.outside]
-        rows += evaluate(arm, models, [test], partial, 0, arm_privacy(source))
-        rows += [row for row in kept if row.arm != arm.name]  # personal models (FedBN, Ditto): their own sites
+        echo(f"[{index}/{len(finished)}] {arm.id}: {len(test.items)} scans of {test.name}")
+        models = [ModelCheckpoint.load(path) for path in item.models]
+        rows = [row for row in item.kept if row.arm == arm.name and not row.outside]
+        rows += evaluate(arm, models, [test], partial, 0, item.privacy)
+        rows += [row for row in item.kept if row.arm != arm.name]  # personal models (FedBN, Ditto): own sites
         write_cases(folder / CASES, rows, structures)
-    collect_cases(partial, arms, structures)
-
-
-def _check_data(spec: ExperimentSpec, outside: Path) -> None:
-    """Every scan of the outside institution readable, finite and labelled with the run's values: a broken
-    file is named before any model is tested."""
-    config = spec.run_config()
-    report = validate_site(
-        outside, channels=config.in_channels or None, label_values=config.labels.allowed_label_values, min_subjects=1
-    )
-    if report.errors:
-        raise ExperimentError(
-            f"{report.errors[0]} ({len(report.errors)} data error(s) in {outside}; `fedseg validate-data` lists them)"
-        )
+    collect_cases(partial, [item.arm for item in finished], structures)
 
 
 def _check_results(spec: ExperimentSpec, results: Path) -> None:
@@ -123,3 +156,35 @@ def _check_results(spec: ExperimentSpec, results: Path) -> None:
     changed = [key for key in changed_keys(saved, spec.to_dict()) if key not in WHERE]
     if changed:
         raise ExperimentError(f"{results}: made by a different experiment config (changed: {spec_keys(changed)})")
+
+
+def _check_data(spec: ExperimentSpec, outside: Path, channels: int) -> None:
+    """Every scan of the outside institution readable, finite, with the models' channels and labelled with
+    the run's values: a broken file is named before any model is tested."""
+    labels = spec.run_config().labels
+    report = validate_site(outside, channels=channels, label_values=labels.allowed_label_values, min_subjects=1)
+    if report.errors:
+        raise ExperimentError(
+            f"{report.errors[0]} ({len(report.errors)} data error(s) in {outside}; `fedseg validate-data` lists them)"
+        )
+
+
+def _check_never_trained_on(spec: ExperimentSpec, items: list[dict], outside: Path) -> None:
+    """No outside scan is a file of a site the experiment trained on (a site folder, a link to one, a view)."""
+    sites = [spec.site_dir(k) for k in range(spec.sites)]
+    if outside in sites:
+        raise ExperimentError(f"{outside}: a site the experiment trained on, not an outside institution")
+    trained = {path for site in sites if site.is_dir() for path in _files(load_datalist(site, allow_outside=True))}
+    shared = sorted(_files(items) & trained)
+    if shared:
+        raise ExperimentError(f"{shared[0]}: a scan of a site the experiment trained on ({len(shared)} such files)")
+
+
+def _files(items: list[dict]) -> set[Path]:
+    """The resolved image and label files of datalist items (an image may be a list of modalities)."""
+    paths: set[Path] = set()
+    for item in items:
+        for key in ("image", "label"):
+            value = item[key]
+            paths.update(Path(p).resolve() for p in (value if isinstance(value, list) else [value]))
+    return paths

@@ -143,7 +143,7 @@ def _keeps_results(key: str, saved: Any, wanted: Any) -> bool:
     """Whether changing `key` from `saved` to `wanted` leaves the arms already run as they are: only the
     [run] keys that say where a run is watched (tracking) changed, or values were appended to a sweep."""
     if key == "run":
-        return _untracked(saved) == _untracked(wanted)
+        return isinstance(saved, dict) and _untracked(saved) == _untracked(wanted)
     if key in GROWABLE and isinstance(saved, list) and isinstance(wanted, list):
         return wanted[: len(saved)] == saved
     return saved == wanted
