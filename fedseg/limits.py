@@ -5,3 +5,5 @@ from __future__ import annotations
 MAX_CHANNELS = 64  # image channels (modalities) of a volume or a model
 MAX_NUM_CLASSES = 256  # classes incl. background: a label map holds class numbers 0..255
 DEFAULT_MAX_VOXELS = 512**3  # voxels per channel a site loads unless it sets its own limit (fedseg.data.nifti_guard)
+MAX_MANIFEST_BYTES = 64 * 2**20  # a site's dataset.json (10 000 subjects take about 2 MB)
+MAX_CASES_BYTES = 256 * 2**20  # a results folder's cases.csv (a million test cases take about 150 MB)

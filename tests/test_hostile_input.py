@@ -336,6 +336,21 @@ def test_malformed_manifest_is_reported_with_the_manifest(tmp_path: Path, case: 
     refused(code, output, tmp_path / "dataset.json", tmp_path / "a.nii.gz")
 
 
+def test_a_manifest_or_cases_file_too_large_is_refused_from_its_size(tmp_path: Path) -> None:
+    """A sparse 1 GiB file: read whole, it would take gigabytes before any parser said no."""
+    with (tmp_path / "dataset.json").open("wb") as handle:
+        handle.truncate(2**30)
+    code, output = cli("validate-data", tmp_path)
+    refused(code, output, tmp_path / "dataset.json")
+    assert "larger than the 64 MiB a dataset.json may have" in output
+    (tmp_path / "results").mkdir()
+    with (tmp_path / "results" / "cases.csv").open("wb") as handle:
+        handle.truncate(2**30)
+    code, output = cli("report", tmp_path / "results")
+    refused(code, output, tmp_path / "results" / "cases.csv")
+    assert "larger than the 256 MiB a cases file may have" in output
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()

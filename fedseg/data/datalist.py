@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedseg.limits import MAX_MANIFEST_BYTES
+
 Datalist = list[dict]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _MODALITY = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
@@ -153,6 +155,8 @@ def _scan_decathlon(site_dir: Path, allow_outside: bool = False) -> SiteListing:
     manifest = site_dir / "dataset.json"
     listing = SiteListing(site_dir, layout="decathlon", allow_outside=allow_outside)
     try:
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than the {MAX_MANIFEST_BYTES // 2**20} MiB a dataset.json may have")
         meta = json.loads(manifest.read_bytes())
     except (OSError, ValueError, RecursionError) as err:
         listing.error("manifest", manifest, f"cannot read the 'training' list: {err}")

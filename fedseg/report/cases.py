@@ -20,10 +20,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from fedseg.atomic import atomic_path
+from fedseg.limits import MAX_CASES_BYTES
 
 KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
 DICE_PREFIX = "dice_"
@@ -84,7 +86,7 @@ def write_cases(path: Path, rows: Iterable[CaseRow], structures: Sequence[str] |
 def read_cases(path: Path) -> list[CaseRow]:
     """Rows of a cases.csv; raise CasesError naming the file, line and problem."""
     try:
-        with Path(path).open(newline="") as handle:
+        with _open(path) as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:
@@ -107,11 +109,18 @@ def read_cases(path: Path) -> list[CaseRow]:
 def read_structures(path: Path) -> tuple[str, ...]:
     """Names of the scored structures in a cases.csv header (`dice_1` → "1", `dice_WT` → "WT")."""
     try:
-        with Path(path).open(newline="") as handle:
+        with _open(path) as handle:
             header = next(csv.reader(handle), [])
     except OSError as err:
         raise CasesError(f"{path}: cannot read cases file: {err}") from err
     return tuple(name[len(DICE_PREFIX) :] for name in header if name.startswith(DICE_PREFIX))
+
+
+def _open(path: Path) -> TextIO:
+    """The cases file opened for csv; CasesError when it is larger than any experiment writes."""
+    if Path(path).stat().st_size > MAX_CASES_BYTES:
+        raise CasesError(f"{path}: larger than the {MAX_CASES_BYTES // 2**20} MiB a cases file may have")
+    return Path(path).open(newline="")
 
 
 def _optional(value: float, fmt: str) -> str:
