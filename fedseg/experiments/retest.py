@@ -23,7 +23,6 @@ from pathlib import Path
 
 from fedseg.data.datalist import load_datalist
 from fedseg.data.validate import validate_site
-from fedseg.errors import first_line
 from fedseg.experiments.arms import Arm, plan_arms
 from fedseg.experiments.evaluation import (
     ExperimentError,
@@ -34,7 +33,7 @@ from fedseg.experiments.evaluation import (
     evaluate,
     outside_test_set,
 )
-from fedseg.experiments.runner import SPEC_FILE, changed_keys, spec_keys
+from fedseg.experiments.runner import SPEC_FILE, changed_keys, saved_spec, spec_keys
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.report.cases import CaseRow, read_cases, write_cases
@@ -144,16 +143,9 @@ def _write(
 def _check_results(spec: ExperimentSpec, results: Path) -> None:
     """The results folder exists and was made by this config (else its models are another experiment's),
     wherever its sites and results lay then."""
-    path = results / SPEC_FILE
-    if not path.is_file():
+    if not (results / SPEC_FILE).is_file():
         raise ExperimentError(f"{results}: no results of experiment '{spec.name}' ({SPEC_FILE} missing)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise ExperimentError(f"{path}: unreadable ({first_line(err)})") from None
-    if not isinstance(saved, dict):
-        raise ExperimentError(f"{path}: not a JSON object")
-    changed = [key for key in changed_keys(saved, spec.to_dict()) if key not in WHERE]
+    changed = [key for key in changed_keys(saved_spec(results), spec.to_dict()) if key not in WHERE]
     if changed:
         raise ExperimentError(f"{results}: made by a different experiment config (changed: {spec_keys(changed)})")
 

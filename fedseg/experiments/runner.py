@@ -26,6 +26,7 @@ from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.sites import with_input_channels
+from fedseg.errors import first_line
 from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregation
 from fedseg.experiments.evaluation import ExperimentError, TestSet, arm_privacy, collect_cases, evaluate, test_sets
 from fedseg.experiments.local_grid import LocalGrid, server_identity
@@ -112,7 +113,7 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
     path = results / SPEC_FILE
     wanted = spec.to_dict()
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = saved_spec(results)
         changed = changed_keys(saved, wanted)
         if changed:
             raise ExperimentError(
@@ -126,6 +127,18 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
         echo(f"{results}: values appended to {spec_keys(grown)}; finished arms are kept, the new ones run")
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2))
+
+
+def saved_spec(results: Path) -> dict[str, Any]:
+    """The experiment.json of a results folder; ExperimentError naming it when it is not a JSON object."""
+    path = results / SPEC_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ExperimentError(f"{path}: unreadable ({first_line(err)})") from None
+    if not isinstance(saved, dict):
+        raise ExperimentError(f"{path}: not a JSON object")
+    return saved
 
 
 def changed_keys(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
