@@ -107,7 +107,11 @@ def test_bad_experiment_config_fails_before_training(tmp_path: Path) -> None:
         _spec(tmp_path, strategies=["fedmagic"])
     spec = _spec(tmp_path)
     spec.results_dir.mkdir(parents=True)
-    for junk, fault in (("[" * 100_000, "unreadable"), ("{", "unreadable"), ("[1]", "not a JSON object")):
+    for junk, fault in (
+        ("[" * 100_000, "not a readable JSON record"),
+        ("{", "not a readable"),
+        ("[1]", "not a JSON object"),
+    ):
         (spec.results_dir / "experiment.json").write_text(junk)
         with pytest.raises(ExperimentError, match=f"experiment.json: {fault}"):
             run_experiment(spec, echo=lambda _: None)

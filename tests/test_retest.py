@@ -82,7 +82,9 @@ def test_retest_refuses_what_it_cannot_test_in_one_line(finished: tuple[Path, Pa
     unfinished = write_config(tmp_path / "u.toml", root / "data", tmp_path / "partial", arms=["private", "federated"])
     assert "arm fedavg--federation not finished" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
     (tmp_path / "partial" / "tiny" / "experiment.json").write_text("[" * 100_000)
-    assert "experiment.json: unreadable" in error(str(unfinished), outside, "--out", str(tmp_path / "y"))
+    assert "experiment.json: not a readable JSON record (RecursionError)" in error(
+        str(unfinished), outside, "--out", str(tmp_path / "y")
+    )
     (tmp_path / "empty").mkdir()
     assert "not a site folder" in error(str(config), str(tmp_path / "empty"), "--out", str(tmp_path / "y"))
     shutil.copytree(root / "data" / "outside", tmp_path / "broken")

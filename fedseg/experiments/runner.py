@@ -26,13 +26,13 @@ from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.sites import with_input_channels
-from fedseg.errors import first_line
 from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregation
 from fedseg.experiments.evaluation import ExperimentError, TestSet, arm_privacy, collect_cases, evaluate, test_sets
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
 from fedseg.federation import Federation, run_key
+from fedseg.json_records import read_json_object
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.progress import experiment_bars
 from fedseg.report.cases import CaseRow, write_cases
@@ -131,14 +131,10 @@ def _claim(results: Path, spec: ExperimentSpec, echo: Callable[[str], None]) -> 
 
 def saved_spec(results: Path) -> dict[str, Any]:
     """The experiment.json of a results folder; ExperimentError naming it when it is not a JSON object."""
-    path = results / SPEC_FILE
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise ExperimentError(f"{path}: unreadable ({first_line(err)})") from None
-    if not isinstance(saved, dict):
-        raise ExperimentError(f"{path}: not a JSON object")
-    return saved
+        return read_json_object(results / SPEC_FILE)
+    except ValueError as err:
+        raise ExperimentError(str(err)) from None
 
 
 def changed_keys(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

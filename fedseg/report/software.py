@@ -4,12 +4,12 @@ warning when they differ or are not known."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedseg.json_records import read_json_object
 from fedseg.report.cases import CaseRow, CasesError
 from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, arm_id
 from fedseg.software import FROM_ROUND, SOFTWARE, describe
@@ -61,12 +61,9 @@ def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise CasesError(f"{path}: not a readable JSON record ({type(err).__name__})") from None
-    if not isinstance(data, dict):
-        raise CasesError(f"{path}: not a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as err:
+        raise CasesError(str(err)) from None
 
 
 def _history_sets(path: Path) -> list[dict[str, str]]:
