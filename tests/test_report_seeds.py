@@ -15,7 +15,7 @@ from fedseg.cli import app
 from fedseg.report import build_against_report, build_seed_report
 from fedseg.report.against import against_tests
 from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
-from fedseg.report.seeds import pooled_tests, read_runs, seed_summaries
+from fedseg.report.seeds import outside_by_model, pooled_tests, read_runs, seed_summaries
 
 # per run: arm → internal scores of its test subjects at site-0 (s1 and s2 are in both runs' test sets);
 # the second run has no fedprox arm
@@ -47,6 +47,25 @@ def _write_runs(root: Path) -> list[Path]:
         write_cases(root / name / "cases.csv", rows)
         folders.append(root / name)
     return folders
+
+
+def test_each_models_outside_dice_per_run_and_the_runs_it_is_best_in(tmp_path: Path) -> None:
+    folders = _write_runs(tmp_path)
+    extra = [CaseRow("private", "private", f"site-{k}", "outside", True, "o1", (v, v)) for k, v in ((0, 0.4), (1, 0.2))]
+    write_cases(folders[0] / "cases.csv", [*read_cases(folders[0] / "cases.csv"), *extra])
+    found = {m.model: m for m in outside_by_model(read_runs(folders))}
+    assert found[("private", "site-0")].outside[0] == pytest.approx(0.4)
+    assert math.isnan(found[("private", "site-0")].outside[1])
+    assert found[("fedavg", "federation")].outside == pytest.approx((0.3, 0.5))  # (0.3 + nan) / 1 scored class
+    assert {m: f.best for m, f in found.items()} == {
+        ("fedavg", "federation"): 1,  # run 2: 0.5 against centralized 0.3
+        ("centralized", "pooled"): 0,
+        ("private", "site-0"): 1,  # run 1: 0.4 against fedavg 0.3
+        ("private", "site-1"): 0,
+    }
+    report = build_seed_report(folders, tmp_path / "out").read_text()
+    assert "| private (site-0) | 0.400 | – | 0.400 | 1 of 2 |" in report
+    assert "| fedavg | 0.300 | 0.500 | 0.400 | 1 of 2 |" in report
 
 
 def test_percent_per_run_and_mean_over_the_runs_that_have_the_arm(tmp_path: Path) -> None:

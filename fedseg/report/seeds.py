@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, mean_sd, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.tables import PairedTest, adjusted, arm_summaries, case_scores, model_pairs, paired_test
+from fedseg.report.tables import Model, PairedTest, adjusted, arm_summaries, case_scores, model_pairs, paired_test
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,37 @@ def seed_summaries(runs: Sequence[Run]) -> list[SeedSummary]:
             outside=tuple(s[arm].outside.mean if arm in s else math.nan for s in per_run),
         )
         for arm in arms
+    ]
+
+
+@dataclass(frozen=True)
+class ModelOutside:
+    """One model (arm, trained on) on the outside institution over the runs."""
+
+    model: Model
+    outside: tuple[float, ...]  # its mean outside Dice per run (NaN where the run lacks it)
+    best: int  # runs in which it has the highest mean outside Dice of all models
+
+    @property
+    def mean(self) -> float:
+        return mean_sd(self.outside)[0]
+
+
+def outside_by_model(runs: Sequence[Run]) -> list[ModelOutside]:
+    """Every model tested outside in any run, in first-seen order: per run its mean outside Dice, and
+    the runs in which it is the best model outside."""
+    per_run = []
+    for run in runs:
+        scores: dict[Model, list[float]] = defaultdict(list)
+        for row in run.rows:
+            if row.outside and not math.isnan(row.score):
+                scores[row.model].append(row.score)
+        per_run.append({model: sum(v) / len(v) for model, v in scores.items()})
+    winners = [max(means, key=means.__getitem__) for means in per_run if means]
+    found = list(dict.fromkeys(model for means in per_run for model in means))
+    return [
+        ModelOutside(model, tuple(means.get(model, math.nan) for means in per_run), winners.count(model))
+        for model in found
     ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, CasesError, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import SeedSummary, pooled_tests, read_runs, seed_summaries
+from fedseg.report.seeds import ModelOutside, SeedSummary, outside_by_model, pooled_tests, read_runs, seed_summaries
 from fedseg.report.software import software_section
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
@@ -107,6 +107,10 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
         sections += [
             "## Outside institution, mean Dice",
             _per_run_table(names, [(s, s.outside, s.mean_outside) for s in summaries], "{:.3f}"),
+            "## Outside institution, each model",
+            "Each model's mean outside Dice per run and over the runs; last column: the runs in which it is the "
+            "best model outside.",
+            _outside_models_table(names, outside_by_model(runs), rows),
         ]
     if any(row.kind == CENTRAL for row in rows):
         sections += [
@@ -137,6 +141,21 @@ def _per_run_table(names: Sequence[str], values: Sequence[tuple[SeedSummary, Seq
         [
             [s.arm, s.kind, *(format_number(v, fmt) for v in per_run), format_number(mean, fmt)]
             for s, per_run, mean in values
+        ],
+    )
+
+
+def _outside_models_table(names: Sequence[str], models: Sequence[ModelOutside], rows: Sequence[CaseRow]) -> str:
+    return markdown_table(
+        ["model", *names, "mean", "best in"],
+        [
+            [
+                model_label(m.model, rows),
+                *(format_number(v, "{:.3f}") for v in m.outside),
+                format_number(m.mean, "{:.3f}"),
+                f"{m.best} of {len(names)}",
+            ]
+            for m in models
         ],
     )
 
