@@ -22,6 +22,8 @@ Format 1 files (no model_args) are read as presets with their own arguments.
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +255,16 @@ def _load(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: model file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load parses untrusted bytes; any failure means unreadable
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            # torch's own message advises weights_only=False, which would run whatever the file holds
+            raise CheckpointError(
+                f"{path}: not a weights file: it asks to build Python objects a model file never holds "
+                "(refused without running them)"
+            ) from None
         hint = ""
         if "TorchScript" in str(err) or "constants.pkl" in str(err):
             hint = f" (a TorchScript file: fedseg reads weights; {CONVERT_HINT.format(path=path)} from its state dict)"

@@ -662,7 +662,18 @@ def _pickle(path: Path) -> None:
     path.write_bytes(pickle.dumps({"format": "fedseg-model/1", "state_dict": Path("/etc/passwd")}))
 
 
+class _RunsCode:
+    """Unpickled without weights_only, this would run a command that leaves a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
 BAD_MODELS: dict[str, Callable[[Path], object]] = {
+    "code-in-a-pickle": lambda p: p.write_bytes(pickle.dumps(_RunsCode(p.with_name("ran")))),
     "random-bytes": lambda p: p.write_bytes(os.urandom(4096)),
     "empty": lambda p: p.write_bytes(b""),
     "a-pickle": _pickle,
@@ -691,7 +702,10 @@ def test_a_model_file_that_is_not_a_fedseg_model_is_refused(tmp_path: Path, case
     image = save(tmp_path / "in.nii.gz", volume())
     code, output = cli("predict", image, tmp_path / "out.nii.gz", "--model", bad)
     refused(code, output, bad)
-    assert files_under(tmp_path) == {bad, image, *files_under(bad)}
+    assert files_under(tmp_path) == {bad, image, *files_under(bad)}  # nothing written: nor the marker file
+    assert "weights_only" not in output and "Warning" not in output and len(output.strip().splitlines()) == 1
+    if case in ("code-in-a-pickle", "a-pickle"):
+        assert "not a weights file: it asks to build Python objects" in output
 
 
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
