@@ -51,6 +51,7 @@ class _Finished:
 
     arm: Arm
     models: tuple[Path, ...]  # the model files (an ensemble's members)
+    channels: frozenset[int]  # the input channels they take
     kept: list[CaseRow]  # the arm's rows as the experiment wrote them
     privacy: Privacy
 
@@ -97,16 +98,16 @@ def _finished(results: Path, arm: Arm) -> _Finished:
             raise ExperimentError(f"{source / name}: a link; an experiment writes plain files")
     ArmInfo.load(source)
     if not arm.evaluated:
-        return _Finished(arm, (), [], ("", 0.0, 0.0))
+        return _Finished(arm, (), frozenset(), [], ("", 0.0, 0.0))
     models = tuple(results / ARMS / member / MODEL for member in arm.members or (arm.id,))
-    for path in models:
-        ModelCheckpoint.load(path)  # a broken model is named now, not after hours of testing the others
-    return _Finished(arm, models, read_cases(source / CASES), arm_privacy(source))
+    # loaded now, so a broken model is named before hours of testing the others (and again when tested)
+    channels = frozenset(ModelCheckpoint.load(path).in_channels for path in models)
+    return _Finished(arm, models, channels, read_cases(source / CASES), arm_privacy(source))
 
 
 def _model_channels(finished: Iterable[_Finished]) -> int:
     """The input channels every model takes (the scans must have as many)."""
-    channels = {ModelCheckpoint.load(path).in_channels for item in finished for path in item.models}
+    channels = set().union(*(item.channels for item in finished))
     if len(channels) > 1:
         raise ExperimentError(f"the experiment's models take different input channels ({sorted(channels)})")
     return channels.pop() if channels else 1

@@ -105,11 +105,11 @@ def outside_by_model(runs: Sequence[Run]) -> list[ModelOutside]:
     the runs in which it is the best model outside."""
     per_run = []
     for run in runs:
-        scores: dict[Model, list[float]] = defaultdict(list)
-        for row in run.rows:
-            if row.outside and not math.isnan(row.score):
-                scores[row.model].append(row.score)
-        per_run.append({model: sum(v) / len(v) for model, v in scores.items()})
+        scored = {
+            model: [v for v in scans.values() if not math.isnan(v)]
+            for model, scans in case_scores(run.rows, outside=True).items()
+        }
+        per_run.append({model: sum(v) / len(v) for model, v in scored.items() if v})
     winners = [max(means, key=means.__getitem__) for means in per_run if means]
     found = list(dict.fromkeys(model for means in per_run for model in means))
     return [
