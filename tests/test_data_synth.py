@@ -126,13 +126,23 @@ def test_outside_annotator_relabels_the_same_outside_images(tmp_path: Path, anat
     assert true_voxels < own_voxels  # the outside institution's own annotator draws looser
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-2.5", "3.5"])
-def test_outside_annotator_rejects_offsets_beyond_the_anatomy(tmp_path: Path, value: str) -> None:
-    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-annotator-mm", value])
+OUTSIDE_REFUSALS = [
+    *(
+        ("--outside-annotator-mm", value, f"outside_annotator_mm must be in [-2, 3] mm, got {float(value)}")
+        for value in ("nan", "inf", "-2.5", "3.5")  # beyond the anatomy
+    ),
+    *(
+        ("--outside-subjects", value, f"outside_subjects must be 0 (the institution's share) or >= 4, got {value}")
+        for value in ("-1", "1", "3")  # below an institution's count
+    ),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), OUTSIDE_REFUSALS)
+def test_outside_options_refuse_bad_values_in_one_line(tmp_path: Path, option: str, value: str, message: str) -> None:
+    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", option, value])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [
-        f"error: outside_annotator_mm must be in [-2, 3] mm, got {float(value)}"
-    ]
+    assert result.output.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "outside").exists()
 
 
@@ -165,16 +175,6 @@ def test_outside_subjects_extend_the_same_outside_scans(tmp_path: Path, anatomy:
         for path in files:
             assert np.array_equal(ras(path), ras(more / folder / path.relative_to(own / folder))), path
     assert len([p for p in (more / "outside").rglob("*.nii.gz") if is_label(p)]) == 7
-
-
-@pytest.mark.parametrize("value", ["-1", "1", "3"])
-def test_outside_subjects_rejects_counts_below_an_institutions(tmp_path: Path, value: str) -> None:
-    result = CliRunner().invoke(app, ["synth", str(tmp_path), "--size", "tiny", "--outside-subjects", value])
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [
-        f"error: outside_subjects must be 0 (the institution's share) or >= 4, got {value}"
-    ]
-    assert not (tmp_path / "outside").exists()
 
 
 def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:
