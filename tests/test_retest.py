@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,12 @@ def test_retest_refuses_the_sites_scans_and_other_channels(finished: tuple[Path,
     (linked / "allow-outside-data").touch()
     result = CliRunner().invoke(app, ["retest", str(config), str(linked), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "a scan of a site the experiment trained on (12 such files)" in result.output
+    copied = tmp_path / "copied"  # hard-linked copies: other paths, the same files
+    shutil.copytree(root / "data" / "site-0", copied, copy_function=os.link)
+    (copied / "allow-outside-data").touch()
+    result = CliRunner().invoke(app, ["retest", str(config), str(copied), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "a scan of a site the experiment trained on (12 such files)" in result.output
+    assert f"{copied}/" in result.output
     two = tmp_path / "two"  # the models take one channel
     shutil.copytree(root / "data" / "outside", two)
     for scan in (two / "imagesTr").iterdir():

@@ -163,21 +163,28 @@ def _check_data(spec: ExperimentSpec, outside: Path, channels: int) -> None:
 
 
 def _check_never_trained_on(spec: ExperimentSpec, items: list[dict], outside: Path) -> None:
-    """No outside scan is a file of a site the experiment trained on (a site folder, a link to one, a view)."""
+    """No outside scan is a file of a site the experiment trained on (a site folder, a link to one, a view,
+    a hard-linked copy)."""
     sites = [spec.site_dir(k) for k in range(spec.sites)]
     if outside in sites:
         raise ExperimentError(f"{outside}: a site the experiment trained on, not an outside institution")
-    trained = {path for site in sites if site.is_dir() for path in _files(load_datalist(site, allow_outside=True))}
-    shared = sorted(_files(items) & trained)
+    trained = {key for site in sites if site.is_dir() for key in _files(load_datalist(site, allow_outside=True))}
+    shared = sorted(path for key, path in _files(items).items() if key in trained)
     if shared:
         raise ExperimentError(f"{shared[0]}: a scan of a site the experiment trained on ({len(shared)} such files)")
 
 
-def _files(items: list[dict]) -> set[Path]:
-    """The resolved image and label files of datalist items (an image may be a list of modalities)."""
-    paths: set[Path] = set()
+def _files(items: list[dict]) -> dict[tuple[int, int], Path]:
+    """The image and label files of datalist items (an image may be a list of modalities) by file identity
+    (device, inode), so a link or a hard-linked copy is the file it points to; missing files are left out."""
+    files: dict[tuple[int, int], Path] = {}
     for item in items:
         for key in ("image", "label"):
             value = item[key]
-            paths.update(Path(p).resolve() for p in (value if isinstance(value, list) else [value]))
-    return paths
+            for path in map(Path, value if isinstance(value, list) else [value]):
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                files[(stat.st_dev, stat.st_ino)] = path
+    return files
