@@ -127,6 +127,11 @@ def test_retest_refuses_the_sites_scans_and_other_channels(finished: tuple[Path,
     result = CliRunner().invoke(app, ["retest", str(config), str(copied), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "a scan of a site the experiment trained on (12 such files)" in result.output
     assert f"{copied}/" in result.output
+    duplicated = tmp_path / "duplicated"  # plain copies: other files, the same bytes
+    shutil.copytree(root / "data" / "site-0", duplicated)
+    (duplicated / "allow-outside-data").touch()
+    result = CliRunner().invoke(app, ["retest", str(config), str(duplicated), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "a scan of a site the experiment trained on (12 such files)" in result.output
     two = tmp_path / "two"  # the models take one channel
     shutil.copytree(root / "data" / "outside", two)
     for scan in (two / "imagesTr").iterdir():

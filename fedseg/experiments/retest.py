@@ -14,7 +14,9 @@ renamed when complete, so a failed or interrupted retest leaves no DIR.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -163,28 +165,47 @@ def _check_data(spec: ExperimentSpec, outside: Path, channels: int) -> None:
 
 
 def _check_never_trained_on(spec: ExperimentSpec, items: list[dict], outside: Path) -> None:
-    """No outside scan is a file of a site the experiment trained on (a site folder, a link to one, a view,
-    a hard-linked copy)."""
+    """No outside scan is a file of a site the experiment trained on: a site folder, a link to one, a view,
+    a hard-linked or byte-identical copy."""
     sites = [spec.site_dir(k) for k in range(spec.sites)]
     if outside in sites:
         raise ExperimentError(f"{outside}: a site the experiment trained on, not an outside institution")
-    trained = {key for site in sites if site.is_dir() for key in _files(load_datalist(site, allow_outside=True))}
-    shared = sorted(path for key, path in _files(items).items() if key in trained)
+    trained = _files([item for site in sites if site.is_dir() for item in load_datalist(site, allow_outside=True)])
+    same_file = {(stat.st_dev, stat.st_ino) for stat in trained.values()}
+    sizes = {stat.st_size for stat in trained.values()}
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            with path.open("rb") as handle:
+                digests[path] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return digests[path]
+
+    def copied(path: Path, size: int) -> bool:
+        """Byte-identical to a site file (hashed only where the sizes match)."""
+        if size not in sizes:
+            return False
+        return any(stat.st_size == size and digest(site) == digest(path) for site, stat in trained.items())
+
+    shared = sorted(
+        path
+        for path, stat in _files(items).items()
+        if (stat.st_dev, stat.st_ino) in same_file or copied(path, stat.st_size)
+    )
     if shared:
         raise ExperimentError(f"{shared[0]}: a scan of a site the experiment trained on ({len(shared)} such files)")
 
 
-def _files(items: list[dict]) -> dict[tuple[int, int], Path]:
-    """The image and label files of datalist items (an image may be a list of modalities) by file identity
-    (device, inode), so a link or a hard-linked copy is the file it points to; missing files are left out."""
-    files: dict[tuple[int, int], Path] = {}
+def _files(items: list[dict]) -> dict[Path, os.stat_result]:
+    """The image and label files of datalist items (an image may be a list of modalities), each with its
+    status (through links); missing files are left out."""
+    files: dict[Path, os.stat_result] = {}
     for item in items:
         for key in ("image", "label"):
             value = item[key]
             for path in map(Path, value if isinstance(value, list) else [value]):
                 try:
-                    stat = path.stat()
+                    files[path] = path.stat()
                 except OSError:
                     continue
-                files[(stat.st_dev, stat.st_ino)] = path
     return files
