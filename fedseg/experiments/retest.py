@@ -14,11 +14,13 @@ renamed when complete, so a failed or interrupted retest leaves no DIR.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,28 +174,23 @@ def _check_never_trained_on(spec: ExperimentSpec, items: list[dict], outside: Pa
         raise ExperimentError(f"{outside}: a site the experiment trained on, not an outside institution")
     trained = _files([item for site in sites if site.is_dir() for item in load_datalist(site, allow_outside=True)])
     same_file = {(stat.st_dev, stat.st_ino) for stat in trained.values()}
-    sizes = {stat.st_size for stat in trained.values()}
-    digests: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:
-        if path not in digests:
-            with path.open("rb") as handle:
-                digests[path] = hashlib.file_digest(handle, "sha256").hexdigest()
-        return digests[path]
-
-    def copied(path: Path, size: int) -> bool:
-        """Byte-identical to a site file (hashed only where the sizes match)."""
-        if size not in sizes:
-            return False
-        return any(stat.st_size == size and digest(site) == digest(path) for site, stat in trained.items())
-
+    by_size: dict[int, list[Path]] = defaultdict(list)
+    for site_file, stat in trained.items():
+        by_size[stat.st_size].append(site_file)
+    digest = functools.cache(_sha256)  # each file read at most once, and only where sizes match
     shared = sorted(
         path
         for path, stat in _files(items).items()
-        if (stat.st_dev, stat.st_ino) in same_file or copied(path, stat.st_size)
+        if (stat.st_dev, stat.st_ino) in same_file
+        or any(digest(site_file) == digest(path) for site_file in by_size.get(stat.st_size, ()))
     )
     if shared:
         raise ExperimentError(f"{shared[0]}: a scan of a site the experiment trained on ({len(shared)} such files)")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _files(items: list[dict]) -> dict[Path, os.stat_result]:
