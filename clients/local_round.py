@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, Tensors, scaffold_update
+from clients.personal import DITTO, NORMS, OPTIMIZER, SCAFFOLD, PersonalState, Tensors, scaffold_update
 from clients.site_runtime import SiteRuntime
 from clients.weights import state_from_record
 from fedseg import messages as m
@@ -65,6 +65,7 @@ def train_round(
             k: torch.zeros_like(v, dtype=torch.float32) for k, v in server_variate.items()
         }
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
+    keep_optimizer = site.config.keep_optimizer_state
     result = trainer.fit(
         site.train_set,
         epochs=epochs,
@@ -75,7 +76,10 @@ def train_round(
         learning_rate=learning_rate,
         gradient_correction=correction,
         average_gradients=scaffold,
+        optimizer_state=(personal.load(OPTIMIZER, server_round) or {}) if keep_optimizer else None,
     )
+    if keep_optimizer:
+        personal.save(OPTIMIZER, result.optimizer_state or {}, server_round)
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
     if local_norm:

@@ -1,5 +1,6 @@
 """What a site keeps of its own between rounds and never sends: FedBN's normalisation layers,
-Ditto's personal model and SCAFFOLD's control variate cᵢ.
+Ditto's personal model, SCAFFOLD's control variate cᵢ and, with `keep-optimizer-state`, its
+optimizer's state (Adam's step count and moments, SGD's momentum buffer).
 
 Each lives in the site's state dir as `personal/<run-key>/<name>.pt` (written atomically), so a
 deployed site (a fresh process per message), a site that was dropped and rejoins, and a resumed run
@@ -19,6 +20,10 @@ The round logic the ClientApp applies around the plain local fit:
   mean only for plain SGD: under Adam it measures normalised steps of size ~1 per weight and the
   correction swamps the gradients (measured: the model never learned). The site keeps cᵢ⁺ and
   replies Δcᵢ = cᵢ⁺ − cᵢ.
+- `keep-optimizer-state`: the local fit continues the site's optimizer from its last round at the
+  round's learning rate, as one long training would, instead of a fresh optimizer whose first Adam
+  steps move every weight by about the learning rate whatever its gradient (Ditto's personal fit
+  starts fresh each round).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from fedseg.atomic import atomic_path
 
 Tensors = dict[str, torch.Tensor]
-NORMS, DITTO, SCAFFOLD = "fedbn-norms", "ditto-personal", "scaffold-variate"
+NORMS, DITTO, SCAFFOLD, OPTIMIZER = "fedbn-norms", "ditto-personal", "scaffold-variate", "optimizer-state"
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class RunConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     momentum: float = 0.9
+    # each site continues its optimizer (Adam's moments, SGD's momentum) from its last round (clients.personal)
+    keep_optimizer_state: bool = False
     lr_schedule: str = "constant"
     warmup_rounds: int = 0
     lr_final_ratio: float = 0.0

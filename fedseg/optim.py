@@ -9,7 +9,7 @@ and a site that rejoins late picks up where the federation is. Within a round th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -33,6 +33,36 @@ def optimizer_factory(name: str = "adam", weight_decay: float = 0.0, momentum: f
             params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
         )
     raise ValueError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat CPU tensors keyed '<parameter index>.<name>'
+    (Adam's step and moments, SGD's momentum buffer): what a site keeps between rounds."""
+    state = optimizer.state_dict()["state"]
+    return {
+        f"{index}.{name}": value.detach().cpu()
+        for index, values in state.items()
+        for name, value in values.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, moments: Mapping[str, torch.Tensor]) -> None:
+    """Continue `optimizer` from `moments` (optimizer_moments of the same model's optimizer); its own
+    settings (the round's learning rate) stay. ValueError when a moment fits none of its parameters."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        index, _, name = key.partition(".")
+        if not (index.isdigit() and int(index) < len(params) and name):
+            raise ValueError(f"kept optimizer state: '{key}' names none of the model's {len(params)} parameters")
+        if value.dim() and value.shape != params[int(index)].shape:
+            raise ValueError(
+                f"kept optimizer state: '{key}' has shape {tuple(value.shape)}, "
+                f"its parameter {tuple(params[int(index)].shape)}"
+            )
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def round_learning_rate(

@@ -28,7 +28,7 @@ from torch import nn
 
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
-from fedseg.optim import OptimizerFactory, optimizer_factory
+from fedseg.optim import OptimizerFactory, load_optimizer_moments, optimizer_factory, optimizer_moments
 from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 from fedseg.sharpness import ascended, kept_statistics
@@ -46,6 +46,7 @@ class FitResult:
     steps: int = 0  # optimizer steps taken
     # per parameter, the raw gradients' mean over the steps (with sam_rho: those at the ascended weights)
     mean_gradients: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, torch.Tensor] | None = None  # after the fit, when it was asked to continue one
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class SegmentationTrainer:
         prox_anchor: StateDict | None = None,
         gradient_correction: StateDict | None = None,
         average_gradients: bool = False,
+        optimizer_state: StateDict | None = None,
     ) -> FitResult:
         """Train `epochs` passes over `dataset` at `learning_rate` (default: the trainer's); a fractional
         part trains that share of one more shuffled pass (0.5: the first half of its batches).
@@ -137,6 +139,8 @@ class SegmentationTrainer:
         model) or the start weights (FedProx). `gradient_correction` (SCAFFOLD's c − cᵢ, by
         parameter name) is added to every gradient before each step; with `average_gradients` the
         result carries each parameter's mean raw gradient (before the correction) over the steps.
+        With `optimizer_state` (fedseg.optim.optimizer_moments; empty: a fresh optimizer) the optimizer
+        continues from it at this fit's learning rate, and the result carries its state after the fit.
         With the trainer's `sam_rho` > 0 each step applies the gradient at the ascended weights
         (fedseg.sharpness), the proximal term included; those are the gradients corrected and summed.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
@@ -167,6 +171,8 @@ class SegmentationTrainer:
         if gradient_correction is not None:
             correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
         optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
+        if optimizer_state:
+            load_optimizer_moments(optimizer, optimizer_state)
         # (the optimizer, or DP-SGD's wrapper that steps like one; the batches; the forward pass)
         session: AbstractContextManager[tuple[Any, Iterable[dict[str, torch.Tensor]], Callable[..., Any]]]
         if privacy is None:
@@ -215,6 +221,7 @@ class SegmentationTrainer:
             seconds=time.perf_counter() - started,
             steps=steps,
             mean_gradients={k: (v / max(steps, 1)).cpu() for k, v in gradient_sums.items()} if gradient_sums else None,
+            optimizer_state=optimizer_moments(optimizer) if optimizer_state is not None else None,
         )
 
     def _loss(

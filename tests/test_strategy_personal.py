@@ -146,13 +146,16 @@ class ServerCrash(Exception):
     """Stands in for the server process dying."""
 
 
-@pytest.mark.parametrize("strategy, model", [("scaffold", "unet"), ("ditto", "unet"), ("fedbn", "unet")])
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [("scaffold", {}), ("ditto", {}), ("fedbn", {}), ("fedavg", {"keep-optimizer-state": True})],
+)
 def test_a_server_dying_after_the_sites_trained_resumes_bit_identically(
-    tmp_path: Path, task_identity: None, strategy: str, model: str
+    tmp_path: Path, task_identity: None, strategy: str, extra: dict[str, bool]
 ) -> None:
     """The sites updated their own state in round 2, the server died before its checkpoint; the
     resumed run sends round 2 again and the sites start it from the state they had the first time."""
-    values = tiny_config(tmp_path, **{"strategy": strategy, "model": model, "num-server-rounds": 2})
+    values = tiny_config(tmp_path, **{"strategy": strategy, "num-server-rounds": 2, **extra})
     reference, _ = run_federation(InProcessGrid(values, 2), values, tmp_path / "reference")
     grid = InProcessGrid(values, 2)
 

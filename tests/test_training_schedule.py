@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,12 @@ import torch
 from inprocess_grid import InProcessGrid, run_federation, task_identity, tiny_config
 
 import clients.site_runtime
+from clients.personal import OPTIMIZER, PersonalState
+from fedseg.cache import cache_root
 from fedseg.config import ConfigError, RunConfig
+from fedseg.federation import run_key
 from fedseg.model_checkpoint import ModelCheckpoint
-from fedseg.optim import optimizer_factory, round_learning_rate
+from fedseg.optim import load_optimizer_moments, optimizer_factory, optimizer_moments, round_learning_rate
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -38,6 +42,67 @@ def test_optimizers() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["lr"] == 0.1
     adamw = optimizer_factory("adamw", weight_decay=0.01)(params, 0.2)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.01
+
+
+def _steps(name: str, moments: dict[str, torch.Tensor] | None, rates: list[float]) -> tuple[torch.Tensor, dict]:
+    """A 3-weight least-squares fit: one optimizer step per rate, the optimizer rebuilt for each step
+    (as a site's each round), continuing from `moments` (None: fresh every time)."""
+    weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    target = torch.tensor([0.3, 0.1, -0.4])
+    for lr in rates:
+        optimizer = optimizer_factory(name)([weights], lr)
+        if moments is not None:
+            load_optimizer_moments(optimizer, moments)
+        optimizer.zero_grad()
+        ((weights - target) ** 2 * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+        optimizer.step()
+        if moments is not None:
+            moments = optimizer_moments(optimizer)
+    return weights.detach(), moments or {}
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_kept_optimizer_continues_as_one_optimizer_would(name: str) -> None:
+    rates = [0.4, 0.3, 0.2]  # large enough to overshoot: the gradients change sign
+    weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    target = torch.tensor([0.3, 0.1, -0.4])
+    one = optimizer_factory(name)([weights], rates[0])
+    for lr in rates:  # one optimizer throughout, its rate set per step as the schedule would
+        one.param_groups[0]["lr"] = lr
+        one.zero_grad()
+        ((weights - target) ** 2 * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+        one.step()
+    kept, moments = _steps(name, {}, rates)
+    assert torch.allclose(kept, weights.detach(), rtol=0, atol=1e-7)
+    fresh, _ = _steps(name, None, rates)
+    assert not torch.allclose(fresh, weights.detach(), atol=1e-4)  # restarting each step is another path
+    if name == "adam":
+        assert float(moments["0.step"]) == 3
+        assert set(moments) == {"0.step", "0.exp_avg", "0.exp_avg_sq"}
+    else:
+        assert set(moments) == {"0.momentum_buffer"}
+    optimizer = optimizer_factory(name)([torch.nn.Parameter(torch.zeros(4))], 0.1)
+    with pytest.raises(ValueError, match=re.escape("has shape (3,), its parameter (4,)")):
+        load_optimizer_moments(optimizer, {k: v for k, v in moments.items() if v.dim()})
+    with pytest.raises(ValueError, match=re.escape("'7.exp_avg' names none of the model's 1 parameters")):
+        load_optimizer_moments(optimizer, {"7.exp_avg": torch.zeros(4)})
+
+
+def test_sites_keep_their_optimizer_state_between_rounds_and_never_send_it(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 3, "keep-optimizer-state": True})
+    grid = InProcessGrid(values, 2)
+    run_federation(grid, values, tmp_path / "run")
+    for site in range(2):
+        state = PersonalState(cache_root() / "site-state" / f"site-{site}", run_key(tmp_path / "run"))
+        last, before = state.load(OPTIMIZER), state.load(OPTIMIZER, server_round=3)
+        assert last is not None and before is not None
+        steps = [float(v) for k, v in last.items() if k.endswith(".step")]
+        assert steps and len(set(steps)) == 1 and steps[0] > 0
+        # three rounds of steps after round 3, two before it: the count carried on
+        assert steps[0] == pytest.approx(1.5 * float(before["0.step"]))
+    replies = [r for r in grid.replies if r.metadata.message_type == "train"]
+    model_keys = set(replies[0].content["arrays"])
+    assert all(set(r.content.array_records) == {"arrays"} and set(r.content["arrays"]) == model_keys for r in replies)
 
 
 def test_each_site_trains_each_round_at_the_scheduled_rate(
