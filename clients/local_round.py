@@ -3,22 +3,36 @@ variance-reduced strategies ask of it (FedBN, Ditto, SCAFFOLD; see clients.perso
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from clients.personal import DITTO, NORMS, OPTIMIZER, SCAFFOLD, PersonalState, Tensors, scaffold_update
+from clients.personal import (
+    DITTO,
+    NORMS,
+    OPTIMIZER,
+    RESET_HINT,
+    SCAFFOLD,
+    PersonalState,
+    PersonalStateError,
+    Tensors,
+    scaffold_update,
+)
 from clients.site_runtime import SiteRuntime
 from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.config import UPPER_BOUNDS
 from fedseg.models import norm_state_keys
+from fedseg.optim import OptimizerStateError
 from fedseg.privacy import SitePrivacy
 from fedseg.record_values import as_float, as_int
 from fedseg.trainer import FitResult
 
 DITTO_SEED_OFFSET = 7919  # the personal fit draws other patches than the global one
+
+log = logging.getLogger("fedseg.client")
 
 
 @dataclass
@@ -66,20 +80,23 @@ def train_round(
         }
         correction = {k: server_variate[k] - variate[k] for k in server_variate}
     keep_optimizer = site.config.keep_optimizer_state
-    result = trainer.fit(
-        site.train_set,
-        epochs=epochs,
-        start_weights=start,
-        prox_mu=as_float(config.get(m.PROXIMAL_MU, 0.0)),
-        seed=site.fit_seed(server_round),
-        privacy=privacy,
-        learning_rate=learning_rate,
-        gradient_correction=correction,
-        average_gradients=scaffold,
-        optimizer_state=(personal.load(OPTIMIZER, server_round) or {}) if keep_optimizer else None,
-    )
+    try:
+        result = trainer.fit(
+            site.train_set,
+            epochs=epochs,
+            start_weights=start,
+            prox_mu=as_float(config.get(m.PROXIMAL_MU, 0.0)),
+            seed=site.fit_seed(server_round),
+            privacy=privacy,
+            learning_rate=learning_rate,
+            gradient_correction=correction,
+            average_gradients=scaffold,
+            optimizer_state=(personal.load(OPTIMIZER, server_round) or {}) if keep_optimizer else None,
+        )
+    except OptimizerStateError as err:
+        raise PersonalStateError(f"{personal.path(OPTIMIZER)}: {err}; {RESET_HINT}") from None
     if keep_optimizer:
-        personal.save(OPTIMIZER, result.optimizer_state or {}, server_round)
+        personal.save(OPTIMIZER, _finite_or_fresh(result.optimizer_state or {}), server_round)
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
     if local_norm:
@@ -104,3 +121,12 @@ def train_round(
         personal.save(DITTO, trainer.get_weights(), server_round)
         trainer.set_weights(weights)  # the validation Dice in the reply is the sent model's
     return out
+
+
+def _finite_or_fresh(moments: Tensors) -> Tensors:
+    """The optimizer state to keep: none (a fresh optimizer next round) once a value went non-finite,
+    so one bad step does not poison every later round at this site."""
+    if all(bool(torch.isfinite(v).all()) for v in moments.values()):
+        return moments
+    log.warning("the optimizer state went non-finite this round; the next round starts a fresh optimizer")
+    return {}

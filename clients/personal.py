@@ -38,6 +38,11 @@ from fedseg.atomic import atomic_path
 
 Tensors = dict[str, torch.Tensor]
 NORMS, DITTO, SCAFFOLD, OPTIMIZER = "fedbn-norms", "ditto-personal", "scaffold-variate", "optimizer-state"
+RESET_HINT = "delete it to start that state afresh at this site"
+
+
+class PersonalStateError(ValueError):
+    """A file of the site's own state that cannot be used (unreadable, or not fitting the model)."""
 
 
 @dataclass(frozen=True)
@@ -53,19 +58,28 @@ class PersonalState:
 
     def load(self, name: str, server_round: int | None = None) -> Tensors | None:
         """The tensors as they were before round `server_round` (default: the latest)."""
-        path = self.folder / f"{name}.pt"
+        path = self.path(name)
         if not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if server_round is not None and saved["round"] >= server_round:  # that round is being sent again
-            return saved["previous"]
-        return saved["current"]
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            resent = server_round is not None and saved["round"] >= server_round  # that round is sent again
+            tensors = saved["previous"] if resent else saved["current"]
+            if tensors is not None and not all(isinstance(v, torch.Tensor) for v in dict(tensors).values()):
+                raise TypeError("entries that are not tensors")
+        except Exception as err:  # noqa: BLE001 - any unreadable content: one line naming the file
+            raise PersonalStateError(f"{path}: unreadable ({type(err).__name__}); {RESET_HINT}") from None
+        return tensors
+
+    def path(self, name: str) -> Path:
+        """The file holding `name`."""
+        return self.folder / f"{name}.pt"
 
     def save(self, name: str, tensors: Mapping[str, torch.Tensor], server_round: int) -> None:
         """Keep `tensors` as the state after round `server_round`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         previous = self.load(name, server_round)
-        with atomic_path(self.folder / f"{name}.pt") as tmp:
+        with atomic_path(self.path(name)) as tmp:
             current = {key: value.detach().cpu().clone() for key, value in tensors.items()}
             torch.save({"round": server_round, "current": current, "previous": previous}, tmp)
 

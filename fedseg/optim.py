@@ -9,7 +9,7 @@ and a site that rejoins late picks up where the federation is. Within a round th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,33 +35,64 @@ def optimizer_factory(name: str = "adam", weight_decay: float = 0.0, momentum: f
     raise ValueError(f"unknown optimizer '{name}'; choose one of: {', '.join(OPTIMIZERS)}")
 
 
-def optimizer_moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as flat CPU tensors keyed '<parameter index>.<name>'
-    (Adam's step and moments, SGD's momentum buffer): what a site keeps between rounds."""
+class OptimizerStateError(ValueError):
+    """Kept optimizer state that does not fit the model or the optimizer, or holds non-finite values."""
+
+
+def optimizer_moments(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as CPU copies keyed '<parameter name>.<state name>' (Adam's
+    step and moments, SGD's momentum buffer; `names`: the parameters' names in the optimizer's order):
+    what a site keeps between rounds."""
     state = optimizer.state_dict()["state"]
     return {
-        f"{index}.{name}": value.detach().cpu()
+        f"{names[index]}.{name}": value.detach().to("cpu", copy=True)
         for index, values in state.items()
         for name, value in values.items()
         if isinstance(value, torch.Tensor)
     }
 
 
-def load_optimizer_moments(optimizer: torch.optim.Optimizer, moments: Mapping[str, torch.Tensor]) -> None:
-    """Continue `optimizer` from `moments` (optimizer_moments of the same model's optimizer); its own
-    settings (the round's learning rate) stay. ValueError when a moment fits none of its parameters."""
+def one_step_state(make_optimizer: OptimizerFactory) -> dict[str, torch.Tensor]:
+    """The state one step of `make_optimizer`'s optimizer leaves for a parameter of shape (2,): the
+    names a parameter's kept state must have, and which of them are scalars (step counts)."""
+    probe = torch.nn.Parameter(torch.zeros(2))
+    probe.grad = torch.zeros(2)
+    optimizer = make_optimizer([probe], 0.0)
+    optimizer.step()
+    return {k: v for k, v in optimizer.state[probe].items() if isinstance(v, torch.Tensor)}
+
+
+def load_optimizer_moments(
+    optimizer: torch.optim.Optimizer,
+    names: Sequence[str],
+    moments: Mapping[str, torch.Tensor],
+    template: Mapping[str, torch.Tensor],
+) -> None:
+    """Continue `optimizer` from `moments` (optimizer_moments of an optimizer of the same kind over the
+    parameters `names`); its own settings (the round's learning rate) stay. OptimizerStateError
+    unless every parameter with state has exactly `template`'s entries (one_step_state), scalars
+    where the template has them (≥ 0) and the parameter's shape elsewhere, all finite floats."""
     params = [param for group in optimizer.param_groups for param in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in moments.items():
-        index, _, name = key.partition(".")
-        if not (index.isdigit() and int(index) < len(params) and name):
-            raise ValueError(f"kept optimizer state: '{key}' names none of the model's {len(params)} parameters")
-        if value.dim() and value.shape != params[int(index)].shape:
-            raise ValueError(
-                f"kept optimizer state: '{key}' has shape {tuple(value.shape)}, "
-                f"its parameter {tuple(params[int(index)].shape)}"
+        owner, _, entry = key.rpartition(".")
+        if owner not in index:
+            raise OptimizerStateError(f"'{key}' names none of the model's {len(params)} parameters")
+        if entry not in template:
+            raise OptimizerStateError(f"'{key}': this optimizer keeps {sorted(template)}, not '{entry}'")
+        shape = () if template[entry].dim() == 0 else tuple(params[index[owner]].shape)
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == shape):
+            got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value)
+            raise OptimizerStateError(f"'{key}' must be a float tensor of shape {shape}, got {got}")
+        if not bool(torch.isfinite(value).all()) or (not shape and float(value) < 0):
+            raise OptimizerStateError(f"'{key}' holds {'negative' if not shape else 'non-finite'} values")
+        state.setdefault(index[owner], {})[entry] = value.clone()
+    for i, entries in state.items():
+        if set(entries) != set(template):
+            raise OptimizerStateError(
+                f"parameter '{names[i]}' has {sorted(entries)}, this optimizer needs {sorted(template)}"
             )
-        state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

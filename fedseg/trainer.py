@@ -28,7 +28,13 @@ from torch import nn
 
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
-from fedseg.optim import OptimizerFactory, load_optimizer_moments, optimizer_factory, optimizer_moments
+from fedseg.optim import (
+    OptimizerFactory,
+    load_optimizer_moments,
+    one_step_state,
+    optimizer_factory,
+    optimizer_moments,
+)
 from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 from fedseg.sharpness import ascended, kept_statistics
@@ -140,7 +146,8 @@ class SegmentationTrainer:
         parameter name) is added to every gradient before each step; with `average_gradients` the
         result carries each parameter's mean raw gradient (before the correction) over the steps.
         With `optimizer_state` (fedseg.optim.optimizer_moments; empty: a fresh optimizer) the optimizer
-        continues from it at this fit's learning rate, and the result carries its state after the fit.
+        continues from it at this fit's learning rate, and the result carries its state after the fit;
+        fedseg.optim.OptimizerStateError when it does not fit this model and optimizer.
         With the trainer's `sam_rho` > 0 each step applies the gradient at the ascended weights
         (fedseg.sharpness), the proximal term included; those are the gradients corrected and summed.
         With `privacy` the fit is DP-SGD (fedseg.privacy): one patch per subject, Poisson
@@ -170,9 +177,11 @@ class SegmentationTrainer:
         correction = None
         if gradient_correction is not None:
             correction = [(p, gradient_correction[name].to(self.device)) for name, p in self.model.named_parameters()]
-        optimizer = self.make_optimizer(self.model.parameters(), learning_rate or self.learning_rate)
+        rate = learning_rate if learning_rate is not None else self.learning_rate  # 0.0: a schedule's end
+        optimizer = self.make_optimizer(self.model.parameters(), rate)
+        names = [name for name, _ in named]
         if optimizer_state:
-            load_optimizer_moments(optimizer, optimizer_state)
+            load_optimizer_moments(optimizer, names, optimizer_state, one_step_state(self.make_optimizer))
         # (the optimizer, or DP-SGD's wrapper that steps like one; the batches; the forward pass)
         session: AbstractContextManager[tuple[Any, Iterable[dict[str, torch.Tensor]], Callable[..., Any]]]
         if privacy is None:
@@ -221,7 +230,7 @@ class SegmentationTrainer:
             seconds=time.perf_counter() - started,
             steps=steps,
             mean_gradients={k: (v / max(steps, 1)).cpu() for k, v in gradient_sums.items()} if gradient_sums else None,
-            optimizer_state=optimizer_moments(optimizer) if optimizer_state is not None else None,
+            optimizer_state=optimizer_moments(optimizer, names) if optimizer_state is not None else None,
         )
 
     def _loss(
