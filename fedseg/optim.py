@@ -53,10 +53,11 @@ def optimizer_moments(optimizer: torch.optim.Optimizer, names: Sequence[str]) ->
 
 
 def one_step_state(make_optimizer: OptimizerFactory) -> dict[str, torch.Tensor]:
-    """The state one step of `make_optimizer`'s optimizer leaves for a parameter of shape (2,): the
-    names a parameter's kept state must have, and which of them are scalars (step counts)."""
+    """The state one step of `make_optimizer`'s optimizer leaves for a parameter of shape (2,) with a
+    gradient of either sign: the names a parameter's kept state must have, which of them are scalars
+    (step counts) and which are never negative (step counts, second moments)."""
     probe = torch.nn.Parameter(torch.zeros(2))
-    probe.grad = torch.zeros(2)
+    probe.grad = torch.tensor([1.0, -1.0])
     optimizer = make_optimizer([probe], 0.0)
     optimizer.step()
     return {k: v for k, v in optimizer.state[probe].items() if isinstance(v, torch.Tensor)}
@@ -71,7 +72,8 @@ def load_optimizer_moments(
     """Continue `optimizer` from `moments` (optimizer_moments of an optimizer of the same kind over the
     parameters `names`); its own settings (the round's learning rate) stay. OptimizerStateError
     unless every parameter with state has exactly `template`'s entries (one_step_state), scalars
-    where the template has them (≥ 0) and the parameter's shape elsewhere, all finite floats."""
+    where the template has them and the parameter's shape elsewhere, all finite floats, none negative
+    where the template's are not."""
     params = [param for group in optimizer.param_groups for param in group["params"]]
     index = {name: i for i, name in enumerate(names)}
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -85,8 +87,10 @@ def load_optimizer_moments(
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == shape):
             got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value)
             raise OptimizerStateError(f"'{key}' must be a float tensor of shape {shape}, got {got}")
-        if not bool(torch.isfinite(value).all()) or (not shape and float(value) < 0):
-            raise OptimizerStateError(f"'{key}' holds {'negative' if not shape else 'non-finite'} values")
+        if not bool(torch.isfinite(value).all()):
+            raise OptimizerStateError(f"'{key}' holds non-finite values")
+        if bool((template[entry] >= 0).all()) and bool((value < 0).any()):
+            raise OptimizerStateError(f"'{key}' holds negative values")
         state.setdefault(index[owner], {})[entry] = value.clone()
     for i, entries in state.items():
         if set(entries) != set(template):

@@ -940,3 +940,75 @@ def test_an_unexpected_failure_is_one_line_not_a_traceback(monkeypatch: pytest.M
 
 def test_default_voxel_limit_is_512_cubed() -> None:
     assert DEFAULT_MAX_VOXELS == 512**3
+
+
+# ------------------------------------------------------------ a site's kept optimizer state, tampered with
+STATE_TENSORS = st.builds(
+    lambda shape, kind, scale: {
+        "zeros": torch.zeros(shape),
+        "ones": torch.full(shape, scale),
+        "nan": torch.full(shape, float("nan")),
+        "negative": torch.full(shape, -abs(scale) - 1.0),
+        "int": torch.ones(shape, dtype=torch.int64),
+        "bool": torch.ones(shape, dtype=torch.bool),
+        "half": torch.ones(shape, dtype=torch.float16),
+    }[kind],
+    st.sampled_from([(), (1,), (2,), (2, 3), (3, 2), (4,)]),
+    st.sampled_from(["zeros", "ones", "nan", "negative", "int", "bool", "half"]),
+    st.floats(-1e38, 1e38),
+)
+
+
+@FUZZ
+@given(
+    name=st.sampled_from(["adam", "adamw", "sgd"]),
+    entries=st.dictionaries(
+        st.builds(
+            "{}.{}".format,
+            st.sampled_from(["weight", "bias", "other", "", "0"]),
+            st.sampled_from(["step", "exp_avg", "exp_avg_sq", "momentum_buffer", ""]),
+        ),
+        STATE_TENSORS,
+        max_size=6,
+    ),
+    garble=st.none() | st.binary(max_size=64),
+)
+def test_tampered_optimizer_state_fails_with_one_line_or_trains(
+    tmp_path_factory: pytest.TempPathFactory, name: str, entries: dict, garble: bytes | None
+) -> None:
+    """Whatever a site's kept optimizer state file holds, the site's next fit either continues from it
+    or stops with one line naming the file (clients.personal / fedseg.optim), nothing else."""
+    from clients.personal import OPTIMIZER, PersonalState, PersonalStateError
+    from fedseg.optim import (
+        OptimizerStateError,
+        load_optimizer_moments,
+        one_step_state,
+        optimizer_factory,
+        optimizer_moments,
+    )
+
+    model = torch.nn.Linear(3, 2)
+    names = [n for n, _ in model.named_parameters()]
+    trained = optimizer_factory(name)(model.parameters(), 0.01)
+    model(torch.ones(1, 3)).sum().backward()
+    trained.step()
+    state = PersonalState(tmp_path_factory.mktemp("site-state"), "run")
+    state.save(OPTIMIZER, {**optimizer_moments(trained, names), **entries}, 1)  # a real state, entries replaced
+    if garble is not None:  # bytes overwritten somewhere in the file
+        raw = bytearray(state.path(OPTIMIZER).read_bytes())
+        at = len(garble) % max(len(raw), 1)
+        raw[at : at + len(garble)] = garble
+        state.path(OPTIMIZER).write_bytes(bytes(raw))
+    optimizer = optimizer_factory(name)(model.parameters(), 0.01)
+    try:
+        moments = state.load(OPTIMIZER, 2) or {}
+        load_optimizer_moments(optimizer, names, moments, one_step_state(optimizer_factory(name)))
+    except PersonalStateError as err:
+        assert str(state.path(OPTIMIZER)) in str(err) and "\n" not in str(err)
+        return
+    except OptimizerStateError as err:
+        assert "\n" not in str(err) and str(err)
+        return
+    model.zero_grad()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # an accepted state trains

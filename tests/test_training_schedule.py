@@ -99,6 +99,7 @@ def test_a_kept_optimizer_continues_as_one_optimizer_would(name: str) -> None:
         ({"w.step": torch.tensor(-1.0)}, "'w.step' holds negative values"),
         ({"w.step": torch.tensor(2)}, "'w.step' must be a float tensor of shape (), got torch.int64"),
         ({"w.exp_avg_sq": torch.tensor([1.0, float("nan"), 0.0])}, "'w.exp_avg_sq' holds non-finite values"),
+        ({"w.exp_avg_sq": torch.tensor([1.0, -0.5, 0.0])}, "'w.exp_avg_sq' holds negative values"),
         ({"w.step": None}, "parameter 'w' has ['exp_avg', 'exp_avg_sq'], this optimizer needs"),
     ],
 )
