@@ -40,12 +40,13 @@ class OptimizerStateError(ValueError):
 
 
 def optimizer_moments(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as CPU copies keyed '<parameter name>.<state name>' (Adam's
+    """The optimizer's per-parameter state as CPU tensors keyed '<parameter name>.<state name>' (Adam's
     step and moments, SGD's momentum buffer; `names`: the parameters' names in the optimizer's order):
-    what a site keeps between rounds."""
+    what a site keeps between rounds. On the CPU they are the optimizer's own tensors, not copies
+    (load_optimizer_moments and PersonalState.save copy)."""
     state = optimizer.state_dict()["state"]
     return {
-        f"{names[index]}.{name}": value.detach().to("cpu", copy=True)
+        f"{names[index]}.{name}": value.detach().cpu()
         for index, values in state.items()
         for name, value in values.items()
         if isinstance(value, torch.Tensor)
