@@ -52,17 +52,25 @@ def test_optimizers() -> None:
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.01
 
 
+def _quadratic_weights() -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+
+
+def _quadratic_loss(weights: torch.Tensor) -> torch.Tensor:
+    """A badly conditioned 3-weight least-squares loss."""
+    return ((weights - torch.tensor([0.3, 0.1, -0.4])) ** 2 * torch.tensor([1.0, 10.0, 100.0])).sum()
+
+
 def _steps(name: str, moments: dict[str, torch.Tensor] | None, rates: list[float]) -> tuple[torch.Tensor, dict]:
-    """A 3-weight least-squares fit: one optimizer step per rate, the optimizer rebuilt for each step
-    (as a site's each round), continuing from `moments` (None: fresh every time)."""
-    weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    target = torch.tensor([0.3, 0.1, -0.4])
+    """One optimizer step of _quadratic_loss per rate, the optimizer rebuilt for each step (as a site's
+    each round), continuing from `moments` (None: fresh every time)."""
+    weights = _quadratic_weights()
     for lr in rates:
         optimizer = optimizer_factory(name)([weights], lr)
         if moments is not None:
             load_optimizer_moments(optimizer, ["w"], moments, one_step_state(optimizer_factory(name)))
         optimizer.zero_grad()
-        ((weights - target) ** 2 * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+        _quadratic_loss(weights).backward()
         optimizer.step()
         if moments is not None:
             moments = optimizer_moments(optimizer, ["w"])
@@ -72,13 +80,12 @@ def _steps(name: str, moments: dict[str, torch.Tensor] | None, rates: list[float
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_a_kept_optimizer_continues_as_one_optimizer_would(name: str) -> None:
     rates = [0.4, 0.3, 0.2]  # large enough to overshoot: the gradients change sign
-    weights = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    target = torch.tensor([0.3, 0.1, -0.4])
+    weights = _quadratic_weights()
     one = optimizer_factory(name)([weights], rates[0])
     for lr in rates:  # one optimizer throughout, its rate set per step as the schedule would
         one.param_groups[0]["lr"] = lr
         one.zero_grad()
-        ((weights - target) ** 2 * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+        _quadratic_loss(weights).backward()
         one.step()
     kept, moments = _steps(name, {}, rates)
     assert torch.allclose(kept, weights.detach(), rtol=0, atol=1e-7)
