@@ -26,6 +26,7 @@ from strategies.dp_distributed import DPDistributed
 from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
 from strategies.fedbn import FedBN
+from strategies.fednova import FedNova
 from strategies.fedprox import FedProx
 from strategies.flower import NAMED as FLOWER_NAMED
 from strategies.flower import find_flower_class, flower_catalog, wrap
@@ -35,7 +36,19 @@ ENTRY_POINT_GROUP = "fedseg.strategies"
 FLOWER_PREFIX = "flower:"
 BUILTIN: dict[str, type[FedSegStrategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedProx, DiceWeighted, DPNoised, DPDistributed, Cyclic, Scaffold, FedBN, Ditto, *FLOWER_NAMED)
+    for cls in (
+        FedAvg,
+        FedProx,
+        DiceWeighted,
+        DPNoised,
+        DPDistributed,
+        Cyclic,
+        Scaffold,
+        FedNova,
+        FedBN,
+        Ditto,
+        *FLOWER_NAMED,
+    )
 }
 
 
