@@ -1,5 +1,5 @@
 """One train instruction at a site: the local fit from the global model, plus what personalised and
-variance-reduced strategies ask of it (FedBN, Ditto, SCAFFOLD; see clients.personal)."""
+variance-reduced strategies ask of it (FedBN, FedPer, Ditto, SCAFFOLD; see clients.personal)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from clients.personal import (
     DITTO,
+    HEAD,
     NORMS,
     OPTIMIZER,
     RESET_HINT,
@@ -24,7 +25,7 @@ from clients.site_runtime import SiteRuntime
 from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.config import UPPER_BOUNDS
-from fedseg.models import norm_state_keys
+from fedseg.models import head_state_keys, norm_state_keys
 from fedseg.optim import OptimizerStateError
 from fedseg.privacy import SitePrivacy
 from fedseg.record_values import as_float, as_int
@@ -66,12 +67,15 @@ def train_round(
         raise ValueError("FedBN, Ditto and SCAFFOLD do not combine with DP-SGD at the sites")
 
     start = dict(received)
+    local_head = bool(config.get(m.LOCAL_HEAD, False))
     norm_keys = norm_state_keys(trainer.model) if local_norm else frozenset()
+    head_keys = head_state_keys(trainer.model, site.config.labels.out_channels) if local_head else frozenset()
+    current = trainer.get_weights() if local_norm or local_head else {}
     if local_norm:  # the site's own normalisation layers, its initial ones in its first round
-        norms = personal.load(NORMS, server_round)
-        if norms is None:
-            norms = {k: v for k, v in trainer.get_weights().items() if k in norm_keys}
-        start = {**start, **norms}
+        initial = {k: current[k] for k in norm_keys}
+        start = {**start, **(personal.load_layers(NORMS, server_round, initial) or initial)}
+    if local_head:  # the site's own output stage, the global one in its first round
+        start = {**start, **(personal.load_layers(HEAD, server_round, {k: current[k] for k in head_keys}) or {})}
     correction, variate, server_variate = None, None, None
     if scaffold:
         server_variate = state_from_record(content.array_records[m.SCAFFOLD_C])
@@ -99,6 +103,8 @@ def train_round(
         personal.save(OPTIMIZER, _finite_or_fresh(result.optimizer_state or {}), server_round)
     weights = trainer.get_weights()
     out = LocalRound(weights, result)
+    if local_head:
+        personal.save(HEAD, {k: weights[k] for k in head_keys}, server_round)
     if local_norm:
         personal.save(NORMS, {k: weights[k] for k in norm_keys}, server_round)
         out.weights = {k: v for k, v in weights.items() if k not in norm_keys}

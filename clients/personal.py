@@ -1,6 +1,7 @@
 """What a site keeps of its own between rounds and never sends: FedBN's normalisation layers,
-Ditto's personal model, SCAFFOLD's control variate cᵢ and, with `keep-optimizer-state`, its
-optimizer's state (Adam's step count and moments, SGD's momentum buffer).
+FedPer's output stage (whose latest version it does send), Ditto's personal model, SCAFFOLD's
+control variate cᵢ and, with `keep-optimizer-state`, its optimizer's state (Adam's step count and
+moments, SGD's momentum buffer).
 
 Each lives in the site's state dir as `personal/<run-key>/<name>.pt` (written atomically), so a
 deployed site (a fresh process per message), a site that was dropped and rejoins, and a resumed run
@@ -12,6 +13,9 @@ The round logic the ClientApp applies around the plain local fit:
 
 - FedBN (`local-norm`): the site starts from the global shared layers plus its own normalisation
   layers (its initial ones in its first round) and replies without normalisation layers.
+- FedPer (`local-head`): the site starts from the global model with its own output stage (the
+  global one in its first round), keeps the output stage it trained and replies with its whole model,
+  so the global output stage is the mean of the sites' own ones.
 - Ditto (`ditto-lambda` = λ): after the usual local fit (the reply), the site trains its personal
   model v for the same epochs on min L(v) + λ/2‖v − w_global‖² (Li et al. 2021) and keeps it.
 - SCAFFOLD (`scaffold-c` = c): the local fit adds c − cᵢ to every gradient; then cᵢ⁺ is the mean
@@ -37,7 +41,8 @@ import torch
 from fedseg.atomic import atomic_path
 
 Tensors = dict[str, torch.Tensor]
-NORMS, DITTO, SCAFFOLD, OPTIMIZER = "fedbn-norms", "ditto-personal", "scaffold-variate", "optimizer-state"
+NORMS, HEAD, DITTO = "fedbn-norms", "fedper-head", "ditto-personal"
+SCAFFOLD, OPTIMIZER = "scaffold-variate", "optimizer-state"
 RESET_HINT = "delete it to start that state afresh at this site"
 
 
@@ -71,6 +76,16 @@ class PersonalState:
             raise PersonalStateError(f"{path}: unreadable ({type(err).__name__}); {RESET_HINT}") from None
         return tensors
 
+    def load_layers(self, name: str, server_round: int, like: Mapping[str, torch.Tensor]) -> Tensors | None:
+        """`load`, for layers of the model: the keys, shapes and dtypes must be those of `like`."""
+        layers = self.load(name, server_round)
+        if layers is not None and (
+            set(layers) != set(like)
+            or any(v.shape != like[k].shape or v.dtype != like[k].dtype for k, v in layers.items())
+        ):
+            raise PersonalStateError(f"{self.path(name)}: not this model's layers; {RESET_HINT}")
+        return layers
+
     def path(self, name: str) -> Path:
         """The file holding `name`."""
         return self.folder / f"{name}.pt"
@@ -85,12 +100,13 @@ class PersonalState:
 
     def personal_model(self, global_state: Mapping[str, torch.Tensor]) -> Tensors | None:
         """The site's personal model: Ditto's, else the global model with the site's own
-        normalisation layers (FedBN); None when the run keeps nothing personal here."""
+        normalisation layers (FedBN) and output stage (FedPer); None when the run keeps nothing
+        personal here."""
         ditto = self.load(DITTO)
         if ditto is not None:
             return ditto
-        norms = self.load(NORMS)
-        return {**global_state, **norms} if norms is not None else None
+        own = [layers for layers in (self.load(NORMS), self.load(HEAD)) if layers is not None]
+        return {**global_state, **{k: v for layers in own for k, v in layers.items()}} if own else None
 
 
 def scaffold_update(

@@ -17,6 +17,7 @@ RUN_KEY = "run-key"  # names the run to the sites (their ε ledger), stable acro
 PROXIMAL_MU = "proximal-mu"  # FedProx, dice-weighted, flower:FedProx (strategies.fedprox.ProximalTerm)
 IN_CHANNELS = "in-channels"  # image channels of the global model; a site with other data answers CHANNELS_CODE
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its own normalisation layers; they are not in arrays either way
+LOCAL_HEAD = "local-head"  # FedPer: the site trains its own output stage (clients.personal); it is still sent
 DITTO_LAMBDA = "ditto-lambda"  # Ditto: the site also trains its personal model, held near the global one
 SCAFFOLD_C = "scaffold-c"  # SCAFFOLD: ArrayRecord of the server control variate c (train instructions)
 

@@ -156,6 +156,32 @@ def norm_state_keys(model: nn.Module) -> frozenset[str]:
     return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
 
 
+def head_state_keys(model: nn.Module, out_channels: int) -> frozenset[str]:
+    """State-dict keys of the model's output stage (what FedPer keeps personal at each site): the
+    trailing convolutions that produce the `out_channels` class channels and every module registered
+    between them (e.g. a normalisation in between). ValueError when the last convolution produces
+    other channels."""
+    modules = [name for name, _ in model.named_modules()]
+    convolutions = [
+        (index, module)
+        for index, (_, module) in enumerate(model.named_modules())
+        if isinstance(module, nn.modules.conv._ConvNd)
+    ]
+    first = None
+    for index, module in reversed(convolutions):
+        if module.out_channels != out_channels:
+            break
+        first = index
+    if first is None:
+        raise ValueError(
+            f"the network's last convolution does not produce its {out_channels} output channels: "
+            "it has no output stage to keep"
+        )
+    last = convolutions[-1][0]
+    prefixes = tuple(f"{name}." for name in modules[first : last + 1])
+    return frozenset(key for key in model.state_dict() if key.startswith(prefixes))
+
+
 def describe_models() -> list[str]:
     """Human-readable lines: presets with their arguments, installed plugins, MONAI's classes."""
     from fedseg.model_args import format_model_args

@@ -27,6 +27,7 @@ from strategies.dp_noised import DPNoised
 from strategies.fedavg import FedAvg
 from strategies.fedbn import FedBN
 from strategies.fednova import FedNova
+from strategies.fedper import FedPer
 from strategies.fedprox import FedProx
 from strategies.flower import NAMED as FLOWER_NAMED
 from strategies.flower import find_flower_class, flower_catalog, wrap
@@ -46,6 +47,7 @@ BUILTIN: dict[str, type[FedSegStrategy]] = {
         Scaffold,
         FedNova,
         FedBN,
+        FedPer,
         Ditto,
         *FLOWER_NAMED,
     )

@@ -1,4 +1,5 @@
-"""SCAFFOLD against client drift, FedBN's local normalisation layers, Ditto's personal models."""
+"""SCAFFOLD against client drift, FedBN's local normalisation layers, FedPer's local output stages,
+Ditto's personal models."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from flwr.app import ConfigRecord
 from inprocess_grid import InProcessGrid, federation, run_federation, task_identity, tiny_config
 from strategy_replies import StubGrid, arrays_of, as_numpy, reply
 
-from clients.personal import DITTO, NORMS, SCAFFOLD, PersonalState, scaffold_update
+from clients.personal import DITTO, HEAD, NORMS, SCAFFOLD, PersonalState, PersonalStateError, scaffold_update
 from fedseg.cache import cache_root
 from fedseg.checkpoint import resume_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.federation import run_key
-from fedseg.models import build_model, norm_state_keys
+from fedseg.models import build_model, head_state_keys, norm_state_keys
 from fedseg.server_app import initial_weights
 from strategies.fedavg import FedAvg
 from strategies.registry import build_strategy
@@ -129,6 +130,54 @@ def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_iden
     assert all("personal-dice" in site and "dice" in site for site in last.values())  # side by side
 
 
+def test_fedper_keeps_each_sites_output_stage_and_averages_them_for_the_global_model(
+    tmp_path: Path, task_identity: None
+) -> None:
+    values = tiny_config(tmp_path, **{"strategy": "fedper", "num-server-rounds": 2})
+    grid = InProcessGrid(values, 2)
+    final, history = run_federation(grid, values, tmp_path / "run")
+    head = head_state_keys(build_model("unet", 1, 3), 3)
+    assert head and len(head) < len(build_model("unet", 1, 3).state_dict())
+    kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(HEAD) for s in range(2)]
+    assert all(site is not None and set(site) == head for site in kept)
+    train = {
+        (int(r.content["metrics"]["site-id"]), int(m.content["config"]["server-round"])): (m, r)
+        for m, r in zip(
+            [m for sent in grid.sent for m in sent if m.metadata.message_type == "train"],
+            [r for r in grid.replies if r.metadata.message_type == "train"],
+            strict=True,
+        )
+    }
+    for site in range(2):  # the output stage a site sent last is the one it kept ...
+        sent_head = {k: torch.from_numpy(train[(site, 2)][1].content["arrays"][k].numpy()) for k in head}
+        assert all(torch.equal(sent_head[k], kept[site][k]) for k in head)
+    global_state = final.to_torch_state_dict()
+    mean = {k: (kept[0][k] + kept[1][k]) / 2 for k in head}  # ... and the global one is their mean
+    assert all(torch.allclose(global_state[k], mean[k], atol=1e-6) for k in head)
+    assert any(not torch.equal(kept[0][k], global_state[k]) for k in head)
+    last = history.rounds[-1].eval
+    assert all(site["personal-dice"] != site["dice"] for site in last.values())
+    # a state file of another model: that site's replies fail, with one line naming the file
+    PersonalState(_state_dir(0), run_key(tmp_path / "run")).save(HEAD, {"x": torch.zeros(2)}, 1)
+    with pytest.raises(PersonalStateError, match=r"fedper-head.pt: not this model's layers; delete it"):
+        PersonalState(_state_dir(0), run_key(tmp_path / "run")).load_layers(HEAD, 2, kept[1])
+
+
+def test_output_stage_of_monai_networks() -> None:
+    assert head_state_keys(build_model("unet", 4, 3), 3) == {
+        "model.2.0.conv.weight",
+        "model.2.0.conv.bias",
+        "model.2.0.adn.N.weight",
+        "model.2.0.adn.N.bias",
+        "model.2.0.adn.A.weight",
+        "model.2.1.conv.unit0.conv.weight",
+        "model.2.1.conv.unit0.conv.bias",
+    }
+    assert head_state_keys(build_model("SegResNet", 4, 3), 3) == {"conv_final.2.conv.weight", "conv_final.2.conv.bias"}
+    with pytest.raises(ValueError, match="last convolution does not produce its 5 output channels"):
+        head_state_keys(build_model("unet", 4, 3), 5)
+
+
 def test_ditto_keeps_a_personal_model_and_reports_it(tmp_path: Path, task_identity: None) -> None:
     values = tiny_config(tmp_path, **{"strategy": "ditto", "ditto.lambda": 0.5, "num-server-rounds": 2})
     _, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
@@ -148,7 +197,7 @@ class ServerCrash(Exception):
 
 @pytest.mark.parametrize(
     "strategy, extra",
-    [("scaffold", {}), ("ditto", {}), ("fedbn", {}), ("fedavg", {"keep-optimizer-state": True})],
+    [("scaffold", {}), ("ditto", {}), ("fedbn", {}), ("fedper", {}), ("fedavg", {"keep-optimizer-state": True})],
 )
 def test_a_server_dying_after_the_sites_trained_resumes_bit_identically(
     tmp_path: Path, task_identity: None, strategy: str, extra: dict[str, bool]

@@ -39,7 +39,7 @@ def test_unknown_strategy_lists_installed_ones() -> None:
     with pytest.raises(
         ConfigError,
         match=r"'strategy' is 'fedsgd'; installed strategies: fedavg, fedprox, "
-        r"dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fednova, fedbn, ditto, fedadam, "
+        r"dice-weighted, dp-noised, dp-distributed, cyclic, scaffold, fednova, fedbn, fedper, ditto, fedadam, "
         r"fedyogi, fedadagrad, fedavgm, "
         r"fedtrimmedavg, fedmedian, krum.* \(or give 'flower:<Flower strategy class>'",
     ):
