@@ -14,12 +14,17 @@ arithmetic is FedAvg's, so it also runs under secure aggregation and with DP-SGD
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedseg.config import ConfigError, RunConfig
 from fedseg.messages import LOCAL_HEAD
+from fedseg.model_spec import model_spec
+from fedseg.models import head_state_keys
+from strategies.base import FedSegStrategy
 from strategies.fedavg import FedAvg
 
 
@@ -27,6 +32,16 @@ class FedPer(FedAvg):
     """FedAvg; each site trains and keeps its own output stage (its personal model's head)."""
 
     name = "fedper"
+
+    @classmethod
+    def from_config(cls, config: RunConfig, values: Mapping[str, Any]) -> FedSegStrategy:
+        """Refuse, before round 1, a network without an output stage to keep."""
+        out_channels = config.labels.out_channels
+        try:
+            head_state_keys(model_spec(config).build(1, out_channels), out_channels)
+        except ValueError as err:
+            raise ConfigError(f"strategy 'fedper' cannot run with model '{config.model}': {err}") from None
+        return super().from_config(config, values)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

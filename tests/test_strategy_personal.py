@@ -178,6 +178,20 @@ def test_output_stage_of_monai_networks() -> None:
         head_state_keys(build_model("unet", 4, 3), 5)
 
 
+def test_fedper_refuses_a_network_without_an_output_stage_before_round_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    class EndsInFourChannels:
+        def build(self, in_channels: int, out_channels: int) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Conv3d(in_channels, 8, 1), torch.nn.Conv3d(8, 4, 1))
+
+    monkeypatch.setattr("strategies.fedper.model_spec", lambda config: EndsInFourChannels())
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy 'fedper' cannot run with model 'unet': the network's last convolution does not produce "
+        r"its 3 output channels",
+    ):
+        build_strategy(RunConfig.from_mapping({"strategy": "fedper"}))
+
+
 def test_ditto_keeps_a_personal_model_and_reports_it(tmp_path: Path, task_identity: None) -> None:
     values = tiny_config(tmp_path, **{"strategy": "ditto", "ditto.lambda": 0.5, "num-server-rounds": 2})
     _, history = run_federation(InProcessGrid(values, 2), values, tmp_path / "run")
