@@ -121,7 +121,6 @@ def _fit(msg: Message, context: Context) -> tuple[SiteRuntime, LocalRound, Metri
             m.TRAIN_LOSS: done.result.train_loss,
             m.VAL_DICE: validation.mean_dice,
             m.TRAIN_SECONDS: done.result.seconds,
-            m.LOCAL_STEPS: done.result.steps,
             m.SITE_ID: site.site_id,
             **(privacy.metrics() if privacy else {}),  # sample-level ε so far at δ; the ledger stays here
         }

@@ -27,7 +27,6 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 VAL_DICE = "val-dice"
 TRAIN_SECONDS = "train-seconds"
-LOCAL_STEPS = "local-steps"  # train reply: optimizer steps the fit took (FedNova normalises by them)
 DICE = "dice"  # mean Dice over the scored structures (fedseg.labels)
 EVAL_SECONDS = "eval-seconds"
 SITE_ID = "site-id"

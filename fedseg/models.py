@@ -152,34 +152,37 @@ def count_parameters(model: nn.Module) -> int:
 def norm_state_keys(model: nn.Module) -> frozenset[str]:
     """State-dict keys of the model's normalisation layers: affine weights, biases, running statistics
     (what FedBN keeps at each site)."""
-    prefixes = [f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS)]
-    return frozenset(key for key in model.state_dict() if any(key.startswith(prefix) for prefix in prefixes))
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, NORM_LAYERS))
+    return _with_aliases(model, {key for key in model.state_dict() if key.startswith(prefixes)})
 
 
 def head_state_keys(model: nn.Module, out_channels: int) -> frozenset[str]:
-    """State-dict keys of the model's output stage (what FedPer keeps personal at each site): the
-    trailing convolutions that produce the `out_channels` class channels and every module registered
-    between them (e.g. a normalisation in between). ValueError when the last convolution produces
-    other channels."""
-    modules = [name for name, _ in model.named_modules()]
-    convolutions = [
-        (index, module)
-        for index, (_, module) in enumerate(model.named_modules())
-        if isinstance(module, nn.modules.conv._ConvNd)
-    ]
-    first = None
-    for index, module in reversed(convolutions):
-        if module.out_channels != out_channels:
-            break
-        first = index
-    if first is None:
+    """State-dict keys of the model's output stage (what FedPer keeps personal at each site): the last
+    convolution, which must produce the `out_channels` class channels, the convolutions before it that
+    feed it class channels too, and every module registered between them (e.g. a normalisation).
+    ValueError when the last convolution produces other channels."""
+    modules = list(model.named_modules())
+    convolutions = [(i, module) for i, (_, module) in enumerate(modules) if isinstance(module, nn.modules.conv._ConvNd)]
+    if not convolutions or convolutions[-1][1].out_channels != out_channels:
         raise ValueError(
             f"the network's last convolution does not produce its {out_channels} output channels: "
             "it has no output stage to keep"
         )
-    last = convolutions[-1][0]
-    prefixes = tuple(f"{name}." for name in modules[first : last + 1])
-    return frozenset(key for key in model.state_dict() if key.startswith(prefixes))
+    first, fed = convolutions[-1][0], convolutions[-1][1].in_channels
+    for index, module in reversed(convolutions[:-1]):
+        if fed != out_channels or module.out_channels != out_channels:
+            break
+        first, fed = index, module.in_channels
+    prefixes = tuple(f"{name}." for name, _ in modules[first : convolutions[-1][0] + 1])
+    return _with_aliases(model, {key for key in model.state_dict() if key.startswith(prefixes)})
+
+
+def _with_aliases(model: nn.Module, keys: set[str]) -> frozenset[str]:
+    """`keys` and every other state-dict key of the same tensors (a module registered under two names,
+    such as DynUNet's `skip_layers`), so that loading the state dict cannot overwrite them."""
+    state = model.state_dict(keep_vars=True)
+    chosen = {id(state[key]) for key in keys}
+    return frozenset(key for key, tensor in state.items() if id(tensor) in chosen)
 
 
 def describe_models() -> list[str]:

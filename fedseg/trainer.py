@@ -12,6 +12,7 @@ forward and leaves cuDNN free to pick its fastest kernels; on CPU with a seed it
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -275,6 +276,14 @@ class SegmentationTrainer:
             rows.append(self.labels.dice(self.labels.probabilities(logits.cpu()), batch["label"]).numpy())
         per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
         return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
+
+
+def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:
+    """Optimizer steps a fit of `epochs` over `num_examples` subjects takes, as `_passes` walks the
+    batches (under DP-SGD: its logical steps, one per expected Poisson batch of whole epochs)."""
+    batches = math.ceil(num_examples / batch_size)
+    whole, fraction = divmod(epochs, 1.0)
+    return int(whole) * batches + (max(1, round(fraction * batches)) if fraction else 0)
 
 
 def _passes(batches: Iterable[Any], epochs: float) -> Iterator[Any]:

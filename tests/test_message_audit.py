@@ -13,7 +13,7 @@ from fedseg.models import build_model
 __all__ = ["task_identity"]  # the fixture
 
 ALLOWED_METRIC = re.compile(
-    r"^(num-examples|train-loss|val-dice|train-seconds|local-steps|eval-seconds|dice|dice-class-\d+|dice-(WT|TC|ET)|personal-dice|site-id"
+    r"^(num-examples|train-loss|val-dice|train-seconds|eval-seconds|dice|dice-class-\d+|dice-(WT|TC|ET)|personal-dice|site-id"
     r"|dp-epsilon|dp-delta|dp-noise-multiplier)$"
 )
 

@@ -133,34 +133,38 @@ def test_fedbn_keeps_normalisation_layers_at_the_sites(tmp_path: Path, task_iden
 def test_fedper_keeps_each_sites_output_stage_and_averages_them_for_the_global_model(
     tmp_path: Path, task_identity: None
 ) -> None:
-    values = tiny_config(tmp_path, **{"strategy": "fedper", "num-server-rounds": 2})
+    """Round 2 trains at learning rate 0 (cosine to 0): each site's reply is exactly the model it
+    started from, which must be the global model with the site's own output stage from round 1."""
+    schedule = {"lr-schedule": "cosine", "lr-final-ratio": 0.0, "warmup-rounds": 0}
+    values = tiny_config(tmp_path, **{"strategy": "fedper", "num-server-rounds": 2, **schedule})
     grid = InProcessGrid(values, 2)
     final, history = run_federation(grid, values, tmp_path / "run")
     head = head_state_keys(build_model("unet", 1, 3), 3)
-    assert head and len(head) < len(build_model("unet", 1, 3).state_dict())
+    sent = {
+        int(m.content["config"]["server-round"]): as_numpy(m.content["arrays"])
+        for batch in grid.sent
+        for m in batch
+        if m.metadata.message_type == "train"
+    }
+    train = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert len(train) == 4 and not any(r.has_error() for r in train)
+    replies = {  # two sites a round, in round order
+        (int(r.content["metrics"]["site-id"]), 1 + i // 2): as_numpy(r.content["arrays"]) for i, r in enumerate(train)
+    }
+    for site in range(2):
+        started = replies[(site, 2)]  # learning rate 0: what the site started round 2 from
+        assert all(np.array_equal(started[k], replies[(site, 1)][k]) for k in head)  # its own output stage
+        assert all(np.array_equal(started[k], sent[2][k]) for k in started if k not in head)  # the global rest
+        assert any(not np.array_equal(started[k], sent[2][k]) for k in head)  # not the global output stage
     kept = [PersonalState(_state_dir(s), run_key(tmp_path / "run")).load(HEAD) for s in range(2)]
     assert all(site is not None and set(site) == head for site in kept)
-    train = {
-        (int(r.content["metrics"]["site-id"]), int(m.content["config"]["server-round"])): (m, r)
-        for m, r in zip(
-            [m for sent in grid.sent for m in sent if m.metadata.message_type == "train"],
-            [r for r in grid.replies if r.metadata.message_type == "train"],
-            strict=True,
-        )
-    }
-    for site in range(2):  # the output stage a site sent last is the one it kept ...
-        sent_head = {k: torch.from_numpy(train[(site, 2)][1].content["arrays"][k].numpy()) for k in head}
-        assert all(torch.equal(sent_head[k], kept[site][k]) for k in head)
-    global_state = final.to_torch_state_dict()
-    mean = {k: (kept[0][k] + kept[1][k]) / 2 for k in head}  # ... and the global one is their mean
-    assert all(torch.allclose(global_state[k], mean[k], atol=1e-6) for k in head)
-    assert any(not torch.equal(kept[0][k], global_state[k]) for k in head)
+    global_state = final.to_torch_state_dict()  # the global output stage: the mean of the sites' own ones
+    assert all(torch.allclose(global_state[k], (kept[0][k] + kept[1][k]) / 2, atol=1e-6) for k in head)
     last = history.rounds[-1].eval
     assert all(site["personal-dice"] != site["dice"] for site in last.values())
-    # a state file of another model: that site's replies fail, with one line naming the file
-    PersonalState(_state_dir(0), run_key(tmp_path / "run")).save(HEAD, {"x": torch.zeros(2)}, 1)
+    PersonalState(_state_dir(0), run_key(tmp_path / "run")).save(HEAD, {"x": torch.zeros(2)}, 3)
     with pytest.raises(PersonalStateError, match=r"fedper-head.pt: not this model's layers; delete it"):
-        PersonalState(_state_dir(0), run_key(tmp_path / "run")).load_layers(HEAD, 2, kept[1])
+        PersonalState(_state_dir(0), run_key(tmp_path / "run")).load_layers(HEAD, 4, kept[1])
 
 
 def test_output_stage_of_monai_networks() -> None:
