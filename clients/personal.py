@@ -77,13 +77,17 @@ class PersonalState:
         return tensors
 
     def load_layers(self, name: str, server_round: int, like: Mapping[str, torch.Tensor]) -> Tensors | None:
-        """`load`, for layers of the model: the keys, shapes and dtypes must be those of `like`."""
+        """`load`, for layers of the model: the keys, shapes and dtypes must be those of `like`, and the
+        values finite (a site whose own layers went non-finite would train nothing but NaN)."""
         layers = self.load(name, server_round)
-        if layers is not None and (
-            set(layers) != set(like)
-            or any(v.shape != like[k].shape or v.dtype != like[k].dtype for k, v in layers.items())
+        if layers is None:
+            return None
+        if set(layers) != set(like) or any(
+            v.shape != like[k].shape or v.dtype != like[k].dtype for k, v in layers.items()
         ):
             raise PersonalStateError(f"{self.path(name)}: not this model's layers; {RESET_HINT}")
+        if not all(bool(torch.isfinite(v).all()) for v in layers.values() if v.is_floating_point()):
+            raise PersonalStateError(f"{self.path(name)}: holds non-finite values; {RESET_HINT}")
         return layers
 
     def path(self, name: str) -> Path:

@@ -1012,3 +1012,56 @@ def test_tampered_optimizer_state_fails_with_one_line_or_trains(
     model.zero_grad()
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()  # an accepted state trains
+
+
+@FUZZ
+@given(
+    kind=st.sampled_from(["fedper-head", "fedbn-norms"]),
+    entries=st.dictionaries(
+        st.sampled_from(
+            ["model.2.1.conv.unit0.conv.bias", "model.2.0.adn.N.weight", "model.0.conv.unit0.adn.N.bias", "x"]
+        ),
+        STATE_TENSORS,
+        max_size=3,
+    ),
+    drop=st.booleans(),
+    poison=st.sampled_from([None, float("nan"), float("inf")]),
+    garble=st.none() | st.binary(max_size=64),
+)
+def test_tampered_personal_layers_fail_with_one_line_or_load(
+    tmp_path_factory: pytest.TempPathFactory,
+    kind: str,
+    entries: dict,
+    drop: bool,
+    poison: float | None,
+    garble: bytes | None,
+) -> None:
+    """Whatever a site's kept output stage (FedPer) or normalisation layers (FedBN) file holds, the site
+    either loads layers that fit its model, finite, or stops with one line naming the file."""
+    from clients.personal import PersonalState, PersonalStateError
+    from fedseg.models import build_model, head_state_keys, norm_state_keys
+
+    model = build_model("unet", 1, 3)
+    keys = head_state_keys(model, 3) if kind == "fedper-head" else norm_state_keys(model)
+    own = {k: v for k, v in model.state_dict().items() if k in keys}
+    kept = {**own, **entries}
+    if poison is not None:  # a real layer of the right shape, one value non-finite
+        first = sorted(own)[0]
+        kept[first] = own[first].clone().flatten().index_fill(0, torch.tensor([0]), poison).reshape(own[first].shape)
+    if drop:
+        kept.pop(sorted(kept)[0])
+    state = PersonalState(tmp_path_factory.mktemp("site-state"), "run")
+    state.save(kind, kept, 1)
+    if garble is not None:
+        raw = bytearray(state.path(kind).read_bytes())
+        at = len(garble) % max(len(raw), 1)
+        raw[at : at + len(garble)] = garble
+        state.path(kind).write_bytes(bytes(raw))
+    try:
+        layers = state.load_layers(kind, 2, own)
+    except PersonalStateError as err:
+        assert str(state.path(kind)) in str(err) and "\n" not in str(err)
+        return
+    assert layers is not None and set(layers) == set(own)
+    model.load_state_dict({**model.state_dict(), **layers})  # fits the model
+    assert all(bool(torch.isfinite(v).all()) for v in layers.values())
