@@ -31,10 +31,12 @@ from inprocess_grid import (
     wire,
 )
 
+from clients.personal import HEAD, PersonalState
 from fedseg import messages as m
+from fedseg.cache import cache_root
 from fedseg.config import ConfigError, RunConfig
 from fedseg.experiments.local_grid import LocalGrid
-from fedseg.federation import FederationError
+from fedseg.federation import FederationError, run_key
 from fedseg.secagg import ring
 from fedseg.secagg import site as secagg_site
 from fedseg.secagg.server import SecureAggregation
@@ -250,6 +252,7 @@ def test_site_refuses_an_inconsistent_unmask_request() -> None:
         ("cyclic", "one site per round"),
         ("dp-noised", "each site's update"),
         ("krum", "Flower's Krum"),
+        ("fednova", "own number of steps"),
     ],
 )
 def test_strategies_that_cannot_compose_are_refused(strategy: str, fault: str) -> None:
@@ -258,7 +261,7 @@ def test_strategies_that_cannot_compose_are_refused(strategy: str, fault: str) -
         build_strategy(config)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedbn", "ditto", "fedadam", "fedavgm"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedbn", "fedper", "ditto", "fedadam", "fedavgm"])
 def test_mean_based_strategies_compose(strategy: str) -> None:
     build_strategy(RunConfig.from_mapping({"strategy": strategy, "secure-aggregation": True, "min-sites": 3}))
 
@@ -320,9 +323,10 @@ def test_federation_recovers_a_site_killed_mid_round(tmp_path: Path) -> None:
     assert not any(f["site"] == "all" for f in record.failures)  # the round's sum was unmasked
 
 
-@pytest.mark.parametrize("strategy", ["fedbn", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedbn", "fedper", "fedadam"])
 def test_composing_strategies_run_secure_rounds(tmp_path: Path, strategy: str) -> None:
-    """FedBN masks only the shared layers it sent; Flower's FedAdam steps from the unmasked mean."""
+    """FedBN masks only the shared layers it sent, FedPer its whole model (its own output stage kept);
+    Flower's FedAdam steps from the unmasked mean."""
     values = tiny_config(
         tmp_path, **{"secure-aggregation": True, "min-sites": 3, "num-server-rounds": 1, "strategy": strategy}
     )
@@ -330,6 +334,8 @@ def test_composing_strategies_run_secure_rounds(tmp_path: Path, strategy: str) -
     record = history.rounds[1]
     assert sorted(record.train) == ["site-0", "site-1", "site-2"] and record.failures == []
     assert record.strategy.get("dropped-replies", []) == []
+    kept = PersonalState(cache_root() / "site-state" / "site-0", run_key(tmp_path / "run")).load(HEAD)
+    assert (kept is not None) == (strategy == "fedper")  # a secure round keeps the site's own output stage
 
 
 def test_run_stops_clearly_with_too_few_sites_for_secure_aggregation(tmp_path: Path) -> None:
