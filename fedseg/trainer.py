@@ -283,7 +283,12 @@ def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:
     batches (under DP-SGD: its logical steps, one per expected Poisson batch of whole epochs)."""
     batches = math.ceil(num_examples / batch_size)
     whole, fraction = divmod(epochs, 1.0)
-    return int(whole) * batches + (max(1, round(fraction * batches)) if fraction else 0)
+    return int(whole) * batches + (_partial_pass(fraction, batches) if fraction else 0)
+
+
+def _partial_pass(fraction: float, batches_per_pass: int) -> int:
+    """Batches of a fractional pass: round(fraction × batches per pass), at least one."""
+    return max(1, round(fraction * batches_per_pass))
 
 
 def _passes(batches: Iterable[Any], epochs: float) -> Iterator[Any]:
@@ -293,7 +298,7 @@ def _passes(batches: Iterable[Any], epochs: float) -> Iterator[Any]:
     for _ in range(int(whole)):
         yield from batches
     if fraction:
-        yield from itertools.islice(batches, max(1, round(fraction * len(cast(Sized, batches)))))
+        yield from itertools.islice(batches, _partial_pass(fraction, len(cast(Sized, batches))))
 
 
 def _squared_distance(params: Iterable[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:

@@ -101,7 +101,7 @@ class FedNova(FedAvg):
         buffers = ArrayRecord({k: a for k, a in self.global_arrays.items() if k in self.buffer_keys})
         combined = weighted_sum(parameters, views, coefficients, reference_coefficient=1.0 - sum(coefficients))
         if buffers:
-            combined = ArrayRecord({**combined, **weighted_sum(buffers, views, [n / sum(examples) for n in examples])})
+            combined = ArrayRecord({**combined, **weighted_sum(buffers, views, self._coefficients(replies))})
         return ArrayRecord({key: combined[key] for key in self.global_arrays})
 
     def round_report(self, server_round: int) -> dict[str, Any]:
