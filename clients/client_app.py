@@ -35,6 +35,7 @@ from clients.site_runtime import (
 from clients.weights import state_from_record
 from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
+from fedseg.enhancing import candidate_metrics
 from fedseg.labels import LabelScheme
 from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.record_values import as_float, as_int
@@ -137,7 +138,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         received = state_from_record(msg.content.array_records[m.ARRAYS])
         result = site.trainer.evaluate(site.test_set, weights=received)
-        validation = site.trainer.evaluate(site.val_set)  # the server picks its best round on these
+        # the server picks its best round on these, and the enhancing-tumour threshold (fedseg.enhancing)
+        validation = site.trainer.evaluate(site.val_set, enhancing=site.config.postprocess == "enhancing-tumour")
         config = msg.content.config_records.get(m.CONFIG)
         run = str(config.get(m.RUN_KEY, context.run_id)) if config is not None else str(context.run_id)
         own = PersonalState(site_state_dir(context), run).personal_model(received)
@@ -147,6 +149,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     site.trainer.release_memory()
     metrics = evaluation_metrics(result, site.trainer.labels)
     metrics[m.VAL_DICE] = validation.mean_dice
+    if validation.enhancing is not None:
+        metrics.update(candidate_metrics(validation.enhancing))
     if personal is not None:
         metrics[m.PERSONAL_DICE] = personal.mean_dice
     metrics[m.EVAL_SECONDS] = time.perf_counter() - started

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.data.transforms import AUGMENTATIONS
+from fedseg.enhancing import POSTPROCESS
 from fedseg.intensity import BUNDLE, IntensityError, parse_intensity
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
@@ -90,6 +91,8 @@ class RunConfig:
     in_channels: int = 0  # image channels (modalities); 0: inferred from the data (fedseg.data.sites)
     label_scheme: str = "classes"
     region_training: bool = False
+    # "enhancing-tumour" (BraTS): the model carries an ET size threshold chosen on the sites' validation Dice
+    postprocess: str = "none"
     patch_size: tuple[int, int, int] = (32, 32, 32)
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # mm per voxel to resample to; None: native grid
     batch_size: int = 2
@@ -365,6 +368,14 @@ def _validate_labels(config: RunConfig) -> None:
         )
     if config.region_training and config.label_scheme != "brats":
         raise ConfigError("run-config 'region-training' needs label-scheme 'brats' (its nested tumour regions)")
+    if config.postprocess not in POSTPROCESS:
+        choices = ", ".join(POSTPROCESS)
+        raise ConfigError(f"run-config 'postprocess' is '{config.postprocess}'; choose one of: {choices}")
+    if config.postprocess == "enhancing-tumour" and config.label_scheme != "brats":
+        raise ConfigError(
+            "run-config 'postprocess' 'enhancing-tumour' needs label-scheme 'brats' (its enhancing tumour), "
+            f"got '{config.label_scheme}'"
+        )
     if config.synthetic_anatomy not in SYNTHETIC_ANATOMIES:
         raise ConfigError(
             f"run-config 'synthetic-anatomy' is '{config.synthetic_anatomy}'; choose one of: "

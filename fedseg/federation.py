@@ -49,6 +49,7 @@ from fedseg.checkpoint import (
 )
 from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
+from fedseg.enhancing import choose_min_voxels
 from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
@@ -169,21 +170,21 @@ class Federation:
         last = history.rounds[-1].round
         if self._average is not None and self._average.count:
             arrays = self._average.arrays(like=arrays)
-            self._save_model(arrays, FINAL_MODEL, f"final model: {self._average.describe(last)}")
-            history.extra[AVERAGED_MODEL] = self._score_average(last, arrays)
+            history.extra[AVERAGED_MODEL], scored = self._score_average(last, arrays)
+            self._save_model(arrays, FINAL_MODEL, f"final model: {self._average.describe(last)}", scored)
             history.save(self.run_dir / "history.json")
         else:
-            self._save_model(arrays, FINAL_MODEL, f"final model after round {last}")
+            self._save_model(arrays, FINAL_MODEL, f"final model after round {last}", history.rounds[-1])
         return arrays, history
 
-    def _score_average(self, last: int, arrays: ArrayRecord) -> dict[str, object]:
+    def _score_average(self, last: int, arrays: ArrayRecord) -> tuple[dict[str, object], RoundRecord]:
         """The sites' Dice of the averaged final model (one evaluate stage the strategy does not aggregate):
         the per-round figures in history.json are those of the global model the sites trained on."""
         assert self._average is not None
         record = self._evaluate(last, arrays, RoundRecord(round=last), aggregate=False)
         model = self._average.describe(last)
         log(INFO, "[fedseg] model.pt, %s: mean Dice %.3f, validation %.3f", model, record.mean_dice, record.val_dice)
-        return {"model": model, "dice": record.mean_dice, "val-dice": record.val_dice}
+        return {"model": model, "dice": record.mean_dice, "val-dice": record.val_dice}, record
 
     # ------------------------------------------------------------------ rounds
     def _train(self, server_round: int, arrays: ArrayRecord, record: RoundRecord) -> ArrayRecord:
@@ -241,10 +242,24 @@ class Federation:
             self.strategy.aggregate_evaluate(server_round, [reply for _, reply in replies])
         return record
 
-    def _save_model(self, arrays: ArrayRecord, name: str, what: str) -> None:
-        """Write global weights in the model file format `fedseg predict` reads (fedseg.model_checkpoint)."""
+    def _save_model(self, arrays: ArrayRecord, name: str, what: str, scored: RoundRecord) -> None:
+        """Write global weights in the model file format `fedseg predict` reads (fedseg.model_checkpoint),
+        with the post-processing the sites' validation replies in `scored` (its evaluation) choose."""
         description = f"fedseg run {self.run_dir.name}: {what}"
-        ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description).save(self.run_dir / name)
+        threshold = 0
+        if self.config.postprocess == "enhancing-tumour":
+            threshold, before, after = choose_min_voxels(scored.eval.values())
+            log(
+                INFO,
+                "[fedseg] %s: enhancing tumour under %d voxels becomes core (sites' validation ET Dice %.3f → %.3f)",
+                name,
+                threshold,
+                before,
+                after,
+            )
+            description += f"; enhancing tumour under {threshold} voxels becomes core"
+        model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description, threshold)
+        model.save(self.run_dir / name)
 
     def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:
         """An instruction's config: `values` plus what every site must know (the run, the model's input channels)."""
@@ -258,6 +273,7 @@ class Federation:
                 arrays,
                 BEST_MODEL,
                 f"best model: round {record.round}, mean validation Dice {record.val_dice:.4f} over the sites",
+                record,
             )
         history.save(self.run_dir / "history.json")
         Checkpoint(

@@ -14,6 +14,9 @@ Two schemes (run-config `label-scheme`):
   per region), decoded to a label map by nesting (ET inside TC inside WT).
   Empty regions follow the BraTS challenge: a region absent from both truth and prediction scores
   Dice 1, absent from the truth but predicted scores 0 (e.g. ET of a low-grade glioma).
+  A model may carry `enhancing_min_voxels` (fedseg.enhancing, chosen on the sites' validation Dice):
+  a case's enhancing-tumour prediction of fewer voxels becomes tumour core (label 1), as the BraTS
+  winners post-process (Isensee et al. 2021); WT and TC are unchanged by it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 SCHEMES = ("classes", "brats")
 BRATS_CLASSES = 4  # background, core, edema, enhancing (after 4 → 3)
+BRATS_CORE = 1  # necrotic / non-enhancing tumour core
 BRATS_ENHANCING = 3  # the enhancing tumour's training label (stored as 4 or 3)
 BRATS_STORED_ENHANCING = 4  # BraTS 2017–2022 files; BraTS 2023 stores 3
 BRATS_REGIONS = ("WT", "TC", "ET")
@@ -58,6 +62,7 @@ class LabelScheme:
     kind: str = "classes"
     num_classes: int = 3
     region_training: bool = False
+    enhancing_min_voxels: int = 0  # BraTS: a smaller enhancing-tumour prediction becomes core (0: kept)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEMES:
@@ -66,6 +71,11 @@ class LabelScheme:
             raise ValueError(f"label scheme 'brats' has {BRATS_CLASSES} classes (0, 1, 2, 4→3), got {self.num_classes}")
         if self.region_training and self.kind != "brats":
             raise ValueError("region training needs the 'brats' label scheme (its nested tumour regions)")
+        if self.enhancing_min_voxels < 0 or (self.enhancing_min_voxels and self.kind != "brats"):
+            raise ValueError(
+                f"enhancing_min_voxels {self.enhancing_min_voxels}: a voxel count >= 0, and > 0 only with "
+                "the 'brats' label scheme (its enhancing tumour)"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -110,15 +120,25 @@ class LabelScheme:
         return torch.sigmoid(logits) if self.region_training else torch.softmax(logits, dim=1)
 
     def label_map(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """(batch, 1, …) integer labels in training values (BraTS enhancing = 3)."""
+        """(batch, 1, …) integer labels in training values (BraTS enhancing = 3), with the model's
+        enhancing-tumour post-processing."""
         if not self.region_training:
-            return probabilities.argmax(dim=1, keepdim=True)
+            return self._small_enhancing_to_core(probabilities.argmax(dim=1, keepdim=True))
         wt, tc, et = (probabilities[:, i : i + 1] > 0.5 for i in range(3))
         label = torch.zeros_like(wt, dtype=torch.long)
         label[wt] = 2
         label[wt & tc] = 1
         label[wt & tc & et] = BRATS_ENHANCING
-        return label
+        return self._small_enhancing_to_core(label)
+
+    def _small_enhancing_to_core(self, label: torch.Tensor) -> torch.Tensor:
+        """Cases whose enhancing tumour has fewer than enhancing_min_voxels voxels: it becomes core."""
+        if not self.enhancing_min_voxels:
+            return label
+        enhancing = label == BRATS_ENHANCING
+        small = enhancing.flatten(1).sum(dim=1) < self.enhancing_min_voxels
+        small = small.view(-1, *([1] * (label.dim() - 1)))
+        return torch.where(enhancing & small, BRATS_CORE, label)
 
     def regions(self, label: torch.Tensor) -> torch.Tensor:
         """(batch, 3, …) WT, TC, ET masks of a (batch, 1, …) BraTS label map (enhancing 3 or 4)."""

@@ -30,6 +30,9 @@ TRAIN_SECONDS = "train-seconds"
 DICE = "dice"  # mean Dice over the scored structures (fedseg.labels)
 EVAL_SECONDS = "eval-seconds"
 SITE_ID = "site-id"
+# evaluate with run-config postprocess "enhancing-tumour": the mean validation ET Dice at each candidate
+# threshold, one metric per candidate (fedseg.enhancing.candidate_key: this prefix + the voxel count)
+VAL_ENHANCING_PREFIX = "val-dice-ET-min-voxels-"
 PERSONAL_DICE = "personal-dice"  # evaluate: test Dice of the site's personal model (FedBN, Ditto)
 SCAFFOLD_DC = "scaffold-dc"  # train reply: ArrayRecord of the change of the site's control variate cᵢ
 # per scored structure: LabelScheme.metric_names (dice-class-1, …, or dice-WT, dice-TC, dice-ET);

@@ -6,14 +6,16 @@ Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_o
 `{"format": "fedseg-model/2", "state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
-"region_training": false, "intensity": None or [a_min, a_max, b_min, b_max, clip], "preprocessing": {...},
+"region_training": false, "enhancing_min_voxels": 0,
+"intensity": None or [a_min, a_max, b_min, b_max, clip], "preprocessing": {...},
 "init_from": "", "dp_compatible": false,
 "fedseg_version": "0.1.0", "description": "..."}`.
 `model` and `model_args` rebuild the network (fedseg.models: a preset, a class of
 monai.networks.nets or a `fedseg.models` plugin; `model_source` says which, with the plugin's or
 bundle's name and version); `pixdim` is the voxel spacing (mm) the model was trained at (None: the
 stored grid, no resampling); `label_scheme` and `region_training` say what the outputs mean
-(fedseg.labels); `intensity` the intensity window (fedseg.intensity; None: z-score);
+(fedseg.labels), `enhancing_min_voxels` the BraTS enhancing-tumour post-processing threshold
+(fedseg.enhancing; 0: none, also when absent); `intensity` the intensity window (fedseg.intensity; None: z-score);
 `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING, in words);
 `dp_compatible`: trained with DP-SGD, the network's BatchNorm layers rebuilt as GroupNorm.
 Format 1 files (no model_args) are read as presets with their own arguments.
@@ -82,17 +84,23 @@ class ModelCheckpoint:
     init_from: str = ""  # the weights the run started from (fedseg.initial_model), "" for random
     dp_compatible: bool = False  # trained with DP-SGD: BatchNorm layers were made GroupNorm (fedseg.privacy)
     intensity: IntensityWindow | None = None  # the intensity window trained with (fedseg.intensity); None: z-score
+    enhancing_min_voxels: int = 0  # BraTS: a smaller enhancing-tumour prediction becomes core (fedseg.enhancing)
 
     @property
     def labels(self) -> LabelScheme:
-        """What the network's outputs mean."""
-        return LabelScheme(self.label_scheme, self.num_classes, self.region_training)
+        """What the network's outputs mean, and how they are post-processed."""
+        return LabelScheme(self.label_scheme, self.num_classes, self.region_training, self.enhancing_min_voxels)
 
     @classmethod
     def from_config(
-        cls, state_dict: Mapping[str, torch.Tensor], config: RunConfig, description: str
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        config: RunConfig,
+        description: str,
+        enhancing_min_voxels: int = 0,
     ) -> ModelCheckpoint:
-        """The weights of a run with `config` (its in-channels resolved) and how to apply them."""
+        """The weights of a run with `config` (its in-channels resolved) and how to apply them
+        (`enhancing_min_voxels`: the threshold chosen on validation with postprocess "enhancing-tumour")."""
         spec = model_spec(config)
         return cls(
             state_dict=state_dict,
@@ -109,6 +117,7 @@ class ModelCheckpoint:
             description=description,
             label_scheme=config.label_scheme,
             region_training=config.region_training,
+            enhancing_min_voxels=enhancing_min_voxels,
         )
 
     def save(self, path: str | Path) -> None:
@@ -127,6 +136,7 @@ class ModelCheckpoint:
                     "description": self.description,
                     "label_scheme": self.label_scheme,
                     "region_training": self.region_training,
+                    "enhancing_min_voxels": self.enhancing_min_voxels,
                     "model_args": dict(self.model_args),
                     "model_source": self.model_source,
                     "init_from": self.init_from,
@@ -342,6 +352,7 @@ def _checked_fields(data: Mapping) -> dict:
         "init_from": str(data.get("init_from", "")),
         "dp_compatible": data.get("dp_compatible", False) is True,
         "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
+        "enhancing_min_voxels": _whole(data, "enhancing_min_voxels", 0, 2**31 - 1, absent=0),
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(
@@ -355,8 +366,8 @@ def _checked_fields(data: Mapping) -> dict:
     return fields
 
 
-def _whole(data: Mapping, key: str, low: int, high: int) -> int:
-    value = data[key]
+def _whole(data: Mapping, key: str, low: int, high: int, absent: int | None = None) -> int:
+    value = data[key] if absent is None else data.get(key, absent)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"'{key}' must be a whole number from {low} to {high}, got {value!r}")
     return value

@@ -27,6 +27,7 @@ from monai.inferers import sliding_window_inference
 from monai.utils import set_determinism
 from torch import nn
 
+from fedseg.enhancing import CANDIDATES, enhancing_dice_by_candidate
 from fedseg.labels import LabelScheme
 from fedseg.models import build_model
 from fedseg.optim import (
@@ -62,6 +63,7 @@ class EvalResult:
 
     per_case: np.ndarray  # (cases, structures), NaN where undefined (a class absent from the truth)
     seconds: float = 0.0
+    enhancing: np.ndarray | None = None  # when asked: (cases, candidates) ET Dice per threshold (fedseg.enhancing)
     class_dice: list[float] = field(init=False)
     mean_dice: float = field(init=False)
 
@@ -265,17 +267,22 @@ class SegmentationTrainer:
             )
         return cast(torch.Tensor, logits).float()  # MONAI also types tuple- and dict-returning predictors
 
-    def evaluate(self, dataset: Dataset, weights: StateDict | None = None) -> EvalResult:
-        """Dice of every scored structure on every whole volume of `dataset`."""
+    def evaluate(self, dataset: Dataset, weights: StateDict | None = None, enhancing: bool = False) -> EvalResult:
+        """Dice of every scored structure on every whole volume of `dataset`; with `enhancing` (BraTS) also
+        each case's ET Dice at every candidate post-processing threshold (fedseg.enhancing)."""
         if weights is not None:
             self.set_weights(weights)
         started = time.perf_counter()
-        rows = []
+        rows, candidates = [], []
         for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
-            logits = self.predict_logits(batch["image"])
-            rows.append(self.labels.dice(self.labels.probabilities(logits.cpu()), batch["label"]).numpy())
+            probabilities = self.labels.probabilities(self.predict_logits(batch["image"]).cpu())
+            rows.append(self.labels.dice(probabilities, batch["label"]).numpy())
+            if enhancing:
+                candidates.append(enhancing_dice_by_candidate(self.labels, probabilities, batch["label"]))
         per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
-        return EvalResult(per_case=per_case, seconds=time.perf_counter() - started)
+        by_candidate = np.concatenate(candidates) if candidates else np.zeros((0, len(CANDIDATES)))
+        seconds = time.perf_counter() - started
+        return EvalResult(per_case=per_case, seconds=seconds, enhancing=by_candidate if enhancing else None)
 
 
 def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:

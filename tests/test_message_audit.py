@@ -14,7 +14,7 @@ __all__ = ["task_identity"]  # the fixture
 
 ALLOWED_METRIC = re.compile(
     r"^(num-examples|train-loss|val-dice|train-seconds|eval-seconds|dice|dice-class-\d+|dice-(WT|TC|ET)|personal-dice|site-id"
-    r"|dp-epsilon|dp-delta|dp-noise-multiplier)$"
+    r"|val-dice-ET-min-voxels-\d+|dp-epsilon|dp-delta|dp-noise-multiplier)$"
 )
 
 

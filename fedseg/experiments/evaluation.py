@@ -15,6 +15,7 @@ from monai.data import DataLoader, Dataset
 
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
+from fedseg.enhancing import smallest_threshold
 from fedseg.experiments.arms import Arm
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
@@ -89,7 +90,7 @@ def evaluate(
 ) -> list[CaseRow]:
     """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
     trainers = [model.trainer() for model in models]
-    labels = models[0].labels
+    labels = smallest_threshold([model.labels for model in models])  # an ensemble's members may differ
     rows = []
     for test in tests:
         own = not arm.trained_on.startswith("site-") or arm.trained_on == test.name

@@ -31,7 +31,7 @@ from fedseg.experiments.evaluation import ExperimentError, TestSet, arm_privacy,
 from fedseg.experiments.local_grid import LocalGrid, server_identity
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.experiments.views import SitePart, load_splits, site_parts, write_view
-from fedseg.federation import Federation, run_key
+from fedseg.federation import FINAL_MODEL, Federation, run_key
 from fedseg.json_records import read_json_object
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.progress import experiment_bars
@@ -187,9 +187,10 @@ def _train(
     with server_identity():
         tracker = TrackerGroup([open_run_tracker(config, folder, experiment=spec.name), progress])
         federation = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker)
-        arrays, _ = federation.run(initial, resume)
+        federation.run(initial, resume)
     description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
-    model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), config, description)
+    # the run's own model file: the same weights, with what the sites chose for it (fedseg.enhancing)
+    model = dataclasses.replace(ModelCheckpoint.load(folder / FINAL_MODEL), description=description)
     model.save(folder / MODEL)
     return model
 
