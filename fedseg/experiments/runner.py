@@ -188,9 +188,12 @@ def _train(
         tracker = TrackerGroup([open_run_tracker(config, folder, experiment=spec.name), progress])
         federation = Federation(LocalGrid(values, nodes), build_strategy(config), config, folder, tracker)
         federation.run(initial, resume)
-    description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
     # the run's own model file: the same weights, with what the sites chose for it (fedseg.enhancing)
-    model = dataclasses.replace(ModelCheckpoint.load(folder / FINAL_MODEL), description=description)
+    model = ModelCheckpoint.load(folder / FINAL_MODEL)
+    description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
+    if model.enhancing_min_voxels:
+        description += f"; enhancing tumour under {model.enhancing_min_voxels} voxels becomes core"
+    model = dataclasses.replace(model, description=description)
     model.save(folder / MODEL)
     return model
 
