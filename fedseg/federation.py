@@ -249,15 +249,18 @@ class Federation:
         threshold = 0
         if self.config.postprocess == "enhancing-tumour":
             threshold, before, after = choose_min_voxels(scored.eval.values())
-            log(
-                INFO,
-                "[fedseg] %s: enhancing tumour under %d voxels becomes core (sites' validation ET Dice %.3f → %.3f)",
-                name,
-                threshold,
-                before,
-                after,
-            )
-            description += f"; enhancing tumour under {threshold} voxels becomes core"
+            if math.isnan(before):
+                log(WARNING, "[fedseg] %s: no site sent validation ET Dice per threshold; ET kept as predicted", name)
+            else:
+                log(
+                    INFO,
+                    "[fedseg] %s: enhancing tumour under %d voxels becomes core (validation ET Dice %.3f → %.3f)",
+                    name,
+                    threshold,
+                    before,
+                    after,
+                )
+                description += f"; enhancing tumour under {threshold} voxels becomes core"
         model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description, threshold)
         model.save(self.run_dir / name)
 
