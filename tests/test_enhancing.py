@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from inprocess_grid import InProcessGrid, run_federation, task_identity
 from test_message_audit import ALLOWED_METRIC
 
@@ -189,3 +191,34 @@ def test_a_federation_chooses_the_threshold_from_the_sites_replies_and_stores_it
     best_round = history.rounds[history.best_round]
     assert best.labels.enhancing_min_voxels == choose_min_voxels(best_round.eval.values())[0]
     assert f"under {final.enhancing_min_voxels} voxels becomes core" in final.description
+
+
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.booleans(), st.text(max_size=3)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sites=st.lists(
+        st.dictionaries(
+            st.one_of(st.sampled_from([candidate_key(c) for c in CANDIDATES]), st.text(max_size=30)), _VALUES
+        ),
+        max_size=6,
+    ),
+    honest=st.lists(st.lists(st.floats(0.0, 1.0), min_size=len(CANDIDATES), max_size=len(CANDIDATES)), max_size=3),
+)
+def test_hostile_candidate_replies_never_break_the_choice(sites: list[dict], honest: list[list[float]]) -> None:
+    """Whatever a site sends under the candidate keys, the server's choice is a candidate, and only the
+    replies holding a Dice in [0, 1] for every candidate vote (what fedseg.federation passes on: floats)."""
+    replies = [{k: float(v) for k, v in site.items() if isinstance(v, (int, float))} for site in sites]
+    replies += [{candidate_key(c): v for c, v in zip(CANDIDATES, row, strict=True)} for row in honest]
+    threshold, before, after = choose_min_voxels(replies)
+    assert threshold in CANDIDATES
+    voters = [r for r in replies if all(0.0 <= r.get(candidate_key(c), -1.0) <= 1.0 for c in CANDIDATES)]
+    if not voters:
+        assert threshold == 0 and math.isnan(before)
+        return
+    means = np.mean([[r[candidate_key(c)] for c in CANDIDATES] for r in voters], axis=0)
+    assert after == pytest.approx(means.max()) and before == pytest.approx(means[0])
+    assert threshold == CANDIDATES[int(np.argmax(means))]
