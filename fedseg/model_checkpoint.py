@@ -3,7 +3,7 @@
 Every model fedseg writes is in this format (a run's model.pt and best-model.pt, experiment arms'
 models, `fedseg import-model`); `fedseg predict` also reads a run's checkpoint.pt and a run folder.
 Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_only=True`):
-`{"format": "fedseg-model/2", "state_dict": {name: tensor}, "model": "SegResNet",
+`{"format": "fedseg-model/2" (/3 with a post-processing threshold), "state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
 "region_training": false, "enhancing_min_voxels": 0,
@@ -36,6 +36,7 @@ import torch
 import fedseg
 from fedseg.atomic import atomic_path
 from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
+from fedseg.enhancing import choose_min_voxels
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityWindow, describe
 from fedseg.labels import SCHEMES, LabelScheme
@@ -47,7 +48,10 @@ from fedseg.privacy import make_dp_compatible
 from fedseg.trainer import SegmentationTrainer
 
 FORMAT = "fedseg-model/2"
-READABLE_FORMATS = ("fedseg-model/1", FORMAT)
+# a model with enhancing-tumour post-processing: /2 plus `enhancing_min_voxels`, so that a fedseg that
+# cannot apply it refuses the file ("upgrade fedseg") instead of segmenting without it
+POSTPROCESSED_FORMAT = "fedseg-model/3"
+READABLE_FORMATS = ("fedseg-model/1", FORMAT, POSTPROCESSED_FORMAT)
 RUN_MODEL, RUN_CHECKPOINT = "model.pt", "checkpoint.pt"  # in a run folder (fedseg.federation, fedseg.checkpoint)
 # What `fedseg predict` does to an image before the network (fedseg.predict.inference_pipeline), as in training.
 PREPROCESSING = {
@@ -126,7 +130,7 @@ class ModelCheckpoint:
         with atomic_path(path) as tmp:
             torch.save(
                 {
-                    "format": FORMAT,
+                    "format": POSTPROCESSED_FORMAT if self.enhancing_min_voxels else FORMAT,
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
                     "model": self.model,
                     "in_channels": self.in_channels,
@@ -306,8 +310,11 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
     try:
         config = RunConfig.from_mapping(values)
         description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
-        model = ModelCheckpoint.from_config(dict(data["weights"]), config, description)
-    except (ConfigError, ModelError, KeyError, TypeError, ValueError) as err:
+        threshold = 0
+        if config.postprocess == "enhancing-tumour":  # as the run would have stored it for these weights
+            threshold = choose_min_voxels(data["history"]["rounds"][-1]["eval"].values())[0]
+        model = ModelCheckpoint.from_config(dict(data["weights"]), config, description, threshold)
+    except (ConfigError, ModelError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}"
         ) from None

@@ -17,6 +17,8 @@ input with a NaN or infinite voxel is refused (a model would turn it into an all
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -30,9 +32,10 @@ from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacing
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
 from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti, nifti_image
+from fedseg.enhancing import smallest_threshold
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityWindow, intensity_transform
-from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING
+from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING, LabelScheme
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.progress import track
 from fedseg.trainer import SegmentationTrainer
@@ -88,16 +91,26 @@ def probabilities(
     return torch.as_tensor(inverse(data)["pred"])
 
 
+def on_input_grid(scheme: LabelScheme, pixdim: Sequence[float] | None, source: nib.Nifti1Image) -> LabelScheme:
+    """The enhancing-tumour threshold counts voxels of the model's grid (pixdim); the label map here is on
+    the input's grid, so the count is scaled by the ratio of the voxel volumes."""
+    zooms = [float(z) for z in source.header.get_zooms()[:3]]
+    if not scheme.enhancing_min_voxels or pixdim is None or not all(0 < z < math.inf for z in zooms):
+        return scheme
+    ratio = math.prod(pixdim) / math.prod(zooms)
+    return dataclasses.replace(scheme, enhancing_min_voxels=max(1, round(scheme.enhancing_min_voxels * ratio)))
+
+
 def predict_volume(
     models: Sequence[ModelCheckpoint], case: Case | Path, trainers: Sequence[SegmentationTrainer] | None = None
 ) -> nib.Nifti1Image:
     """Label map of the mean probability of `models`, with the (first) input's shape, affine and header."""
     case = _as_case(case)
     _check_ensemble(models)
-    labels_scheme = models[0].labels
     reused: Sequence[SegmentationTrainer | None] = trainers or [None] * len(models)
     mean = torch.stack([probabilities(m, case, trainer=t) for m, t in zip(models, reused, strict=True)]).mean(dim=0)
     source = nifti_image(case[0])
+    labels_scheme = on_input_grid(smallest_threshold([m.labels for m in models]), models[0].pixdim, source)
     labels = labels_scheme.label_map(mean[None])[0, 0].numpy().astype(np.uint8)
     if labels_scheme.kind == "brats":
         labels[labels == BRATS_ENHANCING] = BRATS_STORED_ENHANCING

@@ -30,7 +30,7 @@ from fedseg.enhancing import (
 from fedseg.labels import LabelScheme
 from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
 from fedseg.models import build_model
-from fedseg.predict import predict
+from fedseg.predict import on_input_grid, predict
 
 __all__ = ["task_identity"]  # the fixture
 
@@ -137,6 +137,7 @@ def test_a_model_file_keeps_its_threshold_and_refuses_a_bad_one(tmp_path: Path, 
     _checkpoint(48).save(path)
     assert ModelCheckpoint.load(path).labels.enhancing_min_voxels == 48
     data = torch.load(path, weights_only=True)
+    assert data["format"] == "fedseg-model/3"  # a fedseg that cannot apply the threshold refuses the file
     data["enhancing_min_voxels"] = bad
     torch.save(data, path)
     with pytest.raises(CheckpointError, match=f"{path}: not a usable fedseg model file: 'enhancing_min_voxels'"):
@@ -163,6 +164,20 @@ def test_predict_applies_the_models_threshold(tmp_path: Path) -> None:
     assert (plain == 4).any(), "the random model predicts some enhancing tumour"
     assert not (processed == 4).any()
     np.testing.assert_array_equal(processed, np.where(plain == 4, 1, plain))
+    # an ensemble applies its smallest threshold, whatever the order of the models
+    models = [tmp_path / "model-0.pt", tmp_path / f"model-{2**31 - 1}.pt"]
+    for order, name in ((models, "ab"), (models[::-1], "ba")):
+        [out] = predict(order, files, tmp_path / f"seg-{name}.nii.gz")
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), plain)
+
+
+def test_predict_counts_the_threshold_in_the_models_voxels() -> None:
+    scheme = LabelScheme("brats", 4, True, 64)
+    coarse = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert on_input_grid(scheme, (1.0, 1.0, 1.0), coarse).enhancing_min_voxels == 8  # 64 mm³ = 8 voxels of 8 mm³
+    fine = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.diag([0.5, 0.5, 1.0, 1.0]))
+    assert on_input_grid(scheme, (1.0, 1.0, 1.0), fine).enhancing_min_voxels == 256
+    assert on_input_grid(scheme, None, coarse) == scheme  # a model without resampling works on the input grid
 
 
 def test_a_federation_chooses_the_threshold_from_the_sites_replies_and_stores_it(
@@ -191,6 +206,8 @@ def test_a_federation_chooses_the_threshold_from_the_sites_replies_and_stores_it
     best_round = history.rounds[history.best_round]
     assert best.labels.enhancing_min_voxels == choose_min_voxels(best_round.eval.values())[0]
     assert f"under {final.enhancing_min_voxels} voxels becomes core" in final.description
+    resumable = ModelCheckpoint.load(tmp_path / "run" / "checkpoint.pt")  # the last round's weights and choice
+    assert resumable.enhancing_min_voxels == choose_min_voxels(history.rounds[-1].eval.values())[0]
 
 
 _VALUES = st.one_of(
