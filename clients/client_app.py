@@ -139,7 +139,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         received = state_from_record(msg.content.array_records[m.ARRAYS])
         result = site.trainer.evaluate(site.test_set, weights=received)
         # the server picks its best round on these, and the enhancing-tumour threshold (fedseg.enhancing)
-        validation = site.trainer.evaluate(site.val_set, enhancing=site.config.postprocess == "enhancing-tumour")
+        validation = site.trainer.evaluate(site.val_set, enhancing=site.config.chooses_enhancing_threshold)
         config = msg.content.config_records.get(m.CONFIG)
         run = str(config.get(m.RUN_KEY, context.run_id)) if config is not None else str(context.run_id)
         own = PersonalState(site_state_dir(context), run).personal_model(received)

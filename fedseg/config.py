@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.data.transforms import AUGMENTATIONS
-from fedseg.enhancing import POSTPROCESS
+from fedseg.enhancing import ENHANCING_TUMOUR, POSTPROCESS
 from fedseg.intensity import BUNDLE, IntensityError, parse_intensity
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
@@ -149,6 +149,11 @@ class RunConfig:
     def network_args(self) -> dict[str, Any]:
         """`model-args` as keyword arguments (fedseg.model_args)."""
         return parse_model_args(self.model_args)
+
+    @property
+    def chooses_enhancing_threshold(self) -> bool:
+        """postprocess "enhancing-tumour": sites score ET thresholds, the model keeps the best (fedseg.enhancing)."""
+        return self.postprocess == ENHANCING_TUMOUR
 
     @property
     def labels(self) -> LabelScheme:
@@ -371,7 +376,7 @@ def _validate_labels(config: RunConfig) -> None:
     if config.postprocess not in POSTPROCESS:
         choices = ", ".join(POSTPROCESS)
         raise ConfigError(f"run-config 'postprocess' is '{config.postprocess}'; choose one of: {choices}")
-    if config.postprocess == "enhancing-tumour" and config.label_scheme != "brats":
+    if config.chooses_enhancing_threshold and config.label_scheme != "brats":
         raise ConfigError(
             "run-config 'postprocess' 'enhancing-tumour' needs label-scheme 'brats' (its enhancing tumour), "
             f"got '{config.label_scheme}'"

@@ -14,6 +14,7 @@ smallest, i.e. the least change) and stores it with the model (fedseg.labels.Lab
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -23,10 +24,16 @@ import torch
 from fedseg import messages as m
 from fedseg.labels import BRATS_ENHANCING, LabelScheme
 
-POSTPROCESS = ("none", "enhancing-tumour")  # run-config `postprocess`
+ENHANCING_TUMOUR = "enhancing-tumour"
+POSTPROCESS = ("none", ENHANCING_TUMOUR)  # run-config `postprocess`
 # Voxel counts on the grid the model works at: 0 (keep every prediction), then 1, 2, 4, … 65536.
 CANDIDATES: tuple[int, ...] = (0, *(2**k for k in range(17)))
 _ET = 2  # the enhancing tumour's column in LabelScheme.structures (WT, TC, ET)
+
+
+def describe(min_voxels: int) -> str:
+    """The threshold in words, for logs and model descriptions."""
+    return f"enhancing tumour under {min_voxels} voxels becomes core"
 
 
 def candidate_key(min_voxels: int) -> str:
@@ -37,7 +44,7 @@ def candidate_key(min_voxels: int) -> str:
 def enhancing_dice_by_candidate(labels: LabelScheme, probabilities: torch.Tensor, label: torch.Tensor) -> np.ndarray:
     """(cases, candidates): each case's ET Dice if an ET prediction of fewer voxels than the candidate
     became core. Only the emptied cases change: to 1 when the truth has no ET, else to 0."""
-    plain = LabelScheme(labels.kind, labels.num_classes, labels.region_training)
+    plain = dataclasses.replace(labels, enhancing_min_voxels=0)
     predicted = plain.label_map(probabilities)
     counts = (predicted == BRATS_ENHANCING).flatten(1).sum(dim=1).numpy()
     truth_empty = ~plain.masks(label)[:, _ET].flatten(1).any(dim=1).numpy()
@@ -68,9 +75,7 @@ def choose_min_voxels(sites: Iterable[Mapping[str, float]]) -> tuple[int, float,
 
 def smallest_threshold(labels: Sequence[LabelScheme]) -> LabelScheme:
     """One scheme for an ensemble of models: the first's, with the smallest threshold among them."""
-    first = labels[0]
-    smallest = min(scheme.enhancing_min_voxels for scheme in labels)
-    return LabelScheme(first.kind, first.num_classes, first.region_training, smallest)
+    return dataclasses.replace(labels[0], enhancing_min_voxels=min(scheme.enhancing_min_voxels for scheme in labels))
 
 
 def _complete(site: Mapping[str, float]) -> bool:

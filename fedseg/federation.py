@@ -49,7 +49,7 @@ from fedseg.checkpoint import (
 )
 from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
-from fedseg.enhancing import choose_min_voxels
+from fedseg.enhancing import choose_min_voxels, describe
 from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
@@ -247,20 +247,14 @@ class Federation:
         with the post-processing the sites' validation replies in `scored` (its evaluation) choose."""
         description = f"fedseg run {self.run_dir.name}: {what}"
         threshold = 0
-        if self.config.postprocess == "enhancing-tumour":
+        if self.config.chooses_enhancing_threshold:
             threshold, before, after = choose_min_voxels(scored.eval.values())
             if math.isnan(before):
                 log(WARNING, "[fedseg] %s: no site sent validation ET Dice per threshold; ET kept as predicted", name)
             else:
-                log(
-                    INFO,
-                    "[fedseg] %s: enhancing tumour under %d voxels becomes core (validation ET Dice %.3f → %.3f)",
-                    name,
-                    threshold,
-                    before,
-                    after,
-                )
-                description += f"; enhancing tumour under {threshold} voxels becomes core"
+                chosen = describe(threshold)
+                log(INFO, "[fedseg] %s: %s (validation ET Dice %.3f → %.3f)", name, chosen, before, after)
+                description += f"; {chosen}"
         model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description, threshold)
         model.save(self.run_dir / name)
 

@@ -311,7 +311,7 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
         config = RunConfig.from_mapping(values)
         description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
         threshold = 0
-        if config.postprocess == "enhancing-tumour":  # as the run would have stored it for these weights
+        if config.chooses_enhancing_threshold:  # as the run would have stored it for these weights
             threshold = choose_min_voxels(data["history"]["rounds"][-1]["eval"].values())[0]
         model = ModelCheckpoint.from_config(dict(data["weights"]), config, description, threshold)
     except (ConfigError, ModelError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:

@@ -280,9 +280,10 @@ class SegmentationTrainer:
             if enhancing:
                 candidates.append(enhancing_dice_by_candidate(self.labels, probabilities, batch["label"]))
         per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
-        by_candidate = np.concatenate(candidates) if candidates else np.zeros((0, len(CANDIDATES)))
-        seconds = time.perf_counter() - started
-        return EvalResult(per_case=per_case, seconds=seconds, enhancing=by_candidate if enhancing else None)
+        by_candidate = None
+        if enhancing:
+            by_candidate = np.concatenate(candidates) if candidates else np.zeros((0, len(CANDIDATES)))
+        return EvalResult(per_case=per_case, seconds=time.perf_counter() - started, enhancing=by_candidate)
 
 
 def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:

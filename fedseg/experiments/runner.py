@@ -26,6 +26,7 @@ from fedseg.checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint
 from fedseg.config import ConfigError, RunConfig
 from fedseg.data.datalist import SiteSplit
 from fedseg.data.sites import with_input_channels
+from fedseg.enhancing import describe
 from fedseg.experiments.arms import POOLED, Arm, plan_arms, with_secure_aggregation
 from fedseg.experiments.evaluation import ExperimentError, TestSet, arm_privacy, collect_cases, evaluate, test_sets
 from fedseg.experiments.local_grid import LocalGrid, server_identity
@@ -192,7 +193,7 @@ def _train(
     model = ModelCheckpoint.load(folder / FINAL_MODEL)
     description = f"fedseg experiment {spec.name}, arm {arm.name}, trained on {arm.trained_on}"
     if model.enhancing_min_voxels:
-        description += f"; enhancing tumour under {model.enhancing_min_voxels} voxels becomes core"
+        description += f"; {describe(model.enhancing_min_voxels)}"
     model = dataclasses.replace(model, description=description)
     model.save(folder / MODEL)
     return model
