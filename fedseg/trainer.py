@@ -119,8 +119,9 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """The model's state dict, detached on the CPU."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """A copy of the model's state dict on the CPU: later training does not change it (on the CPU
+        `.cpu()` alone would return the model's own tensors)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def set_weights(self, state: StateDict) -> None:
         """Load weights (strict: every key and shape must match)."""

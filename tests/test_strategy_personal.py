@@ -209,6 +209,23 @@ def test_ditto_keeps_a_personal_model_and_reports_it(tmp_path: Path, task_identi
     assert PersonalState(_state_dir(0), run_key(tmp_path / "run")).load(SCAFFOLD) is None
 
 
+def test_dittos_global_model_is_fedavgs_the_personal_fit_does_not_leak_into_the_reply(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """A site's reply is its global fit; the personal fit that follows it (on the same network) must
+    not change the weights already taken for the reply. So Ditto's global model is FedAvg's, tensor
+    for tensor, and its personal models differ from it."""
+    finals = {}
+    for strategy in ("fedavg", "ditto"):
+        values = tiny_config(tmp_path / strategy, **{"strategy": strategy, "ditto.lambda": 0.5, "num-server-rounds": 2})
+        finals[strategy], _ = run_federation(InProcessGrid(values, 2), values, tmp_path / strategy / "run")
+    fedavg, ditto = (finals[s].to_torch_state_dict() for s in ("fedavg", "ditto"))
+    assert set(fedavg) == set(ditto)
+    assert all(torch.equal(fedavg[k], ditto[k]) for k in fedavg)
+    personal = PersonalState(_state_dir(0), run_key(tmp_path / "ditto" / "run")).load(DITTO)
+    assert personal is not None and any(not torch.equal(personal[k], ditto[k]) for k in ditto)
+
+
 class ServerCrash(Exception):
     """Stands in for the server process dying."""
 
