@@ -102,6 +102,10 @@ class PersonalState:
             current = {key: value.detach().cpu().clone() for key, value in tensors.items()}
             torch.save({"round": server_round, "current": current, "previous": previous}, tmp)
 
+    def has_own_model(self) -> bool:
+        """Whether the site keeps a whole personal model of its own (Ditto), not only its own layers."""
+        return self.load(DITTO) is not None
+
     def personal_model(self, global_state: Mapping[str, torch.Tensor]) -> Tensors | None:
         """The site's personal model: Ditto's, else the global model with the site's own
         normalisation layers (FedBN) and output stage (FedPer); None when the run keeps nothing

@@ -242,15 +242,21 @@ def _node_dir(spec: ExperimentSpec, arm: Arm, node: int, splits: Sequence[SiteSp
 def _personal_rows(
     spec: ExperimentSpec, arm: Arm, model: ModelCheckpoint, tests: Sequence[TestSet], results: Path, folder: Path
 ) -> list[CaseRow]:
-    """Each site's personal model (FedBN, Ditto; kept in its state dir) on its own test split, as arm
-    `<name>-personal` trained on that site; nothing for strategies without personal models."""
+    """Each site's personal model (FedBN, FedPer, Ditto; kept in its state dir) on its own test split, as
+    arm `<name>-personal` trained on that site; where the personal model is a whole model of its own
+    (Ditto), also the mean of its and the global model's probabilities, as arm `<name>-ensemble`.
+    Nothing for strategies without personal models."""
     rows = []
+    no_privacy = ("", math.nan, math.nan)
     for node in arm.nodes:
-        state_dir = results / SITE_STATE / spec.site_dir(node).name
-        weights = PersonalState(state_dir, run_key(folder)).personal_model(model.state_dict)
+        state = PersonalState(results / SITE_STATE / spec.site_dir(node).name, run_key(folder))
+        weights = state.personal_model(model.state_dict)
         if weights is None:
             continue
         personal = dataclasses.replace(model, state_dict=weights, description=f"{arm.name} personal, site-{node}")
         site = Arm(f"{arm.name}-personal", "personal", f"site-{node}", (node,))
-        rows += evaluate(site, [personal], [tests[node]], results, 0, ("", math.nan, math.nan))
+        rows += evaluate(site, [personal], [tests[node]], results, 0, no_privacy)
+        if state.has_own_model():
+            both = Arm(f"{arm.name}-ensemble", "personal", f"site-{node}", (node,))
+            rows += evaluate(both, [model, personal], [tests[node]], results, 0, no_privacy)
     return rows
