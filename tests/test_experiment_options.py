@@ -1,7 +1,8 @@
-"""Experiment options on tiny synthetic sites: fine-tuning, k-fold ensembles and the privacy sweep.
+"""Experiment options on tiny synthetic sites: fine-tuning, k-fold ensembles, the privacy sweep and
+personal models.
 
 One experiment (2 sites, 1 round × 1 epoch, 16³ patches) runs once for the module; each test
-checks one option's outputs.
+checks one option's outputs. The personal models' test runs its own small experiment.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import pytest
 import torch
 from monai.data import DataLoader
 
+from clients.personal import PersonalState
 from fedseg.config import ConfigError
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.synth import synthesize
 from fedseg.experiments import ExperimentSpec, run_experiment
 from fedseg.experiments.arms import plan_arms
 from fedseg.experiments.views import load_splits
+from fedseg.federation import run_key
 from fedseg.labels import LabelScheme
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.report.cases import CaseRow, read_cases
@@ -188,3 +191,45 @@ def test_an_arm_whose_own_rounds_break_a_run_value_fails_before_any_arm_trains(t
     with pytest.raises(ConfigError, match=r"^arm fedavg-finetuned--site-0: run-config 'swa-rounds' must be in"):
         run_experiment(spec, echo=lambda _: None)
     assert not (tmp_path / "r").exists()  # nothing claimed, nothing trained
+
+
+def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
+    synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
+    experiment = {
+        "name": "personal",
+        "data-dir": str(tmp_path / "data"),
+        "output-dir": str(tmp_path / "results"),
+        "sites": 2,
+        "outside": "",
+        "arms": ["federated"],
+        "strategies": ["ditto", "fedbn"],
+    }
+    spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": {**RUN, "ditto": {"lambda": 0.01}}})
+    run_experiment(spec, echo=lambda _: None)
+    rows = read_cases(spec.results_dir / "cases.csv")
+    by_arm = {arm: sorted(r.tested_on for r in rows if r.arm == arm) for arm in {r.arm for r in rows}}
+    assert by_arm["ditto-personal"] == by_arm["ditto-ensemble"] == ["site-0", "site-1"]  # own cases only (1 each)
+    assert by_arm["fedbn-personal"] == ["site-0", "site-1"] and "fedbn-ensemble" not in by_arm  # own layers only
+
+    folder = spec.results_dir / "arms" / "ditto--federation"
+    global_model = ModelCheckpoint.load(folder / "model.pt")
+    state = PersonalState(spec.results_dir / "site-state" / "site-0", run_key(folder))
+    personal = state.personal_model(global_model.state_dict)
+    assert personal is not None
+    items = load_splits([spec.site_dir(0)], spec.run_config().seed)[0].test
+    batch = next(iter(DataLoader(evaluation_dataset(items[:1]), batch_size=1)))
+    labels = global_model.labels
+    trainer = global_model.trainer()
+    shared = labels.probabilities(trainer.predict_logits(batch["image"]))
+    trainer.set_weights(personal)
+    own = labels.probabilities(trainer.predict_logits(batch["image"]))
+    assert not torch.allclose(shared, own)
+    row = {r.arm: r for r in rows if r.tested_on == "site-0" and r.subject == items[0]["subject"]}
+    np.testing.assert_allclose(row["ditto-personal"].dice, labels.dice(own, batch["label"])[0].numpy(), atol=1e-6)
+    expected = labels.dice((shared + own) / 2, batch["label"])[0].numpy()
+    np.testing.assert_allclose(row["ditto-ensemble"].dice, expected, atol=1e-6)
+    assert {row[a].kind for a in ("ditto-personal", "ditto-ensemble")} == {"personal"}
+    assert row["ditto-ensemble"].trained_on == "site-0"
