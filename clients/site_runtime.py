@@ -77,8 +77,12 @@ def site_state_dir(context: Context) -> Path:
     if "state-dir" in node:
         return Path(str(node["state-dir"])).expanduser()
     site_id, data_dir = site_of(context)
-    key = f"site-{site_id}" if data_dir is None else "site-" + hashlib.sha256(data_dir.encode()).hexdigest()[:12]
-    return cache_root() / "site-state" / key
+    return cache_root() / "site-state" / f"site-{site_id}" if data_dir is None else deployed_state_dir(data_dir)
+
+
+def deployed_state_dir(data_dir: str) -> Path:
+    """The default state folder of a deployed site whose node config names `data_dir`."""
+    return cache_root() / "site-state" / ("site-" + hashlib.sha256(data_dir.encode()).hexdigest()[:12])
 
 
 def site_of(context: Context) -> tuple[int, str | None]:

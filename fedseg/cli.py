@@ -464,6 +464,29 @@ def site_join(
         exec_flower(command)
 
 
+@site_app.command("personal-model")
+@_boundary
+def site_personal_model(
+    out: str = typer.Argument(..., help="the fedseg model file to write"),
+    model: str = typer.Option(..., help="the federation's global model file (model.pt) or run folder"),
+    state_dir: str = typer.Option(None, "--state-dir", help="this site's state folder (node config 'state-dir')"),
+    data_dir: str = typer.Option(
+        None, "--data-dir", help="this site's data folder, as given to `site join` (finds the default state folder)"
+    ),
+    run: str = typer.Option(None, help="the run key, when the state folder holds several runs"),
+) -> None:
+    """Write this site's personal model (FedBN, FedPer, Ditto) as a model file for `fedseg predict`; with
+    `--model` twice there, the global and personal models' mean."""
+    from clients.site_runtime import deployed_state_dir
+    from fedseg.personal_export import export_personal_model
+
+    if (state_dir is None) == (data_dir is None):
+        fail("give --state-dir, or --data-dir of a site that runs with the default state folder")
+    folder = state_dir if state_dir is not None else deployed_state_dir(data_dir)
+    personal, key = export_personal_model(model, folder, out, run)
+    typer.echo(f"{out}: personal model of run {key} ({personal.network}, {personal.num_classes} classes)")
+
+
 @app.command()
 @_boundary
 def experiment(config: str = typer.Argument(..., help="experiment TOML (see configs/experiment-*.toml)")) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader
+from typer.testing import CliRunner
 
 from clients.personal import PersonalState
+from fedseg.cli import app as cli
 from fedseg.config import ConfigError
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.synth import synthesize
@@ -193,23 +196,31 @@ def test_an_arm_whose_own_rounds_break_a_run_value_fails_before_any_arm_trains(t
     assert not (tmp_path / "r").exists()  # nothing claimed, nothing trained
 
 
+@pytest.fixture(scope="module")
+def personal_experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
+    """Ditto and FedBN on two tiny sites, one round."""
+    root = tmp_path_factory.mktemp("personal")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDSEG_CACHE", str(root / "cache"))
+        synthesize(root / "data", "tiny", seed=0, num_sites=2)
+        experiment = {
+            "name": "personal",
+            "data-dir": str(root / "data"),
+            "output-dir": str(root / "results"),
+            "sites": 2,
+            "outside": "",
+            "arms": ["federated"],
+            "strategies": ["ditto", "fedbn"],
+        }
+        spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": {**RUN, "ditto": {"lambda": 0.01}}})
+        run_experiment(spec, echo=lambda _: None)
+        yield spec, read_cases(spec.results_dir / "cases.csv")
+
+
 def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    personal_experiment: tuple[ExperimentSpec, list[CaseRow]],
 ) -> None:
-    monkeypatch.setenv("FEDSEG_CACHE", str(tmp_path / "cache"))
-    synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
-    experiment = {
-        "name": "personal",
-        "data-dir": str(tmp_path / "data"),
-        "output-dir": str(tmp_path / "results"),
-        "sites": 2,
-        "outside": "",
-        "arms": ["federated"],
-        "strategies": ["ditto", "fedbn"],
-    }
-    spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": {**RUN, "ditto": {"lambda": 0.01}}})
-    run_experiment(spec, echo=lambda _: None)
-    rows = read_cases(spec.results_dir / "cases.csv")
+    spec, rows = personal_experiment
     by_arm = {arm: sorted(r.tested_on for r in rows if r.arm == arm) for arm in {r.arm for r in rows}}
     assert by_arm["ditto-personal"] == by_arm["ditto-ensemble"] == ["site-0", "site-1"]  # own cases only (1 each)
     assert by_arm["fedbn-personal"] == ["site-0", "site-1"] and "fedbn-ensemble" not in by_arm  # own layers only
@@ -233,3 +244,70 @@ def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_mo
     np.testing.assert_allclose(row["ditto-ensemble"].dice, expected, atol=1e-6)
     assert {row[a].kind for a in ("ditto-personal", "ditto-ensemble")} == {"personal"}
     assert row["ditto-ensemble"].trained_on == "site-0"
+
+
+def _personal_model_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["site", "personal-model", *args])
+    return result.exit_code, result.output
+
+
+def test_a_site_exports_its_personal_model_for_predict(
+    personal_experiment: tuple[ExperimentSpec, list[CaseRow]], tmp_path: Path
+) -> None:
+    spec, _ = personal_experiment
+    state_dir = spec.results_dir / "site-state" / "site-1"
+    for strategy in ("ditto", "fedbn"):
+        folder = spec.results_dir / "arms" / f"{strategy}--federation"
+        out = tmp_path / f"{strategy}.pt"
+        code, output = _personal_model_cli(str(out), "--model", str(folder), "--state-dir", str(state_dir))
+        assert code == 0, output
+        global_model = ModelCheckpoint.load(folder / "model.pt")
+        expected = PersonalState(state_dir, run_key(folder)).personal_model(global_model.state_dict)
+        exported = ModelCheckpoint.load(out)
+        assert expected is not None and exported.state_dict.keys() == expected.keys()
+        assert all(torch.equal(exported.state_dict[k], expected[k]) for k in expected)
+        assert any(not torch.equal(exported.state_dict[k], global_model.state_dict[k]) for k in expected)
+        assert exported.labels == global_model.labels
+
+
+def test_personal_model_export_refuses_what_it_cannot_use_in_one_line(
+    personal_experiment: tuple[ExperimentSpec, list[CaseRow]], tmp_path: Path
+) -> None:
+    spec, _ = personal_experiment
+    model = spec.results_dir / "arms" / "ditto--federation" / "model.pt"
+    state_dir = spec.results_dir / "site-state" / "site-0"
+    runs = sorted(p.name for p in (state_dir / "personal").iterdir())
+    refused = {
+        "two runs kept, none named": ("--model", str(model), "--state-dir", str(state_dir)),
+        "no state": ("--model", str(model), "--state-dir", str(tmp_path / "nothing")),
+        "unknown run": ("--model", str(model), "--state-dir", str(state_dir), "--run", "no-such-run"),
+        "neither folder": ("--model", str(model)),
+        "a path for a run": ("--model", str(model), "--state-dir", str(state_dir), "--run", "../../site-1"),
+    }
+    expected = {
+        "two runs kept, none named": f"personal models of 2 runs; choose one with --run: {', '.join(runs)}",
+        "no state": "no personal model (FedBN, FedPer or Ditto) kept in this state dir",
+        "unknown run": "no personal model (FedBN, FedPer or Ditto) kept for run 'no-such-run'",
+        "neither folder": "give --state-dir, or --data-dir",
+        "a path for a run": "a run key is a folder name under <state-dir>/personal, not a path",
+    }
+    for case, args in refused.items():
+        code, output = _personal_model_cli(str(tmp_path / f"{case}.pt"), *args)
+        assert code == 2 and output.startswith("error: ") and output.count("\n") == 1, (case, output)
+        assert expected[case] in output, (case, output)
+        assert not (tmp_path / f"{case}.pt").exists()
+    # a tampered personal model: unreadable bytes, then a tensor of the wrong shape
+    ditto_run = next(r for r in runs if r.startswith("ditto"))
+    hostile = tmp_path / "state"
+    shutil.copytree(state_dir / "personal" / ditto_run, hostile / "personal" / ditto_run)
+    target = hostile / "personal" / ditto_run / "ditto-personal.pt"
+    target.write_bytes(b"\x80\x04not a torch file")
+    code, output = _personal_model_cli(str(tmp_path / "a.pt"), "--model", str(model), "--state-dir", str(hostile))
+    assert code == 2 and f"{target}: unreadable" in output and output.count("\n") == 1, output
+    weights = {k: v.clone() for k, v in ModelCheckpoint.load(model).state_dict.items()}
+    first = next(iter(weights))
+    weights[first] = torch.zeros(3, 3)
+    torch.save({"round": 1, "current": weights, "previous": None}, target)
+    code, output = _personal_model_cli(str(tmp_path / "b.pt"), "--model", str(model), "--state-dir", str(hostile))
+    assert code == 2 and "does not fit" in output and first in output and output.count("\n") == 1, output
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
