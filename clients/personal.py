@@ -104,7 +104,11 @@ class PersonalState:
 
     def has_own_model(self) -> bool:
         """Whether the site keeps a whole personal model of its own (Ditto), not only its own layers."""
-        return self.load(DITTO) is not None
+        return self.path(DITTO).is_file()
+
+    def keeps_personal_model(self) -> bool:
+        """Whether `personal_model` has something of this site's for this run (without reading it)."""
+        return any(self.path(name).is_file() for name in (DITTO, NORMS, HEAD))
 
     def personal_model(self, global_state: Mapping[str, torch.Tensor]) -> Tensors | None:
         """The site's personal model: Ditto's, else the global model with the site's own

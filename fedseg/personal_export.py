@@ -14,11 +14,9 @@ from pathlib import Path
 
 import torch
 
-from clients.personal import DITTO, HEAD, NORMS, PersonalState, PersonalStateError
+from clients.personal import PersonalState, PersonalStateError
 from fedseg.federation import run_key
 from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
-
-PERSONAL_FILES = (DITTO, NORMS, HEAD)
 
 
 def runs_with_personal_models(state_dir: Path) -> list[str]:
@@ -26,9 +24,7 @@ def runs_with_personal_models(state_dir: Path) -> list[str]:
     folder = state_dir / "personal"
     if not folder.is_dir():
         return []
-    return sorted(
-        run.name for run in folder.iterdir() if any((run / f"{name}.pt").is_file() for name in PERSONAL_FILES)
-    )
+    return sorted(run.name for run in folder.iterdir() if PersonalState(state_dir, run.name).keeps_personal_model())
 
 
 def export_personal_model(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +59,22 @@ def _spec(root: Path, **experiment: object) -> ExperimentSpec:
     return ExperimentSpec.from_mapping({"experiment": values, "run": RUN})
 
 
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
-    root = tmp_path_factory.mktemp("options")
+def _ran(
+    factory: pytest.TempPathFactory, name: str, spec_in: Callable[[Path], ExperimentSpec]
+) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
+    """The experiment `spec_in(root)` run on two tiny synthetic sites in a fresh folder; its spec and rows."""
+    root = factory.mktemp(name)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDSEG_CACHE", str(root / "cache"))
         synthesize(root / "data", "tiny", seed=0, num_sites=2)
-        spec = _spec(root)
+        spec = spec_in(root)
         run_experiment(spec, echo=lambda _: None)
         yield spec, read_cases(spec.results_dir / "cases.csv")
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
+    yield from _ran(tmp_path_factory, "options", _spec)
 
 
 def _arm(spec: ExperimentSpec, arm_id: str) -> Path:
@@ -196,25 +203,23 @@ def test_an_arm_whose_own_rounds_break_a_run_value_fails_before_any_arm_trains(t
     assert not (tmp_path / "r").exists()  # nothing claimed, nothing trained
 
 
+def _personal_spec(root: Path) -> ExperimentSpec:
+    """Ditto and FedBN on two tiny sites, one round."""
+    experiment = {
+        "name": "personal",
+        "data-dir": str(root / "data"),
+        "output-dir": str(root / "results"),
+        "sites": 2,
+        "outside": "",
+        "arms": ["federated"],
+        "strategies": ["ditto", "fedbn"],
+    }
+    return ExperimentSpec.from_mapping({"experiment": experiment, "run": {**RUN, "ditto": {"lambda": 0.01}}})
+
+
 @pytest.fixture(scope="module")
 def personal_experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExperimentSpec, list[CaseRow]]]:
-    """Ditto and FedBN on two tiny sites, one round."""
-    root = tmp_path_factory.mktemp("personal")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDSEG_CACHE", str(root / "cache"))
-        synthesize(root / "data", "tiny", seed=0, num_sites=2)
-        experiment = {
-            "name": "personal",
-            "data-dir": str(root / "data"),
-            "output-dir": str(root / "results"),
-            "sites": 2,
-            "outside": "",
-            "arms": ["federated"],
-            "strategies": ["ditto", "fedbn"],
-        }
-        spec = ExperimentSpec.from_mapping({"experiment": experiment, "run": {**RUN, "ditto": {"lambda": 0.01}}})
-        run_experiment(spec, echo=lambda _: None)
-        yield spec, read_cases(spec.results_dir / "cases.csv")
+    yield from _ran(tmp_path_factory, "personal", _personal_spec)
 
 
 def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_model(
