@@ -37,6 +37,7 @@ from fedseg import messages as m
 from fedseg.data.datalist import SiteDataError
 from fedseg.enhancing import candidate_metrics
 from fedseg.labels import LabelScheme
+from fedseg.personal_mix import candidate_metrics as personal_weight_metrics
 from fedseg.privacy import PrivacyBudgetExceeded
 from fedseg.record_values import as_float, as_int
 from fedseg.secagg import site as secagg_site
@@ -142,8 +143,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         validation = site.trainer.evaluate(site.val_set, enhancing=site.config.chooses_enhancing_threshold)
         config = msg.content.config_records.get(m.CONFIG)
         run = str(config.get(m.RUN_KEY, context.run_id)) if config is not None else str(context.run_id)
-        own = PersonalState(site_state_dir(context), run).personal_model(received)
+        state = PersonalState(site_state_dir(context), run)
+        own = state.personal_model(received)
         personal = site.trainer.evaluate(site.test_set, weights=own) if own is not None else None
+        mixes = None  # the weight of a whole personal model in its mean with the global one (fedseg.personal_mix)
+        if own is not None and state.has_own_model():
+            mixes = site.trainer.personal_weight_candidates(site.val_set, received, own)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
     site.trainer.release_memory()
@@ -153,6 +158,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics.update(candidate_metrics(validation.enhancing))
     if personal is not None:
         metrics[m.PERSONAL_DICE] = personal.mean_dice
+    if mixes is not None:
+        metrics.update(personal_weight_metrics(site.trainer.labels, mixes))
     metrics[m.EVAL_SECONDS] = time.perf_counter() - started
     metrics[m.SITE_ID] = site.site_id
     return Message(content=RecordDict({m.METRICS: metrics}), reply_to=msg)

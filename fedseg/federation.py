@@ -53,6 +53,8 @@ from fedseg.enhancing import choose_min_voxels, describe
 from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.personal_mix import choose_personal_weight
+from fedseg.personal_mix import describe as describe_personal_weight
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
 from fedseg.software import flower_app, note_software
 from fedseg.tracking import NullTracker, Tracker
@@ -255,7 +257,12 @@ class Federation:
                 chosen = describe(threshold)
                 log(INFO, "[fedseg] %s: %s (validation ET Dice %.3f → %.3f)", name, chosen, before, after)
                 description += f"; {chosen}"
-        model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description, threshold)
+        weight = choose_personal_weight(scored.eval.values(), self.config.labels)
+        if weight is not None:
+            chosen = describe_personal_weight(weight, self.config.labels)
+            log(INFO, "[fedseg] %s: %s (chosen on the sites' validation Dice)", name, chosen)
+            description += f"; {chosen}"
+        model = ModelCheckpoint.from_config(arrays.to_torch_state_dict(), self.config, description, threshold, weight)
         model.save(self.run_dir / name)
 
     def _instruction(self, values: dict[str, int | float | str]) -> ConfigRecord:

@@ -33,6 +33,10 @@ SITE_ID = "site-id"
 # evaluate with run-config postprocess "enhancing-tumour": the mean validation ET Dice at each candidate
 # threshold, one metric per candidate (fedseg.enhancing.candidate_key: this prefix + the voxel count)
 VAL_ENHANCING_PREFIX = "val-dice-ET-min-voxels-"
+# evaluate at a site that keeps a whole personal model (Ditto): the mean validation Dice of its mean with
+# the global model per structure and personal weight (fedseg.personal_mix.candidate_key: this prefix +
+# the structure + the weight)
+VAL_PERSONAL_WEIGHT_PREFIX = "val-dice-personal-weight-"
 PERSONAL_DICE = "personal-dice"  # evaluate: test Dice of the site's personal model (FedBN, Ditto)
 SCAFFOLD_DC = "scaffold-dc"  # train reply: ArrayRecord of the change of the site's control variate cᵢ
 # per scored structure: LabelScheme.metric_names (dice-class-1, …, or dice-WT, dice-TC, dice-ET);

@@ -6,7 +6,7 @@ Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_o
 `{"format": "fedseg-model/2" (/3 with a post-processing threshold), "state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
-"region_training": false, "enhancing_min_voxels": 0,
+"region_training": false, "enhancing_min_voxels": 0, "personal_weight": None, "ensemble_weight": None,
 "intensity": None or [a_min, a_max, b_min, b_max, clip], "preprocessing": {...},
 "init_from": "", "dp_compatible": false,
 "fedseg_version": "0.1.0", "description": "..."}`.
@@ -15,7 +15,10 @@ monai.networks.nets or a `fedseg.models` plugin; `model_source` says which, with
 bundle's name and version); `pixdim` is the voxel spacing (mm) the model was trained at (None: the
 stored grid, no resampling); `label_scheme` and `region_training` say what the outputs mean
 (fedseg.labels), `enhancing_min_voxels` the BraTS enhancing-tumour post-processing threshold
-(fedseg.enhancing; 0: none, also when absent); `intensity` the intensity window (fedseg.intensity; None: z-score);
+(fedseg.enhancing; 0: none, also when absent); `personal_weight` (a global model) and `ensemble_weight` (a
+site's exported personal model) the personal model's weight in their mean, per output channel or one for all
+(fedseg.personal_mix; None, or absent: equal weights); `intensity` the intensity window (fedseg.intensity;
+None: z-score);
 `preprocessing` describes the steps `fedseg predict` applies (PREPROCESSING, in words);
 `dp_compatible`: trained with DP-SGD, the network's BatchNorm layers rebuilt as GroupNorm.
 Format 1 files (no model_args) are read as presets with their own arguments.
@@ -44,6 +47,7 @@ from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import format_model_args
 from fedseg.model_spec import intensity_window, model_spec
 from fedseg.models import ModelError, build_model, network_kind
+from fedseg.personal_mix import Weights, check_weight, choose_personal_weight
 from fedseg.privacy import make_dp_compatible
 from fedseg.trainer import SegmentationTrainer
 
@@ -89,6 +93,10 @@ class ModelCheckpoint:
     dp_compatible: bool = False  # trained with DP-SGD: BatchNorm layers were made GroupNorm (fedseg.privacy)
     intensity: IntensityWindow | None = None  # the intensity window trained with (fedseg.intensity); None: z-score
     enhancing_min_voxels: int = 0  # BraTS: a smaller enhancing-tumour prediction becomes core (fedseg.enhancing)
+    # fedseg.personal_mix: a global model's chosen weight of a site's personal model in their mean, and a
+    # personal model's own weight in it (what `fedseg site personal-model` writes); None: equal weights
+    personal_weight: Weights | None = None
+    ensemble_weight: Weights | None = None
 
     @property
     def labels(self) -> LabelScheme:
@@ -102,6 +110,7 @@ class ModelCheckpoint:
         config: RunConfig,
         description: str,
         enhancing_min_voxels: int = 0,
+        personal_weight: Weights | None = None,
     ) -> ModelCheckpoint:
         """The weights of a run with `config` (its in-channels resolved) and how to apply them
         (`enhancing_min_voxels`: the threshold chosen on validation with postprocess "enhancing-tumour")."""
@@ -122,6 +131,7 @@ class ModelCheckpoint:
             label_scheme=config.label_scheme,
             region_training=config.region_training,
             enhancing_min_voxels=enhancing_min_voxels,
+            personal_weight=personal_weight,
         )
 
     def save(self, path: str | Path) -> None:
@@ -141,6 +151,8 @@ class ModelCheckpoint:
                     "label_scheme": self.label_scheme,
                     "region_training": self.region_training,
                     "enhancing_min_voxels": self.enhancing_min_voxels,
+                    "personal_weight": list(self.personal_weight) if self.personal_weight is not None else None,
+                    "ensemble_weight": list(self.ensemble_weight) if self.ensemble_weight is not None else None,
                     "model_args": dict(self.model_args),
                     "model_source": self.model_source,
                     "init_from": self.init_from,
@@ -311,9 +323,11 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
         config = RunConfig.from_mapping(values)
         description = f"run checkpoint {path.parent.name}, after round {int(data['round'])}"
         threshold = 0
+        scored = data["history"]["rounds"][-1]["eval"].values() if data["history"].get("rounds") else []
         if config.chooses_enhancing_threshold:  # as the run would have stored it for these weights
-            threshold = choose_min_voxels(data["history"]["rounds"][-1]["eval"].values())[0]
-        model = ModelCheckpoint.from_config(dict(data["weights"]), config, description, threshold)
+            threshold = choose_min_voxels(scored)[0]
+        weight = choose_personal_weight(scored, config.labels)
+        model = ModelCheckpoint.from_config(dict(data["weights"]), config, description, threshold, weight)
     except (ConfigError, ModelError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}"
@@ -361,6 +375,9 @@ def _checked_fields(data: Mapping) -> dict:
         "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
         "enhancing_min_voxels": _whole(data, "enhancing_min_voxels", 0, 2**31 - 1, absent=0),
     }
+    out_channels = LabelScheme(fields["label_scheme"], fields["num_classes"], fields["region_training"]).out_channels
+    for key in ("personal_weight", "ensemble_weight"):
+        fields[key] = check_weight(data.get(key), out_channels, key)
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(
             f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "

@@ -1,6 +1,7 @@
 """A site's personal model (FedBN's normalisation layers, FedPer's output stage, Ditto's own model) as a
 fedseg model file: what `fedseg personal-model` writes, so that the site can segment with it, or with
-its mean with the global model (`fedseg predict --model model.pt --model personal.pt`).
+its mean with the global model (`fedseg predict --model model.pt --model personal.pt`; a whole personal
+model, Ditto's, carries the weight the federation chose for it: fedseg.personal_mix).
 
 The personal model lives only in the site's state dir (`<state-dir>/personal/<run key>/`); it is put
 together with the federation's global model file, whose network, label scheme and post-processing it
@@ -47,7 +48,11 @@ def export_personal_model(
     if weights is None:
         raise CheckpointError(f"{state.folder}: no personal model (FedBN, FedPer or Ditto) kept for run '{key}'")
     personal = dataclasses.replace(
-        model, state_dict=weights, description=f"{model.description}; personal model of one site (run {key})"
+        model,
+        state_dict=weights,
+        description=f"{model.description}; personal model of one site (run {key})",
+        personal_weight=None,
+        ensemble_weight=model.personal_weight if state.has_own_model() else None,
     )
     fault = personal.weights_fault()
     if fault:

@@ -37,6 +37,7 @@ from fedseg.errors import first_line
 from fedseg.intensity import IntensityWindow, intensity_transform
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING, LabelScheme
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.personal_mix import ensemble_mean
 from fedseg.progress import track
 from fedseg.trainer import SegmentationTrainer
 
@@ -104,11 +105,15 @@ def on_input_grid(scheme: LabelScheme, pixdim: Sequence[float] | None, source: n
 def predict_volume(
     models: Sequence[ModelCheckpoint], case: Case | Path, trainers: Sequence[SegmentationTrainer] | None = None
 ) -> nib.Nifti1Image:
-    """Label map of the mean probability of `models`, with the (first) input's shape, affine and header."""
+    """Label map of the mean probability of `models` (a personal model weighted as exported,
+    fedseg.personal_mix), with the (first) input's shape, affine and header."""
     case = _as_case(case)
     _check_ensemble(models)
     reused: Sequence[SegmentationTrainer | None] = trainers or [None] * len(models)
-    mean = torch.stack([probabilities(m, case, trainer=t) for m, t in zip(models, reused, strict=True)]).mean(dim=0)
+    mean = ensemble_mean(
+        [probabilities(m, case, trainer=t)[None] for m, t in zip(models, reused, strict=True)],
+        [m.ensemble_weight for m in models],
+    )[0]
     source = nifti_image(case[0])
     labels_scheme = on_input_grid(smallest_threshold([m.labels for m in models]), models[0].pixdim, source)
     labels = labels_scheme.label_map(mean[None])[0, 0].numpy().astype(np.uint8)
@@ -180,6 +185,8 @@ def predict(
 def _check_ensemble(models: Sequence[ModelCheckpoint]) -> None:
     if len({(m.labels.kind, m.labels.out_channels, m.num_classes) for m in models}) != 1:
         raise PredictError("the models of an ensemble must have the same num-classes and label scheme")
+    if sum(m.ensemble_weight is not None for m in models) > 1:
+        raise PredictError("an ensemble can hold one site's personal model (`fedseg site personal-model`), not several")
 
 
 def _check_case(case: Case, models: Sequence[ModelCheckpoint], max_voxels: int | None) -> list[NiftiHeader]:

@@ -37,6 +37,8 @@ from fedseg.optim import (
     optimizer_factory,
     optimizer_moments,
 )
+from fedseg.personal_mix import CANDIDATES as CANDIDATE_WEIGHTS
+from fedseg.personal_mix import dice_by_candidate
 from fedseg.precision import Precision
 from fedseg.privacy import SitePrivacy, make_dp_compatible
 from fedseg.sharpness import ascended, kept_statistics
@@ -285,6 +287,20 @@ class SegmentationTrainer:
         if enhancing:
             by_candidate = np.concatenate(candidates) if candidates else np.zeros((0, len(CANDIDATES)))
         return EvalResult(per_case=per_case, seconds=time.perf_counter() - started, enhancing=by_candidate)
+
+    @torch.no_grad()
+    def personal_weight_candidates(self, dataset: Dataset, shared: StateDict, personal: StateDict) -> np.ndarray:
+        """(cases, candidates, structures): Dice of the mean of the `shared` and `personal` models'
+        probabilities on every whole volume of `dataset`, at every personal weight (fedseg.personal_mix)."""
+        rows = []
+        for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
+            outputs = []
+            for weights in (shared, personal):
+                self.set_weights(weights)
+                outputs.append(self.labels.probabilities(self.predict_logits(batch["image"]).cpu()))
+            rows.append(dice_by_candidate(self.labels, outputs[0], outputs[1], batch["label"]))
+        self.set_weights(shared)
+        return np.concatenate(rows) if rows else np.zeros((0, len(CANDIDATE_WEIGHTS), len(self.labels.structures)))
 
 
 def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:

@@ -30,6 +30,7 @@ from fedseg.experiments.views import load_splits
 from fedseg.federation import run_key
 from fedseg.labels import LabelScheme
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.personal_mix import CANDIDATES, candidate_key
 from fedseg.report.cases import CaseRow, read_cases
 
 RUN = {
@@ -245,8 +246,17 @@ def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_mo
     assert not torch.allclose(shared, own)
     row = {r.arm: r for r in rows if r.tested_on == "site-0" and r.subject == items[0]["subject"]}
     np.testing.assert_allclose(row["ditto-personal"].dice, labels.dice(own, batch["label"])[0].numpy(), atol=1e-6)
-    expected = labels.dice((shared + own) / 2, batch["label"])[0].numpy()
+    # the personal model's weight in the mean: chosen on the sites' validation Dice (fedseg.personal_mix)
+    assert global_model.personal_weight is not None and len(global_model.personal_weight) == 1  # softmax: one
+    weight = global_model.personal_weight[0]
+    scored = json.loads((folder / "history.json").read_text())["rounds"][-1]["eval"].values()
+    means = np.mean([[site[candidate_key(s, w)] for w in CANDIDATES for s in labels.structures] for site in scored], 0)
+    by_weight = means.reshape(len(CANDIDATES), len(labels.structures)).mean(1)
+    assert weight == CANDIDATES[int(np.argmax(by_weight))]
+    expected = labels.dice(weight * own + (1 - weight) * shared, batch["label"])[0].numpy()
     np.testing.assert_allclose(row["ditto-ensemble"].dice, expected, atol=1e-6)
+    fedbn = ModelCheckpoint.load(spec.results_dir / "arms" / "fedbn--federation" / "model.pt")
+    assert fedbn.personal_weight is None  # its sites keep layers, not a model of their own: nothing to weigh
     assert {row[a].kind for a in ("ditto-personal", "ditto-ensemble")} == {"personal"}
     assert row["ditto-ensemble"].trained_on == "site-0"
 
@@ -273,6 +283,9 @@ def test_a_site_exports_its_personal_model_for_predict(
         assert all(torch.equal(exported.state_dict[k], expected[k]) for k in expected)
         assert any(not torch.equal(exported.state_dict[k], global_model.state_dict[k]) for k in expected)
         assert exported.labels == global_model.labels
+        # Ditto's own model carries the weight the federation chose for it; FedBN's layers none
+        assert exported.ensemble_weight == (global_model.personal_weight if strategy == "ditto" else None)
+        assert exported.personal_weight is None
 
 
 def test_personal_model_export_refuses_what_it_cannot_use_in_one_line(

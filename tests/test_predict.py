@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -80,6 +81,22 @@ def test_ensemble_averages_probabilities_and_folders_are_predicted(tmp_path: Pat
         ensemble = np.asarray(nib.load(str(out)).dataobj)
         np.testing.assert_array_equal(ensemble, mean.argmax(0).numpy())
         assert (ensemble != single).any()  # the second model changed some voxels
+
+
+def test_a_personal_model_counts_as_much_as_its_ensemble_weight(tmp_path: Path) -> None:
+    shared, own = (ModelCheckpoint.load(_checkpoint(tmp_path, seed, pixdim=None)) for seed in (3, 4))
+    personal = tmp_path / "personal.pt"
+    dataclasses.replace(own, ensemble_weight=(0.0, 0.9, 0.2)).save(personal)  # per output channel
+    image = _volume(tmp_path)
+    [out] = predict([tmp_path / "model-3.pt", personal], image, tmp_path / "out.nii.gz")
+    weight = torch.tensor([0.0, 0.9, 0.2]).view(3, 1, 1, 1)
+    mean = weight * probabilities(own, image) + (1 - weight) * probabilities(shared, image)
+    equal = (probabilities(own, image) + probabilities(shared, image)) / 2
+    result = np.asarray(nib.load(str(out)).dataobj)
+    np.testing.assert_array_equal(result, mean.argmax(0).numpy())
+    assert (result != equal.argmax(0).numpy()).any()  # the weights changed some voxels
+    with pytest.raises(PredictError, match="one site's personal model"):
+        predict([personal, personal], image, tmp_path / "two.nii.gz")
 
 
 def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:

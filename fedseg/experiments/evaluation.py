@@ -20,6 +20,7 @@ from fedseg.experiments.arms import Arm
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
+from fedseg.personal_mix import ensemble_mean
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
 from fedseg.report.layout import ARMS, CASES, HISTORY, OVERLAYS, overlay_case
@@ -88,15 +89,16 @@ def evaluate(
     overlay_cases: int,
     privacy: Privacy,
 ) -> list[CaseRow]:
-    """Per-case Dice of the model (mean probability of an ensemble) on every test set; overlay slices."""
+    """Per-case Dice of the model (mean probability of an ensemble; a personal model weighted as its
+    `ensemble_weight` says, fedseg.personal_mix) on every test set; overlay slices."""
     trainers = [model.trainer() for model in models]
     labels = smallest_threshold([model.labels for model in models])  # an ensemble's members may differ
     rows = []
     for test in tests:
         own = not arm.trained_on.startswith("site-") or arm.trained_on == test.name
         for index, batch in enumerate(DataLoader(test.dataset, batch_size=1, num_workers=0)):
-            probabilities = torch.stack([labels.probabilities(t.predict_logits(batch["image"])) for t in trainers])
-            probabilities = probabilities.mean(0).cpu()
+            outputs = [labels.probabilities(t.predict_logits(batch["image"])) for t in trainers]
+            probabilities = ensemble_mean(outputs, [model.ensemble_weight for model in models]).cpu()
             dice = labels.dice(probabilities, batch["label"])[0].tolist()
             subject = test.items[index]["subject"]
             rows.append(

@@ -244,7 +244,8 @@ def _personal_rows(
 ) -> list[CaseRow]:
     """Each site's personal model (FedBN, FedPer, Ditto; kept in its state dir) on its own test split, as
     arm `<name>-personal` trained on that site; where the personal model is a whole model of its own
-    (Ditto), also the mean of its and the global model's probabilities, as arm `<name>-ensemble`.
+    (Ditto), also the mean of its and the global model's probabilities, as arm `<name>-ensemble` (the
+    personal model weighted as the global model's `personal_weight` says, fedseg.personal_mix).
     Nothing for strategies without personal models."""
     rows = []
     no_privacy = ("", math.nan, math.nan)
@@ -258,5 +259,6 @@ def _personal_rows(
         rows += evaluate(site, [personal], [tests[node]], results, 0, no_privacy)
         if state.has_own_model():
             both = Arm(f"{arm.name}-ensemble", "personal", f"site-{node}", (node,))
-            rows += evaluate(both, [model, personal], [tests[node]], results, 0, no_privacy)
+            weighted = dataclasses.replace(personal, ensemble_weight=model.personal_weight)
+            rows += evaluate(both, [model, weighted], [tests[node]], results, 0, no_privacy)
     return rows
