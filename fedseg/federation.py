@@ -257,7 +257,9 @@ class Federation:
                 chosen = describe(threshold)
                 log(INFO, "[fedseg] %s: %s (validation ET Dice %.3f → %.3f)", name, chosen, before, after)
                 description += f"; {chosen}"
-        weight = choose_personal_weight(scored.eval.values(), self.config.labels)
+        weight = None
+        if getattr(self.strategy, "keeps_site_models", False):
+            weight = choose_personal_weight(scored.eval.values(), self.config.labels)
         if weight is not None:
             chosen = describe_personal_weight(weight, self.config.labels)
             log(INFO, "[fedseg] %s: %s (chosen on the sites' validation Dice)", name, chosen)

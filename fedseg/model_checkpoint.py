@@ -3,7 +3,8 @@
 Every model fedseg writes is in this format (a run's model.pt and best-model.pt, experiment arms'
 models, `fedseg import-model`); `fedseg predict` also reads a run's checkpoint.pt and a run folder.
 Format (a `torch.save`d dict of tensors and plain values, loaded with `weights_only=True`):
-`{"format": "fedseg-model/2" (/3 with a post-processing threshold), "state_dict": {name: tensor}, "model": "SegResNet",
+`{"format": "fedseg-model/2" (/3 with a post-processing threshold, /4 with an `ensemble_weight`),
+"state_dict": {name: tensor}, "model": "SegResNet",
 "model_args": {"init_filters": 16}, "model_source": "monai", "in_channels": 1, "num_classes": 3,
 "patch_size": [32, 32, 32], "pixdim": [1.0, 1.0, 1.0] or None, "label_scheme": "classes",
 "region_training": false, "enhancing_min_voxels": 0, "personal_weight": None, "ensemble_weight": None,
@@ -55,7 +56,10 @@ FORMAT = "fedseg-model/2"
 # a model with enhancing-tumour post-processing: /2 plus `enhancing_min_voxels`, so that a fedseg that
 # cannot apply it refuses the file ("upgrade fedseg") instead of segmenting without it
 POSTPROCESSED_FORMAT = "fedseg-model/3"
-READABLE_FORMATS = ("fedseg-model/1", FORMAT, POSTPROCESSED_FORMAT)
+# a site's personal model with its weight in the mean with the global model (fedseg.personal_mix), so that a
+# fedseg that would average it equally refuses it; a global model's `personal_weight` changes nothing alone
+WEIGHTED_FORMAT = "fedseg-model/4"
+READABLE_FORMATS = ("fedseg-model/1", FORMAT, POSTPROCESSED_FORMAT, WEIGHTED_FORMAT)
 RUN_MODEL, RUN_CHECKPOINT = "model.pt", "checkpoint.pt"  # in a run folder (fedseg.federation, fedseg.checkpoint)
 # What `fedseg predict` does to an image before the network (fedseg.predict.inference_pipeline), as in training.
 PREPROCESSING = {
@@ -140,7 +144,7 @@ class ModelCheckpoint:
         with atomic_path(path) as tmp:
             torch.save(
                 {
-                    "format": POSTPROCESSED_FORMAT if self.enhancing_min_voxels else FORMAT,
+                    "format": self._format(),
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
                     "model": self.model,
                     "in_channels": self.in_channels,
@@ -163,6 +167,11 @@ class ModelCheckpoint:
                 },
                 tmp,
             )
+
+    def _format(self) -> str:
+        if self.ensemble_weight is not None:
+            return WEIGHTED_FORMAT
+        return POSTPROCESSED_FORMAT if self.enhancing_min_voxels else FORMAT
 
     @property
     def network(self) -> str:
@@ -375,14 +384,14 @@ def _checked_fields(data: Mapping) -> dict:
         "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
         "enhancing_min_voxels": _whole(data, "enhancing_min_voxels", 0, 2**31 - 1, absent=0),
     }
-    out_channels = LabelScheme(fields["label_scheme"], fields["num_classes"], fields["region_training"]).out_channels
-    for key in ("personal_weight", "ensemble_weight"):
-        fields[key] = check_weight(data.get(key), out_channels, key)
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
         raise ValueError(
             f"'label_scheme' {fields['label_scheme']!r} / 'region_training' "
             f"{fields['region_training']!r}: label scheme one of {', '.join(SCHEMES)}, and true or false"
         )
+    out_channels = LabelScheme(fields["label_scheme"], fields["num_classes"], fields["region_training"]).out_channels
+    for key in ("personal_weight", "ensemble_weight"):
+        fields[key] = check_weight(data.get(key), out_channels, key)
     if not all(8 <= p <= 512 for p in fields["patch_size"]):
         raise ValueError(f"'patch_size' {fields['patch_size']} must be 8 to 512 per axis")
     if fields["pixdim"] is not None and not all(0 < p < math.inf for p in fields["pixdim"]):

@@ -9,9 +9,14 @@ at every weight of `CANDIDATES` and sends the mean Dice per structure and weight
 the server takes, per structure, the weight with the best unweighted mean over the sites (ties: the
 smaller, the global model's side) and stores it with the model (ModelCheckpoint `personal_weight`).
 
-Weights are per output channel where the channels are independent (sigmoid regions: one per
-structure) and one for every channel where they are a softmax (the weight with the best mean over the
-structures). The weight of the personal model travels with it when a site exports it
+Weights are per output channel for sigmoid regions (one per structure) and one for every channel
+for a softmax (the weight with the best mean over the structures). A site scores each candidate with
+the same weight on every channel, while BraTS regions are nested when scored (TC inside WT, ET inside
+TC), so the per-region choice is measured as a whole only where the stored model is tested (the
+experiment's `<arm>-ensemble` rows). The candidates are scored without the enhancing-tumour threshold
+(fedseg.enhancing), which is chosen on the global model alone and then applied to the mean too.
+`best-model.pt` carries the weight chosen at its round, while a site keeps only its latest personal
+model. The weight of the personal model travels with it when a site exports it
 (`fedseg site personal-model`: ModelCheckpoint `ensemble_weight`), so `fedseg predict --model model.pt
 --model personal.pt` segments with the chosen mean.
 """
@@ -61,16 +66,17 @@ def candidate_metrics(labels: LabelScheme, per_case: np.ndarray) -> dict[str, fl
 
 
 def choose_personal_weight(sites: Iterable[Mapping[str, float]], labels: LabelScheme) -> Weights | None:
-    """The personal model's weight per output channel (sigmoid regions) or for all channels (softmax)
-    from the reply metrics of the sites that sent a Dice in [0, 1] for every structure and weight
-    (each site counts once); None when none did."""
-    voters = [site for site in sites if all(_complete(site, structure) for structure in labels.structures)]
-    if not voters:
-        return None
-    means = [
-        np.asarray([[site[candidate_key(structure, w)] for w in CANDIDATES] for site in voters]).mean(axis=0)
-        for structure in labels.structures
-    ]
+    """The personal model's weight per output channel (sigmoid regions) or for all channels (softmax:
+    the mean over the structures of each structure's mean) from the sites' reply metrics. A structure's
+    mean is over the sites that sent a Dice in [0, 1] at every weight for it (each counts once; a site
+    whose validation cases lack a structure sends none for it); None when no site did for a structure."""
+    sites = list(sites)
+    means = []
+    for structure in labels.structures:
+        voters = [site for site in sites if _complete(site, structure)]
+        if not voters:
+            return None
+        means.append(np.asarray([[site[candidate_key(structure, w)] for w in CANDIDATES] for site in voters]).mean(0))
     if labels.region_training:
         return tuple(CANDIDATES[int(np.argmax(row))] for row in means)  # argmax: the first (smallest) of equals
     return (CANDIDATES[int(np.argmax(np.mean(means, axis=0)))],)
@@ -111,7 +117,7 @@ def ensemble_mean(probabilities: Sequence[torch.Tensor], ensemble_weights: Seque
         return stacked[0]
     own = weighted[0]
     channels = stacked.shape[2]
-    weight = torch.tensor(ensemble_weights[own], dtype=stacked.dtype)
+    weight = torch.tensor(ensemble_weights[own], dtype=stacked.dtype, device=stacked.device)
     if len(weight) not in {1, channels}:
         raise EnsembleError(f"the personal model's weight has {len(weight)} values for {channels} output channels")
     weight = weight.expand(channels).view(1, channels, *([1] * (stacked.dim() - 3)))

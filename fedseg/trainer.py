@@ -293,13 +293,15 @@ class SegmentationTrainer:
         """(cases, candidates, structures): Dice of the mean of the `shared` and `personal` models'
         probabilities on every whole volume of `dataset`, at every personal weight (fedseg.personal_mix)."""
         rows = []
-        for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
-            outputs = []
-            for weights in (shared, personal):
-                self.set_weights(weights)
-                outputs.append(self.labels.probabilities(self.predict_logits(batch["image"]).cpu()))
-            rows.append(dice_by_candidate(self.labels, outputs[0], outputs[1], batch["label"]))
-        self.set_weights(shared)
+        try:
+            for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
+                outputs = []
+                for weights in (shared, personal):
+                    self.set_weights(weights)
+                    outputs.append(self.labels.probabilities(self.predict_logits(batch["image"]).cpu()))
+                rows.append(dice_by_candidate(self.labels, outputs[0], outputs[1], batch["label"]))
+        finally:
+            self.set_weights(shared)
         return np.concatenate(rows) if rows else np.zeros((0, len(CANDIDATE_WEIGHTS), len(self.labels.structures)))
 
 

@@ -87,6 +87,9 @@ class FedSegStrategy(FlowerFedAvg):
     required_metrics: ClassVar[tuple[str, ...]] = (NUM_EXAMPLES,)
     reply_records: ClassVar[tuple[str, ...]] = ()  # ArrayRecords a reply carries besides the model (SCAFFOLD)
     dp_sgd_conflict: ClassVar[str] = ""  # why the strategy cannot train with DP-SGD at the sites ("" = it can)
+    # the sites keep whole personal models (Ditto): the server chooses their weight in the mean with the
+    # global model (fedseg.personal_mix)
+    keeps_site_models: ClassVar[bool] = False
     # why the strategy cannot run under secure aggregation ("" = it can; None: derived, see secure_aggregation_reason)
     secure_aggregation_conflict: ClassVar[str | None] = None
     max_update_ratio: float

@@ -31,6 +31,7 @@ class Ditto(FedAvg):
         ),
     )
     dp_sgd_conflict = "its personal fit has a proximal term, which DP-SGD drops"
+    keeps_site_models = True
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,6 +7,7 @@ checks one option's outputs. The personal models' test runs its own small experi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -25,7 +26,8 @@ from fedseg.config import ConfigError
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.data.synth import synthesize
 from fedseg.experiments import ExperimentSpec, run_experiment
-from fedseg.experiments.arms import plan_arms
+from fedseg.experiments.arms import Arm, plan_arms
+from fedseg.experiments.evaluation import _test_set, evaluate
 from fedseg.experiments.views import load_splits
 from fedseg.federation import run_key
 from fedseg.labels import LabelScheme
@@ -224,7 +226,7 @@ def personal_experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
 
 
 def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_model(
-    personal_experiment: tuple[ExperimentSpec, list[CaseRow]],
+    personal_experiment: tuple[ExperimentSpec, list[CaseRow]], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     spec, rows = personal_experiment
     by_arm = {arm: sorted(r.tested_on for r in rows if r.arm == arm) for arm in {r.arm for r in rows}}
@@ -255,8 +257,18 @@ def test_ditto_sites_report_their_personal_model_and_its_mean_with_the_global_mo
     assert weight == CANDIDATES[int(np.argmax(by_weight))]
     expected = labels.dice(weight * own + (1 - weight) * shared, batch["label"])[0].numpy()
     np.testing.assert_allclose(row["ditto-ensemble"].dice, expected, atol=1e-6)
-    fedbn = ModelCheckpoint.load(spec.results_dir / "arms" / "fedbn--federation" / "model.pt")
-    assert fedbn.personal_weight is None  # its sites keep layers, not a model of their own: nothing to weigh
+    fedbn_folder = spec.results_dir / "arms" / "fedbn--federation"
+    assert ModelCheckpoint.load(fedbn_folder / "model.pt").personal_weight is None  # layers, not a model: no weight
+    fedbn_scored = json.loads((fedbn_folder / "history.json").read_text())["rounds"][-1]["eval"].values()
+    assert not any(k.startswith("val-dice-personal-weight-") for site in fedbn_scored for k in site)
+    # the experiment's mean follows the weight: all of it on the personal model gives the personal model's Dice
+    only_own = dataclasses.replace(global_model, state_dict=personal, ensemble_weight=(1.0,))
+    arm = Arm("x", "personal", "site-0", (0,))
+    test = _test_set(spec, "site-0", False, items[:1])
+    [weighted] = evaluate(
+        arm, [global_model, only_own], [test], tmp_path_factory.mktemp("e"), 0, ("", math.nan, math.nan)
+    )
+    np.testing.assert_allclose(weighted.dice, row["ditto-personal"].dice, atol=1e-6)
     assert {row[a].kind for a in ("ditto-personal", "ditto-ensemble")} == {"personal"}
     assert row["ditto-ensemble"].trained_on == "site-0"
 

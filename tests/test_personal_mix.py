@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.data import Dataset
 
 from fedseg.labels import LabelScheme
 from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
@@ -22,6 +23,7 @@ from fedseg.personal_mix import (
     dice_by_candidate,
     ensemble_mean,
 )
+from fedseg.trainer import SegmentationTrainer
 
 REGIONS = LabelScheme("brats", 4, region_training=True)  # WT, TC, ET: one sigmoid each
 CLASSES = LabelScheme("classes", 3)  # softmax over 3 classes, 2 scored structures
@@ -40,18 +42,22 @@ def test_each_region_takes_the_weight_with_the_best_mean_over_the_sites() -> Non
     assert choose_personal_weight(sites, REGIONS) == (0.75, 0.25, 0.25)
 
 
-def test_sites_with_an_incomplete_or_impossible_set_do_not_vote() -> None:
+def test_an_incomplete_or_impossible_set_does_not_vote_for_its_structure() -> None:
     good = _site({s: [0.1, 0.2, 0.9, 0.2, 0.1] for s in REGIONS.structures})
-    votes_for_one = {s: [0.0, 0.0, 0.0, 0.0, 1.0] for s in REGIONS.structures}
+    votes_for_one = [0.0, 0.0, 0.0, 0.0, 1.0]
     hostile = [
-        {k: v for k, v in _site(votes_for_one).items() if not k.endswith("-0.5")},  # a candidate missing
-        {**_site(votes_for_one), candidate_key("TC", 1.0): 7.0},  # not a Dice
-        {**_site(votes_for_one), candidate_key("ET", 1.0): math.nan},
-        {**_site(votes_for_one), candidate_key("WT", 1.0): math.inf},
+        {k: v for k, v in _site({"WT": votes_for_one}).items() if not k.endswith("-0.5")},  # a candidate missing
+        _site({"TC": [*votes_for_one[:4], 7.0]}),  # not a Dice
+        _site({"ET": [*votes_for_one[:4], math.nan]}),
+        _site({"WT": [*votes_for_one[:4], math.inf]}),
+        {candidate_key("TC", w): "0.9" for w in CANDIDATES},  # not a number
     ]
     assert choose_personal_weight([good, *hostile], REGIONS) == (0.5, 0.5, 0.5)
-    assert choose_personal_weight(hostile[:1], REGIONS) is None
+    assert choose_personal_weight(hostile, REGIONS) is None
     assert choose_personal_weight([{}], REGIONS) is None  # FedAvg's sites send none
+    # a site whose validation cases have no ET still votes for WT and TC
+    no_et = _site({"WT": votes_for_one, "TC": votes_for_one})
+    assert choose_personal_weight([good, no_et, no_et], REGIONS) == (1.0, 1.0, 0.5)
 
 
 def test_softmax_outputs_get_one_weight_for_every_channel() -> None:
@@ -106,9 +112,11 @@ def test_model_files_keep_the_weights_and_refuse_impossible_ones(tmp_path: Path)
     _model(personal_weight=(0.75, 0.25, 0.0)).save(path)
     loaded = ModelCheckpoint.load(path)
     assert loaded.personal_weight == (0.75, 0.25, 0.0) and loaded.ensemble_weight is None
+    assert torch.load(path, weights_only=True)["format"] == "fedseg-model/2"  # alone it changes no prediction
     _model(ensemble_weight=(0.5,)).save(path)
     assert ModelCheckpoint.load(path).ensemble_weight == (0.5,)
     data = torch.load(path, weights_only=True)
+    assert data["format"] == "fedseg-model/4"  # a fedseg that would average it equally refuses it
     for bad in ([0.5, 0.5], [1.5], [-0.1, 0.2, 0.3], ["0.5"], [True], 0.5, [math.nan], {"WT": 0.5}):
         torch.save({**data, "ensemble_weight": bad}, path)
         with pytest.raises(CheckpointError, match=r"m\.pt: not a usable fedseg model file: 'ensemble_weight' must be"):
@@ -116,3 +124,19 @@ def test_model_files_keep_the_weights_and_refuse_impossible_ones(tmp_path: Path)
     del data["ensemble_weight"], data["personal_weight"]  # a file of an earlier fedseg: equal weights
     torch.save(data, path)
     assert ModelCheckpoint.load(path).ensemble_weight is None
+
+
+def test_a_site_scores_every_weight_and_keeps_the_global_model_loaded() -> None:
+    torch.manual_seed(2)
+    trainer = SegmentationTrainer("unet", 3, (16, 16, 16))
+    shared = trainer.get_weights()
+    personal = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in shared.items()}
+    cases = [
+        {"image": torch.randn(1, 16, 16, 16), "label": torch.randint(0, 3, (1, 16, 16, 16)).float()} for _ in range(2)
+    ]
+    per_case = trainer.personal_weight_candidates(Dataset(cases), shared, personal)
+    assert per_case.shape == (2, len(CANDIDATES), 2)
+    assert all(torch.equal(v, shared[k]) for k, v in trainer.get_weights().items())  # restored
+    np.testing.assert_allclose(per_case[:, 0], trainer.evaluate(Dataset(cases), weights=shared).per_case, atol=1e-6)
+    np.testing.assert_allclose(per_case[:, -1], trainer.evaluate(Dataset(cases), weights=personal).per_case, atol=1e-6)
+    assert not np.allclose(per_case[:, 0], per_case[:, -1])  # the two models differ on these cases

@@ -86,11 +86,10 @@ def test_ensemble_averages_probabilities_and_folders_are_predicted(tmp_path: Pat
 def test_a_personal_model_counts_as_much_as_its_ensemble_weight(tmp_path: Path) -> None:
     shared, own = (ModelCheckpoint.load(_checkpoint(tmp_path, seed, pixdim=None)) for seed in (3, 4))
     personal = tmp_path / "personal.pt"
-    dataclasses.replace(own, ensemble_weight=(0.0, 0.9, 0.2)).save(personal)  # per output channel
+    dataclasses.replace(own, ensemble_weight=(0.8,)).save(personal)  # softmax outputs: one weight
     image = _volume(tmp_path)
     [out] = predict([tmp_path / "model-3.pt", personal], image, tmp_path / "out.nii.gz")
-    weight = torch.tensor([0.0, 0.9, 0.2]).view(3, 1, 1, 1)
-    mean = weight * probabilities(own, image) + (1 - weight) * probabilities(shared, image)
+    mean = 0.8 * probabilities(own, image) + 0.2 * probabilities(shared, image)
     equal = (probabilities(own, image) + probabilities(shared, image)) / 2
     result = np.asarray(nib.load(str(out)).dataobj)
     np.testing.assert_array_equal(result, mean.argmax(0).numpy())
