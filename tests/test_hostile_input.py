@@ -18,6 +18,7 @@ import pickle
 import stat
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ from fedseg.data.datalist import ALLOW_OUTSIDE_FILE, SiteDataError, scan_site
 from fedseg.data.nifti_guard import DEFAULT_MAX_VOXELS, VolumeError, inspect_nifti
 from fedseg.data.splits import load_or_make_split
 from fedseg.experiments.spec import EXPERIMENT_KEYS, ExperimentSpec
-from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
 from fedseg.models import build_model
 
 FUZZ = settings(
@@ -706,6 +707,25 @@ def test_a_model_file_that_is_not_a_fedseg_model_is_refused(tmp_path: Path, case
     assert "weights_only" not in output and "Warning" not in output and len(output.strip().splitlines()) == 1
     if case in ("code-in-a-pickle", "a-pickle"):
         assert "not a weights file: it asks to build Python objects" in output
+
+
+@FUZZ
+@given(
+    key=st.sampled_from(["personal_weight", "ensemble_weight"]),
+    weight=VALUES | st.lists(st.floats() | st.integers(-2, 2) | st.booleans() | st.text(max_size=2), max_size=5),
+)
+def test_fuzzed_ensemble_weights_load_in_range_or_are_refused_naming_the_key(
+    model_path: Path, key: str, weight: object
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt"
+        torch.save({**torch.load(model_path, weights_only=True), key: weight}, path)
+        try:
+            loaded = getattr(ModelCheckpoint.load(path), key.replace("-", "_"))
+        except CheckpointError as err:
+            assert str(err).startswith(f"{path}: ") and f"'{key}'" in str(err) and "\n" not in str(err)
+            return
+        assert loaded is None or (len(loaded) in (1, 3) and all(0.0 <= w <= 1.0 for w in loaded))
 
 
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
