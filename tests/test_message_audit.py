@@ -14,7 +14,8 @@ __all__ = ["task_identity"]  # the fixture
 
 ALLOWED_METRIC = re.compile(
     r"^(num-examples|train-loss|val-dice|train-seconds|eval-seconds|dice|dice-class-\d+|dice-(WT|TC|ET)|personal-dice|site-id"
-    r"|val-dice-ET-min-voxels-\d+|dp-epsilon|dp-delta|dp-noise-multiplier)$"
+    r"|val-dice-ET-min-voxels-\d+|val-dice-personal-weight-(\d+|WT|TC|ET)-(0\.0|0\.25|0\.5|0\.75|1\.0)"
+    r"|dp-epsilon|dp-delta|dp-noise-multiplier)$"
 )
 
 
@@ -43,6 +44,22 @@ def test_replies_hold_only_weights_and_whitelisted_metrics(tmp_path: Path, task_
     for reply in grid.replies:
         assert not reply.has_error()
         assert_only_weights_and_aggregates(reply, model_shapes)
+
+
+def test_ditto_sites_add_only_their_aggregate_personal_weight_candidates(tmp_path: Path, task_identity: None) -> None:
+    values = tiny_config(tmp_path, **{"num-server-rounds": 1, "strategy": "ditto"})
+    grid = InProcessGrid(values, 2)
+    run_federation(grid, values, tmp_path / "run")
+    model_shapes = {k: tuple(v.shape) for k, v in build_model("unet", 1, 3).state_dict().items()}
+    evaluated = [r for r in grid.replies if r.metadata.message_type == "evaluate" and not r.has_error()]
+    for reply in grid.replies:
+        assert not reply.has_error()
+        assert_only_weights_and_aggregates(reply, model_shapes)
+    # after round 1 each site holds a personal model: its evaluate reply carries 5 weights x 2 structures
+    candidates = [
+        k for k in evaluated[-1].content.metric_records["metrics"] if k.startswith("val-dice-personal-weight-")
+    ]
+    assert len(candidates) == 10
 
 
 def test_a_failing_site_names_no_path_or_subject(tmp_path: Path, task_identity: None) -> None:
