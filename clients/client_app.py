@@ -138,17 +138,19 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = runtime_for(context, _in_channels(msg))
         started = time.perf_counter()
         received = state_from_record(msg.content.array_records[m.ARRAYS])
-        result = site.trainer.evaluate(site.test_set, weights=received)
-        # the server picks its best round on these, and the enhancing-tumour threshold (fedseg.enhancing)
-        validation = site.trainer.evaluate(site.val_set, enhancing=site.config.chooses_enhancing_threshold)
         config = msg.content.config_records.get(m.CONFIG)
         run = str(config.get(m.RUN_KEY, context.run_id)) if config is not None else str(context.run_id)
         state = PersonalState(site_state_dir(context), run)
         own = state.personal_model(received)
+        result = site.trainer.evaluate(site.test_set, weights=received)
+        # the server picks its best round on these, the enhancing-tumour threshold (fedseg.enhancing) and the
+        # weight of a whole personal model in its mean with the global one (fedseg.personal_mix)
+        validation = site.trainer.evaluate(
+            site.val_set,
+            enhancing=site.config.chooses_enhancing_threshold,
+            personal=own if own is not None and state.has_own_model() else None,
+        )
         personal = site.trainer.evaluate(site.test_set, weights=own) if own is not None else None
-        mixes = None  # the weight of a whole personal model in its mean with the global one (fedseg.personal_mix)
-        if own is not None and state.has_own_model():
-            mixes = site.trainer.personal_weight_candidates(site.val_set, received, own)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, "evaluate", err)
     site.trainer.release_memory()
@@ -158,8 +160,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics.update(candidate_metrics(validation.enhancing))
     if personal is not None:
         metrics[m.PERSONAL_DICE] = personal.mean_dice
-    if mixes is not None:
-        metrics.update(personal_weight_metrics(site.trainer.labels, mixes))
+    if validation.personal_weights is not None:
+        metrics.update(personal_weight_metrics(site.trainer.labels, validation.personal_weights))
     metrics[m.EVAL_SECONDS] = time.perf_counter() - started
     metrics[m.SITE_ID] = site.site_id
     return Message(content=RecordDict({m.METRICS: metrics}), reply_to=msg)

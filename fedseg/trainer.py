@@ -66,6 +66,8 @@ class EvalResult:
     per_case: np.ndarray  # (cases, structures), NaN where undefined (a class absent from the truth)
     seconds: float = 0.0
     enhancing: np.ndarray | None = None  # when asked: (cases, candidates) ET Dice per threshold (fedseg.enhancing)
+    # when asked: (cases, candidates, structures) Dice of the mean with a personal model (fedseg.personal_mix)
+    personal_weights: np.ndarray | None = None
     class_dice: list[float] = field(init=False)
     mean_dice: float = field(init=False)
 
@@ -270,39 +272,46 @@ class SegmentationTrainer:
             )
         return cast(torch.Tensor, logits).float()  # MONAI also types tuple- and dict-returning predictors
 
-    def evaluate(self, dataset: Dataset, weights: StateDict | None = None, enhancing: bool = False) -> EvalResult:
+    def evaluate(
+        self,
+        dataset: Dataset,
+        weights: StateDict | None = None,
+        enhancing: bool = False,
+        personal: StateDict | None = None,
+    ) -> EvalResult:
         """Dice of every scored structure on every whole volume of `dataset`; with `enhancing` (BraTS) also
-        each case's ET Dice at every candidate post-processing threshold (fedseg.enhancing)."""
+        each case's ET Dice at every candidate post-processing threshold (fedseg.enhancing); with `personal`
+        (a site's whole personal model) also each case's Dice of the mean of the two models at every
+        personal weight (fedseg.personal_mix). The evaluated weights stay loaded."""
         if weights is not None:
             self.set_weights(weights)
+        shared = self.get_weights() if personal is not None else None
         started = time.perf_counter()
-        rows, candidates = [], []
-        for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
-            probabilities = self.labels.probabilities(self.predict_logits(batch["image"]).cpu())
-            rows.append(self.labels.dice(probabilities, batch["label"]).numpy())
-            if enhancing:
-                candidates.append(enhancing_dice_by_candidate(self.labels, probabilities, batch["label"]))
-        per_case = np.concatenate(rows) if rows else np.zeros((0, len(self.labels.structures)))
+        rows, candidates, mixes = [], [], []
+        try:
+            for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
+                probabilities = self.labels.probabilities(self.predict_logits(batch["image"]).cpu())
+                rows.append(self.labels.dice(probabilities, batch["label"]).numpy())
+                if enhancing:
+                    candidates.append(enhancing_dice_by_candidate(self.labels, probabilities, batch["label"]))
+                if personal is not None and shared is not None:
+                    self.set_weights(personal)
+                    own = self.labels.probabilities(self.predict_logits(batch["image"]).cpu())
+                    self.set_weights(shared)
+                    mixes.append(dice_by_candidate(self.labels, probabilities, own, batch["label"]))
+        finally:
+            if shared is not None:
+                self.set_weights(shared)
+        structures = len(self.labels.structures)
+        per_case = np.concatenate(rows) if rows else np.zeros((0, structures))
         by_candidate = None
         if enhancing:
             by_candidate = np.concatenate(candidates) if candidates else np.zeros((0, len(CANDIDATES)))
-        return EvalResult(per_case=per_case, seconds=time.perf_counter() - started, enhancing=by_candidate)
-
-    @torch.no_grad()
-    def personal_weight_candidates(self, dataset: Dataset, shared: StateDict, personal: StateDict) -> np.ndarray:
-        """(cases, candidates, structures): Dice of the mean of the `shared` and `personal` models'
-        probabilities on every whole volume of `dataset`, at every personal weight (fedseg.personal_mix)."""
-        rows = []
-        try:
-            for batch in DataLoader(dataset, batch_size=1, num_workers=self.num_workers):
-                outputs = []
-                for weights in (shared, personal):
-                    self.set_weights(weights)
-                    outputs.append(self.labels.probabilities(self.predict_logits(batch["image"]).cpu()))
-                rows.append(dice_by_candidate(self.labels, outputs[0], outputs[1], batch["label"]))
-        finally:
-            self.set_weights(shared)
-        return np.concatenate(rows) if rows else np.zeros((0, len(CANDIDATE_WEIGHTS), len(self.labels.structures)))
+        by_weight = None
+        if personal is not None:
+            by_weight = np.concatenate(mixes) if mixes else np.zeros((0, len(CANDIDATE_WEIGHTS), structures))
+        seconds = time.perf_counter() - started
+        return EvalResult(per_case=per_case, seconds=seconds, enhancing=by_candidate, personal_weights=by_weight)
 
 
 def steps_per_fit(num_examples: float, epochs: float, batch_size: int) -> int:

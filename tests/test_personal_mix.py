@@ -134,9 +134,11 @@ def test_a_site_scores_every_weight_and_keeps_the_global_model_loaded() -> None:
     cases = [
         {"image": torch.randn(1, 16, 16, 16), "label": torch.randint(0, 3, (1, 16, 16, 16)).float()} for _ in range(2)
     ]
-    per_case = trainer.personal_weight_candidates(Dataset(cases), shared, personal)
-    assert per_case.shape == (2, len(CANDIDATES), 2)
+    result = trainer.evaluate(Dataset(cases), weights=shared, personal=personal)
+    per_case = result.personal_weights
+    assert per_case is not None and per_case.shape == (2, len(CANDIDATES), 2)
     assert all(torch.equal(v, shared[k]) for k, v in trainer.get_weights().items())  # restored
+    np.testing.assert_allclose(per_case[:, 0], result.per_case, atol=1e-6)  # weight 0: the evaluated model
     np.testing.assert_allclose(per_case[:, 0], trainer.evaluate(Dataset(cases), weights=shared).per_case, atol=1e-6)
     np.testing.assert_allclose(per_case[:, -1], trainer.evaluate(Dataset(cases), weights=personal).per_case, atol=1e-6)
     assert not np.allclose(per_case[:, 0], per_case[:, -1])  # the two models differ on these cases
