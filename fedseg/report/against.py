@@ -1,6 +1,6 @@
 """`fedseg report RUN ... --against RUN,... --out DIR`: two configurations of one study, each run at one or
 more seeds, compared model by model: every model both trained (same arm, same training data) is paired
-with itself on the same scans.
+with itself on the same scans, and each configuration's models with the other's centralized model.
 
 Within a configuration a scan's Dice under a model is averaged over its runs that tested the scan (as in
 the seeds report), so each scan is one case; the two configurations' values of a scan form a pair
@@ -18,15 +18,25 @@ from fedseg.report.cases import CaseRow, CasesError, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.seeds import Run, read_runs, scan_means, seed_summaries
 from fedseg.report.software import software_section
-from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells
-from fedseg.report.tables import Model, PairedTest, adjusted, case_scores, model_label, models, paired_test
+from fedseg.report.summary import CENTRAL, REPORT, format_number, markdown_table, paired_cells, paired_markdown
+from fedseg.report.tables import (
+    Model,
+    PairedTest,
+    adjusted,
+    compared_models,
+    model_label,
+    model_pairs,
+    models,
+    paired_scores,
+    paired_test,
+)
 
 
 def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
     """model → scan → its Dice averaged over the runs that scored it (NaN left out)."""
     values: dict[Model, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        for model, scans in case_scores(run.rows, outside).items():
+        for model, scans in paired_scores(run.rows, outside).items():
             for scan, score in scans.items():
                 if not math.isnan(score):
                     values[model][scan].append(score)
@@ -38,9 +48,25 @@ def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> 
     (difference = runs − others). Models that score every scan alike on both sides (an arm one
     configuration copied from the other) are returned apart, not tested: they would only dilute the q values."""
     ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
-    common = [m for m in models([row for run in runs for row in run.rows]) if m in ours and m in theirs]
+    common = [m for m in compared_models([row for run in runs for row in run.rows]) if m in ours and m in theirs]
     same = [m for m in common if ours[m] == theirs[m]]
     return adjusted([paired_test(m, m, ours[m], theirs[m]) for m in common if m not in same]), same
+
+
+def cross_reference_tests(runs: Sequence[Run], others: Sequence[Run]) -> list[PairedTest]:
+    """Each model of `runs` that its own centralized model is paired with (`model_pairs`) against the
+    centralized model of `others` instead, on the internal scans both scored (pooled as in `pooled_scores`):
+    how a configuration's models stand against the other configuration's pooled model."""
+    ours, theirs = pooled_scores(runs, outside=False), pooled_scores(others, outside=False)
+    rows = [row for run in runs for row in run.rows]
+    compared = dict.fromkeys(model for model, _ in model_pairs(rows, CENTRAL))
+    references = [m for m in models([row for run in others for row in run.rows]) if _kind(others, m) == CENTRAL]
+    pairs = [(m, ref) for m in compared for ref in references if m in ours and ref in theirs]
+    return adjusted([paired_test(m, ref, ours[m], theirs[ref]) for m, ref in pairs])
+
+
+def _kind(runs: Sequence[Run], model: Model) -> str:
+    return next(row.kind for run in runs for row in run.rows if row.model == model)
 
 
 def build_against_report(
@@ -74,6 +100,11 @@ def build_against_report(
         "## Paired tests, internal test cases",
         _tests_table(against_tests(runs, others, outside=False), rows),
     ]
+    for side, side_runs, other, other_runs in ((first, runs, second, others), (second, others, first, runs)):
+        sections += [
+            f"## Paired tests, internal test cases: {side}'s models against {other}'s centralized model",
+            paired_markdown(cross_reference_tests(side_runs, other_runs), rows, CENTRAL),
+        ]
     if any(row.outside for row in rows):
         sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
     labelled = [(run.name, Path(d), run.rows) for run, d in zip(runs, results_dirs, strict=True)]

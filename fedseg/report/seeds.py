@@ -16,7 +16,16 @@ from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, mean_sd, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.tables import Model, PairedTest, adjusted, arm_summaries, case_scores, model_pairs, paired_test
+from fedseg.report.tables import (
+    Model,
+    PairedTest,
+    adjusted,
+    arm_summaries,
+    case_scores,
+    model_pairs,
+    paired_scores,
+    paired_test,
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ def outside_by_model(runs: Sequence[Run]) -> list[ModelOutside]:
 def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = False) -> list[PairedTest]:
     """`paired_tests` over all runs, a scan counted once: for each (model, reference) pair, each scan's Dice
     under either model averaged over the runs that have both models and scored both on it."""
-    per_run = [case_scores(run.rows, outside) for run in runs]
+    per_run = [paired_scores(run.rows, outside) for run in runs]
     tests = []
     for model, ref in model_pairs([row for run in runs for row in run.rows], reference_kind):
         ours: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -16,6 +16,7 @@ from scipy import stats
 from fedseg.report.cases import CaseRow, mean_sd
 
 Model = tuple[str, str]  # (arm, trained_on)
+WHOLE_ARM = "every site"  # trained_on of an arm of per-site models paired as one model (`whole_arm_scores`)
 COMPARED_KINDS = ("federated", "personal", "cyclic", "centralized")  # compared case by case with each private model
 REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference lines of Dice vs ε
 CI_LEVEL = 0.95  # of the bootstrap confidence interval of an arm's mean Dice
@@ -208,7 +209,7 @@ def paired_tests(
     or "centralized"), paired by internal test case (`outside`: by outside-institution case; models without
     such cases are left out); the P values of each test kind adjusted for the number of comparisons
     (Benjamini–Hochberg, `fdr_adjusted`)."""
-    scores = case_scores(rows, outside)
+    scores = paired_scores(rows, outside)
     return adjusted(
         [
             paired_test(model, ref, scores[model], scores[ref])
@@ -219,11 +220,42 @@ def paired_tests(
 
 
 def model_pairs(rows: Sequence[CaseRow], reference_kind: str) -> list[tuple[Model, Model]]:
-    """(model, reference) for each model of the COMPARED_KINDS other than `reference_kind` and each model of it."""
+    """(model, reference) for each model of the COMPARED_KINDS other than `reference_kind` (per-site models
+    one by one, then their arm as a whole) and each model of it."""
     kinds = {row.model: row.kind for row in rows}
+    kinds |= {(arm, whole): next(r.kind for r in rows if r.arm == arm) for arm, whole in whole_arms(rows)}
     references = [m for m in models(rows) if kinds[m] == reference_kind]
-    compared = [m for m in models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
+    compared = [m for m in compared_models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
     return [(model, ref) for model in compared for ref in references]
+
+
+def compared_models(rows: Sequence[CaseRow]) -> list[Model]:
+    """`models`, then each arm of per-site models as a whole (`whole_arms`)."""
+    return models(rows) + whole_arms(rows)
+
+
+def whole_arms(rows: Sequence[CaseRow]) -> list[Model]:
+    """(arm, WHOLE_ARM) for each arm of several models whose every case, internal and outside, is scored by
+    one of them only: a personal arm (each site's model on its own test set). Such an arm is one model
+    for a paired test: a case's Dice is its own site's model's. Arms whose models score the same cases
+    (the private models, each on every site) are none."""
+    trained: dict[str, set[str]] = defaultdict(set)
+    scorers: dict[tuple[str, bool, str, str], set[str]] = defaultdict(set)  # a case's models (over runs: alike)
+    for row in rows:
+        trained[row.arm].add(row.trained_on)
+        scorers[(row.arm, row.outside, row.tested_on, row.subject)].add(row.trained_on)
+    shared = {key[0] for key, sites in scorers.items() if len(sites) > 1}
+    return [(arm, WHOLE_ARM) for arm, sites in trained.items() if len(sites) > 1 and arm not in shared]
+
+
+def paired_scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
+    """`case_scores`, plus each arm of `whole_arms` as one model."""
+    scores = case_scores(rows, outside)
+    for arm, whole in whole_arms(rows):
+        cases = {case: v for (a, _), own in list(scores.items()) if a == arm for case, v in own.items()}
+        if cases:
+            scores[(arm, whole)] = cases
+    return scores
 
 
 def adjusted(tests: Sequence[PairedTest]) -> list[PairedTest]:
