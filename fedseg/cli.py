@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import typer
 
 import fedseg
+
+if TYPE_CHECKING:
+    from fedseg.experiments import ExperimentSpec
 
 DEBUG_ENV = "FEDSEG_DEBUG"
 
@@ -487,15 +490,24 @@ def site_personal_model(
     typer.echo(f"{out}: personal model of run {key} ({personal.network}, {personal.num_classes} classes)")
 
 
+SEED_HELP = (
+    "run the study at this seed instead of the config's [run] seed: results in <name>-seed<N> (the config's "
+    "own seed keeps <name>)"
+)
+
+
 @app.command()
 @_boundary
-def experiment(config: str = typer.Argument(..., help="experiment TOML (see configs/experiment-*.toml)")) -> None:
+def experiment(
+    config: str = typer.Argument(..., help="experiment TOML (see configs/experiment-*.toml)"),
+    seed: int = typer.Option(None, help=SEED_HELP),
+) -> None:
     """Run every arm of an experiment (finished arms are skipped when started again); write cases.csv."""
     from fedseg.config import ConfigError
-    from fedseg.experiments import ExperimentError, ExperimentSpec, run_experiment
+    from fedseg.experiments import ExperimentError, run_experiment
 
     try:
-        results = run_experiment(ExperimentSpec.from_toml(config), echo=typer.echo)
+        results = run_experiment(_experiment_spec(config, seed), echo=typer.echo)
     except (ConfigError, ExperimentError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
@@ -508,14 +520,28 @@ def retest(
     config: str = typer.Argument(..., help="the experiment TOML whose finished results hold the models"),
     outside: str = typer.Argument(..., help="a labelled institution folder no arm trained on"),
     out: str = typer.Option(..., help="new results folder for `fedseg report` (the experiment's is only read)"),
+    seed: int = typer.Option(None, help=SEED_HELP),
 ) -> None:
     """Test an experiment's finished models on another outside institution without training again; the
     internal test cases are kept as they were."""
-    from fedseg.experiments import ExperimentSpec
     from fedseg.experiments.retest import retest_experiment
 
-    results = retest_experiment(ExperimentSpec.from_toml(config), outside, out, echo=typer.echo)
+    results = retest_experiment(_experiment_spec(config, seed), outside, out, echo=typer.echo)
     typer.echo(f"results: {results}; next: fedseg report {results}")
+
+
+def _experiment_spec(config: str, seed: int | None) -> ExperimentSpec:
+    """The experiment config, at `seed` when given (a bad seed names --seed)."""
+    from fedseg.config import ConfigError
+    from fedseg.experiments import ExperimentSpec
+
+    spec = ExperimentSpec.from_toml(config)
+    if seed is None:
+        return spec
+    try:
+        return spec.with_seed(seed)
+    except ConfigError as err:
+        raise ConfigError(f"--seed {seed}: {err}") from err
 
 
 @app.command()

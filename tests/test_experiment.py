@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from fedseg.cli import app
 from fedseg.config import ConfigError
 from fedseg.data.synth import synthesize
 from fedseg.experiments import ExperimentError, ExperimentSpec, run_experiment
@@ -115,3 +117,25 @@ def test_bad_experiment_config_fails_before_training(tmp_path: Path) -> None:
         (spec.results_dir / "experiment.json").write_text(junk)
         with pytest.raises(ExperimentError, match=f"experiment.json: {fault}"):
             run_experiment(spec, echo=lambda _: None)
+
+
+def test_seed_option_runs_the_study_at_another_seed_in_its_own_folder(tmp_path: Path) -> None:
+    synthesize(tmp_path / "data", "tiny", seed=0, num_sites=2)
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'[experiment]\nname = "tiny"\ndata-dir = "{tmp_path / "data"}"\nsites = 2\n'
+        f'output-dir = "{tmp_path / "results"}"\narms = ["centralized"]\n[run]\n'
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in RUN.items())
+    )
+    own = ExperimentSpec.from_toml(config)
+    assert own.with_seed(RUN["seed"]) == own  # the config's own seed is the same run, in the same folder
+    runner = CliRunner()
+    result = runner.invoke(app, ["experiment", str(config), "--seed", "5"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "results" / "tiny-seed5" / "cases.csv").is_file()
+    assert not (tmp_path / "results" / "tiny").exists()
+    recorded = json.loads((tmp_path / "results" / "tiny-seed5" / "experiment.json").read_text())
+    assert recorded["name"] == "tiny-seed5" and recorded["run"]["seed"] == 5
+    result = runner.invoke(app, ["experiment", str(config), "--seed", "-1"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: --seed -1: run-config 'seed' must be >= 0, got -1"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,15 @@ class ExperimentSpec:
     def run_config(self, **overrides: Any) -> RunConfig:
         """The shared run config with arm-specific values (validated)."""
         return RunConfig.from_mapping(self.run_values(**overrides))
+
+    def with_seed(self, seed: int) -> ExperimentSpec:
+        """The same study at another seed (split, initial model, draws): `[run] seed` replaced and the results
+        in `<name>-seed<seed>`; the config's own seed (default 0) keeps its name, so it is the same run."""
+        if seed == self.run_config().seed:
+            return self
+        spec = replace(self, name=f"{self.name}-seed{seed}", run={**self.run, "seed": seed})
+        spec.validate()
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
