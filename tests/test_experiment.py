@@ -136,6 +136,10 @@ def test_seed_option_runs_the_study_at_another_seed_in_its_own_folder(tmp_path: 
     assert not (tmp_path / "results" / "tiny").exists()
     recorded = json.loads((tmp_path / "results" / "tiny-seed5" / "experiment.json").read_text())
     assert recorded["name"] == "tiny-seed5" and recorded["run"]["seed"] == 5
+    result = runner.invoke(
+        app, ["retest", str(config), str(tmp_path / "data" / "outside"), "--out", str(tmp_path / "r"), "--seed", "7"]
+    )
+    assert result.exit_code != 0 and "tiny-seed7" in result.output  # retest looks for the seed's own results
     result = runner.invoke(app, ["experiment", str(config), "--seed", "-1"], catch_exceptions=False)
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: --seed -1: run-config 'seed' must be >= 0, got -1"]

@@ -18,25 +18,30 @@ from fedseg.report.cases import CaseRow, CasesError, read_structures
 from fedseg.report.layout import CASES
 from fedseg.report.seeds import Run, read_runs, scan_means, seed_summaries
 from fedseg.report.software import software_section
-from fedseg.report.summary import CENTRAL, REPORT, format_number, markdown_table, paired_cells, paired_markdown
+from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells, paired_markdown
 from fedseg.report.tables import (
+    CENTRAL,
+    COMPARED_KINDS,
     Model,
     PairedTest,
     adjusted,
     compared_models,
+    model_kinds,
     model_label,
-    model_pairs,
     models,
+    own_site_arms,
     paired_scores,
     paired_test,
 )
 
 
 def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
-    """model → scan → its Dice averaged over the runs that scored it (NaN left out)."""
+    """model → scan → its Dice averaged over the runs that scored it (NaN left out); the personal arms
+    also as one model each (`own_site_arms`)."""
+    own_site = own_site_arms(_rows(runs))
     values: dict[Model, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        for model, scans in paired_scores(run.rows, outside).items():
+        for model, scans in paired_scores(run.rows, outside, own_site).items():
             for scan, score in scans.items():
                 if not math.isnan(score):
                     values[model][scan].append(score)
@@ -48,25 +53,30 @@ def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> 
     (difference = runs − others). Models that score every scan alike on both sides (an arm one
     configuration copied from the other) are returned apart, not tested: they would only dilute the q values."""
     ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
-    common = [m for m in compared_models([row for run in runs for row in run.rows]) if m in ours and m in theirs]
+    common = [m for m in compared_models(_rows(runs)) if m in ours and m in theirs]
     same = [m for m in common if ours[m] == theirs[m]]
     return adjusted([paired_test(m, m, ours[m], theirs[m]) for m in common if m not in same]), same
 
 
 def cross_reference_tests(runs: Sequence[Run], others: Sequence[Run]) -> list[PairedTest]:
-    """Each model of `runs` that its own centralized model is paired with (`model_pairs`) against the
-    centralized model of `others` instead, on the internal scans both scored (pooled as in `pooled_scores`):
-    how a configuration's models stand against the other configuration's pooled model."""
+    """Each shared and personal model of `runs` (the COMPARED_KINDS but centralized; personal arms also as
+    one model) against the centralized model of `others`, on the internal scans both scored (pooled as in
+    `pooled_scores`): how one configuration's models stand against the other configuration's pooled model.
+    Empty when `others` has no centralized model."""
     ours, theirs = pooled_scores(runs, outside=False), pooled_scores(others, outside=False)
-    rows = [row for run in runs for row in run.rows]
-    compared = dict.fromkeys(model for model, _ in model_pairs(rows, CENTRAL))
-    references = [m for m in models([row for run in others for row in run.rows]) if _kind(others, m) == CENTRAL]
-    pairs = [(m, ref) for m in compared for ref in references if m in ours and ref in theirs]
+    kinds = model_kinds(_rows(runs))
+    compared = [m for m in compared_models(_rows(runs)) if kinds[m] in COMPARED_KINDS and kinds[m] != CENTRAL]
+    pairs = [(m, ref) for m in compared for ref in _centralized(others) if m in ours and ref in theirs]
     return adjusted([paired_test(m, ref, ours[m], theirs[ref]) for m, ref in pairs])
 
 
-def _kind(runs: Sequence[Run], model: Model) -> str:
-    return next(row.kind for run in runs for row in run.rows if row.model == model)
+def _rows(runs: Sequence[Run]) -> list[CaseRow]:
+    return [row for run in runs for row in run.rows]
+
+
+def _centralized(runs: Sequence[Run]) -> list[Model]:
+    rows = _rows(runs)
+    return [m for m in models(rows) if any(r.model == m and r.kind == CENTRAL for r in rows)]
 
 
 def build_against_report(
@@ -101,10 +111,11 @@ def build_against_report(
         _tests_table(against_tests(runs, others, outside=False), rows),
     ]
     for side, side_runs, other, other_runs in ((first, runs, second, others), (second, others, first, runs)):
-        sections += [
-            f"## Paired tests, internal test cases: {side}'s models against {other}'s centralized model",
-            paired_markdown(cross_reference_tests(side_runs, other_runs), rows, CENTRAL),
-        ]
+        if _centralized(other_runs):
+            sections += [
+                f"## Paired tests, internal test cases: {side}'s models against {other}'s centralized model",
+                paired_markdown(cross_reference_tests(side_runs, other_runs), rows, CENTRAL),
+            ]
     if any(row.outside for row in rows):
         sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
     labelled = [(run.name, Path(d), run.rows) for run, d in zip(runs, results_dirs, strict=True)]

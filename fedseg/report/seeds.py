@@ -23,6 +23,7 @@ from fedseg.report.tables import (
     arm_summaries,
     case_scores,
     model_pairs,
+    own_site_arms,
     paired_scores,
     paired_test,
 )
@@ -130,9 +131,10 @@ def outside_by_model(runs: Sequence[Run]) -> list[ModelOutside]:
 def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = False) -> list[PairedTest]:
     """`paired_tests` over all runs, a scan counted once: for each (model, reference) pair, each scan's Dice
     under either model averaged over the runs that have both models and scored both on it."""
-    per_run = [paired_scores(run.rows, outside) for run in runs]
+    pooled = [row for run in runs for row in run.rows]
+    per_run = [paired_scores(run.rows, outside, own_site_arms(pooled)) for run in runs]
     tests = []
-    for model, ref in model_pairs([row for run in runs for row in run.rows], reference_kind):
+    for model, ref in model_pairs(pooled, reference_kind):
         ours: dict[tuple[str, str], list[float]] = defaultdict(list)
         theirs: dict[tuple[str, str], list[float]] = defaultdict(list)
         for scores in per_run:

@@ -14,6 +14,7 @@ from fedseg.report.seeds import ModelOutside, SeedSummary, outside_by_model, poo
 from fedseg.report.software import software_section
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
+    CENTRAL,
     CI_LEVEL,
     Cell,
     PairedTest,
@@ -30,7 +31,6 @@ from fedseg.report.tables import (
 
 REPORT = "report.md"
 CURVE_KINDS = ("federated", "cyclic")  # arms drawn in the Dice-vs-round and cost plots
-CENTRAL = "centralized"  # the arm kind every other shared model is also paired with
 PROTECTS = {  # what ε bounds, in plain words, per DP kind
     SAMPLE_LEVEL: "one subject's scans at a site: whether any single subject was in a site's training data",
     CLIENT_LEVEL: "a whole site's participation: whether any one site, with all its subjects, took part",

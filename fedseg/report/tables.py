@@ -16,7 +16,8 @@ from scipy import stats
 from fedseg.report.cases import CaseRow, mean_sd
 
 Model = tuple[str, str]  # (arm, trained_on)
-WHOLE_ARM = "every site"  # trained_on of an arm of per-site models paired as one model (`whole_arm_scores`)
+CENTRAL = "centralized"  # the arm kind every other shared model is also paired with
+OWN_SITES = "own sites"  # trained_on of a personal arm paired as one model (`own_site_arms`)
 COMPARED_KINDS = ("federated", "personal", "cyclic", "centralized")  # compared case by case with each private model
 REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference lines of Dice vs ε
 CI_LEVEL = 0.95  # of the bootstrap confidence interval of an arm's mean Dice
@@ -209,7 +210,7 @@ def paired_tests(
     or "centralized"), paired by internal test case (`outside`: by outside-institution case; models without
     such cases are left out); the P values of each test kind adjusted for the number of comparisons
     (Benjamini–Hochberg, `fdr_adjusted`)."""
-    scores = paired_scores(rows, outside)
+    scores = paired_scores(rows, outside, own_site_arms(rows))
     return adjusted(
         [
             paired_test(model, ref, scores[model], scores[ref])
@@ -220,41 +221,50 @@ def paired_tests(
 
 
 def model_pairs(rows: Sequence[CaseRow], reference_kind: str) -> list[tuple[Model, Model]]:
-    """(model, reference) for each model of the COMPARED_KINDS other than `reference_kind` (per-site models
-    one by one, then their arm as a whole) and each model of it."""
-    kinds = {row.model: row.kind for row in rows}
-    kinds |= {(arm, whole): next(r.kind for r in rows if r.arm == arm) for arm, whole in whole_arms(rows)}
+    """(model, reference) for each model of the COMPARED_KINDS other than `reference_kind` and each model of
+    it; against the centralized model also each personal arm as one model (`own_site_arms`), after its
+    per-site models."""
+    kinds = model_kinds(rows)
     references = [m for m in models(rows) if kinds[m] == reference_kind]
-    compared = [m for m in compared_models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
+    candidates = compared_models(rows) if reference_kind == CENTRAL else models(rows)
+    compared = [m for m in candidates if kinds[m] in COMPARED_KINDS and kinds[m] != reference_kind]
     return [(model, ref) for model in compared for ref in references]
 
 
+def model_kinds(rows: Sequence[CaseRow]) -> dict[Model, str]:
+    """Each model's arm kind, the personal arms as one model (`own_site_arms`) included."""
+    kinds = {row.model: row.kind for row in rows}
+    return kinds | {(arm, own): next(r.kind for r in rows if r.arm == arm) for arm, own in own_site_arms(rows)}
+
+
 def compared_models(rows: Sequence[CaseRow]) -> list[Model]:
-    """`models`, then each arm of per-site models as a whole (`whole_arms`)."""
-    return models(rows) + whole_arms(rows)
+    """`models`, then each personal arm as one model (`own_site_arms`)."""
+    return models(rows) + own_site_arms(rows)
 
 
-def whole_arms(rows: Sequence[CaseRow]) -> list[Model]:
-    """(arm, WHOLE_ARM) for each arm of several models whose every case, internal and outside, is scored by
-    one of them only: a personal arm (each site's model on its own test set). Such an arm is one model
-    for a paired test: a case's Dice is its own site's model's. Arms whose models score the same cases
-    (the private models, each on every site) are none."""
+def own_site_arms(rows: Sequence[CaseRow]) -> list[Model]:
+    """(arm, OWN_SITES) for each arm of several models that tests each of them only on its own site's
+    internal cases: a personal arm (`<strategy>-personal`, Ditto's `-ensemble`). Its models together score
+    each internal case once, by the case's own site's model, so the arm is paired as one model. Arms
+    whose models are tested on other sites or outside (private, fine-tuned, leave-one-out) are not."""
     trained: dict[str, set[str]] = defaultdict(set)
-    scorers: dict[tuple[str, bool, str, str], set[str]] = defaultdict(set)  # a case's models (over runs: alike)
+    elsewhere = set()
     for row in rows:
         trained[row.arm].add(row.trained_on)
-        scorers[(row.arm, row.outside, row.tested_on, row.subject)].add(row.trained_on)
-    shared = {key[0] for key, sites in scorers.items() if len(sites) > 1}
-    return [(arm, WHOLE_ARM) for arm, sites in trained.items() if len(sites) > 1 and arm not in shared]
+        if row.outside or row.trained_on != row.tested_on:
+            elsewhere.add(row.arm)
+    return [(arm, OWN_SITES) for arm, sites in trained.items() if len(sites) > 1 and arm not in elsewhere]
 
 
-def paired_scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
-    """`case_scores`, plus each arm of `whole_arms` as one model."""
+def paired_scores(
+    rows: Sequence[CaseRow], outside: bool, own_site: Sequence[Model]
+) -> dict[Model, dict[tuple[str, str], float]]:
+    """`case_scores`, plus each arm of `own_site` (`own_site_arms`, over every run pooled) as one model."""
     scores = case_scores(rows, outside)
-    for arm, whole in whole_arms(rows):
-        cases = {case: v for (a, _), own in list(scores.items()) if a == arm for case, v in own.items()}
+    for arm, own in own_site:
+        cases = {case: v for (a, _), by_case in list(scores.items()) if a == arm for case, v in by_case.items()}
         if cases:
-            scores[(arm, whole)] = cases
+            scores[(arm, own)] = cases
     return scores
 
 
