@@ -291,3 +291,13 @@ def test_a_version_cannot_break_the_report_s_lines(tmp_path: Path) -> None:
     software = _software(build_seed_report([first, second], tmp_path / "out").read_text())
     assert "- torch 2.0 ## injected xxx" in software and "\n## injected" not in software
     assert max(len(line) for line in software.splitlines()) < 400
+
+
+def test_dice_per_structure_over_the_runs_each_arm_against_its_own_runs_centralized_model(tmp_path: Path) -> None:
+    text = build_seed_report(_write_runs(tmp_path), tmp_path / "out").read_text()
+    assert "## Dice per structure over the runs" in text
+    # fedprox ran in the first run only: 0.9 against that run's centralized 0.9 (not 0.75, both runs')
+    assert "| fedprox | 0.900 (100.0 %) | 0.900 (100.0 %) |" in text
+    fedavg = sum(RUNS["study"]["fedavg"] + RUNS["study-seed1"]["fedavg"]) / 6
+    central = sum(RUNS["study"]["centralized"] + RUNS["study-seed1"]["centralized"]) / 6
+    assert f"| fedavg | {fedavg:.3f} ({100 * fedavg / central:.1f} %) |" in text

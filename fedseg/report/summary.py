@@ -4,13 +4,21 @@ results folders (one study at other seeds), report.md summarising them (`build_s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedseg.report import plots
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, CasesError, read_cases, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import ModelOutside, SeedSummary, outside_by_model, pooled_tests, read_runs, seed_summaries
+from fedseg.report.seeds import (
+    ModelOutside,
+    Run,
+    SeedSummary,
+    outside_by_model,
+    pooled_tests,
+    read_runs,
+    seed_summaries,
+)
 from fedseg.report.software import software_section
 from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
@@ -18,6 +26,7 @@ from fedseg.report.tables import (
     CI_LEVEL,
     Cell,
     PairedTest,
+    StructureSummary,
     arm_summaries,
     cross_site_matrix,
     model_label,
@@ -112,6 +121,14 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
             "best model outside.",
             _outside_models_table(names, outside_by_model(runs), rows),
         ]
+    structures = read_structures(Path(results_dirs[0]) / CASES)  # read_runs: every run scores the same ones
+    if len(structures) > 1:
+        sections += [
+            "## Dice per structure over the runs",
+            "Every run's test cases together (a scan tested in several runs counts in each), each arm over the "
+            "runs that have it and as % of the centralized model of those runs.",
+            pooled_structure_table(runs, structures),
+        ]
     if any(row.kind == CENTRAL for row in rows):
         sections += [
             "## Paired tests against the centralized model over the runs (internal test cases)",
@@ -192,13 +209,30 @@ def arms_table(rows: Sequence[CaseRow]) -> str:
 def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
     """Per arm, each structure's internal Dice with % of centralized, and its outside Dice."""
     summaries = {(s.arm, s.structure): s for s in structure_summaries(rows, structures)}
+    return _structure_markdown(list(dict.fromkeys(r.arm for r in rows)), summaries, structures)
+
+
+def pooled_structure_table(runs: Sequence[Run], structures: Sequence[str]) -> str:
+    """`structure_table` over several runs' test cases together, each arm over the runs that have it
+    (its % of the centralized model of those runs)."""
+    arms = list(dict.fromkeys(r.arm for run in runs for r in run.rows))
+    summaries: dict[tuple[str, str], StructureSummary] = {}
+    for arm in arms:
+        rows = [row for run in runs if any(r.arm == arm for r in run.rows) for row in run.rows]
+        summaries |= {(s.arm, s.structure): s for s in structure_summaries(rows, structures) if s.arm == arm}
+    return _structure_markdown(arms, summaries, structures)
+
+
+def _structure_markdown(
+    arms: Sequence[str], summaries: Mapping[tuple[str, str], StructureSummary], structures: Sequence[str]
+) -> str:
     header = [
         "arm",
         *(f"{name} internal (% of centralized)" for name in structures),
         *(f"{name} outside" for name in structures),
     ]
     body = []
-    for arm in dict.fromkeys(r.arm for r in rows):
+    for arm in arms:
         cells = [summaries[(arm, name)] for name in structures]
         body.append(
             [
