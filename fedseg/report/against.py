@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, read_structures
 from fedseg.report.layout import CASES
-from fedseg.report.seeds import Run, read_runs, scan_means, seed_summaries
+from fedseg.report.seeds import Run, read_runs, run_rows, scan_means, seed_summaries
 from fedseg.report.software import software_section
 from fedseg.report.summary import REPORT, format_number, markdown_table, paired_cells, paired_markdown
 from fedseg.report.tables import (
@@ -28,7 +28,6 @@ from fedseg.report.tables import (
     compared_models,
     model_kinds,
     model_label,
-    models,
     own_site_arms,
     paired_scores,
     paired_test,
@@ -38,7 +37,7 @@ from fedseg.report.tables import (
 def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
     """model → scan → its Dice averaged over the runs that scored it (NaN left out); the personal arms
     also as one model each (`own_site_arms`)."""
-    own_site = own_site_arms(_rows(runs))
+    own_site = own_site_arms(run_rows(runs))
     values: dict[Model, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         for model, scans in paired_scores(run.rows, outside, own_site).items():
@@ -53,7 +52,7 @@ def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> 
     (difference = runs − others). Models that score every scan alike on both sides (an arm one
     configuration copied from the other) are returned apart, not tested: they would only dilute the q values."""
     ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
-    common = [m for m in compared_models(_rows(runs)) if m in ours and m in theirs]
+    common = [m for m in compared_models(run_rows(runs)) if m in ours and m in theirs]
     same = [m for m in common if ours[m] == theirs[m]]
     return adjusted([paired_test(m, m, ours[m], theirs[m]) for m in common if m not in same]), same
 
@@ -64,19 +63,17 @@ def cross_reference_tests(runs: Sequence[Run], others: Sequence[Run]) -> list[Pa
     `pooled_scores`): how one configuration's models stand against the other configuration's pooled model.
     Empty when `others` has no centralized model."""
     ours, theirs = pooled_scores(runs, outside=False), pooled_scores(others, outside=False)
-    kinds = model_kinds(_rows(runs))
-    compared = [m for m in compared_models(_rows(runs)) if kinds[m] in COMPARED_KINDS and kinds[m] != CENTRAL]
-    pairs = [(m, ref) for m in compared for ref in _centralized(others) if m in ours and ref in theirs]
+    rows = run_rows(runs)
+    kinds = model_kinds(rows)
+    compared = [m for m in compared_models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != CENTRAL]
+    references = _centralized(others)
+    pairs = [(m, ref) for m in compared for ref in references if m in ours and ref in theirs]
     return adjusted([paired_test(m, ref, ours[m], theirs[ref]) for m, ref in pairs])
 
 
-def _rows(runs: Sequence[Run]) -> list[CaseRow]:
-    return [row for run in runs for row in run.rows]
-
-
 def _centralized(runs: Sequence[Run]) -> list[Model]:
-    rows = _rows(runs)
-    return [m for m in models(rows) if any(r.model == m and r.kind == CENTRAL for r in rows)]
+    kinds = model_kinds(run_rows(runs))
+    return [m for m, kind in kinds.items() if kind == CENTRAL]
 
 
 def build_against_report(
@@ -98,7 +95,7 @@ def build_against_report(
             "compared configurations must score the same structures"
         )
     first, second = _side(runs), _side(others)
-    rows = [row for run in [*runs, *others] for row in run.rows]
+    rows = run_rows([*runs, *others])
     sections = [
         f"# Comparison: {first} against {second}",
         f"- {first}: {', '.join(r.name for r in runs)}\n- {second}: {', '.join(r.name for r in others)}",

@@ -131,8 +131,9 @@ def outside_by_model(runs: Sequence[Run]) -> list[ModelOutside]:
 def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = False) -> list[PairedTest]:
     """`paired_tests` over all runs, a scan counted once: for each (model, reference) pair, each scan's Dice
     under either model averaged over the runs that have both models and scored both on it."""
-    pooled = [row for run in runs for row in run.rows]
-    per_run = [paired_scores(run.rows, outside, own_site_arms(pooled)) for run in runs]
+    pooled = run_rows(runs)
+    own_site = own_site_arms(pooled)
+    per_run = [paired_scores(run.rows, outside, own_site) for run in runs]
     tests = []
     for model, ref in model_pairs(pooled, reference_kind):
         ours: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -146,6 +147,11 @@ def pooled_tests(runs: Sequence[Run], reference_kind: str, *, outside: bool = Fa
         if ours:
             tests.append(paired_test(model, ref, scan_means(ours), scan_means(theirs)))
     return adjusted(tests)
+
+
+def run_rows(runs: Sequence[Run]) -> list[CaseRow]:
+    """Every run's case rows, in run order."""
+    return [row for run in runs for row in run.rows]
 
 
 def scan_means(values: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str], float]:

@@ -17,6 +17,7 @@ from fedseg.report.seeds import (
     outside_by_model,
     pooled_tests,
     read_runs,
+    run_rows,
     seed_summaries,
 )
 from fedseg.report.software import software_section
@@ -96,7 +97,7 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
     if any(out.resolve() == Path(d).resolve() for d in results_dirs):
         raise CasesError(f"--out {out} is one of the results folders; give the summary a folder of its own")
     runs = read_runs(results_dirs)
-    rows = [row for run in runs for row in run.rows]  # for the models' labels and which sections apply
+    rows = run_rows(runs)  # for the models' labels and which sections apply
     names = [run.name for run in runs]
     summaries = seed_summaries(runs)
     pooled = (
@@ -218,7 +219,8 @@ def pooled_structure_table(runs: Sequence[Run], structures: Sequence[str]) -> st
     arms = list(dict.fromkeys(r.arm for run in runs for r in run.rows))
     summaries: dict[tuple[str, str], StructureSummary] = {}
     for arm in arms:
-        rows = [row for run in runs if any(r.arm == arm for r in run.rows) for row in run.rows]
+        having = [run for run in runs if any(r.arm == arm for r in run.rows)]
+        rows = [r for r in run_rows(having) if r.arm == arm or r.kind == CENTRAL]  # the arm and its reference
         summaries |= {(s.arm, s.structure): s for s in structure_summaries(rows, structures) if s.arm == arm}
     return _structure_markdown(arms, summaries, structures)
 

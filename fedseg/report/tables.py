@@ -262,7 +262,7 @@ def paired_scores(
     """`case_scores`, plus each arm of `own_site` (`own_site_arms`, over every run pooled) as one model."""
     scores = case_scores(rows, outside)
     for arm, own in own_site:
-        cases = {case: v for (a, _), by_case in list(scores.items()) if a == arm for case, v in by_case.items()}
+        cases = {case: v for (a, _), by_case in scores.items() if a == arm for case, v in by_case.items()}
         if cases:
             scores[(arm, own)] = cases
     return scores
