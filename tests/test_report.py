@@ -147,6 +147,11 @@ def test_malformed_cases_file_names_file_and_problem(tmp_path: Path) -> None:
     path.write_text("arm,trained_on,subject,dice_1\nfedavg,federation,a,0.5\n")
     with pytest.raises(CasesError, match=r"cases.csv: header lacks \['kind', 'tested_on', 'outside'\]"):
         read_cases(path)
+    header = "arm,kind,trained_on,tested_on,outside,subject,dice_1\n"
+    for bad in ("-5", "1e400", "inf", "1.0000001"):  # silent garbage in every mean otherwise
+        path.write_text(header + f"fedavg,federated,federation,site-0,0,a,{bad}\n")
+        with pytest.raises(CasesError, match=r"cases.csv, line 2: malformed row .*: a Dice value outside \[0, 1\]"):
+            read_cases(path)
 
 
 def test_paired_tests_on_the_outside_institution(tmp_path: Path) -> None:

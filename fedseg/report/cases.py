@@ -133,6 +133,8 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
 
     try:
         dice = tuple(float(values[i]) if values[i] != "" else math.nan for i in dice_cols)
+        if any(not 0.0 <= d <= 1.0 for d in dice if not math.isnan(d)):
+            raise ValueError("a Dice value outside [0, 1]")
         dp_kind = values[index["dp_kind"]] if "dp_kind" in index else ""
         if dp_kind not in ("", *DP_KINDS):
             raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
