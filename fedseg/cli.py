@@ -544,6 +544,21 @@ def _experiment_spec(config: str, seed: int | None) -> ExperimentSpec:
         raise ConfigError(f"--seed {seed}: {err}") from err
 
 
+def _arm_pairs(values: list[str]) -> dict[str, str]:
+    """`--pair OURS=THEIRS` values as a mapping; CasesError for a malformed or repeated one."""
+    from fedseg.report.cases import CasesError
+
+    pairs: dict[str, str] = {}
+    for value in values:
+        ours, sep, theirs = (part.strip() for part in value.partition("="))
+        if not sep or not ours or not theirs:
+            raise CasesError(f"--pair {value!r}: expected OURS=THEIRS, two arm names")
+        if ours in pairs:
+            raise CasesError(f"--pair: arm '{ours}' is paired twice")
+        pairs[ours] = theirs
+    return pairs
+
+
 @app.command()
 @_boundary
 def report(
@@ -555,6 +570,12 @@ def report(
         None,
         help="comma-separated results folders of another configuration (the same seeds): pair each model "
         "both trained across the two, scan by scan (needs --out)",
+    ),
+    pair: list[str] = typer.Option(
+        None,
+        metavar="OURS=THEIRS",
+        help="with --against: also pair arm OURS of RESULTS_DIR... with arm THEIRS of --against's runs, e.g. "
+        "fedavgm=fedavg (repeatable)",
     ),
 ) -> None:
     """Markdown tables (cross-site Dice, arm means, paired tests) and PNG plots from cases.csv; with several
@@ -569,7 +590,9 @@ def report(
             if out is None:
                 raise CasesError("--against needs --out (a folder for the comparison's report.md)")
             others = [folder.strip() for folder in against.split(",") if folder.strip()]
-            typer.echo(build_against_report(results_dirs, others, out))
+            typer.echo(build_against_report(results_dirs, others, out, _arm_pairs(pair or [])))
+        elif pair:
+            raise CasesError("--pair needs --against (the configuration whose arms it names)")
         elif len(results_dirs) == 1:
             typer.echo(build_report(results_dirs[0], out))
         elif out is None:

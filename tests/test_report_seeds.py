@@ -180,6 +180,46 @@ def test_against_pairs_each_model_across_two_configurations_scan_by_scan(tmp_pat
     ]
 
 
+def test_pair_tests_an_arm_against_a_differently_named_arm_of_the_other_configuration(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ours, theirs = _write_runs(tmp_path / "a"), _write_other_configuration(tmp_path / "b", 0.04)
+    tests, _ = against_tests(read_runs(ours), read_runs(theirs), outside=False, pairs={"fedprox": "fedavg"})
+    paired = next(t for t in tests if t.model != t.reference)
+    assert (paired.model, paired.reference) == (("fedprox", "federation"), ("fedavg", "federation"))
+    # fedprox ran in the first run only (s1-s3 at 0.9), their fedavg is pooled over both runs, +0.04
+    theirs_scores = [score + 0.04 for score in POOLED_FEDAVG[:3]]
+    assert paired.n == 3 and paired.mean_difference == pytest.approx(0.9 - sum(theirs_scores) / 3)
+    assert paired.p_ttest == pytest.approx(stats.ttest_rel([0.9] * 3, theirs_scores).pvalue)
+    runner = CliRunner()
+    args = ["report", *map(str, ours), "--against", ",".join(map(str, theirs)), "--out", str(tmp_path / "vs")]
+    result = runner.invoke(app, [*args, "--pair", "fedprox=fedavg"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "vs" / "report.md").read_text()
+    assert f"| fedprox against fedavg | 3 | {paired.mean_difference:+.4f} |" in text
+    assert "Also paired: fedprox against fedavg (--pair)." in text
+    for bad, error in [
+        (["--pair", "fedprox"], "error: --pair 'fedprox': expected OURS=THEIRS, two arm names"),
+        (["--pair", "=fedavg"], "error: --pair '=fedavg': expected OURS=THEIRS, two arm names"),
+        (["--pair", "a=fedavg", "--pair", "a=fedprox"], "error: --pair: arm 'a' is paired twice"),
+        (
+            ["--pair", "ditto=fedavg"],
+            "error: --pair: the first configuration has no arm 'ditto'; it has centralized, fedavg, fedprox",
+        ),
+        (
+            ["--pair", "fedavg=fedavgm"],
+            "error: --pair: the second configuration has no arm 'fedavgm'; it has centralized, fedavg, fedprox",
+        ),
+    ]:
+        result = runner.invoke(app, [*args, *bad], catch_exceptions=False)
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [error], bad
+    result = runner.invoke(app, ["report", str(ours[0]), "--pair", "fedprox=fedavg"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --pair needs --against (the configuration whose arms it names)"
+    ]
+
+
 def test_against_accepts_runs_that_share_a_name_across_the_sides(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -1,6 +1,9 @@
 """`fedseg report RUN ... --against RUN,... --out DIR`: two configurations of one study, each run at one or
 more seeds, compared model by model: every model both trained (same arm, same training data) is paired
 with itself on the same scans, and each configuration's models with the other's centralized model.
+`--pair OURS=THEIRS` also pairs an arm of the first configuration with a differently named arm of the
+second (e.g. a new strategy against FedAvg, or against Ditto's global model, which is FedAvg's), each of
+its models with the model of the same training data.
 
 Within a configuration a scan's Dice under a model is averaged over its runs that tested the scan (as in
 the seeds report), so each scan is one case; the two configurations' values of a scan form a pair
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, read_structures
@@ -47,14 +50,36 @@ def pooled_scores(runs: Sequence[Run], outside: bool) -> dict[Model, dict[tuple[
     return {model: scan_means(scans) for model, scans in values.items()}
 
 
-def against_tests(runs: Sequence[Run], others: Sequence[Run], outside: bool) -> tuple[list[PairedTest], list[Model]]:
+def against_tests(
+    runs: Sequence[Run], others: Sequence[Run], outside: bool, pairs: Mapping[str, str] | None = None
+) -> tuple[list[PairedTest], list[Model]]:
     """Each model of `runs` that `others` also has: its pooled scans in `runs` against those in `others`
-    (difference = runs − others). Models that score every scan alike on both sides (an arm one
-    configuration copied from the other) are returned apart, not tested: they would only dilute the q values."""
+    (difference = runs − others); then, for each `pairs` entry (our arm → their arm), each model of our
+    arm against their arm's model of the same training data. Models that score every scan alike on both
+    sides (an arm one configuration copied from the other) are returned apart, not tested: they would only
+    dilute the q values."""
     ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
-    common = [m for m in compared_models(run_rows(runs)) if m in ours and m in theirs]
-    same = [m for m in common if ours[m] == theirs[m]]
-    return adjusted([paired_test(m, m, ours[m], theirs[m]) for m in common if m not in same]), same
+    candidates = [(m, m) for m in compared_models(run_rows(runs))]
+    for our_arm, their_arm in (pairs or {}).items():
+        candidates += [(m, (their_arm, m[1])) for m in compared_models(run_rows(runs)) if m[0] == our_arm]
+    common = [(m, ref) for m, ref in candidates if m in ours and ref in theirs]
+    same = [m for m, ref in common if m == ref and ours[m] == theirs[ref]]
+    tests = [paired_test(m, ref, ours[m], theirs[ref]) for m, ref in common if not (m == ref and m in same)]
+    return adjusted(tests), same
+
+
+def check_pairs(runs: Sequence[Run], others: Sequence[Run], pairs: Mapping[str, str]) -> None:
+    """CasesError unless each pair names an arm of each configuration."""
+    for side, side_runs, names in (("first", runs, pairs.keys()), ("second", others, pairs.values())):
+        arms = _arms(side_runs)
+        for arm in names:
+            if arm not in arms:
+                listed = ", ".join(sorted(arms))
+                raise CasesError(f"--pair: the {side} configuration has no arm '{arm}'; it has {listed}")
+
+
+def _arms(runs: Sequence[Run]) -> set[str]:
+    return {row.arm for row in run_rows(runs)}
 
 
 def cross_reference_tests(runs: Sequence[Run], others: Sequence[Run]) -> list[PairedTest]:
@@ -77,9 +102,13 @@ def _centralized(runs: Sequence[Run]) -> list[Model]:
 
 
 def build_against_report(
-    results_dirs: Sequence[str | Path], against: Sequence[str | Path], out_dir: str | Path
+    results_dirs: Sequence[str | Path],
+    against: Sequence[str | Path],
+    out_dir: str | Path,
+    pairs: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write report.md comparing the runs of `results_dirs` with those of `against` into `out_dir`; return it."""
+    """Write report.md comparing the runs of `results_dirs` with those of `against` into `out_dir`; return it.
+    `pairs` (our arm → their arm) adds the pairings of differently named arms (`against_tests`)."""
     out = Path(out_dir)
     if any(out.resolve() == Path(d).resolve() for d in [*results_dirs, *against]):
         raise CasesError(f"--out {out} is one of the results folders; give the comparison a folder of its own")
@@ -94,6 +123,8 @@ def build_against_report(
             f"{Path(results_dirs[0]) / CASES} scores {list(ours)}, {Path(against[0]) / CASES} scores {list(theirs)}; "
             "compared configurations must score the same structures"
         )
+    pairs = dict(pairs or {})
+    check_pairs(runs, others, pairs)
     first, second = _side(runs), _side(others)
     rows = run_rows([*runs, *others])
     sections = [
@@ -101,11 +132,12 @@ def build_against_report(
         f"- {first}: {', '.join(r.name for r in runs)}\n- {second}: {', '.join(r.name for r in others)}",
         "Every model both configurations trained (same arm, same training data) is paired with itself on the "
         "same scans. Within a configuration a scan's Dice is averaged over its runs that tested the scan, so "
-        "each scan is one case; difference = the first configuration − the second.",
+        "each scan is one case; difference = the first configuration − the second."
+        + "".join(f" Also paired: {ours} against {theirs} (--pair)." for ours, theirs in pairs.items()),
         "## Internal Dice, % of each run's centralized model (mean over the runs)",
         _percent_table(runs, others, first, second),
         "## Paired tests, internal test cases",
-        _tests_table(against_tests(runs, others, outside=False), rows),
+        _tests_table(against_tests(runs, others, outside=False, pairs=pairs), rows),
     ]
     for side, side_runs, other, other_runs in ((first, runs, second, others), (second, others, first, runs)):
         if _centralized(other_runs):
@@ -114,7 +146,8 @@ def build_against_report(
                 paired_markdown(cross_reference_tests(side_runs, other_runs), rows, CENTRAL),
             ]
     if any(row.outside for row in rows):
-        sections += ["## Paired tests, outside institution", _tests_table(against_tests(runs, others, True), rows)]
+        outside = _tests_table(against_tests(runs, others, True, pairs), rows)
+        sections += ["## Paired tests, outside institution", outside]
     labelled = [(run.name, Path(d), run.rows) for run, d in zip(runs, results_dirs, strict=True)]
     labelled += [(f"{run.name} (against)", Path(d), run.rows) for run, d in zip(others, against, strict=True)]
     sections += ["## Software", software_section(labelled)]
@@ -151,4 +184,10 @@ def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[
         )
         return f"Nothing to pair: {reason}." + note
     header = ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"]
-    return markdown_table(header, [[model_label(t.model, rows), *paired_cells(t, "{:+.4f}")] for t in tests]) + note
+    return markdown_table(header, [[_pair_label(t, rows), *paired_cells(t, "{:+.4f}")] for t in tests]) + note
+
+
+def _pair_label(test: PairedTest, rows: Sequence[CaseRow]) -> str:
+    """The model's name, and its partner's when they differ (--pair)."""
+    label = model_label(test.model, rows)
+    return label if test.reference == test.model else f"{label} against {model_label(test.reference, rows)}"
