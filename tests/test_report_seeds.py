@@ -198,6 +198,8 @@ def test_pair_tests_an_arm_against_a_differently_named_arm_of_the_other_configur
     text = (tmp_path / "vs" / "report.md").read_text()
     assert f"| fedprox against fedavg | 3 | {paired.mean_difference:+.4f} |" in text
     assert "Also paired: fedprox against fedavg (--pair)." in text
+    # fedprox ran in the first run only: 0.9 against its centralized 0.9; their fedavg 0.84 / 0.9 and 0.54 / 0.6
+    assert f"| fedprox against fedavg | 100.0 % | {(0.84 / 0.9 + 0.54 / 0.6) / 2 * 100:.1f} % |" in text
     for bad, error in [
         (["--pair", "fedprox"], "error: --pair 'fedprox': expected OURS=THEIRS, two arm names"),
         (["--pair", "=fedavg"], "error: --pair '=fedavg': expected OURS=THEIRS, two arm names"),

@@ -135,7 +135,7 @@ def build_against_report(
         "each scan is one case; difference = the first configuration − the second."
         + "".join(f" Also paired: {ours} against {theirs} (--pair)." for ours, theirs in pairs.items()),
         "## Internal Dice, % of each run's centralized model (mean over the runs)",
-        _percent_table(runs, others, first, second),
+        _percent_table(runs, others, first, second, pairs),
         "## Paired tests, internal test cases",
         _tests_table(against_tests(runs, others, outside=False, pairs=pairs), rows),
     ]
@@ -161,16 +161,17 @@ def _side(runs: Sequence[Run]) -> str:
     return runs[0].name + (f" (+{len(runs) - 1} runs)" if len(runs) > 1 else "")
 
 
-def _percent_table(runs: Sequence[Run], others: Sequence[Run], first: str, second: str) -> str:
+def _percent_table(
+    runs: Sequence[Run], others: Sequence[Run], first: str, second: str, pairs: Mapping[str, str]
+) -> str:
+    """Each arm both sides trained, then each --pair (our arm against theirs): mean % of centralized."""
     ours = {s.arm: s.mean_percent for s in seed_summaries(runs)}
     theirs = {s.arm: s.mean_percent for s in seed_summaries(others)}
+    rows = [(arm, arm, arm) for arm in ours if arm in theirs]
+    rows += [(f"{a} against {b}", a, b) for a, b in pairs.items() if a in ours and b in theirs]
     return markdown_table(
         ["arm", first, second],
-        [
-            [arm, format_number(ours[arm], "{:.1f} %"), format_number(theirs[arm], "{:.1f} %")]
-            for arm in ours
-            if arm in theirs
-        ],
+        [[label, format_number(ours[a], "{:.1f} %"), format_number(theirs[b], "{:.1f} %")] for label, a, b in rows],
     )
 
 
