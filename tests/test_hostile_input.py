@@ -923,6 +923,29 @@ def test_fuzzed_error_messages_never_leave_the_site(secret: str) -> None:
         assert secret not in public_reason(err)
 
 
+@FUZZ
+@given(value=st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_fuzzed_report_pair_is_a_report_or_one_error_line(value: str) -> None:
+    from fedseg.report.cases import CaseRow, write_cases
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = []
+        for name, arm in (("ours", "fedavgm"), ("theirs", "fedavg")):
+            (Path(tmp) / name).mkdir()
+            rows = [
+                CaseRow(arm, "federated", "federation", "site-0", False, s, (d,)) for s, d in (("a", 0.5), ("b", 0.7))
+            ]
+            write_cases(Path(tmp) / name / "cases.csv", rows)
+            sides.append(Path(tmp) / name)
+        code, output = cli("report", sides[0], "--against", sides[1], "--out", Path(tmp) / "vs", "--pair", value)
+        if code == 0:
+            assert value.partition("=")[0].strip() == "fedavgm" and value.partition("=")[2].strip() == "fedavg"
+        else:
+            lines = output.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --pair"), output
+            assert "Traceback" not in output
+
+
 # ---------------------------------------------------------------------------------------------- every command
 @pytest.mark.parametrize(
     "args",
