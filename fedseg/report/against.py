@@ -59,10 +59,10 @@ def against_tests(
     sides (an arm one configuration copied from the other) are returned apart, not tested: they would only
     dilute the q values."""
     ours, theirs = pooled_scores(runs, outside), pooled_scores(others, outside)
-    candidates = [(m, m) for m in compared_models(run_rows(runs))]
-    for our_arm, their_arm in (pairs or {}).items():
-        candidates += [(m, (their_arm, m[1])) for m in compared_models(run_rows(runs)) if m[0] == our_arm]
-    common = [(m, ref) for m, ref in candidates if m in ours and ref in theirs]
+    models = compared_models(run_rows(runs))
+    partners = [(m, m) for m in models]
+    partners += [(m, (pairs[m[0]], m[1])) for m in models if pairs and m[0] in pairs]
+    common = [(m, ref) for m, ref in partners if m in ours and ref in theirs]
     same = [m for m, ref in common if m == ref and ours[m] == theirs[ref]]
     tests = [paired_test(m, ref, ours[m], theirs[ref]) for m, ref in common if not (m == ref and m in same)]
     return adjusted(tests), same
