@@ -554,7 +554,7 @@ def _arm_pairs(values: list[str]) -> dict[str, str]:
         if not sep or not ours or not theirs:
             raise CasesError(f"--pair {value!r}: expected OURS=THEIRS, two arm names")
         if ours in pairs:
-            raise CasesError(f"--pair: arm '{ours}' is paired twice")
+            raise CasesError(f"--pair: arm {ours!r} is paired twice")
         pairs[ours] = theirs
     return pairs
 

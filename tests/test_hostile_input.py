@@ -930,7 +930,7 @@ def test_fuzzed_report_pair_is_a_report_or_one_error_line(value: str) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sides = []
-        for name, arm in (("ours", "fedavgm"), ("theirs", "fedavg")):
+        for name, arm in (("ours", "fedavgm"), ("theirs", "fedavg"), ("odd", "fed\navgm")):
             (Path(tmp) / name).mkdir()
             rows = [
                 CaseRow(arm, "federated", "federation", "site-0", False, s, (d,)) for s, d in (("a", 0.5), ("b", 0.7))
@@ -944,6 +944,10 @@ def test_fuzzed_report_pair_is_a_report_or_one_error_line(value: str) -> None:
             lines = output.strip().splitlines()
             assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --pair"), output
             assert "Traceback" not in output
+        # an arm name with a line break in a hostile cases.csv: listed on the one error line, escaped
+        code, output = cli("report", sides[2], "--against", sides[1], "--out", Path(tmp) / "odd-vs", "--pair", value)
+        lines = output.strip().splitlines()
+        assert code == 0 or (code == 2 and len(lines) == 1 and lines[0].startswith("error: --pair")), output
 
 
 # ---------------------------------------------------------------------------------------------- every command

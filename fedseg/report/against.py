@@ -74,8 +74,8 @@ def check_pairs(runs: Sequence[Run], others: Sequence[Run], pairs: Mapping[str, 
         arms = _arms(side_runs)
         for arm in names:
             if arm not in arms:
-                listed = ", ".join(sorted(arms))
-                raise CasesError(f"--pair: the {side} configuration has no arm '{arm}'; it has {listed}")
+                listed = ", ".join(a if a.isprintable() else repr(a) for a in sorted(arms))  # one line
+                raise CasesError(f"--pair: the {side} configuration has no arm {arm!r}; it has {listed}")
 
 
 def _arms(runs: Sequence[Run]) -> set[str]:
