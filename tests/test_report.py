@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -152,6 +153,37 @@ def test_malformed_cases_file_names_file_and_problem(tmp_path: Path) -> None:
         path.write_text(header + f"fedavg,federated,federation,site-0,0,a,{bad}\n")
         with pytest.raises(CasesError, match=r"cases.csv, line 2: malformed row .*: a Dice value outside \[0, 1\]"):
             read_cases(path)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), [("arm", "fed\navg"), ("subject", "a\tb"), ("tested_on", "site\r0"), ("kind", "x\x00")]
+)
+def test_a_name_with_a_line_break_or_control_character_is_refused(tmp_path: Path, column: str, value: str) -> None:
+    row = dict(arm="fedavg", kind="federated", trained_on="federation", tested_on="site-0", subject="a")
+    row[column] = value
+    path = tmp_path / "cases.csv"
+    write_cases(path, [CaseRow(**row, outside=False, dice=(0.5,))])
+    with pytest.raises(CasesError, match=rf"cases.csv, line 2: .*: {column} .* has a line break or other non-print"):
+        read_cases(path)
+
+
+def test_a_pipe_in_an_arm_name_stays_one_table_cell(tmp_path: Path) -> None:
+    rows = [dataclasses.replace(r, arm="fed|avg") if r.arm == "fedavg" else r for r in _rows()]
+    write_cases(tmp_path / "cases.csv", rows)
+    report = build_report(tmp_path, tmp_path / "out").read_text()
+    assert "| fed\\|avg | federated | 0.750 ± 0.105 (6) |" in report
+    for line in report.splitlines():
+        if line.startswith("| fed"):  # as many cells as the header: each row's unescaped pipes
+            assert len(re.findall(r"(?<!\\)\|", line)) == len(re.findall(r"(?<!\\)\|", _header_of(report, line)))
+
+
+def _header_of(report: str, row: str) -> str:
+    """The header line of the table holding `row`."""
+    lines = report.splitlines()
+    index = lines.index(row)
+    while index > 0 and lines[index - 1].startswith("|"):
+        index -= 1
+    return lines[index]
 
 
 def test_paired_tests_on_the_outside_institution(tmp_path: Path) -> None:

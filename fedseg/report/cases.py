@@ -28,6 +28,7 @@ from fedseg.atomic import atomic_path
 from fedseg.limits import MAX_CASES_BYTES
 
 KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
+NAME_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "subject")  # names the reports print
 DICE_PREFIX = "dice_"
 PRIVACY_COLUMNS = ("dp_kind", "epsilon", "delta")  # optional (absent in older files)
 SAMPLE_LEVEL, CLIENT_LEVEL = "sample-level", "client-level"
@@ -140,6 +141,10 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
             raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
         if bool(dp_kind) != (not math.isnan(number("epsilon"))):
             raise ValueError("dp_kind and epsilon must be both set or both empty")
+        for column in NAME_COLUMNS:  # a line break or control character would break every report's lines
+            text = values[index[column]]
+            if not text.isprintable():
+                raise ValueError(f"{column} {text!r} has a line break or other non-printable character")
         return CaseRow(
             arm=values[index["arm"]],
             kind=values[index["kind"]],

@@ -362,6 +362,11 @@ def format_number(value: float, fmt: str) -> str:
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    """A markdown table; a `|` inside a cell (an arm or site name) is escaped so that it stays one cell."""
+    lines = ["| " + " | ".join(_cells(header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in body]
     return "\n".join(lines)
+
+
+def _cells(row: list[str]) -> list[str]:
+    return [cell.replace("|", "\\|") for cell in row]
