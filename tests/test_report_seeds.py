@@ -295,6 +295,38 @@ def test_software_of_a_resumed_arm_lists_every_set_it_trained_under(tmp_path: Pa
     assert "**The arms ran with different software.**" in software
 
 
+def test_a_run_without_a_centralized_model_gets_its_percent_from_the_other_side_s_run_of_the_same_scans(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    theirs = _write_runs(tmp_path / "b")
+    ours = []
+    for name, source in zip(("new", "new-seed1"), theirs, strict=True):  # only a new arm, on the same scans
+        rows = [
+            dataclasses.replace(row, arm="fedexp", dice=tuple(d + 0.05 for d in row.dice))
+            for row in read_cases(source / "cases.csv")
+            if row.arm == "fedavg"
+        ]
+        (tmp_path / "a" / name).mkdir()
+        write_cases(tmp_path / "a" / name / "cases.csv", rows)
+        ours.append(tmp_path / "a" / name)
+    text = build_against_report(list(reversed(ours)), theirs, tmp_path / "vs", pairs={"fedexp": "fedavg"}).read_text()
+    # per run: (fedavg + 0.05) against that run's centralized, matched by scans whatever the folders' order
+    percent = [
+        100 * (sum(RUNS[n]["fedavg"]) / 3 + 0.05) / (sum(RUNS[n]["centralized"]) / 3) for n in ("study", "study-seed1")
+    ]
+    fedavg = [100 * sum(RUNS[n]["fedavg"]) / sum(RUNS[n]["centralized"]) for n in ("study", "study-seed1")]
+    assert f"| fedexp against fedavg | {sum(percent) / 2:.1f} % | {sum(fedavg) / 2:.1f} % |" in text
+    assert "Without a centralized model of their own, new-seed1, new count against the other configuration's" in text
+    # a run whose scans no run of the other side tested stays without a %
+    alone = [r for r in read_cases(ours[0] / "cases.csv")]
+    (tmp_path / "a" / "odd").mkdir()
+    write_cases(tmp_path / "a" / "odd" / "cases.csv", [dataclasses.replace(r, subject=r.subject + "x") for r in alone])
+    odd = build_against_report([tmp_path / "a" / "odd"], theirs, tmp_path / "odd-vs", pairs={"fedexp": "fedavg"})
+    assert f"| fedexp against fedavg | – | {sum(fedavg) / 2:.1f} % |" in odd.read_text()
+
+
 def test_against_report_tells_the_two_sides_runs_apart(tmp_path: Path) -> None:
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir(), theirs.mkdir()

@@ -164,15 +164,44 @@ def _side(runs: Sequence[Run]) -> str:
 def _percent_table(
     runs: Sequence[Run], others: Sequence[Run], first: str, second: str, pairs: Mapping[str, str]
 ) -> str:
-    """Each arm both sides trained, then each --pair (our arm against theirs): mean % of centralized."""
-    ours = {s.arm: s.mean_percent for s in seed_summaries(runs)}
-    theirs = {s.arm: s.mean_percent for s in seed_summaries(others)}
+    """Each arm both sides trained, then each --pair (our arm against theirs): mean % of centralized; a run
+    without a centralized model counts against the other side's (`with_centralized_of`)."""
+    ours_runs, theirs_runs = with_centralized_of(runs, others), with_centralized_of(others, runs)
+    ours = {s.arm: s.mean_percent for s in seed_summaries(ours_runs)}
+    theirs = {s.arm: s.mean_percent for s in seed_summaries(theirs_runs)}
     rows = [(arm, arm, arm) for arm in ours if arm in theirs]
     rows += [(f"{a} against {b}", a, b) for a, b in pairs.items() if a in ours and b in theirs]
-    return markdown_table(
+    table = markdown_table(
         ["arm", first, second],
         [[label, format_number(ours[a], "{:.1f} %"), format_number(theirs[b], "{:.1f} %")] for label, a, b in rows],
     )
+    borrowed = [run.name for run, kept in zip([*runs, *others], [*ours_runs, *theirs_runs], strict=True) if run != kept]
+    if borrowed:
+        table += (
+            f"\n\nWithout a centralized model of their own, {', '.join(borrowed)} count against the other "
+            "configuration's, from its run that tested the same internal scans (the same split)."
+        )
+    return table
+
+
+def with_centralized_of(runs: Sequence[Run], others: Sequence[Run]) -> list[Run]:
+    """`runs`, each run without a centralized model given the centralized rows of the run of `others` that
+    tested exactly its internal scans (the same sites, split and seed): a configuration that trained only
+    a new federated arm gets its % of the centralized model the other configuration trained on that split.
+    A run with no such partner is left as it is."""
+    out = []
+    for run in runs:
+        partner = None
+        if not _centralized([run]):
+            scans = _internal_scans(run)
+            partner = next((o for o in others if _centralized([o]) and _internal_scans(o) == scans), None)
+        central = [] if partner is None else [row for row in partner.rows if row.kind == CENTRAL]
+        out.append(Run(run.name, [*run.rows, *central]) if central else run)
+    return out
+
+
+def _internal_scans(run: Run) -> frozenset[tuple[str, str]]:
+    return frozenset((row.tested_on, row.subject) for row in run.rows if not row.outside)
 
 
 def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[CaseRow]) -> str:
