@@ -319,6 +319,7 @@ def test_a_run_without_a_centralized_model_gets_its_percent_from_the_other_side_
     fedavg = [100 * sum(RUNS[n]["fedavg"]) / sum(RUNS[n]["centralized"]) for n in ("study", "study-seed1")]
     assert f"| fedexp against fedavg | {sum(percent) / 2:.1f} % | {sum(fedavg) / 2:.1f} % |" in text
     assert "Without a centralized model of their own, new-seed1, new count against the other configuration's" in text
+    assert "| centralized |" not in text[: text.index("## Paired tests")]  # borrowed, not trained by both
     # a run whose scans no run of the other side tested stays without a %
     alone = [r for r in read_cases(ours[0] / "cases.csv")]
     (tmp_path / "a" / "odd").mkdir()

@@ -169,7 +169,8 @@ def _percent_table(
     ours_runs, theirs_runs = with_centralized_of(runs, others), with_centralized_of(others, runs)
     ours = {s.arm: s.mean_percent for s in seed_summaries(ours_runs)}
     theirs = {s.arm: s.mean_percent for s in seed_summaries(theirs_runs)}
-    rows = [(arm, arm, arm) for arm in ours if arm in theirs]
+    trained = _arms(runs) & _arms(others)  # not a centralized arm one side only borrowed
+    rows = [(arm, arm, arm) for arm in ours if arm in theirs and arm in trained]
     rows += [(f"{a} against {b}", a, b) for a, b in pairs.items() if a in ours and b in theirs]
     table = markdown_table(
         ["arm", first, second],
