@@ -7,5 +7,5 @@ MAX_NUM_CLASSES = 256  # classes incl. background: a label map holds class numbe
 DEFAULT_MAX_VOXELS = 512**3  # voxels per channel a site loads unless it sets its own limit (fedseg.data.nifti_guard)
 MAX_MANIFEST_BYTES = 64 * 2**20  # a site's dataset.json (10 000 subjects take about 2 MB)
 MAX_CASES_BYTES = 256 * 2**20  # a results folder's cases.csv (a million test cases take about 150 MB)
-MAX_RECORD_BYTES = 64 * 2**20  # a run's JSON records (history.json, arm.json, …; 128 rounds of 10 sites take about 3 MB)
+MAX_RECORD_BYTES = 64 * 2**20  # a run's JSON records (history.json, arm.json; 128 rounds of 10 sites: about 3 MB)
 MAX_PARAMETERS = 2**30  # a network's parameters: 4 GiB of float32 weights, beyond any 3D segmentation network in use

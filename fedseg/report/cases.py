@@ -3,13 +3,14 @@
 Columns: `arm` (e.g. private, centralized, fedavg), `kind` (private, centralized, federated,
 cyclic, leave-one-out, finetuned, ensemble), `trained_on` (a site, `pooled`, `federation`,
 `without-site-1`, ...), `tested_on` (a site's held-out test split, or the outside institution),
-`outside` (1 for the outside institution), `subject`, then `dice_1`, `dice_2`, ... (foreground
-classes; empty where a class is absent from the truth) or, with the BraTS label scheme, `dice_WT`,
-`dice_TC`, `dice_ET` (tumour regions; BraTS rule for empty regions, see fedseg.labels), then the model's privacy
-guarantee: `dp_kind` (`sample-level`: DP-SGD at the sites, protects one subject's scans at a site;
-`client-level`: the dp-noised strategy, protects a whole site's participation), `epsilon` and `delta`
-(final cumulative ε at δ; for DP-SGD the largest ε over the sites). All three are empty for a model
-trained without DP; files without these columns read as no DP.
+`outside` (1 for the outside institution, else 0; true/false also read), `subject` (no name empty),
+then `dice_1`, `dice_2`, ... (foreground classes; empty where a class is absent from the truth) or,
+with the BraTS label scheme, `dice_WT`, `dice_TC`, `dice_ET` (tumour regions; BraTS rule for empty
+regions, see fedseg.labels), then the model's privacy guarantee: `dp_kind` (`sample-level`: DP-SGD at
+the sites, protects one subject's scans at a site; `client-level`: the dp-noised strategy, protects a
+whole site's participation), `epsilon` and `delta` (final cumulative ε >= 0 at δ in [0, 1); for DP-SGD
+the largest ε over the sites). All three are empty for a model trained without DP; files without these
+columns read as no DP.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DICE_PREFIX = "dice_"
 PRIVACY_COLUMNS = ("dp_kind", "epsilon", "delta")  # optional (absent in older files)
 SAMPLE_LEVEL, CLIENT_LEVEL = "sample-level", "client-level"
 DP_KINDS = (SAMPLE_LEVEL, CLIENT_LEVEL)
+OUTSIDE_VALUES = {"0": False, "1": True, "false": False, "true": True, "False": False, "True": True}
 
 
 class CasesError(ValueError):
@@ -137,20 +139,22 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
         if any(not 0.0 <= d <= 1.0 for d in dice if not math.isnan(d)):
             raise ValueError("a Dice value outside [0, 1]")
         dp_kind = values[index["dp_kind"]] if "dp_kind" in index else ""
-        if dp_kind not in ("", *DP_KINDS):
-            raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
-        if bool(dp_kind) != (not math.isnan(number("epsilon"))):
-            raise ValueError("dp_kind and epsilon must be both set or both empty")
+        _check_privacy(dp_kind, number("epsilon"), number("delta"))
         for column in NAME_COLUMNS:  # a line break or control character would break every report's lines
             text = values[index[column]]
+            if not text:
+                raise ValueError(f"{column} is empty")
             if not text.isprintable():
                 raise ValueError(f"{column} {text!r} has a line break or other non-printable character")
+        outside = values[index["outside"]]
+        if outside not in OUTSIDE_VALUES:
+            raise ValueError(f"outside {outside!r} is not one of {', '.join(OUTSIDE_VALUES)}")
         return CaseRow(
             arm=values[index["arm"]],
             kind=values[index["kind"]],
             trained_on=values[index["trained_on"]],
             tested_on=values[index["tested_on"]],
-            outside=values[index["outside"]] in ("1", "true", "True"),
+            outside=OUTSIDE_VALUES[outside],
             subject=values[index["subject"]],
             dice=dice,
             dp_kind=dp_kind,
@@ -159,6 +163,21 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
         )
     except (IndexError, ValueError) as err:
         raise CasesError(f"{path}, line {line_no}: malformed row {values}: {err}") from err
+
+
+def _check_privacy(dp_kind: str, epsilon: float, delta: float) -> None:
+    """ValueError unless (dp_kind, ε, δ) is a model trained without DP (all empty) or a DP guarantee: a DP
+    kind, ε >= 0 and δ in [0, 1) or empty."""
+    if dp_kind not in ("", *DP_KINDS):
+        raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
+    if bool(dp_kind) != (not math.isnan(epsilon)):
+        raise ValueError("dp_kind and epsilon must be both set or both empty")
+    if not dp_kind and not math.isnan(delta):
+        raise ValueError("delta without dp_kind and epsilon")
+    if epsilon < 0:
+        raise ValueError(f"epsilon {epsilon!r} is negative")
+    if not 0 <= delta < 1 and not math.isnan(delta):
+        raise ValueError(f"delta {delta!r} is outside [0, 1)")
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:

@@ -22,6 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedseg.json_records import read_json_object, record_float, record_int, record_text
 from fedseg.report.cases import CasesError
 
 CASES = "cases.csv"
@@ -50,12 +51,28 @@ class ArmInfo:
 
     @classmethod
     def load(cls, folder: Path) -> ArmInfo:
-        """The arm.json in `folder`; CasesError naming it when it is not one."""
+        """The arm.json in `folder`; CasesError naming it (and the key) when it is not one."""
         path = folder / ARM_INFO
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, RecursionError) as err:
+            info = cls(**read_json_object(path))
+            info._check(path)
+        except TypeError as err:  # a key missing or unknown
             raise CasesError(f"{path}: not an arm record ({type(err).__name__})") from None
+        except ValueError as err:
+            raise CasesError(str(err)) from None
+        return info
+
+    def _check(self, path: Path) -> None:
+        """ValueError naming `path` and the key when a value has the wrong type or is out of range."""
+        for key in ("arm", "kind", "trained_on"):
+            record_text(path, key, getattr(self, key))
+        record_int(path, "model_bytes", self.model_bytes)
+        record_int(path, "sites", self.sites)
+        record_float(path, "seconds", self.seconds)
+        if not isinstance(self.software, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.software.items()
+        ):
+            raise ValueError(f"{path}: 'software' must map package names to version strings")
 
 
 def arm_id(arm: str, trained_on: str) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import lzma
 import math
+import zipfile
+import zlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
+from typing import IO
 
 import matplotlib
 
@@ -16,12 +19,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
+from fedseg.json_records import read_json_object, record_float, record_int
 from fedseg.report.cases import CaseRow, CasesError
 from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo
-from fedseg.report.tables import Cell, Model, PrivacyPoint, model_label, models, test_sets
+from fedseg.report.tables import Cell, Model, PrivacyPoint, model_labels, models, test_sets
 
 DPI = 80
 OVERLAY_DPI = 60  # many panels: keep the PNG small
+MAX_TEST_SETS = 16  # test sets a plot draws (heatmap columns, box-plot panels); experiments have about 11
+MAX_MODELS = 64  # models a plot draws (heatmap rows, boxes of a panel, overlay panels); experiments have about 33
+OVERLAY_KEYS = ("image", "truth", "prediction")  # the arrays of an overlay file (fedseg.experiments.evaluation)
+MAX_OVERLAY_BYTES = 16 * 2**20  # an overlay file (one 240 × 240 slice of the three takes about 100 kB)
+MAX_OVERLAY_SIDE = 4096  # pixels along each side of an overlay slice
+OVERLAY_PIXELS = 256  # pixels along each side drawn: a larger slice is subsampled (a panel is 120 pixels wide)
 
 
 @dataclass(frozen=True)
@@ -45,20 +55,42 @@ def load_curves(results_dir: Path, keep: Collection[Model]) -> list[Curve]:
         if (info.arm, info.trained_on) not in keep:
             continue
         label = info.arm if info.trained_on == "federation" else f"{info.arm} ({info.trained_on})"
-        try:
-            rounds = json.loads((folder / HISTORY).read_text())["rounds"]
-            sent = np.cumsum([2 * info.model_bytes * len(r.get("train", {})) / 1e6 for r in rounds])
-            curve = Curve(
-                label=label,
-                rounds=[int(r["round"]) for r in rounds],
-                dice=[float(r["mean_dice"]) for r in rounds],
-                megabytes=sent.tolist(),
-                seconds=np.cumsum([float(r["seconds"]) for r in rounds]).tolist(),
-            )
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
-            raise CasesError(f"{folder / HISTORY}: not a run history ({type(err).__name__})") from None
-        curves.append(curve)
+        curves.append(_curve(folder / HISTORY, label, info.model_bytes))
     return curves
+
+
+def _curve(path: Path, label: str, model_bytes: int) -> Curve:
+    """The run history's curve; CasesError naming the file (and the value) when it is not one."""
+    try:
+        rounds = read_json_object(path)["rounds"]
+        if not isinstance(rounds, list):
+            raise TypeError("rounds is not a list")
+        points = [_round_point(path, index, record) for index, record in enumerate(rounds)]
+    except (KeyError, TypeError) as err:
+        raise CasesError(f"{path}: not a run history ({type(err).__name__})") from None
+    except ValueError as err:
+        raise CasesError(str(err)) from None
+    return Curve(
+        label=label,
+        rounds=[number for number, _, _, _ in points],
+        dice=[dice for _, dice, _, _ in points],
+        megabytes=np.cumsum([2 * model_bytes * sites / 1e6 for _, _, sites, _ in points]).tolist(),
+        seconds=np.cumsum([seconds for _, _, _, seconds in points]).tolist(),
+    )
+
+
+def _round_point(path: Path, index: int, record: object) -> tuple[int, float, int, float]:
+    """(round, mean test Dice, sites trained, seconds) of the history's `index`-th round record; KeyError or
+    TypeError when it is not a round record, ValueError naming the value out of range."""
+    if not isinstance(record, dict) or not isinstance(record.get("train", {}), dict):
+        raise TypeError(f"rounds[{index}] is not a round record")
+    key = f"rounds[{index}]"
+    return (
+        record_int(path, f"{key}.round", record["round"]),
+        record_float(path, f"{key}.mean_dice", record["mean_dice"], 1.0, nan=True),
+        len(record.get("train", {})),
+        record_float(path, f"{key}.seconds", record["seconds"]),
+    )
 
 
 def plot_rounds(curves: Sequence[Curve], path: Path, reference: float = math.nan) -> None:
@@ -84,17 +116,21 @@ def plot_cost(curves: Sequence[Curve], path: Path) -> None:
 
 
 def plot_heatmap(rows: Sequence[CaseRow], matrix: dict[Model, dict[str, Cell]], path: Path) -> None:
-    """Cross-site matrix of mean Dice (trained-on rows × tested-on columns)."""
-    row_models, columns = models(rows), test_sets(rows)
+    """Cross-site matrix of mean Dice (trained-on rows × tested-on columns; the first MAX_MODELS and
+    MAX_TEST_SETS, the title says how many more there are)."""
+    all_models, all_columns = models(rows), test_sets(rows)
+    row_models, columns = all_models[:MAX_MODELS], all_columns[:MAX_TEST_SETS]
+    labels = model_labels(rows)
     values = np.array([[matrix[m][c].mean if c in matrix[m] else np.nan for c in columns] for m in row_models])
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.45 * len(row_models) + 1.5))
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-    ax.set_yticks(range(len(row_models)), [model_label(m, rows) for m in row_models])
+    ax.set_yticks(range(len(row_models)), [labels[m] for m in row_models])
     for (i, j), value in np.ndenumerate(values):
         if not np.isnan(value):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    ax.set(xlabel="tested on", title="mean Dice: trained on × tested on")
+    title = "mean Dice: trained on × tested on"
+    ax.set(xlabel="tested on", title=title + _left_out(len(all_models), len(all_columns)))
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -102,19 +138,27 @@ def plot_heatmap(rows: Sequence[CaseRow], matrix: dict[Model, dict[str, Cell]], 
 
 
 def plot_boxes(rows: Sequence[CaseRow], path: Path) -> None:
-    """Per tested-on set, a box of per-case Dice for each model."""
-    columns, row_models = test_sets(rows), models(rows)
+    """Per tested-on set, a box of per-case Dice for each model (the first MAX_TEST_SETS and MAX_MODELS; the
+    figure's title says how many more there are)."""
+    all_models, all_columns = models(rows), test_sets(rows)
+    columns, order = all_columns[:MAX_TEST_SETS], {m: i for i, m in enumerate(all_models[:MAX_MODELS])}
+    labels = model_labels(rows)
+    scores: dict[str, dict[Model, list[float]]] = {column: {} for column in columns}
+    for row in rows:  # once over the rows: a panel per test set must not scan them all again
+        if row.tested_on in scores and row.model in order:
+            panel, score = scores[row.tested_on].setdefault(row.model, []), row.score
+            if not math.isnan(score):
+                panel.append(score)
     fig, axes = plt.subplots(1, len(columns), figsize=(3 + 2.2 * len(columns), 4), sharey=True, squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
-        present = [m for m in row_models if any(r.model == m and r.tested_on == column for r in rows)]
-        data = [
-            [r.score for r in rows if r.model == m and r.tested_on == column and not math.isnan(r.score)]
-            for m in present
-        ]
-        ax.boxplot(data)
-        ax.set_xticks(range(1, len(present) + 1), [model_label(m, rows) for m in present], rotation=60, ha="right")
+        present = sorted(scores[column], key=order.__getitem__)
+        ax.boxplot([scores[column][m] for m in present])
+        ax.set_xticks(range(1, len(present) + 1), [labels[m] for m in present], rotation=60, ha="right")
         ax.set_title(f"tested on {column}")
     axes[0][0].set(ylabel="per-case Dice", ylim=(0, 1))
+    note = _left_out(len(all_models), len(all_columns))
+    if note:
+        fig.suptitle(note.strip())
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -144,28 +188,87 @@ def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], pa
 
 
 def plot_overlays(results_dir: Path, path: Path, max_cases: int = 3) -> bool:
-    """Image, truth and each model's prediction on one slice of a few cases; False if none saved."""
+    """Image, truth and each model's prediction (the first MAX_MODELS) on one slice of a few cases; False if
+    none saved. CasesError naming an overlay file that is not one (`read_overlay`)."""
     cases = sorted(p for p in (results_dir / OVERLAYS).glob("*") if p.is_dir())[:max_cases]
     panels = [sorted(case.glob("*.npz")) for case in cases]
     shown = [(case, files) for case, files in zip(cases, panels, strict=True) if files]
     if not shown:
         return False
-    width = 2 + max(len(files) for _, files in shown)
+    most = max(len(files) for _, files in shown)
+    width = 2 + min(most, MAX_MODELS)
     fig, axes = plt.subplots(len(shown), width, figsize=(2 * width, 2.1 * len(shown)), squeeze=False)
     for ax_row, (case, files) in zip(axes, shown, strict=True):
-        first = np.load(files[0])
-        ax_row[0].imshow(first["image"].T, cmap="gray", origin="lower", interpolation="nearest")
+        image, truth = read_overlay(files[0], "image", "truth")
+        ax_row[0].imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
         ax_row[0].set_title(case.name, fontsize=7)
-        _label_panel(ax_row[1], first["image"], first["truth"], "truth")
+        _label_panel(ax_row[1], image, truth, "truth")
         for ax, file in zip(ax_row[2:], files, strict=False):  # a row has a panel per model of the widest case
-            arm, trained_on = file.stem.split("--", 1)
-            _label_panel(ax, first["image"], np.load(file)["prediction"], f"{arm}\n{trained_on}")
+            arm, trained_on = _overlay_model(file)
+            _label_panel(ax, image, read_overlay(file, "prediction")[0], f"{arm}\n{trained_on}")
         for ax in ax_row:
             ax.axis("off")
+    if most > MAX_MODELS:
+        fig.suptitle(f"the first {MAX_MODELS} of {most} models shown")
     fig.tight_layout()
     fig.savefig(path, dpi=OVERLAY_DPI)
     plt.close(fig)
     return True
+
+
+def read_overlay(path: Path, *keys: str) -> list[np.ndarray]:
+    """The arrays `keys` of an overlay file, each checked from its .npy header inside the zip before it is
+    loaded (`_check_header`), without pickles, and subsampled to at most OVERLAY_PIXELS a side; CasesError
+    naming the file and the fault."""
+    try:
+        if path.stat().st_size > MAX_OVERLAY_BYTES:
+            raise CasesError(f"{path}: larger than the {MAX_OVERLAY_BYTES // 2**20} MiB an overlay file may have")
+        with zipfile.ZipFile(path) as archive:
+            return [_subsampled(_overlay_array(path, archive, key)) for key in keys]
+    except CasesError:
+        raise
+    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error, lzma.LZMAError) as err:
+        raise CasesError(f"{path}: not an overlay file ({type(err).__name__})") from None
+
+
+def _overlay_array(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarray:
+    name = f"{key}.npy"
+    if name not in archive.namelist():
+        raise CasesError(f"{path}: no '{key}' array (an overlay file holds {', '.join(OVERLAY_KEYS)})")
+    with archive.open(name) as member:
+        _check_header(path, key, member)
+    with archive.open(name) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _check_header(path: Path, key: str, member: IO[bytes]) -> None:
+    """CasesError unless the .npy header in `member` describes a 2-D array of numbers (no objects), at most
+    MAX_OVERLAY_SIDE pixels a side."""
+    version = np.lib.format.read_magic(member)
+    if version not in ((1, 0), (2, 0)):
+        raise CasesError(f"{path}: '{key}' is a .npy array of version {version}, not 1.0 or 2.0")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(member)
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise CasesError(f"{path}: '{key}' holds {dtype}, not real numbers")
+    if len(shape) != 2:
+        raise CasesError(f"{path}: '{key}' has {len(shape)} dimensions, not 2 (one slice)")
+    if not all(0 < side <= MAX_OVERLAY_SIDE for side in shape):
+        raise CasesError(f"{path}: '{key}' is {shape[0]} × {shape[1]} pixels, not 1 to {MAX_OVERLAY_SIDE} a side")
+
+
+def _subsampled(array: np.ndarray) -> np.ndarray:
+    """Every step-th pixel along both axes, at most OVERLAY_PIXELS a side (a panel is far smaller)."""
+    step = -(-max(array.shape) // OVERLAY_PIXELS)
+    return np.ascontiguousarray(array[::step, ::step])
+
+
+def _overlay_model(path: Path) -> tuple[str, str]:
+    """(arm, trained_on) from an overlay file's name, `<arm>--<trained_on>.npz`; CasesError otherwise."""
+    arm, separator, trained_on = path.stem.partition("--")
+    if not (arm and separator and trained_on):
+        raise CasesError(f"{path}: not an overlay file name (<arm>--<trained_on>.npz)")
+    return arm, trained_on
 
 
 def _label_panel(ax: plt.Axes, image: np.ndarray, labels: np.ndarray, title: str) -> None:
@@ -180,6 +283,14 @@ def _label_panel(ax: plt.Axes, image: np.ndarray, labels: np.ndarray, title: str
         interpolation="nearest",
     )
     ax.set_title(title, fontsize=7)
+
+
+def _left_out(models: int, test_sets: int) -> str:
+    """A title's note on how many models and test sets a plot leaves out (beyond MAX_MODELS and
+    MAX_TEST_SETS), on a line of its own; "" when it draws them all."""
+    counts = ((models, MAX_MODELS, "models"), (test_sets, MAX_TEST_SETS, "test sets"))
+    cut = [f"the first {limit} of {total} {what}" for total, limit, what in counts if total > limit]
+    return f"\n({' and '.join(cut)} shown)" if cut else ""
 
 
 def _finish(fig: plt.Figure, legend_ax: plt.Axes, path: Path) -> None:

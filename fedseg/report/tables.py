@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ REFERENCE_KINDS = ("federated", "centralized")  # without DP: the reference line
 CI_LEVEL = 0.95  # of the bootstrap confidence interval of an arm's mean Dice
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # a report is reproducible: the same cases.csv gives the same intervals
+BOOTSTRAP_BATCH_VALUES = 2**20  # resampled values held at once (with their indices, 16 MiB)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,14 @@ def model_label(model: Model, rows: Sequence[CaseRow]) -> str:
     return f"{arm} ({trained_on})" if several else arm
 
 
+def model_labels(rows: Sequence[CaseRow]) -> dict[Model, str]:
+    """`model_label` of every model, in one pass over the rows."""
+    trained: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        trained[row.arm].add(row.trained_on)
+    return {(arm, on): f"{arm} ({on})" if len(trained[arm]) > 1 else arm for arm, on in models(rows)}
+
+
 def test_sets(rows: Sequence[CaseRow]) -> list[str]:
     """Tested-on names: internal sites in natural order, then outside institutions."""
     inside = sorted({r.tested_on for r in rows if not r.outside}, key=_natural)
@@ -128,7 +138,8 @@ def arm_summaries(rows: Sequence[CaseRow]) -> list[ArmSummary]:
 
 def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of the non-NaN `values` (cases resampled with
-    replacement, `BOOTSTRAP_RESAMPLES` times, seeded); NaN for fewer than 2 values."""
+    replacement, `BOOTSTRAP_RESAMPLES` times, seeded, in batches of at most BOOTSTRAP_BATCH_VALUES values);
+    NaN for fewer than 2 values."""
     finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if finite.size < 2:
         return math.nan, math.nan
@@ -139,6 +150,7 @@ def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL) -> tuple[floa
         n_resamples=BOOTSTRAP_RESAMPLES,
         method="percentile",
         rng=np.random.default_rng(BOOTSTRAP_SEED),
+        batch=max(1, BOOTSTRAP_BATCH_VALUES // finite.size),  # the same draws and interval as all at once
     )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
@@ -291,8 +303,16 @@ def paired_test(model: Model, reference: Model, ours: dict, theirs: dict) -> Pai
         n=len(keys),
         mean_difference=float(np.mean(a - b)),
         p_wilcoxon=float(stats.wilcoxon(a, b, alternative="two-sided").pvalue),
-        p_ttest=float(stats.ttest_rel(a, b).pvalue),
+        p_ttest=_ttest_p(a, b),
     )
+
+
+def _ttest_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Paired t-test P value; differences all equal (but not 0) give t = ±inf, P = 0, without scipy's warning
+    of precision loss on stderr."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
+        return float(stats.ttest_rel(a, b).pvalue)
 
 
 def case_scores(rows: Sequence[CaseRow], outside: bool) -> dict[Model, dict[tuple[str, str], float]]:
