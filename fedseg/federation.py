@@ -25,7 +25,6 @@ resume from a checkpoint, and go on without sites that died:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import secrets
 import time
@@ -52,7 +51,8 @@ from fedseg.data.sites import with_input_channels
 from fedseg.enhancing import choose_min_voxels, describe
 from fedseg.flower_compat import ErrorCode, Run
 from fedseg.history import History, RoundRecord
-from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.json_records import read_json_object
+from fedseg.model_checkpoint import CheckpointError, ModelCheckpoint
 from fedseg.personal_mix import choose_personal_weight
 from fedseg.personal_mix import describe as describe_personal_weight
 from fedseg.secagg.server import SecureAggregation, SecureAggregationError
@@ -473,8 +473,14 @@ def new_run_key(run_dir: Path) -> str:
 def run_key(run_dir: Path) -> str:
     """The run key recorded in `run_dir`'s history.json (runs before run keys were recorded: derived
     from the folder's path, as they were)."""
-    history = json.loads((run_dir / "history.json").read_text())
-    return history.get(RUN_KEY) or _legacy_run_key(run_dir)
+    path = run_dir / "history.json"
+    try:
+        key = read_json_object(path).get(RUN_KEY)
+    except ValueError as err:  # names the file and the fault
+        raise CheckpointError(str(err)) from None
+    if key is not None and not (isinstance(key, str) and key.isprintable()):
+        raise CheckpointError(f"{path}: '{RUN_KEY}' must be a string of printable characters")
+    return key or _legacy_run_key(run_dir)
 
 
 def _legacy_run_key(run_dir: Path) -> str:

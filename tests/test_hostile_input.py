@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -1113,3 +1114,20 @@ def test_tampered_personal_layers_fail_with_one_line_or_load(
     assert layers is not None and set(layers) == set(own)
     model.load_state_dict({**model.state_dict(), **layers})  # fits the model
     assert all(bool(torch.isfinite(v).all()) for v in layers.values())
+
+
+@pytest.mark.parametrize(
+    ("history", "fault"),
+    [
+        ("{", "not a readable JSON record"),
+        ("[]", "not a JSON object"),
+        ('{"run-key": ["x"]}', "'run-key' must be a string of printable characters"),
+        ('{"run-key": "a\\nb"}', "'run-key' must be a string of printable characters"),
+    ],
+)
+def test_a_hostile_history_names_the_file_when_its_run_key_is_read(tmp_path: Path, history: str, fault: str) -> None:
+    from fedseg.federation import run_key
+
+    (tmp_path / "history.json").write_text(history)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'history.json'))}: {re.escape(fault)}"):
+        run_key(tmp_path)
