@@ -39,6 +39,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedseg.deploy.certs import CertError
     from fedseg.experiments import ExperimentError
     from fedseg.model_checkpoint import CheckpointError
+    from fedseg.models import ModelError
     from fedseg.predict import PredictError
     from fedseg.report.cases import CasesError
 
@@ -49,6 +50,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         CertError,
         ExperimentError,
         CheckpointError,
+        ModelError,  # names the network and the argument it cannot be built with
         PredictError,
         CasesError,
     )

@@ -11,6 +11,7 @@ training, evaluation and `fedseg predict` (the model file records it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -36,8 +37,14 @@ class IntensityWindow:
     clip: bool = True
 
     def __post_init__(self) -> None:
+        bounds = (self.a_min, self.a_max, self.b_min, self.b_max)
+        # an infinite or NaN bound or span maps every voxel to one value (or NaN): a blank image, no error
+        if not all(map(math.isfinite, (*bounds, self.a_max - self.a_min, self.b_max - self.b_min))):
+            raise IntensityError(f"a window needs finite bounds with a finite span, got {', '.join(map(str, bounds))}")
         if not self.a_min < self.a_max:
             raise IntensityError(f"a window needs its lower bound below its upper one, got {self.a_min}, {self.a_max}")
+        if self.b_min == self.b_max:
+            raise IntensityError(f"a window needs two target values, got {self.b_min} twice (a blank image)")
 
     def to_list(self) -> list[Any]:
         """Plain values for model files and cache keys."""
@@ -52,12 +59,22 @@ class IntensityWindow:
             or not isinstance(values[4], bool)
         ):
             raise IntensityError(f"an intensity window is [a_min, a_max, b_min, b_max, clip], got {values!r}")
+        if not all(map(is_finite, values[:4])):
+            raise IntensityError(f"a window needs finite bounds, got {values!r}")
         a_min, a_max, b_min, b_max = (float(v) for v in values[:4])
         return cls(a_min, a_max, b_min, b_max, clip=values[4])
 
     def __str__(self) -> str:
         clipped = "clipped" if self.clip else "not clipped"
         return f"window [{self.a_min:g}, {self.a_max:g}] → [{self.b_min:g}, {self.b_max:g}], {clipped}"
+
+
+def is_finite(value: float) -> bool:
+    """Whether a number is finite as a float (an int too large for one is not; math.isfinite raises)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def parse_intensity(text: str) -> IntensityWindow | None:

@@ -27,7 +27,6 @@ Format 1 files (no model_args) are read as presets with their own arguments.
 
 from __future__ import annotations
 
-import math
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,12 +41,12 @@ from fedseg.atomic import atomic_path
 from fedseg.config import STRATEGY_PARAM_SEPARATOR, ConfigError, RunConfig
 from fedseg.enhancing import choose_min_voxels
 from fedseg.errors import first_line
-from fedseg.intensity import IntensityWindow, describe
+from fedseg.intensity import IntensityError, IntensityWindow, describe, is_finite
 from fedseg.labels import SCHEMES, LabelScheme
 from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
 from fedseg.model_args import format_model_args
 from fedseg.model_spec import intensity_window, model_spec
-from fedseg.models import ModelError, build_model, network_kind
+from fedseg.models import ModelError, network_kind, network_shapes
 from fedseg.personal_mix import Weights, check_weight, choose_personal_weight
 from fedseg.privacy import make_dp_compatible
 from fedseg.trainer import SegmentationTrainer
@@ -68,6 +67,9 @@ PREPROCESSING = {
     "intensity": "z-score per channel over the non-zero voxels, or the model's intensity window",
     "inference": "sliding window over patch_size, probabilities mapped back to the input grid",
 }
+# the largest voxel spacing a model file may give (mm): past the thickest clinical slices (about 10 mm), the
+# resampled grid of any body part is a handful of voxels, whose labels are no segmentation
+MAX_PIXDIM_MM = 100.0
 CONVERT_HINT = (
     "make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
     "(RUN.toml: the run config describing its network, channels, classes, patch size and spacing)"
@@ -192,7 +194,13 @@ class ModelCheckpoint:
             checkpoint.labels  # noqa: B018 - the label scheme checks itself (e.g. brats has 4 classes)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: not a usable fedseg model file: {first_line(err)}") from None
-        fault = checkpoint.weights_fault()
+        try:
+            fault = checkpoint.weights_fault()
+        except ValueError as err:  # ModelError, or no DP-SGD form of the network
+            raise CheckpointError(
+                f"{path}: not a usable fedseg model file: 'model' / 'model_args' {checkpoint.network}: "
+                f"{first_line(err)}"
+            ) from None
         if fault:
             raise CheckpointError(
                 f"{path}: weights do not fit model {checkpoint.network} with "
@@ -202,8 +210,10 @@ class ModelCheckpoint:
         return checkpoint
 
     def weights_fault(self) -> str | None:
-        """What in `state_dict` differs from the named network's parameters (names, shapes), else None."""
-        network = build_model(self.model, self.in_channels, self.labels.out_channels, self.model_args)
+        """What in `state_dict` differs from the named network's parameters (names, shapes), else None;
+        ModelError when the network cannot be built. Compared on the meta device (fedseg.models.network_shapes),
+        so that a small file naming a huge network allocates nothing."""
+        network = network_shapes(self.model, self.in_channels, self.labels.out_channels, self.model_args)
         return weights_fault(
             (make_dp_compatible(network) if self.dp_compatible else network).state_dict(), self.state_dict
         )
@@ -337,11 +347,11 @@ def _from_run_checkpoint(data: dict, path: Path) -> ModelCheckpoint:
             threshold = choose_min_voxels(scored)[0]
         weight = choose_personal_weight(scored, config.labels)
         model = ModelCheckpoint.from_config(dict(data["weights"]), config, description, threshold, weight)
+        fault = model.weights_fault()
     except (ConfigError, ModelError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"{path}: a run checkpoint whose run config this fedseg cannot use: {first_line(err)}"
         ) from None
-    fault = model.weights_fault()
     if fault:
         raise CheckpointError(f"{path}: weights do not fit model {model.network}: {fault}")
     return model
@@ -381,7 +391,7 @@ def _checked_fields(data: Mapping) -> dict:
         "model_source": source,
         "init_from": str(data.get("init_from", "")),
         "dp_compatible": data.get("dp_compatible", False) is True,
-        "intensity": IntensityWindow.from_list(data["intensity"]) if data.get("intensity") is not None else None,
+        "intensity": _intensity(data.get("intensity")),
         "enhancing_min_voxels": _whole(data, "enhancing_min_voxels", 0, 2**31 - 1, absent=0),
     }
     if fields["label_scheme"] not in SCHEMES or not isinstance(fields["region_training"], bool):
@@ -394,9 +404,19 @@ def _checked_fields(data: Mapping) -> dict:
         fields[key] = check_weight(data.get(key), out_channels, key)
     if not all(8 <= p <= 512 for p in fields["patch_size"]):
         raise ValueError(f"'patch_size' {fields['patch_size']} must be 8 to 512 per axis")
-    if fields["pixdim"] is not None and not all(0 < p < math.inf for p in fields["pixdim"]):
-        raise ValueError(f"'pixdim' {fields['pixdim']} must be finite and > 0")
+    if fields["pixdim"] is not None and not all(0 < p <= MAX_PIXDIM_MM for p in fields["pixdim"]):
+        raise ValueError(f"'pixdim' {fields['pixdim']} must be > 0 and <= {MAX_PIXDIM_MM:g} mm per axis")
     return fields
+
+
+def _intensity(values: object) -> IntensityWindow | None:
+    """The file's intensity window (None: z-score); ValueError naming the field."""
+    if values is None:
+        return None
+    try:
+        return IntensityWindow.from_list(values)
+    except IntensityError as err:
+        raise ValueError(f"'intensity': {err}") from None
 
 
 def _whole(data: Mapping, key: str, low: int, high: int, absent: int | None = None) -> int:
@@ -407,10 +427,14 @@ def _whole(data: Mapping, key: str, low: int, high: int, absent: int | None = No
 
 
 def _triple(values: Sequence, kind: type, key: str = "value") -> tuple:
+    """Three finite numbers (whole ones for `kind` int) as `kind`; ValueError naming `key` otherwise."""
     if (
         not isinstance(values, (list, tuple))
         or len(values) != 3
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
         raise ValueError(f"'{key}' must be a list of 3 numbers, got {values!r}")
+    if not all(is_finite(v) and (kind is not int or float(v).is_integer()) for v in values):
+        whole = " whole" if kind is int else ""
+        raise ValueError(f"'{key}' must hold 3 finite{whole} numbers, got {values!r}")
     return tuple(kind(v) for v in values)

@@ -14,13 +14,21 @@ round 1 by fedseg.network_check). Preset patch sides must be multiples of `PATCH
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import monai.networks.nets as monai_nets
+import torch
 from monai.networks.nets import AHNet, DynUNet, SegResNet, UNet
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from fedseg.model_plugins import (
     ModelError,
@@ -142,6 +150,46 @@ def build_model(name: str, in_channels: int, out_channels: int, args: Mapping[st
     if not isinstance(model, nn.Module):
         raise ModelError(f"model '{name}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def network_shapes(name: str, in_channels: int, out_channels: int, args: Mapping[str, Any] | None = None) -> nn.Module:
+    """Network `name` with its parameters and buffers on the meta device: their names and shapes (and
+    count) without the memory, however large the arguments make it. Built on the meta device, or, for a
+    network whose construction needs real numbers (e.g. SwinUNETR's `.item()`), with each parameter and
+    buffer moved there as it is registered (before a layer initialises it). ModelError as build_model;
+    the network's warnings are left out (a real build shows them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return build_model(name, in_channels, out_channels, args)
+        except ModelError:
+            with _registered_on_meta():
+                return build_model(name, in_channels, out_channels, args)
+
+
+@contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Parameters and buffers that modules register in this thread meanwhile are moved to the meta device."""
+    thread = threading.get_ident()
+
+    def to_meta(module: nn.Module, name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or threading.get_ident() != thread:
+            return None
+        if isinstance(tensor, nn.Parameter):
+            return nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
+        return tensor.to("meta")
+
+    # torch annotates the hooks as returning None, yet registers the tensor a hook returns (as documented)
+    handles = [
+        register_module_parameter_registration_hook(to_meta),  # type: ignore[arg-type]
+        register_module_buffer_registration_hook(to_meta),  # type: ignore[arg-type]
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,8 +1,11 @@
-"""The check before round 1: the configured network builds, and maps a batch of patches to logits of
-the patch's shape (one tensor: no deep-supervision lists, no classifier outputs).
+"""The check before round 1: the configured network has at most `MAX_PARAMETERS` parameters, builds, and
+maps a batch of patches to logits of the patch's shape (one tensor: no deep-supervision lists, no
+classifier outputs).
 
-The network is built and run on PyTorch's meta device (shapes only, no memory, no arithmetic);
-networks whose construction needs real numbers (e.g. SwinUNETR) are checked on the CPU instead.
+The parameters are counted on PyTorch's meta device (names and shapes only, no memory), so that no
+size of `model-args` allocates anything before it is refused. The network is then run on the meta device
+(no arithmetic); networks whose construction or forward pass needs real numbers (e.g. SwinUNETR) are
+run on the CPU instead, once their size is known to fit.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedseg.errors import first_line
-from fedseg.models import ModelError, build_model, count_parameters
+from fedseg.limits import MAX_PARAMETERS
+from fedseg.models import ModelError, build_model, count_parameters, network_shapes
 
 CHECK_BATCH = 2  # batch norm in training mode needs more than one value per channel
 
@@ -22,12 +27,21 @@ def check_network(
     name: str, args: Mapping[str, Any], in_channels: int, out_channels: int, patch_size: Sequence[int]
 ) -> int:
     """The network's parameter count; ModelError saying what does not fit otherwise."""
+    shapes = network_shapes(name, in_channels, out_channels, args)
+    count = count_parameters(shapes)
+    if count > MAX_PARAMETERS:
+        raise ModelError(
+            f"model '{name}' has {count:,} parameters, more than the {MAX_PARAMETERS:,} fedseg builds: "
+            "choose smaller model arguments"
+        )
     try:
-        return _forward_check(torch.device("meta"), name, args, in_channels, out_channels, patch_size)
+        with torch.device("meta"):
+            _forward_check(shapes, name, in_channels, out_channels, patch_size)
     except Exception:  # noqa: BLE001 - e.g. an operation the meta device lacks: check with real numbers
         try:
             with torch.no_grad():
-                return _forward_check(torch.device("cpu"), name, args, in_channels, out_channels, patch_size)
+                network = build_model(name, in_channels, out_channels, args)
+                _forward_check(network, name, in_channels, out_channels, patch_size)
         except ModelError:
             raise
         except Exception as err:  # noqa: BLE001 - the network's own failure, in one line
@@ -36,19 +50,14 @@ def check_network(
                 f"{'x'.join(map(str, patch_size))} voxels: {type(err).__name__}: "
                 f"{first_line(err)}"
             ) from None
+    return count
 
 
 def _forward_check(
-    device: torch.device,
-    name: str,
-    args: Mapping[str, Any],
-    in_channels: int,
-    out_channels: int,
-    patch_size: Sequence[int],
-) -> int:
-    with device:
-        model = build_model(name, in_channels, out_channels, args).train()  # training mode: deep supervision shows
-        output = model(torch.zeros(CHECK_BATCH, in_channels, *patch_size))
+    network: nn.Module, name: str, in_channels: int, out_channels: int, patch_size: Sequence[int]
+) -> None:
+    """ModelError unless `network` maps a batch of patches (on the current default device) to logits of their shape."""
+    output = network.train()(torch.zeros(CHECK_BATCH, in_channels, *patch_size))  # training: deep supervision shows
     expected = (CHECK_BATCH, out_channels, *patch_size)
     if not isinstance(output, torch.Tensor):
         raise ModelError(
@@ -61,4 +70,3 @@ def _forward_check(
             f"{tuple(output.shape)}, fedseg needs {expected} (a segmentation network whose patch "
             "sides fit its down-sampling, see run-config 'patch-size')"
         )
-    return count_parameters(model)

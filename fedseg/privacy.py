@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -394,7 +395,7 @@ def site_epsilons(history: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
     for record in history.get("rounds", []):
         for site, metrics in record.get("train", {}).items():
             if "dp-epsilon" in metrics:
-                latest[site] = (float(metrics["dp-epsilon"]), float(metrics["dp-delta"]))
+                latest[site] = (_number(metrics["dp-epsilon"]), _number(metrics["dp-delta"]))
     return dict(sorted(latest.items()))
 
 
@@ -404,8 +405,25 @@ def client_epsilon(history: Mapping[str, Any]) -> tuple[float, float] | None:
     for record in history.get("rounds", []):
         strategy = record.get("strategy") or {}
         if "epsilon" in strategy:
-            found = (float(strategy["epsilon"]), float(strategy["delta"]))
+            found = (_number(strategy["epsilon"]), _number(strategy["delta"]))
     return found
+
+
+def budget_fault(epsilon: float, delta: float) -> str | None:
+    """Why (ε, δ) read from a run history is no privacy guarantee (ε finite and >= 0, δ in [0, 1)), else None."""
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        return f"ε = {epsilon} is not a finite number >= 0"
+    if not 0 <= delta < 1:  # NaN fails too
+        return f"δ = {delta} is not a number in [0, 1)"
+    return None
+
+
+def _number(value: Any) -> float:
+    """ε or δ of a history.json as a float; ValueError (not OverflowError) for a whole number beyond any float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError("an ε or δ too large for a floating-point number") from None
 
 
 def privacy_summary(history: Mapping[str, Any]) -> list[str]:

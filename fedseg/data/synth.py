@@ -130,6 +130,12 @@ OUTSIDE_KEY = 1000  # seed key of the outside institution
 # brain's edema) start to vanish at `tiny`; looser than +3 mm is past any site's convention (-0.8 to +1 mm)
 ANNOTATOR_MM = (-2.0, 3.0)
 SYNTH_MIN_SUBJECTS = 4  # the fewest subjects synthesize writes for an institution
+# the most sites and (base or outside) subjects synthesize writes, refused before writing anything: as many
+# as a run config takes (fedseg.config.UPPER_BOUNDS 'min-sites', 'synthetic-subjects'; not imported here,
+# they would load torch); the seed as a run's (0 to 2^32 - 1)
+MAX_SITES = 10_000
+MAX_SUBJECTS = 1000
+MAX_SEED = 2**32 - 1
 
 PRESETS = {  # name: (reference crop side in mm ≈ voxels at 1 mm, base subjects per site)
     "tiny": (32, 6),
@@ -249,14 +255,7 @@ def synthesize(
     _check_anatomy(anatomy)
     if preset not in PRESETS:
         raise ValueError(f"unknown size '{preset}'; choose one of: {', '.join(PRESETS)}")
-    if num_sites < 1:
-        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
-    if subjects < 0:
-        raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
-    if outside_subjects != 0 and outside_subjects < SYNTH_MIN_SUBJECTS:
-        raise ValueError(
-            f"outside_subjects must be 0 (the institution's share) or >= {SYNTH_MIN_SUBJECTS}, got {outside_subjects}"
-        )
+    _check_counts(seed, num_sites, subjects, outside_subjects)
     low, high = ANNOTATOR_MM
     if outside_annotator_mm is not None and not low <= outside_annotator_mm <= high:  # NaN fails too
         raise ValueError(f"outside_annotator_mm must be in [{low:g}, {high:g}] mm, got {outside_annotator_mm}")
@@ -310,6 +309,23 @@ def synthetic_root(
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _check_counts(seed: int, num_sites: int, subjects: int, outside_subjects: int) -> None:
+    """ValueError naming the first of synthesize's counts out of range (see MAX_SITES)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be 0 to {MAX_SEED}, got {seed}")
+    if not 1 <= num_sites <= MAX_SITES:
+        raise ValueError(f"sites must be 1 to {MAX_SITES}, got {num_sites}")
+    if subjects < 0:
+        raise ValueError(f"subjects must be >= 0 (0: the preset's count), got {subjects}")
+    if outside_subjects != 0 and outside_subjects < SYNTH_MIN_SUBJECTS:
+        raise ValueError(
+            f"outside_subjects must be 0 (the institution's share) or >= {SYNTH_MIN_SUBJECTS}, got {outside_subjects}"
+        )
+    for key, value in (("subjects", subjects), ("outside_subjects", outside_subjects)):
+        if value > MAX_SUBJECTS:
+            raise ValueError(f"{key} must be <= {MAX_SUBJECTS}, got {value}")
+
+
 def _check_anatomy(anatomy: str) -> str:
     if anatomy not in ANATOMIES:
         raise ValueError(f"unknown anatomy '{anatomy}'; choose one of: {', '.join(ANATOMIES)}")

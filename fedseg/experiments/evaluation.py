@@ -16,12 +16,13 @@ from monai.data import DataLoader, Dataset
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
 from fedseg.enhancing import smallest_threshold
+from fedseg.errors import first_line
 from fedseg.experiments.arms import Arm
 from fedseg.experiments.spec import ExperimentSpec
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
 from fedseg.personal_mix import ensemble_mean
-from fedseg.privacy import client_epsilon, site_epsilons
+from fedseg.privacy import budget_fault, client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
 from fedseg.report.layout import ARMS, CASES, HISTORY, OVERLAYS, overlay_case
 
@@ -50,7 +51,11 @@ def arm_privacy(folder: Path) -> Privacy:
         history = json.loads(path.read_text()) if path.is_file() else {}
         client, sites = client_epsilon(history), site_epsilons(history)
     except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
-        raise ExperimentError(f"{path}: not a run history ({type(err).__name__})") from None
+        raise ExperimentError(f"{path}: not a run history ({type(err).__name__}: {first_line(err)})") from None
+    for epsilon, delta in [*([client] if client is not None else []), *sites.values()]:
+        fault = budget_fault(epsilon, delta)
+        if fault:
+            raise ExperimentError(f"{path}: not a privacy guarantee: {fault}")
     if client is not None and sites:
         raise ExperimentError(f"{path}: both DP-SGD and client-level DP; cases.csv records one DP kind per model")
     if client is not None:
