@@ -238,7 +238,7 @@ def _window(node: Mapping[str, Any]) -> IntensityWindow | None:
     try:
         a_min, a_max, b_min, b_max = (float(v) for v in values)
         return IntensityWindow(a_min, a_max, b_min, b_max, clip=clip)
-    except IntensityError:
+    except (IntensityError, OverflowError):  # OverflowError: an integer past float range
         return None
 
 

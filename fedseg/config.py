@@ -20,7 +20,7 @@ from fedseg.data.transforms import AUGMENTATIONS
 from fedseg.enhancing import ENHANCING_TUMOUR, POSTPROCESS
 from fedseg.intensity import BUNDLE, IntensityError, parse_intensity
 from fedseg.labels import SCHEMES, LabelScheme
-from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
+from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES, MAX_SPACING_MM
 from fedseg.model_args import ModelArgsError, parse_model_args
 from fedseg.models import PATCH_MULTIPLE, ModelError, model_choices, model_kwargs, network_kind
 from fedseg.optim import OPTIMIZERS, SCHEDULES, round_learning_rate
@@ -235,9 +235,10 @@ class RunConfig:
         if self.model == "ahnet" and self.in_channels > 1:
             raise ConfigError(f"run-config 'in-channels' is {self.in_channels}; model 'ahnet' takes 1 channel")
         _validate_labels(self)
-        if self.spacing is not None and not all(0 < s < math.inf for s in self.spacing):
+        if self.spacing is not None and not all(0 < s <= MAX_SPACING_MM for s in self.spacing):
             raise ConfigError(
-                f"run-config 'spacing' must be > 0 mm per axis (\"\" keeps the native grid), got {self.spacing}"
+                f"run-config 'spacing' must be > 0 and <= {MAX_SPACING_MM:g} mm per axis (\"\" keeps the native grid), "
+                f"got {self.spacing}"
             )
         if self.uses_synthetic_data and min(self.patch_size) > self.synthetic_size:
             raise ConfigError(

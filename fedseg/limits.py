@@ -9,3 +9,6 @@ MAX_MANIFEST_BYTES = 64 * 2**20  # a site's dataset.json (10 000 subjects take a
 MAX_CASES_BYTES = 256 * 2**20  # a results folder's cases.csv (a million test cases take about 150 MB)
 MAX_RECORD_BYTES = 64 * 2**20  # a run's JSON records (history.json, arm.json; 128 rounds of 10 sites: about 3 MB)
 MAX_PARAMETERS = 2**30  # a network's parameters: 4 GiB of float32 weights, beyond any 3D segmentation network in use
+# the largest voxel spacing (mm) a run resamples to or a model file gives: past the thickest clinical slices
+# (about 10 mm) the resampled grid of any body part is a handful of voxels, whose labels are no segmentation
+MAX_SPACING_MM = 100.0

@@ -43,7 +43,7 @@ from fedseg.enhancing import choose_min_voxels
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityError, IntensityWindow, describe, is_finite
 from fedseg.labels import SCHEMES, LabelScheme
-from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
+from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES, MAX_SPACING_MM
 from fedseg.model_args import format_model_args
 from fedseg.model_spec import intensity_window, model_spec
 from fedseg.models import ModelError, network_kind, network_shapes
@@ -67,9 +67,6 @@ PREPROCESSING = {
     "intensity": "z-score per channel over the non-zero voxels, or the model's intensity window",
     "inference": "sliding window over patch_size, probabilities mapped back to the input grid",
 }
-# the largest voxel spacing a model file may give (mm): past the thickest clinical slices (about 10 mm), the
-# resampled grid of any body part is a handful of voxels, whose labels are no segmentation
-MAX_PIXDIM_MM = 100.0
 CONVERT_HINT = (
     "make a fedseg model file with `fedseg import-model {path} --config RUN.toml --out model.pt` "
     "(RUN.toml: the run config describing its network, channels, classes, patch size and spacing)"
@@ -404,8 +401,8 @@ def _checked_fields(data: Mapping) -> dict:
         fields[key] = check_weight(data.get(key), out_channels, key)
     if not all(8 <= p <= 512 for p in fields["patch_size"]):
         raise ValueError(f"'patch_size' {fields['patch_size']} must be 8 to 512 per axis")
-    if fields["pixdim"] is not None and not all(0 < p <= MAX_PIXDIM_MM for p in fields["pixdim"]):
-        raise ValueError(f"'pixdim' {fields['pixdim']} must be > 0 and <= {MAX_PIXDIM_MM:g} mm per axis")
+    if fields["pixdim"] is not None and not all(0 < p <= MAX_SPACING_MM for p in fields["pixdim"]):
+        raise ValueError(f"'pixdim' {fields['pixdim']} must be > 0 and <= {MAX_SPACING_MM:g} mm per axis")
     return fields
 
 

@@ -20,6 +20,7 @@ from fedseg.config import RunConfig
 from fedseg.data.sites import with_input_channels
 from fedseg.initial_model import initial_model
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.model_spec import checked_network
 
 
 def import_model(weights: str | Path, out: str | Path, config_path: str | Path | None = None) -> ModelCheckpoint:
@@ -31,6 +32,7 @@ def import_model(weights: str | Path, out: str | Path, config_path: str | Path |
     config = dataclasses.replace(config, init_from=str(weights))
     config.validate()
     config = with_input_channels(config)
+    checked_network(config)  # the network's size and forward pass, before any weights are built
     start = initial_model(config)
     model = ModelCheckpoint.from_config(start.state_dict, config, f"imported from {weights.name}")
     model.save(out)

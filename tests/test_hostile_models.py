@@ -14,8 +14,8 @@ from test_hostile_input import checkpoint, cli, peak_rss, refused, save, volume
 from fedseg.config import UPPER_BOUNDS
 from fedseg.data import synth
 from fedseg.experiments.evaluation import ExperimentError, arm_privacy
-from fedseg.limits import MAX_PARAMETERS
-from fedseg.model_checkpoint import MAX_PIXDIM_MM, ModelCheckpoint
+from fedseg.limits import MAX_PARAMETERS, MAX_SPACING_MM
+from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.models import count_parameters, network_shapes
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL
 
@@ -108,8 +108,8 @@ def test_intensity_windows_that_blank_the_image_are_refused(tmp_path: Path, wind
 
 def test_pixdim_beyond_any_scanner_is_refused_and_clinical_spacings_load(tmp_path: Path) -> None:
     bad, code, output = predict_with(tmp_path, pixdim=[1e30] * 3)
-    one_line_refusal(tmp_path, code, output, bad, "'pixdim'", f"{MAX_PIXDIM_MM:g} mm")
-    for pixdim in ([0.1, 0.1, 0.1], [0.5, 0.5, 5.0], [MAX_PIXDIM_MM] * 3):
+    one_line_refusal(tmp_path, code, output, bad, "'pixdim'", f"{MAX_SPACING_MM:g} mm")
+    for pixdim in ([0.1, 0.1, 0.1], [0.5, 0.5, 5.0], [MAX_SPACING_MM] * 3):
         assert ModelCheckpoint.load(checkpoint(tmp_path / "ok.pt", pixdim=pixdim)).pixdim == tuple(pixdim)
 
 
@@ -136,6 +136,31 @@ def test_check_config_still_counts_an_ordinary_network(tmp_path: Path) -> None:
     path.write_text('model = "unet"\n')
     code, output = cli("check-config", path)
     assert code == 0 and "network: unet [preset], 1,188,924 parameters" in output, output
+
+
+def test_import_model_refuses_a_network_over_the_parameter_limit_before_building_it(tmp_path: Path) -> None:
+    path, weights = tmp_path / "run.toml", tmp_path / "weights.pt"
+    path.write_text('model = "segresnet"\nmodel-args = "init_filters=2048"\n')
+    torch.save({}, weights)
+    code, output = cli("import-model", weights, "--config", path, "--out", tmp_path / "model.pt")
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert "76,957,581,315 parameters" in output and not (tmp_path / "model.pt").exists(), output
+
+
+def test_a_run_spacing_beyond_what_a_model_file_may_hold_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('spacing = "1,1,150"\n')
+    code, output = cli("check-config", path)
+    refused(code, output, path)
+    assert f"'spacing' must be > 0 and <= {MAX_SPACING_MM:g} mm per axis" in output, output
+
+
+def test_a_bundle_window_past_float_range_is_not_a_window() -> None:
+    from fedseg.bundle import _window
+
+    assert _window({"a_min": 10**400, "a_max": 10**401}) is None
+    window = _window({"a_min": -100, "a_max": 300})
+    assert window is not None and (window.a_min, window.a_max) == (-100.0, 300.0)
 
 
 # ---------------------------------------------------------------------------------------------- 5. run histories
