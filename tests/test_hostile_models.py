@@ -66,7 +66,8 @@ def test_a_network_that_does_not_build_is_a_known_error_of_every_command(tmp_pat
     config.write_text('model = "unet"\nmodel-args = "channels=abc"\nnum-classes = 3\nin-channels = 1\n')
     code, output = cli("import-model", weights, "--config", config, "--out", tmp_path / "out.pt")
     assert code == 2 and "unexpected" not in output, output
-    assert output.strip().splitlines()[-1].startswith("error: model 'unet' cannot be built with these arguments")
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: run-config 'model-args': model 'unet' cannot be built"), output
     assert not (tmp_path / "out.pt").exists()
 
 
