@@ -20,9 +20,16 @@ from test_hostile_input import cli, refused
 
 from fedseg.json_records import read_json_object
 from fedseg.limits import MAX_RECORD_BYTES
-from fedseg.report import plots
-from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
-from fedseg.report.tables import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, paired_test
+from fedseg.report import against, plots, seeds, summary, tables
+from fedseg.report.cases import (
+    MAX_CASES_MODELS,
+    MAX_CASES_TEST_SETS,
+    CaseRow,
+    CasesError,
+    read_cases,
+    write_cases,
+)
+from fedseg.report.tables import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MAX_PAIRED_TESTS, bootstrap_ci, paired_test
 
 ARM = "fedavg--federation"
 HEADER = "arm,kind,trained_on,tested_on,outside,subject,dice_1,dp_kind,epsilon,delta\n"
@@ -338,3 +345,129 @@ def test_equal_differences_give_a_paired_t_of_p_0_without_a_warning(results: Pat
     assert (test.p_wilcoxon, test.p_ttest) == (0.25, 0.0)
     assert code == 0, output
     assert "| fedavg | private | 3 | +0.250 | 0.25 | 0 | 0.25 | 0 |" in (results / "out" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- 9. many models
+def test_a_cases_file_of_more_models_or_test_sets_than_the_bounds_is_refused_naming_count_and_bound(
+    tmp_path: Path,
+) -> None:
+    models, sets = MAX_CASES_MODELS + 1, MAX_CASES_TEST_SETS + 1
+    for name, rows, fault in (
+        ("models", (f"arm-{i},federated,site-{i},site-0,0,a,0.5,,," for i in range(models)),
+         f"{models} models (distinct arm, trained_on), more than the {MAX_CASES_MODELS} a cases file may have"),
+        ("test-sets", (f"fedavg,federated,federation,site-{i},0,a,0.5,,," for i in range(sets)),
+         f"{sets} test sets (distinct tested_on), more than the {MAX_CASES_TEST_SETS} a cases file may have"),
+    ):  # fmt: skip
+        path = tmp_path / name / "cases.csv"
+        path.parent.mkdir()
+        path.write_text(HEADER + "\n".join(rows) + "\n")
+        raises_naming(lambda path=path: read_cases(path), path, fault)
+        code, output = cli("report", path.parent, "--out", tmp_path / f"{name}-out")
+        refused(code, output, path)
+        assert len(output.strip().splitlines()) == 1 and fault in output, output
+    at_bounds = [
+        f"arm-{i},federated,site-{i},site-{i % MAX_CASES_TEST_SETS},0,a,0.5,,," for i in range(MAX_CASES_MODELS)
+    ]
+    (tmp_path / "cases.csv").write_text(HEADER + "\n".join(at_bounds) + "\n")
+    assert len(read_cases(tmp_path / "cases.csv")) == MAX_CASES_MODELS
+
+
+def test_too_many_paired_tests_are_refused_naming_the_files(tmp_path: Path) -> None:
+    """Each private model is paired with each compared one: quadratic in the models, so bounded apart."""
+    private = MAX_PAIRED_TESTS // 100 + 1
+    rows = [f"private,private,site-{i},site-0,0,a,0.5,,," for i in range(private)]
+    rows += [f"fed-{i},federated,federation,site-0,0,a,0.5,,," for i in range(100)]
+    path = tmp_path / "run" / "cases.csv"
+    path.parent.mkdir()
+    path.write_text(HEADER + "\n".join(rows) + "\n")
+    fault = f"100 models to pair with each of {private} private models, {100 * private} paired tests, more than the"
+    code, output = cli("report", path.parent, "--out", tmp_path / "out")
+    refused(code, output, path)
+    assert len(output.strip().splitlines()) == 1 and fault in output and output.startswith(f"error: {path}"), output
+
+
+def many_models(arms: int) -> list[CaseRow]:
+    """Rows of `arms` arms of every compared kind, of two models each (private, personal: one per site), on
+    two internal test sets and the outside institution, some with DP, two structures."""
+    kinds = ("private", "federated", "personal", "centralized", "cyclic", "finetuned")
+    rows = []
+    for a in range(arms):
+        kind = kinds[a % len(kinds)]
+        dp = ("sample-level", 1.0 + a, 1e-5) if kind == "federated" and a % 4 == 1 else ("", math.nan, math.nan)
+        for s in range(2):
+            trained_on = f"site-{s}" if kind in ("private", "personal", "finetuned") else f"federation-{s}"
+            tested = [f"site-{s}"] if kind == "personal" else ["site-0", "site-1", "outside"]
+            for tested_on in tested:
+                for subject in "abc":
+                    score = (a * 7 + s * 3 + ord(subject)) % 10 / 10
+                    rows.append(CaseRow(f"arm-{a}", kind, trained_on, tested_on, tested_on == "outside", subject,
+                                        (score, 1 - score), *dp))  # fmt: skip
+    return rows
+
+
+def counted_passes(call: Callable[[list[CaseRow]], object], arms: int) -> int:
+    rows = CountedRows(many_models(arms))
+    call(rows)
+    return rows.passes
+
+
+TABLES: dict[str, Callable[[list[CaseRow]], object]] = {
+    "cross_site_matrix": tables.cross_site_matrix,
+    "arm_summaries": tables.arm_summaries,
+    "structure_summaries": lambda rows: tables.structure_summaries(rows, ["1", "2"]),
+    "privacy_points": tables.privacy_points,
+    "privacy_references": tables.privacy_references,
+    "model_labels": tables.model_labels,
+    "model_kinds": tables.model_kinds,
+    "model_pairs": lambda rows: tables.model_pairs(rows, "centralized"),
+    "paired_tests": lambda rows: tables.paired_tests(rows, "private", outside=True),
+    "matrix_table": summary.matrix_table,
+    "arms_table": summary.arms_table,
+    "structure_table": lambda rows: summary.structure_table(rows, ["1", "2"]),
+    "paired_table": lambda rows: summary.paired_table(rows, "centralized"),
+    "privacy_table": summary.privacy_table,
+}
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_each_table_passes_over_the_rows_a_few_times_however_many_models(name: str) -> None:
+    """Not once per arm or model: (models × rows) took 31 s for 2000 rows of an arm each."""
+    few, many = counted_passes(TABLES[name], 6), counted_passes(TABLES[name], 36)
+    assert many == few <= 12, (few, many)
+
+
+def test_a_whole_report_passes_over_each_runs_rows_a_few_times_however_many_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_report, the seeds report and the --against report, the row lists they read or pool counted."""
+    lists: list[CountedRows] = []
+
+    def counted(rows: list[CaseRow]) -> CountedRows:
+        lists.append(CountedRows(rows))
+        return lists[-1]
+
+    monkeypatch.setattr(summary, "read_cases", lambda path: counted(read_cases(path)))
+    monkeypatch.setattr(seeds, "read_cases", lambda path: counted(read_cases(path)))
+    for module in (seeds, summary, against):  # the runs' rows pooled
+        monkeypatch.setattr(module, "run_rows", lambda runs: counted([row for run in runs for row in run.rows]))
+    monkeypatch.setattr(summary, "_plots", lambda *args: "")  # the plots: counted in section 2
+
+    def passes(arms: int) -> list[int]:
+        folders = []
+        for name in ("a", "b", "c"):
+            folders.append(tmp_path / f"{arms}" / name)
+            folders[-1].mkdir(parents=True)
+            write_cases(folders[-1] / "cases.csv", many_models(arms))
+        counts = []
+        for build in (
+            lambda: summary.build_report(folders[0], tmp_path / f"{arms}" / "one"),
+            lambda: summary.build_seed_report(folders[:2], tmp_path / f"{arms}" / "seeds"),
+            lambda: against.build_against_report(folders[:2], folders[2:], tmp_path / f"{arms}" / "against"),
+        ):
+            lists.clear()
+            build()
+            counts.append(sum(rows.passes for rows in lists))
+        return counts
+
+    few, many = passes(6), passes(36)
+    assert many == few and max(few) <= 200, (few, many)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedseg.report.cases import CaseRow, CasesError, read_structures
@@ -25,12 +25,14 @@ from fedseg.report.summary import REPORT, format_number, markdown_table, paired_
 from fedseg.report.tables import (
     CENTRAL,
     COMPARED_KINDS,
+    KeyPlaces,
     Model,
     PairedTest,
     adjusted,
+    check_pair_count,
     compared_models,
     model_kinds,
-    model_label,
+    model_labeller,
     own_site_arms,
     paired_scores,
     paired_test,
@@ -88,12 +90,17 @@ def cross_reference_tests(runs: Sequence[Run], others: Sequence[Run]) -> list[Pa
     `pooled_scores`): how one configuration's models stand against the other configuration's pooled model.
     Empty when `others` has no centralized model."""
     ours, theirs = pooled_scores(runs, outside=False), pooled_scores(others, outside=False)
+    compared, references = _cross_compared(runs), _centralized(others)
+    pairs = [(m, ref) for m in compared for ref in references if m in ours and ref in theirs]
+    places = KeyPlaces(ours)
+    return adjusted([paired_test(m, ref, ours[m], theirs[ref], places.of(m)) for m, ref in pairs])
+
+
+def _cross_compared(runs: Sequence[Run]) -> list[Model]:
+    """The models of `runs` that `cross_reference_tests` pairs with the other configuration's centralized ones."""
     rows = run_rows(runs)
     kinds = model_kinds(rows)
-    compared = [m for m in compared_models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != CENTRAL]
-    references = _centralized(others)
-    pairs = [(m, ref) for m in compared for ref in references if m in ours and ref in theirs]
-    return adjusted([paired_test(m, ref, ours[m], theirs[ref]) for m, ref in pairs])
+    return [m for m in compared_models(rows) if kinds[m] in COMPARED_KINDS and kinds[m] != CENTRAL]
 
 
 def _centralized(runs: Sequence[Run]) -> list[Model]:
@@ -127,6 +134,9 @@ def build_against_report(
     check_pairs(runs, others, pairs)
     first, second = _side(runs), _side(others)
     rows = run_rows([*runs, *others])
+    source = ", ".join(str(Path(d) / CASES) for d in [*results_dirs, *against])
+    for side_runs, other_runs in ((runs, others), (others, runs)):  # `cross_reference_tests`, both ways
+        check_pair_count(len(_cross_compared(side_runs)), len(_centralized(other_runs)), CENTRAL, source)
     sections = [
         f"# Comparison: {first} against {second}",
         f"- {first}: {', '.join(r.name for r in runs)}\n- {second}: {', '.join(r.name for r in others)}",
@@ -191,11 +201,14 @@ def with_centralized_of(runs: Sequence[Run], others: Sequence[Run]) -> list[Run]
     a new federated arm gets its % of the centralized model the other configuration trained on that split.
     A run with no such partner is left as it is."""
     out = []
+    candidates: list[tuple[Run, frozenset[tuple[str, str]]]] | None = None  # others with a centralized model
     for run in runs:
         partner = None
         if not _centralized([run]):
+            if candidates is None:  # each of `others` read once, not once per run
+                candidates = [(o, _internal_scans(o)) for o in others if _centralized([o])]
             scans = _internal_scans(run)
-            partner = next((o for o in others if _centralized([o]) and _internal_scans(o) == scans), None)
+            partner = next((o for o, theirs in candidates if theirs == scans), None)
         central = [] if partner is None else [row for row in partner.rows if row.kind == CENTRAL]
         out.append(Run(run.name, [*run.rows, *central]) if central else run)
     return out
@@ -207,7 +220,8 @@ def _internal_scans(run: Run) -> frozenset[tuple[str, str]]:
 
 def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[CaseRow]) -> str:
     tests, same = compared
-    alike = ", ".join(model_label(m, rows) for m in same)
+    label = model_labeller(rows)
+    alike = ", ".join(label(m) for m in same)
     note = f"\n\nThe same on both sides (every scan's Dice equal; not tested): {alike}." if same else ""
     if not tests:
         reason = (
@@ -215,10 +229,10 @@ def _tests_table(compared: tuple[list[PairedTest], list[Model]], rows: Sequence[
         )
         return f"Nothing to pair: {reason}." + note
     header = ["model", "n", "mean difference", "P (Wilcoxon)", "P (paired t)", "q (Wilcoxon)", "q (paired t)"]
-    return markdown_table(header, [[_pair_label(t, rows), *paired_cells(t, "{:+.4f}")] for t in tests]) + note
+    return markdown_table(header, [[_pair_label(t, label), *paired_cells(t, "{:+.4f}")] for t in tests]) + note
 
 
-def _pair_label(test: PairedTest, rows: Sequence[CaseRow]) -> str:
+def _pair_label(test: PairedTest, label: Callable[[Model], str]) -> str:
     """The model's name, and its partner's when they differ (--pair)."""
-    label = model_label(test.model, rows)
-    return label if test.reference == test.model else f"{label} against {model_label(test.reference, rows)}"
+    name = label(test.model)
+    return name if test.reference == test.model else f"{name} against {label(test.reference)}"

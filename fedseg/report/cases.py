@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,13 +36,18 @@ PRIVACY_COLUMNS = ("dp_kind", "epsilon", "delta")  # optional (absent in older f
 SAMPLE_LEVEL, CLIENT_LEVEL = "sample-level", "client-level"
 DP_KINDS = (SAMPLE_LEVEL, CLIENT_LEVEL)
 OUTSIDE_VALUES = {"0": False, "1": True, "false": False, "true": True, "False": False, "True": True}
+# A report prints a cross-site row and paired tests per model and a column per test set, so a cases file with
+# more than these is refused when read. Experiments so far: at most 58 models and 51 test sets. At both bounds
+# and the size cap (4 million rows) a report took 9 minutes and 2.4 GB and wrote a 50 MB report.md.
+MAX_CASES_MODELS = 5000  # distinct models (arm, trained_on) of one cases file
+MAX_CASES_TEST_SETS = 500  # distinct test sets (tested_on) of one cases file
 
 
 class CasesError(ValueError):
     """cases.csv is missing, empty or malformed; the message names the file and the fault."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a cases file at its cap holds millions of rows
 class CaseRow:
     """Dice of one test subject under one trained model."""
 
@@ -106,7 +112,25 @@ def read_cases(path: Path) -> list[CaseRow]:
         raise CasesError(f"{path}: not a CSV text file: {err}") from err
     if not rows:
         raise CasesError(f"{path}: no result rows")
+    _check_breadth(path, rows)
     return rows
+
+
+def _check_breadth(path: Path, rows: Sequence[CaseRow]) -> None:
+    """CasesError naming the file, the count and the bound when the rows hold more than MAX_CASES_MODELS
+    models or MAX_CASES_TEST_SETS test sets."""
+    models = {row.model for row in rows}
+    if len(models) > MAX_CASES_MODELS:
+        raise CasesError(
+            f"{path}: {len(models)} models (distinct arm, trained_on), more than the {MAX_CASES_MODELS} "
+            "a cases file may have"
+        )
+    test_sets = {row.tested_on for row in rows}
+    if len(test_sets) > MAX_CASES_TEST_SETS:
+        raise CasesError(
+            f"{path}: {len(test_sets)} test sets (distinct tested_on), more than the {MAX_CASES_TEST_SETS} "
+            "a cases file may have"
+        )
 
 
 def read_structures(path: Path) -> tuple[str, ...]:
@@ -149,15 +173,15 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
         outside = values[index["outside"]]
         if outside not in OUTSIDE_VALUES:
             raise ValueError(f"outside {outside!r} is not one of {', '.join(OUTSIDE_VALUES)}")
-        return CaseRow(
-            arm=values[index["arm"]],
-            kind=values[index["kind"]],
-            trained_on=values[index["trained_on"]],
-            tested_on=values[index["tested_on"]],
+        return CaseRow(  # the names repeat on many rows: one string each, not one per row
+            arm=sys.intern(values[index["arm"]]),
+            kind=sys.intern(values[index["kind"]]),
+            trained_on=sys.intern(values[index["trained_on"]]),
+            tested_on=sys.intern(values[index["tested_on"]]),
             outside=OUTSIDE_VALUES[outside],
-            subject=values[index["subject"]],
+            subject=sys.intern(values[index["subject"]]),
             dice=dice,
-            dp_kind=dp_kind,
+            dp_kind=sys.intern(dp_kind),
             epsilon=number("epsilon"),
             delta=number("delta"),
         )

@@ -165,7 +165,8 @@ def plot_boxes(rows: Sequence[CaseRow], path: Path) -> None:
 
 
 def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], path: Path) -> None:
-    """Mean internal-test Dice (± sd) vs final ε per DP kind; dashed lines: models trained without DP."""
+    """Mean internal-test Dice (± sd) vs final ε per DP kind; dashed lines: models trained without DP (the
+    first MAX_MODELS, the title says how many more there are)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for kind in dict.fromkeys(p.dp_kind for p in points):
         shown = [p for p in points if p.dp_kind == kind and math.isfinite(p.epsilon)]
@@ -177,13 +178,17 @@ def plot_privacy(points: Sequence[PrivacyPoint], references: dict[str, Cell], pa
             capsize=3,
             label=f"{kind} DP",
         )
-    for (label, cell), style in zip(references.items(), cycle(("--", ":", "-."))):
+    lines = list(references.items())[:MAX_MODELS]  # a line and a legend entry each
+    for (label, cell), style in zip(lines, cycle(("--", ":", "-."))):
         ax.axhline(cell.mean, linestyle=style, color="black", linewidth=1, label=f"{label} (no DP)")
     epsilons = [p.epsilon for p in points if math.isfinite(p.epsilon) and p.epsilon > 0]
     if epsilons and max(epsilons) > 10 * min(epsilons):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title="Dice vs privacy", ylim=(0, 1))
+    title = "Dice vs privacy"
+    if len(lines) < len(references):
+        title += f"\n(the first {MAX_MODELS} of {len(references)} models without DP shown)"
+    ax.set(xlabel="ε (final, at the model's δ)", ylabel="mean test Dice (± sd)", title=title, ylim=(0, 1))
     _finish(fig, ax, path)
 
 

@@ -25,17 +25,23 @@ from fedseg.report.tables import (
     BOOTSTRAP_RESAMPLES,
     CENTRAL,
     CI_LEVEL,
+    ArmSummary,
     Cell,
+    Model,
     PairedTest,
     StructureSummary,
     arm_summaries,
+    by_arm,
+    check_paired_tests,
     cross_site_matrix,
-    model_label,
+    model_labeller,
     models,
     paired_tests,
     privacy_points,
     privacy_references,
+    structure_cell,
     structure_summaries,
+    structure_summary,
     test_sets,
 )
 
@@ -53,16 +59,18 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     out = Path(out_dir) if out_dir is not None else results_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = read_cases(results_dir / CASES)
+    check_paired_tests(rows, str(results_dir / CASES))
     structures = read_structures(results_dir / CASES)
+    matrix, summaries = cross_site_matrix(rows), arm_summaries(rows)  # each once: a cell and a bootstrap each
     sections = [
         f"# Experiment report: {results_dir.resolve().name}",
         f"From `{CASES}`: {len(rows)} rows, {len(models(rows))} models, {len(test_sets(rows))} test sets. "
         f"A case's Dice is the mean over the scored structures ({', '.join(structures)}); cells are mean ± sd "
         "(n cases).",
         "## Cross-site Dice (trained on × tested on)",
-        matrix_table(rows),
+        matrix_table(rows, matrix),
         "## Arms",
-        arms_table(rows),
+        arms_table(rows, summaries),
         *(["## Dice per structure", structure_table(rows, structures)] if len(structures) > 1 else []),
         "## Paired tests against each private model (same internal test cases)",
         paired_table(rows, "private"),
@@ -81,7 +89,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
         ),
         *(["## Privacy: Dice vs ε", privacy_table(rows)] if privacy_points(rows) else []),
         "## Plots",
-        _plots(results_dir, out, rows),
+        _plots(results_dir, out, rows, matrix, summaries),
         "## Software",
         software_section([(results_dir.resolve().name, results_dir, rows)]),
     ]
@@ -98,6 +106,7 @@ def build_seed_report(results_dirs: Sequence[str | Path], out_dir: str | Path) -
         raise CasesError(f"--out {out} is one of the results folders; give the summary a folder of its own")
     runs = read_runs(results_dirs)
     rows = run_rows(runs)  # for the models' labels and which sections apply
+    check_paired_tests(rows, ", ".join(str(Path(d) / CASES) for d in results_dirs))
     names = [run.name for run in runs]
     summaries = seed_summaries(runs)
     pooled = (
@@ -164,11 +173,12 @@ def _per_run_table(names: Sequence[str], values: Sequence[tuple[SeedSummary, Seq
 
 
 def _outside_models_table(names: Sequence[str], models: Sequence[ModelOutside], rows: Sequence[CaseRow]) -> str:
+    label = model_labeller(rows)
     return markdown_table(
         ["model", *names, "mean", "best in"],
         [
             [
-                model_label(m.model, rows),
+                label(m.model),
                 *(format_number(v, "{:.3f}") for v in m.outside),
                 format_number(m.mean, "{:.3f}"),
                 f"{m.best} of {len(names)}",
@@ -178,17 +188,20 @@ def _outside_models_table(names: Sequence[str], models: Sequence[ModelOutside], 
     )
 
 
-def matrix_table(rows: Sequence[CaseRow]) -> str:
-    """Markdown cross-site matrix; outside institutions are marked with a star."""
-    matrix, columns = cross_site_matrix(rows), test_sets(rows)
+def matrix_table(rows: Sequence[CaseRow], matrix: Mapping[Model, Mapping[str, Cell]] | None = None) -> str:
+    """Markdown cross-site matrix (`cross_site_matrix`, unless given); outside institutions are marked with a
+    star."""
+    matrix, columns = cross_site_matrix(rows) if matrix is None else matrix, test_sets(rows)
     outside = {r.tested_on for r in rows if r.outside}
     header = ["model", *(f"{c}*" if c in outside else c for c in columns)]
-    body = [[model_label(m, rows), *(_cell(matrix[m].get(c)) for c in columns)] for m in models(rows)]
+    label = model_labeller(rows)
+    body = [[label(m), *(_cell(matrix[m].get(c)) for c in columns)] for m in models(rows)]
     note = "\n\n\\* outside institution (never trained on)." if outside else ""
     return markdown_table(header, body) + note
 
 
-def arms_table(rows: Sequence[CaseRow]) -> str:
+def arms_table(rows: Sequence[CaseRow], summaries: Sequence[ArmSummary] | None = None) -> str:
+    """Markdown table of the `arm_summaries` (unless given)."""
     header = ["arm", "kind", "internal test sets", f"{CI_LEVEL:.0%} CI of the mean", "outside", "% of centralized"]
     body = [
         [
@@ -199,7 +212,7 @@ def arms_table(rows: Sequence[CaseRow]) -> str:
             _cell(s.outside),
             format_number(s.percent_of_centralized, "{:.1f} %"),
         ]
-        for s in arm_summaries(rows)
+        for s in (arm_summaries(rows) if summaries is None else summaries)
     ]
     return markdown_table(header, body) + (
         f"\n\nCI: percentile bootstrap of the mean internal-test Dice ({BOOTSTRAP_RESAMPLES} resamples of the "
@@ -216,12 +229,27 @@ def structure_table(rows: Sequence[CaseRow], structures: Sequence[str]) -> str:
 def pooled_structure_table(runs: Sequence[Run], structures: Sequence[str]) -> str:
     """`structure_table` over several runs' test cases together, each arm over the runs that have it
     (its % of the centralized model of those runs)."""
-    arms = list(dict.fromkeys(r.arm for run in runs for r in run.rows))
+    groups = [by_arm(run.rows) for run in runs]  # one pass over each run's rows, not one per arm
+    central_rows = [by_arm(r for r in run.rows if r.kind == CENTRAL) for run in runs]
+    arms = list(dict.fromkeys(arm for by_run in groups for arm in by_run))
+    references: dict[tuple[tuple[int, ...], str, int], float] = {}  # (runs, centralized arm, structure) → Dice
     summaries: dict[tuple[str, str], StructureSummary] = {}
     for arm in arms:
-        having = [run for run in runs if any(r.arm == arm for r in run.rows)]
-        rows = [r for r in run_rows(having) if r.arm == arm or r.kind == CENTRAL]  # the arm and its reference
-        summaries |= {(s.arm, s.structure): s for s in structure_summaries(rows, structures) if s.arm == arm}
+        having = tuple(i for i, by_run in enumerate(groups) if arm in by_run)
+        own = [row for i in having for row in groups[i][arm]]
+        central = next((next(iter(central_rows[i])) for i in having if central_rows[i]), None)  # first seen
+        for index, structure in enumerate(structures):
+            if central is None:
+                reference = math.nan
+            elif central == arm:
+                reference = structure_cell(own, index, False).mean
+            else:  # the first centralized arm's centralized rows in the runs that have `arm`
+                key = (having, central, index)
+                if key not in references:
+                    rows = [row for i in having for row in central_rows[i].get(central, [])]
+                    references[key] = structure_cell(rows, index, False).mean
+                reference = references[key]
+            summaries[(arm, structure)] = structure_summary(arm, structure, index, own, reference)
     return _structure_markdown(arms, summaries, structures)
 
 
@@ -280,7 +308,8 @@ def paired_markdown(
         "q (Wilcoxon)",
         "q (paired t)",
     ]
-    body = [[model_label(t.model, rows), model_label(t.reference, rows), *paired_cells(t, "{:+.3f}")] for t in tests]
+    label = model_labeller(rows)
+    body = [[label(t.model), label(t.reference), *paired_cells(t, "{:+.3f}")] for t in tests]
     return markdown_table(header, body) + (
         f"\n\nTwo-sided tests on per-case Dice; difference = model − {reference_kind} model. q: the P value adjusted "
         f"for the {len(tests)} comparisons of this table (Benjamini–Hochberg false discovery rate, "
@@ -299,9 +328,10 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
         return f"{100 * cell.mean / baseline:.0f} %" if baseline > 0 else "–"
 
     header = ["model", "DP", "ε", "δ", "internal test Dice", "% of non-DP federated", "ε protects"]
+    label = model_labeller(rows)
     body = [
         [
-            model_label(p.model, rows),
+            label(p.model),
             p.dp_kind,
             format_number(p.epsilon, "{:.2f}"),
             format_number(p.delta, "{:g}"),
@@ -312,7 +342,7 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
         for p in privacy_points(rows)
     ]
     body += [
-        [model_label(m, rows), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
+        [label(m), "none", "–", "–", _cell(cell), share(cell), "nothing (trained without DP)"]
         for m, cell in references.items()
     ]
     return markdown_table(header, body) + (
@@ -323,21 +353,28 @@ def privacy_table(rows: Sequence[CaseRow]) -> str:
     )
 
 
-def _plots(results_dir: Path, out: Path, rows: Sequence[CaseRow]) -> str:
+def _plots(
+    results_dir: Path,
+    out: Path,
+    rows: Sequence[CaseRow],
+    matrix: dict[Model, dict[str, Cell]],
+    summaries: Sequence[ArmSummary],
+) -> str:
     made = []
-    plots.plot_heatmap(rows, cross_site_matrix(rows), out / "heatmap.png")
+    plots.plot_heatmap(rows, matrix, out / "heatmap.png")
     plots.plot_boxes(rows, out / "boxes.png")
     made += ["heatmap.png", "boxes.png"]
     kinds = {row.model: row.kind for row in rows}
     curves = plots.load_curves(results_dir, {m for m, kind in kinds.items() if kind in CURVE_KINDS})
     if curves:
-        central = next((s.internal.mean for s in arm_summaries(rows) if s.kind == "centralized"), math.nan)
+        central = next((s.internal.mean for s in summaries if s.kind == "centralized"), math.nan)
         plots.plot_rounds(curves, out / "dice_vs_round.png", reference=central)
         plots.plot_cost(curves, out / "dice_vs_cost.png")
         made += ["dice_vs_round.png", "dice_vs_cost.png"]
     points = privacy_points(rows)
     if points:
-        references = {model_label(m, rows): cell for m, cell in privacy_references(rows).items()}
+        label = model_labeller(rows)
+        references = {label(m): cell for m, cell in privacy_references(rows).items()}
         plots.plot_privacy(points, references, out / "dice_vs_epsilon.png")
         made.append("dice_vs_epsilon.png")
     if plots.plot_overlays(results_dir, out / "overlays.png"):
