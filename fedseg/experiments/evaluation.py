@@ -3,7 +3,6 @@ test splits and the outside institution, the arm's final (ε, δ), overlay slice
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from fedseg.enhancing import smallest_threshold
 from fedseg.errors import first_line
 from fedseg.experiments.arms import Arm
 from fedseg.experiments.spec import ExperimentSpec
+from fedseg.json_records import read_json_object
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
 from fedseg.personal_mix import ensemble_mean
@@ -48,7 +48,7 @@ def arm_privacy(folder: Path) -> Privacy:
     """The final (ε, δ) of the arm's run from its history.json: client-level, or the largest sample-level ε."""
     path = folder / HISTORY
     try:
-        history = json.loads(path.read_text()) if path.is_file() else {}
+        history = read_json_object(path) if path.is_file() else {}  # capped: fedseg.limits.MAX_RECORD_BYTES
         client, sites = client_epsilon(history), site_epsilons(history)
     except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
         raise ExperimentError(f"{path}: not a run history ({type(err).__name__}: {first_line(err)})") from None
