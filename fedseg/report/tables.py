@@ -102,14 +102,9 @@ def by_model(rows: Iterable[CaseRow]) -> dict[Model, list[CaseRow]]:
     return groups
 
 
-def model_label(model: Model, rows: Sequence[CaseRow]) -> str:
-    """The arm's name, plus where it was trained when the arm has several models (one pass over the rows:
-    to label many models, `model_labeller`)."""
-    return model_labeller(rows)(model)
-
-
 def model_labeller(rows: Iterable[CaseRow]) -> Callable[[Model], str]:
-    """`model_label` of any model (one of the rows' or not) from one pass over the rows."""
+    """A model's label (one of the rows' or not), from one pass over the rows: the arm's name, plus where it
+    was trained when the arm has several models."""
     trained: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         trained[row.arm].add(row.trained_on)
@@ -122,7 +117,7 @@ def model_labeller(rows: Iterable[CaseRow]) -> Callable[[Model], str]:
 
 
 def model_labels(rows: Sequence[CaseRow]) -> dict[Model, str]:
-    """`model_label` of every model, in two passes over the rows."""
+    """`model_labeller`'s label of every model, in two passes over the rows."""
     label = model_labeller(rows)
     return {model: label(model) for model in models(rows)}
 
