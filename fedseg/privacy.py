@@ -409,15 +409,6 @@ def client_epsilon(history: Mapping[str, Any]) -> tuple[float, float] | None:
     return found
 
 
-def budget_fault(epsilon: float, delta: float) -> str | None:
-    """Why (ε, δ) read from a run history is no privacy guarantee (ε finite and >= 0, δ in [0, 1)), else None."""
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        return f"ε = {epsilon} is not a finite number >= 0"
-    if not 0 <= delta < 1:  # NaN fails too
-        return f"δ = {delta} is not a number in [0, 1)"
-    return None
-
-
 def _number(value: Any) -> float:
     """ε or δ of a history.json as a float; ValueError (not OverflowError) for a whole number beyond any float."""
     try:

@@ -291,9 +291,10 @@ def test_an_overlay_file_larger_than_its_cap_is_refused_from_its_size(results: P
 @pytest.mark.parametrize(
     ("row", "fault"),
     [
-        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,-1,1e-5", "epsilon -1.0 is negative"),
-        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,1,1.0", "delta 1.0 is outside [0, 1)"),
-        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,1,-1e-5", "delta -1e-05 is outside [0, 1)"),
+        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,-1,1e-5", "ε = -1.0 is not a finite number >= 0"),
+        ("fedavg,federated,federation,site-0,0,a,0.5,client-level,inf,1e-5", "ε = inf is not a finite number >= 0"),
+        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,1,1.0", "δ = 1.0 is not a number in [0, 1)"),
+        ("fedavg,federated,federation,site-0,0,a,0.5,sample-level,1,-1e-5", "δ = -1e-05 is not a number in [0, 1)"),
         ("fedavg,federated,federation,site-0,0,a,0.5,,,1e-5", "delta without dp_kind and epsilon"),
         (
             "fedavg,federated,federation,site-0,yes,a,0.5,,,",

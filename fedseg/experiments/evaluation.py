@@ -22,7 +22,8 @@ from fedseg.json_records import read_json_object
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
 from fedseg.personal_mix import ensemble_mean
-from fedseg.privacy import budget_fault, client_epsilon, site_epsilons
+from fedseg.dp_budget import budget_fault
+from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
 from fedseg.report.layout import ARMS, CASES, HISTORY, OVERLAYS, overlay_case
 

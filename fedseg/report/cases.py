@@ -27,6 +27,7 @@ from typing import TextIO
 import numpy as np
 
 from fedseg.atomic import atomic_path
+from fedseg.dp_budget import budget_fault
 from fedseg.limits import MAX_CASES_BYTES
 
 KEY_COLUMNS = ("arm", "kind", "trained_on", "tested_on", "outside", "subject")
@@ -191,17 +192,18 @@ def _parse(path: Path, line_no: int, values: list[str], index: dict[str, int], d
 
 def _check_privacy(dp_kind: str, epsilon: float, delta: float) -> None:
     """ValueError unless (dp_kind, ε, δ) is a model trained without DP (all empty) or a DP guarantee: a DP
-    kind, ε >= 0 and δ in [0, 1) or empty."""
+    kind, a finite ε >= 0 and δ in [0, 1) or empty (fedseg.dp_budget)."""
     if dp_kind not in ("", *DP_KINDS):
         raise ValueError(f"dp_kind {dp_kind!r} is not one of {', '.join(DP_KINDS)} (or empty)")
     if bool(dp_kind) != (not math.isnan(epsilon)):
         raise ValueError("dp_kind and epsilon must be both set or both empty")
-    if not dp_kind and not math.isnan(delta):
-        raise ValueError("delta without dp_kind and epsilon")
-    if epsilon < 0:
-        raise ValueError(f"epsilon {epsilon!r} is negative")
-    if not 0 <= delta < 1 and not math.isnan(delta):
-        raise ValueError(f"delta {delta!r} is outside [0, 1)")
+    if not dp_kind:
+        if not math.isnan(delta):
+            raise ValueError("delta without dp_kind and epsilon")
+        return
+    fault = budget_fault(epsilon, 0.0 if math.isnan(delta) else delta)
+    if fault:
+        raise ValueError(fault)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
