@@ -14,6 +14,7 @@ from monai.data import DataLoader, Dataset
 
 from fedseg.data.datalist import SiteSplit, load_datalist
 from fedseg.data.datasets import evaluation_dataset
+from fedseg.dp_budget import budget_fault
 from fedseg.enhancing import smallest_threshold
 from fedseg.errors import first_line
 from fedseg.experiments.arms import Arm
@@ -22,7 +23,6 @@ from fedseg.json_records import read_json_object
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.model_spec import intensity_window
 from fedseg.personal_mix import ensemble_mean
-from fedseg.dp_budget import budget_fault
 from fedseg.privacy import client_epsilon, site_epsilons
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL, CaseRow, read_cases, write_cases
 from fedseg.report.layout import ARMS, CASES, HISTORY, OVERLAYS, overlay_case
