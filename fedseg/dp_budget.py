@@ -1,6 +1,6 @@
 """The one range check of a recorded privacy guarantee (ε, δ), shared by the run history's readers
-(fedseg.experiments.evaluation) and cases.csv's (fedseg.report.cases). Light on purpose: the report must
-not import Opacus or torch.
+(fedseg.experiments.evaluation) and cases.csv's (fedseg.report.cases). Light on purpose: the report
+does not load Opacus.
 
 A run never records an infinite ε: a noise multiplier of 0 is no guarantee and is recorded as no DP
 (strategies.dp_noised), so ε = inf in a record is garbage, not a result."""
