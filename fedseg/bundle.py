@@ -21,7 +21,6 @@ A bundle's config is code (its `$` expressions run): use bundles you trust.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +33,7 @@ from monai.bundle import ConfigParser
 
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityError, IntensityWindow
+from fedseg.json_records import read_json_object
 
 CONFIG_NAMES = ("train", "inference")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
@@ -200,7 +200,7 @@ def _plain(value: Any) -> bool:
 def _description(folder: Path) -> str:
     meta = folder / "configs" / "metadata.json"
     try:
-        data = json.loads(meta.read_text())
+        data = read_json_object(meta)  # capped: a metadata.json of gigabytes is no description
         return f"{data.get('name', folder.name)} {data.get('version', '')}".strip()
     except (OSError, ValueError, AttributeError):
         return folder.name

@@ -1,6 +1,7 @@
-"""JSON records fedseg writes and reads back (experiment.json, arm.json, history.json): a broken, tampered
-or oversized one is a one-line fault naming the file, never a parser's traceback; `record_text`,
-`record_int` and `record_float` check one value of a record the same way."""
+"""JSON records fedseg writes and reads back (experiment.json, arm.json, history.json, a site's split,
+validation memo and privacy ledger, a bundle's metadata.json): a broken, tampered or oversized one is a
+one-line fault naming the file, never a parser's traceback; `record_text`, `record_int` and `record_float`
+check one value of a record the same way."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _read_bounded(path: Path) -> bytes:
     except OSError as err:
         raise ValueError(f"{path}: not a readable JSON record ({type(err).__name__})") from None
     if max(size, len(raw)) > MAX_RECORD_BYTES:
-        raise ValueError(f"{path}: larger than the {MAX_RECORD_BYTES // 2**20} MiB a run record may have")
+        raise ValueError(f"{path}: larger than the {MAX_RECORD_BYTES // 2**20} MiB a JSON record may have")
     return raw
 
 

@@ -54,6 +54,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate  # noqa: E402
 
 from fedseg.atomic import atomic_write_text  # noqa: E402
+from fedseg.json_records import read_json_object  # noqa: E402
 from fedseg.noise import SecureGaussian  # noqa: E402
 
 if TYPE_CHECKING:
@@ -140,9 +141,9 @@ class PrivacyLedger:
         if not self.path.exists():
             return []
         try:
-            entries = json.loads(self.path.read_text())["history"]
+            entries = read_json_object(self.path)["history"]  # capped like every record fedseg reads back
             return [(float(s), float(q), int(n)) for s, q, n in entries]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OverflowError) as err:
             raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to train") from err
 
     def save(self, history: History) -> None:

@@ -84,7 +84,7 @@ def test_the_good_results_folder_reports(results: Path) -> None:
     [
         ("arm.json", json.dumps(GOOD_ARM | {"arm": ["x"]}), "'arm' must be a non-empty string"),
         ("history.json", '{"rounds": [{"round": 1' + "0" * 400 + ', "mean_dice": 1, "seconds": 1}]}', "'rounds[0]"),
-        ("history.json", None, "larger than the 64 MiB a run record may have"),
+        ("history.json", None, "larger than the 64 MiB a JSON record may have"),
     ],
 )
 def test_the_command_refuses_a_hostile_record_on_one_line(
@@ -216,12 +216,12 @@ def test_a_round_without_test_dice_still_plots(results: Path) -> None:
 def test_a_record_larger_than_the_cap_is_refused_from_its_size(results: Path, name: str) -> None:
     with (results / "arms" / ARM / name).open("r+b") as handle:
         handle.truncate(MAX_RECORD_BYTES + 1)  # sparse: its size, not its bytes, says no
-    raises_naming(lambda: curves(results), results / "arms" / ARM / name, "larger than the 64 MiB a run record may")
+    raises_naming(lambda: curves(results), results / "arms" / ARM / name, "larger than the 64 MiB a JSON record may")
 
 
 def test_a_record_that_never_ends_is_read_only_up_to_the_cap(tmp_path: Path) -> None:
     (tmp_path / "history.json").symlink_to("/dev/zero")  # its size says 0
-    with pytest.raises(ValueError, match=r"history.json: larger than the 64 MiB a run record may have$"):
+    with pytest.raises(ValueError, match=r"history.json: larger than the 64 MiB a JSON record may have$"):
         read_json_object(tmp_path / "history.json")
 
 

@@ -20,6 +20,7 @@ from monai.data import partition_dataset
 
 from fedseg.atomic import atomic_write_text
 from fedseg.data.datalist import Datalist, SiteDataError, SiteSplit
+from fedseg.json_records import read_json_object
 
 DEFAULT_TEST_FRACTION = 0.2  # the prostate study's 80/20 train/test
 DEFAULT_VAL_FRACTION = 0.2  # carved from the training part
@@ -87,7 +88,7 @@ def load_or_make_split(items: Datalist, seed: int, split_dir: Path) -> SiteSplit
 def _read_split(path: Path) -> SplitIds:
     """The saved split: three lists of subject ids, each part non-empty, no id in two parts."""
     try:
-        data = json.loads(path.read_bytes())
+        data = read_json_object(path)  # capped like every record fedseg reads back
         parts = {part: data[part] for part in ("train", "val", "test")}
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         message = f"{path}: unreadable split file ({type(err).__name__}: {err}); delete it to split again"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedseg.atomic import atomic_write_text
 from fedseg.data.datalist import Problem, Subject, file_stamps
+from fedseg.json_records import read_json_object
 
 FORMAT = "fedseg-validation-memo/1"
 
@@ -60,7 +61,7 @@ class ValidationMemo:
         if self.path is None:
             return {}
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = read_json_object(self.path)  # capped like every record fedseg reads back
+        except ValueError:
             return {}  # missing or damaged memo: validate everything again
-        return data.get("subjects", {}) if isinstance(data, dict) and data.get("format") == FORMAT else {}
+        return data.get("subjects", {}) if data.get("format") == FORMAT else {}
