@@ -28,6 +28,7 @@ app = typer.Typer(
     help="Federated 3D medical image segmentation on Flower and MONAI.",
     no_args_is_help=True,
     add_completion=False,
+    suggest_commands=False,  # click suggests a near command itself; typer's would repeat it
 )
 
 
@@ -269,7 +270,9 @@ def import_model(
 
 
 # ---------------------------------------------------------------------- real sites
-site_app = typer.Typer(help="What a hospital runs: check its data, join a federation.", no_args_is_help=True)
+site_app = typer.Typer(
+    help="What a hospital runs: check its data, join a federation.", no_args_is_help=True, suggest_commands=False
+)
 app.add_typer(site_app, name="site")
 
 
@@ -643,7 +646,9 @@ def predict(
 
 
 superlink_app = typer.Typer(
-    help="The local SuperLink that `flwr run` starts (its environment and folder).", no_args_is_help=True
+    help="The local SuperLink that `flwr run` starts (its environment and folder).",
+    no_args_is_help=True,
+    suggest_commands=False,
 )
 app.add_typer(superlink_app, name="superlink")
 
