@@ -38,8 +38,13 @@ def main(source: Path, target: Path) -> None:
             shutil.copytree(site / name, folder / name)
             training.append(entry)
         start += size
-        meta = {**template, "name": f"iid-site-{k}", "description": "IID reshuffle of brain-quick-outside40",
-                "numTraining": size, "training": training}
+        meta = {
+            **template,
+            "name": f"iid-site-{k}",
+            "description": "IID reshuffle of brain-quick-outside40",
+            "numTraining": size,
+            "training": training,
+        }
         (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
         print(folder, size, sorted({Path(e["label"]).parent.name[0] for e in training}))
     shutil.copytree(source / "outside", target / "outside")

@@ -118,7 +118,7 @@ def main(configs: list[str]) -> None:
         for v, name in enumerate(VARIANTS):
             per_scan = np.concatenate([t[m][:, v] for _, _, t in seeds])
             score = per_scan.mean(1)
-            ratio = np.mean([t[m][:, v].mean() / r for (_, _, t), r in zip(seeds, ratio_ref)])
+            ratio = np.mean([t[m][:, v].mean() / r for (_, _, t), r in zip(seeds, ratio_ref, strict=True)])
             diff = score - reference
             p = wilcoxon(diff).pvalue if np.any(diff) else 1.0
             parts = " / ".join(f"{x:.3f}" for x in per_scan.mean(0))
@@ -132,7 +132,7 @@ def main(configs: list[str]) -> None:
             chosen.append(VARIANTS[v])
             picked.append(t[m][:, v].mean(1))
         score = np.concatenate(picked)
-        ratio = np.mean([s.mean() / r for s, r in zip(picked, ratio_ref)])
+        ratio = np.mean([s.mean() / r for s, r in zip(picked, ratio_ref, strict=True)])
         diff = score - reference
         p = wilcoxon(diff).pvalue if np.any(diff) else 1.0
         print(f"- {m}: {', '.join(chosen)} -> {100 * ratio:.1f} % ({diff.mean():+.4f} per scan, P {p:.2g})")
