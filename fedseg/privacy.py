@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -142,9 +143,16 @@ class PrivacyLedger:
             return []
         try:
             entries = read_json_object(self.path)["history"]  # capped like every record fedseg reads back
-            return [(float(s), float(q), int(n)) for s, q, n in entries]
+            history = [(float(s), float(q), int(n)) for s, q, n in entries]
         except (ValueError, KeyError, TypeError, OverflowError) as err:
             raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to train") from err
+        for sigma, rate, steps in history:  # a NaN or negative entry would make every later ε garbage
+            if not (math.isfinite(sigma) and sigma >= 0 and 0 <= rate <= 1 and steps >= 0):
+                raise ValueError(
+                    f"{self.path}: privacy ledger entry (noise {sigma}, sample rate {rate}, steps {steps}) is not "
+                    "a finite noise >= 0, a rate in [0, 1] and steps >= 0; refusing to train"
+                )
+        return history
 
     def save(self, history: History) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,12 +55,20 @@ def test_an_oversized_validation_memo_is_ignored_not_loaded(tmp_path: Path, smal
     assert ValidationMemo(tmp_path / "padded.json").get("k") is None  # checked again rather than trusted
 
 
+def test_a_validation_memo_whose_subjects_are_no_mapping_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "memo.json").write_text(json.dumps({"format": FORMAT, "subjects": []}))
+    assert ValidationMemo(tmp_path / "memo.json").get("k") is None
+
+
 @pytest.mark.parametrize(
     ("text", "fault"),
     [
         (json.dumps({"history": [[1.0, 0.1, 3]], "pad": "x" * CAP}), "larger than the"),
         ('{"history": [[1.0, 0.1, 1e999]]}', "OverflowError|cannot convert float infinity"),
         ('{"history": ' + "[" * 100_000 + "]" * 100_000 + "}", "not a readable JSON record"),
+        ('{"history": [[NaN, 0.1, 3]]}', "is not a finite noise"),
+        ('{"history": [[1.0, 1.5, 3]]}', "is not a finite noise"),
+        ('{"history": [[1.0, 0.1, -3]]}', "is not a finite noise"),
     ],
 )
 def test_a_hostile_privacy_ledger_refuses_to_train_in_one_line(
@@ -70,7 +78,7 @@ def test_a_hostile_privacy_ledger_refuses_to_train_in_one_line(
         monkeypatch.setattr(fedseg.json_records, "MAX_RECORD_BYTES", CAP)
     path = tmp_path / "run-x.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match=rf"run-x.json: unreadable privacy ledger .*({fault})") as err:
+    with pytest.raises(ValueError, match=rf"run-x.json: (unreadable )?privacy ledger .*({fault})") as err:
         PrivacyLedger(path).load()
     assert "\n" not in str(err.value)
 

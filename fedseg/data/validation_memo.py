@@ -64,4 +64,5 @@ class ValidationMemo:
             data = read_json_object(self.path)  # capped like every record fedseg reads back
         except ValueError:
             return {}  # missing or damaged memo: validate everything again
-        return data.get("subjects", {}) if data.get("format") == FORMAT else {}
+        subjects = data.get("subjects") if data.get("format") == FORMAT else None
+        return subjects if isinstance(subjects, dict) else {}
