@@ -99,7 +99,7 @@ def version() -> None:
 @app.command("check-config")
 @_boundary
 def check_config(path: str = typer.Argument(..., help="TOML file of run-config keys, or an experiment spec")) -> None:
-    """Validate a run config or an experiment spec ([experiment] table) without training anything.
+    """Validate a run config or an experiment spec (\\[experiment] table) without training anything.
     Keys of a strategy other than the selected one are ignored by a run: they get a warning."""
     from fedseg.config import ConfigError, RunConfig, read_toml
     from fedseg.experiments import ExperimentSpec
@@ -496,7 +496,7 @@ def site_personal_model(
 
 
 SEED_HELP = (
-    "run the study at this seed instead of the config's [run] seed: results in <name>-seed<N> (the config's "
+    "run the study at this seed instead of the config's \\[run] seed: results in <name>-seed<N> (the config's "
     "own seed keeps <name>)"
 )
 
