@@ -5,12 +5,19 @@ classifier outputs).
 The parameters are counted on PyTorch's meta device (names and shapes only, no memory), so that no
 size of `model-args` allocates anything before it is refused. The network is then run on the meta device
 (no arithmetic); networks whose construction or forward pass needs real numbers (e.g. SwinUNETR) are
-run on the CPU instead, once their size is known to fit.
+built and run on the CPU instead, once their size is known to fit, in a child process whose address
+space is capped at `cpu_check_budget()` bytes (Linux): a patch size whose activations would not fit is
+refused in one line instead of exhausting the machine's memory.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -21,6 +28,8 @@ from fedseg.limits import MAX_PARAMETERS
 from fedseg.models import ModelError, build_model, count_parameters, network_shapes
 
 CHECK_BATCH = 2  # batch norm in training mode needs more than one value per channel
+OUT_OF_MEMORY = ("not enough memory", "can't allocate memory")  # torch's CPU allocator, refused by the cap
+CPU_CHECK_SHARE = 0.5  # of the machine's physical memory, what a check forward pass on the CPU may use
 
 
 def check_network(
@@ -37,19 +46,10 @@ def check_network(
     try:
         with torch.device("meta"):
             _forward_check(shapes, name, in_channels, out_channels, patch_size)
+    except ModelError:
+        raise  # a wrong output is wrong with real numbers too
     except Exception:  # noqa: BLE001 - e.g. an operation the meta device lacks: check with real numbers
-        try:
-            with torch.no_grad():
-                network = build_model(name, in_channels, out_channels, args)
-                _forward_check(network, name, in_channels, out_channels, patch_size)
-        except ModelError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the network's own failure, in one line
-            raise ModelError(
-                f"model '{name}' fails on a batch of {CHECK_BATCH} patches of "
-                f"{'x'.join(map(str, patch_size))} voxels: {type(err).__name__}: "
-                f"{first_line(err)}"
-            ) from None
+        _check_on_cpu(name, args, in_channels, out_channels, patch_size)
     return count
 
 
@@ -70,3 +70,72 @@ def _forward_check(
             f"{tuple(output.shape)}, fedseg needs {expected} (a segmentation network whose patch "
             "sides fit its down-sampling, see run-config 'patch-size')"
         )
+
+
+def _check_on_cpu(
+    name: str, args: Mapping[str, Any], in_channels: int, out_channels: int, patch_size: Sequence[int]
+) -> None:
+    """The forward check with real numbers in a child process capped at `cpu_check_budget()` bytes."""
+    budget = cpu_check_budget()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            fault = child.submit(
+                _check_in_child, name, dict(args), in_channels, out_channels, tuple(patch_size), budget
+            ).result()
+    except BrokenProcessPool:
+        fault = f"model '{name}': its check forward pass on the CPU died (killed or crashed)"
+    if fault:
+        raise ModelError(fault)
+
+
+def cpu_check_budget() -> int:
+    """Bytes a check forward pass on the CPU may allocate: `CPU_CHECK_SHARE` of the physical memory."""
+    return int(CPU_CHECK_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _check_in_child(
+    name: str, args: dict[str, Any], in_channels: int, out_channels: int, patch_size: tuple[int, ...], budget: int
+) -> str:
+    """In a child process: build `name` and run the forward check with at most `budget` more bytes of
+    address space; the one-line fault, or "" when the network passes."""
+    if sys.platform.startswith("linux"):
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = _address_space() + budget
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    patch = "x".join(map(str, patch_size))
+    try:
+        with torch.no_grad():
+            network = build_model(name, in_channels, out_channels, args)
+            _forward_check(network, name, in_channels, out_channels, patch_size)
+    except ModelError as err:
+        return str(err)
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(s in str(err) for s in OUT_OF_MEMORY):
+            return _fails(name, patch, err)
+        return (
+            f"model '{name}' needs more than {budget / 2**30:.1f} GiB ({CPU_CHECK_SHARE:.0%} of this machine's "
+            f"memory) for a batch of {CHECK_BATCH} patches of {patch} voxels on the CPU: choose a smaller "
+            "run-config 'patch-size'"
+        )
+    except Exception as err:  # noqa: BLE001 - the network's own failure, in one line
+        return _fails(name, patch, err)
+    return ""
+
+
+def _fails(name: str, patch: str, err: BaseException) -> str:
+    """The network's own failure, in one line."""
+    return (
+        f"model '{name}' fails on a batch of {CHECK_BATCH} patches of {patch} voxels: "
+        f"{type(err).__name__}: {first_line(err)}"
+    )
+
+
+def _address_space() -> int:
+    """This process's virtual memory size in bytes (Linux /proc)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -11,11 +11,13 @@ import pytest
 import torch
 from test_hostile_input import checkpoint, cli, peak_rss, refused, save, volume
 
-from fedseg.config import UPPER_BOUNDS
+from fedseg import network_check
+from fedseg.config import UPPER_BOUNDS, ConfigError, RunConfig
 from fedseg.data import synth
 from fedseg.experiments.evaluation import ExperimentError, arm_privacy
 from fedseg.limits import MAX_PARAMETERS, MAX_SPACING_MM
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.model_spec import checked_network
 from fedseg.models import count_parameters, network_shapes
 from fedseg.report.cases import CLIENT_LEVEL, SAMPLE_LEVEL
 
@@ -130,6 +132,53 @@ def test_check_config_refuses_a_network_over_the_parameter_limit(tmp_path: Path,
     refused(code, output, path)
     assert len(output.strip().splitlines()) == 1 and "run-config 'model-args'" in output, output
     assert f"{count} parameters" in output and f"{MAX_PARAMETERS:,}" in output, output
+
+
+NEEDS_NUMBERS = """
+import torch
+from torch import nn
+
+
+class NeedsNumbers(nn.Module):
+    def __init__(self, in_channels, out_channels, width=4):
+        super().__init__()
+        self.conv, self.head = nn.Conv3d(in_channels, width, 3, padding=1), nn.Conv3d(width, out_channels, 1)
+
+    def forward(self, x):
+        scale = float(x.abs().amax().item()) + 1.0  # .item(): no meta tensors, the check needs real numbers
+        return self.head(self.conv(x / scale))
+"""
+
+
+@pytest.fixture
+def needs_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A network plugin that cannot run on the meta device, importable here and in child processes."""
+    root = tmp_path / "plugin"
+    (root / "needs_numbers-0.1.dist-info").mkdir(parents=True)
+    (root / "needs_numbers.py").write_text(NEEDS_NUMBERS)
+    (root / "needs_numbers-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: needs-numbers\nVersion: 0.1\n"
+    )
+    (root / "needs_numbers-0.1.dist-info" / "entry_points.txt").write_text(
+        "[fedseg.models]\nneeds-numbers = needs_numbers:NeedsNumbers\n"
+    )
+    monkeypatch.syspath_prepend(str(root))
+    return "needs-numbers"
+
+
+def test_a_network_checked_on_the_cpu_is_refused_past_its_memory_budget(
+    needs_numbers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(network_check, "cpu_check_budget", lambda: 2**30)
+    config = {"model": needs_numbers, "model-args": "width=64", "patch-size": 256, "synthetic-size": 256}
+    with pytest.raises(ConfigError) as refusal:  # 2 x 64 x 256³ float32 activations: 8 GiB, over the 1 GiB cap
+        checked_network(RunConfig.from_mapping(config))
+    message = str(refusal.value)
+    assert message.startswith("run-config 'model-args': model 'needs-numbers' needs more than 1.0 GiB"), message
+    assert "2 patches of 256x256x256 voxels on the CPU: choose a smaller run-config 'patch-size'" in message
+    assert len(message.splitlines()) == 1
+    spec, count = checked_network(RunConfig.from_mapping({**config, "patch-size": 16}))  # the same network fits
+    assert count == sum(p.numel() for p in spec.build(1, 3).parameters()) == 1 * 64 * 27 + 64 + 64 * 3 + 3
 
 
 def test_check_config_still_counts_an_ordinary_network(tmp_path: Path) -> None:
