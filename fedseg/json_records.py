@@ -28,6 +28,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
+def fault_without_path(path: Path, err: BaseException) -> str:
+    """`err`'s message without the "<path>: " that `read_json_object` puts first, for a caller that names
+    the file itself; other errors as "<type>: <message>"."""
+    message, prefix = str(err), f"{path}: "
+    return message.removeprefix(prefix) if message.startswith(prefix) else f"{type(err).__name__}: {message}"
+
+
 def record_text(path: Path, key: str, value: object) -> str:
     """`value` of the record's `key`: a non-empty string of printable characters; ValueError naming both."""
     if not isinstance(value, str) or not value or not value.isprintable():

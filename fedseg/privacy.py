@@ -55,7 +55,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate  # noqa: E402
 
 from fedseg.atomic import atomic_write_text  # noqa: E402
-from fedseg.json_records import read_json_object  # noqa: E402
+from fedseg.json_records import fault_without_path, read_json_object  # noqa: E402
 from fedseg.noise import SecureGaussian  # noqa: E402
 
 if TYPE_CHECKING:
@@ -145,7 +145,8 @@ class PrivacyLedger:
             entries = read_json_object(self.path)["history"]  # capped like every record fedseg reads back
             history = [(float(s), float(q), int(n)) for s, q, n in entries]
         except (ValueError, KeyError, TypeError, OverflowError) as err:
-            raise ValueError(f"{self.path}: unreadable privacy ledger ({err}); refusing to train") from err
+            fault = fault_without_path(self.path, err)
+            raise ValueError(f"{self.path}: unreadable privacy ledger ({fault}); refusing to train") from err
         for sigma, rate, steps in history:  # a NaN or negative entry would make every later ε garbage
             if not (math.isfinite(sigma) and sigma >= 0 and 0 <= rate <= 1 and steps >= 0):
                 raise ValueError(

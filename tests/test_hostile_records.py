@@ -34,7 +34,7 @@ def test_an_oversized_split_file_is_one_line_naming_it(tmp_path: Path, small_cap
     path.write_text(json.dumps({"train": ["s0", "s1", "s2"], "val": ["s3"], "test": ["s4"], "pad": "x" * CAP}))
     with pytest.raises(SiteDataError, match=r"split-seed0.json: unreadable split file .*larger than the") as err:
         load_or_make_split(items(5), 0, tmp_path)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).count(str(path)) == 1, err.value
 
 
 def test_a_split_file_within_the_cap_is_still_reused(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_a_hostile_privacy_ledger_refuses_to_train_in_one_line(
     path.write_text(text)
     with pytest.raises(ValueError, match=rf"run-x.json: (unreadable )?privacy ledger .*({fault})") as err:
         PrivacyLedger(path).load()
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).count(str(path)) == 1, err.value
 
 
 def test_an_oversized_bundle_metadata_is_no_description(tmp_path: Path, small_cap: None) -> None:

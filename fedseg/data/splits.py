@@ -20,7 +20,7 @@ from monai.data import partition_dataset
 
 from fedseg.atomic import atomic_write_text
 from fedseg.data.datalist import Datalist, SiteDataError, SiteSplit
-from fedseg.json_records import read_json_object
+from fedseg.json_records import fault_without_path, read_json_object
 
 DEFAULT_TEST_FRACTION = 0.2  # the prostate study's 80/20 train/test
 DEFAULT_VAL_FRACTION = 0.2  # carved from the training part
@@ -91,7 +91,7 @@ def _read_split(path: Path) -> SplitIds:
         data = read_json_object(path)  # capped like every record fedseg reads back
         parts = {part: data[part] for part in ("train", "val", "test")}
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-        message = f"{path}: unreadable split file ({type(err).__name__}: {err}); delete it to split again"
+        message = f"{path}: unreadable split file ({fault_without_path(path, err)}); delete it to split again"
         raise SiteDataError(message, "the site's saved split file is unreadable") from None
     for part, ids in parts.items():
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
