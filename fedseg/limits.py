@@ -12,3 +12,6 @@ MAX_PARAMETERS = 2**30  # a network's parameters: 4 GiB of float32 weights, beyo
 # the largest voxel spacing (mm) a run resamples to or a model file gives: past the thickest clinical slices
 # (about 10 mm) the resampled grid of any body part is a handful of voxels, whose labels are no segmentation
 MAX_SPACING_MM = 100.0
+# the largest |voxel value| a scan may hold: past any scanner's range (CT ±3·10⁴ HU, PET ~10⁸ Bq/ml), and small
+# enough that the squares intensity normalisation sums over a 512³ volume stay within float32
+MAX_INTENSITY = 1e12

@@ -284,12 +284,16 @@ def weights_fault(expected: Mapping[str, torch.Tensor], found: Mapping[str, torc
         return f"{len(missing)} missing and {len(extra)} unexpected weight(s), e.g. {(missing + extra)[:2]}"
     for key, tensor in expected.items():
         value = found[key]
+        if value.layout != torch.strided or value.device.type != "cpu":
+            return f"'{key}' is not a dense CPU tensor ({value.layout}, device {value.device.type})"
         if tuple(value.shape) != tuple(tensor.shape):
             return f"'{key}' has shape {tuple(value.shape)}, the network's is {tuple(tensor.shape)}"
         if tensor.is_floating_point() and not value.is_floating_point():
             return f"'{key}' holds {value.dtype}, not floating-point numbers"
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"'{key}' holds NaN or infinite values"
+        if tensor.is_floating_point() and not bool(torch.isfinite(value.to(tensor.dtype)).all()):
+            return f"'{key}' holds values beyond the range of the network's {tensor.dtype}"
     return None
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import uuid
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,11 +32,12 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, subject_id_of
-from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti, nifti_image
+from fedseg.data.nifti_guard import NiftiHeader, inspect_nifti, nifti_image, unusable_voxels
 from fedseg.enhancing import smallest_threshold
 from fedseg.errors import first_line
 from fedseg.intensity import IntensityWindow, intensity_transform
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING, LabelScheme
+from fedseg.limits import MAX_INTENSITY
 from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.personal_mix import ensemble_mean
 from fedseg.progress import track
@@ -72,11 +74,11 @@ def probabilities(
     load, rest = pipeline.transforms[0], Compose(pipeline.transforms[1:])
     data = load({"image": str(case[0]) if len(case) == 1 else [str(path) for path in case]})
     image = data["image"]
-    if not bool(torch.isfinite(torch.as_tensor(image)).all()):
-        bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
+    bad = unusable_voxels(torch.as_tensor(image).numpy())
+    if bad:
         raise PredictError(
-            f"{case[0]}: {bad} NaN or infinite voxel(s); fix or mask them (the model would "
-            "return background there and around them)"
+            f"{case[0]}: {bad} NaN, infinite or out-of-range (|value| > {MAX_INTENSITY:g}) voxel(s); fix or mask "
+            "them (the model would return background there and around them)"
         )
     data = rest(data)
     image = data["image"]
@@ -167,7 +169,8 @@ def predict(
                 image = predict_volume(models, case, trainers)
             except PredictError:
                 raise
-            except (RuntimeError, ValueError, OSError, IndexError, TypeError) as err:  # failures inside MONAI/torch
+            except (RuntimeError, ValueError, OSError, IndexError, TypeError, EOFError, zlib.error) as err:
+                # failures inside MONAI/torch, or a compressed file that ends early or does not inflate
                 raise PredictError(f"{case[0]}: cannot segment: {type(err).__name__}: {first_line(err)}") from None
             written.append((_write_temporary(image, out_path), out_path))
         for tmp, out_path in written:

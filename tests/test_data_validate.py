@@ -96,7 +96,18 @@ def test_non_finite_voxels(site: Path) -> None:
     save(site / "images" / "case2.nii.gz", bad)
     report = validate_site(site)
     assert kinds(report) == {"non-finite": ["case2.nii.gz"]}
-    assert report.errors[0].fault.startswith("4 NaN or infinite")
+    assert report.errors[0].fault.startswith("4 NaN, infinite or out-of-range")
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(1e35, np.float32), (-(10**15), np.int64)])
+def test_voxels_past_any_scanner_are_out_of_range(site: Path, value: float, dtype: type) -> None:
+    # finite, but float32 normalisation of such a scan overflows into NaN: the model would see garbage
+    bad = image().astype(dtype)
+    bad[2, 2, :5] = value
+    nib.save(nib.Nifti1Image(bad, np.eye(4), dtype=dtype), site / "images" / "case2.nii.gz")
+    report = validate_site(site)
+    assert kinds(report) == {"non-finite": ["case2.nii.gz"]}
+    assert report.errors[0].fault == "5 NaN, infinite or out-of-range (|value| > 1e+12) voxels"
 
 
 def test_label_values_outside_classes_or_non_integer(site: Path) -> None:

@@ -612,6 +612,10 @@ EXPERIMENT = '[experiment]\nname = "x"\ndata-dir = "data"\nsites = 2\n'
         ("finetune-rounds = -1", "'finetune-rounds'"),
         ("overlay-cases = 1e9", "'overlay-cases'"),
         ("dp-sgd-noise-multipliers = [nan]", "'dp-sgd-noise-multipliers'"),
+        ('outside = "site-1"', "'outside' 'site-1' is site-1, a site the experiment trains on"),
+        ('strategies = ["fedavg", "fedprox", "fedavg"]', "'strategies' names 'fedavg' more than once"),
+        ('arms = ["private", "private"]', "'arms' names 'private' more than once"),
+        ("ensemble-folds = 3", "'ensemble-folds' = 3 ensembles nothing without 'ensemble-arms'"),
     ],
 )
 def test_wrongly_typed_experiment_values_are_refused_naming_the_key(tmp_path: Path, line: str, key: str) -> None:
@@ -621,6 +625,15 @@ def test_wrongly_typed_experiment_values_are_refused_naming_the_key(tmp_path: Pa
         code, output = cli(command, path)
         refused(code, output, key)
         assert str(path) in output, output
+
+
+def test_an_outside_folder_linked_to_a_training_site_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data" / "site-0").mkdir(parents=True)
+    (tmp_path / "data" / "elsewhere").symlink_to(tmp_path / "data" / "site-0")
+    text = EXPERIMENT.replace('data-dir = "data"', f'data-dir = "{tmp_path / "data"}"') + 'outside = "elsewhere"\n'
+    path = write_toml(tmp_path / "exp.toml", text)
+    code, output = cli("check-config", path)
+    refused(code, output, "'outside' 'elsewhere' is site-0, a site the experiment trains on")
 
 
 @pytest.mark.parametrize(
@@ -737,13 +750,13 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda d: save(
             d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 100, np.nan, volume()).astype(np.float32)
         ),
-        "NaN or infinite",
+        "NaN, infinite or out-of-range",
     ),
     "one-inf-voxel": (
         lambda d: save(
             d / "in.nii.gz", np.where(np.arange(16**3).reshape(SHAPE) == 7, np.inf, volume()).astype(np.float32)
         ),
-        "NaN or infinite",
+        "NaN, infinite or out-of-range",
     ),
     "header-bomb": (lambda d: header_bomb(d / "in.nii.gz"), "decompression bomb"),
     "complex": (lambda d: save(d / "in.nii.gz", volume().astype(np.complex64)), "complex"),

@@ -116,6 +116,34 @@ def test_pixdim_beyond_any_scanner_is_refused_and_clinical_spacings_load(tmp_pat
         assert ModelCheckpoint.load(checkpoint(tmp_path / "ok.pt", pixdim=pixdim)).pixdim == tuple(pixdim)
 
 
+@pytest.mark.parametrize(
+    ("replace", "fault"),
+    [
+        (lambda w: w.to_sparse(), "is not a dense CPU tensor (torch.sparse_coo, device cpu)"),
+        (lambda w: torch.empty(w.shape, device="meta"), "is not a dense CPU tensor (torch.strided, device meta)"),
+        (lambda w: w.double() * 1e300, "holds values beyond the range of the network's torch.float32"),
+    ],
+)
+def test_weights_that_are_not_dense_float32_values_are_refused(tmp_path: Path, replace: object, fault: str) -> None:
+    # a sparse or meta tensor broke the checks themselves; float64 weights past float32 became inf (background)
+    state = torch.load(checkpoint(tmp_path / "good.pt"), weights_only=True)["state_dict"]
+    key = "model.0.conv.unit0.conv.weight"
+    bad, code, output = predict_with(tmp_path, state_dict={**state, key: replace(state[key])})  # type: ignore[operator]
+    one_line_refusal(tmp_path, code, output, bad, f"'{key}' {fault}")
+
+
+def test_a_truncated_or_overflowing_input_is_refused_naming_it(tmp_path: Path) -> None:
+    model = checkpoint(tmp_path / "model.pt")
+    good = save(tmp_path / "in.nii.gz", volume()).read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])
+    code, output = cli("predict", tmp_path / "cut.nii.gz", tmp_path / "out.nii.gz", "--model", model)
+    one_line_refusal(tmp_path, code, output, tmp_path / "cut.nii.gz", "cannot segment: EOFError")
+    # finite voxels whose z-score overflows float32: before, an all-background label map and exit 0
+    huge = save(tmp_path / "huge.nii.gz", volume() * 1e35)
+    code, output = cli("predict", huge, tmp_path / "out.nii.gz", "--model", model)
+    one_line_refusal(tmp_path, code, output, huge, "4096 NaN, infinite or out-of-range (|value| > 1e+12) voxel(s)")
+
+
 # ---------------------------------------------------------------------------------------------- 4. check-config
 @pytest.mark.parametrize(
     ("config", "count"),

@@ -316,9 +316,29 @@ def test_a_cases_row_out_of_range_or_empty_is_refused_naming_line_and_fault(
     assert str(caught.value).endswith(fault), caught.value
 
 
+def test_a_repeated_case_row_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    rows = ["fedavg,federated,federation,site-0,0,a,0.5,,,", "fedavg,federated,federation,site-0,0,b,0.1,,,"]
+    (tmp_path / "cases.csv").write_text(HEADER + "\n".join([*rows, rows[0].replace("0.5", "0.7")]) + "\n")
+    with pytest.raises(CasesError, match=r"cases.csv, line 4: repeats line 2 \(arm fedavg, trained_on federation, "):
+        read_cases(tmp_path / "cases.csv")
+    (tmp_path / "cases.csv").write_text(HEADER + "\n".join([*rows, rows[0].replace("site-0,0", "outside,1")]) + "\n")
+    assert len(read_cases(tmp_path / "cases.csv")) == 3  # the same subject in another test set is another case
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cases.csv").write_text(
+        "arm,kind,trained_on,tested_on,outside,subject,dice_1,dice_1\nfedavg,federated,federation,site-0,0,a,0.9,0.1\n"
+    )
+    with pytest.raises(CasesError, match=r"cases\.csv: the header names column 'dice_1' more than once"):
+        read_cases(tmp_path / "cases.csv")
+
+
 def test_every_outside_spelling_written_so_far_still_reads(tmp_path: Path) -> None:
-    rows = [f"fedavg,federated,federation,site-0,{value},a,0.5,sample-level,1.5,0" for value in ("0", "false", "False")]
-    rows += [f"fedavg,federated,federation,outside,{value},b,0.5,,," for value in ("1", "true", "True")]
+    rows = [
+        f"fedavg,federated,federation,site-0,{v},a{i},0.5,sample-level,1.5,0"
+        for i, v in enumerate(("0", "false", "False"))
+    ]
+    rows += [f"fedavg,federated,federation,outside,{v},b{i},0.5,,," for i, v in enumerate(("1", "true", "True"))]
     (tmp_path / "cases.csv").write_text(HEADER + "\n".join(rows) + "\n")
     assert [row.outside for row in read_cases(tmp_path / "cases.csv")] == [False] * 3 + [True] * 3
 

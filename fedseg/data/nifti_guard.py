@@ -36,7 +36,7 @@ import numpy as np
 
 from fedseg.data.datalist import NIFTI_SUFFIXES, SiteDataError
 from fedseg.errors import first_line
-from fedseg.limits import DEFAULT_MAX_VOXELS, MAX_CHANNELS
+from fedseg.limits import DEFAULT_MAX_VOXELS, MAX_CHANNELS, MAX_INTENSITY
 
 MAX_VOXELS_ENV = "FEDSEG_MAX_VOXELS"
 MAX_GZIP_RATIO = 1032  # deflate's largest compression ratio (RFC 1951: 258-byte matches in ~2 bits)
@@ -222,3 +222,14 @@ def _size(shape: Sequence[int]) -> str:
 
 def _fmt(values: Iterable[float]) -> str:
     return ",".join(f"{float(v):g}" for v in values)
+
+
+def unusable_voxels(data: np.ndarray) -> int:
+    """Voxels that are NaN, infinite or beyond ±MAX_INTENSITY (fedseg.limits); two passes without a copy
+    when there are none."""
+    if data.size == 0:
+        return 0
+    low, high = data.min(), data.max()
+    if np.isfinite(low) and np.isfinite(high) and low >= -MAX_INTENSITY and high <= MAX_INTENSITY:
+        return 0
+    return int(data.size - np.count_nonzero(np.abs(data.astype(np.float64, copy=False)) <= MAX_INTENSITY))

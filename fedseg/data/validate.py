@@ -11,7 +11,7 @@ Each problem has a kind code (stable, for scripts and tests), the file and a des
     dimensions        image not 3D/4D, or label not 3D
     shape-mismatch    image and label (or two modalities) differ in voxel grid shape
     affine-mismatch   voxel spacing, orientation or origin differ beyond the tolerance
-    non-finite        NaN or infinite voxels
+    non-finite        NaN or infinite voxels; in an image also |value| > fedseg.limits.MAX_INTENSITY
     label-values      label values non-integer, negative, above MAX_LABEL_VALUE, or outside the
                       declared classes
     empty-label       label has no foreground (warning)
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.data.datalist import Problem, SiteDataError, Subject, public_summary, scan_site
-from fedseg.data.nifti_guard import VolumeError, load_nifti, max_voxels_setting
+from fedseg.data.nifti_guard import VolumeError, load_nifti, max_voxels_setting, unusable_voxels
 from fedseg.data.splits import MIN_SUBJECTS
 from fedseg.data.validation_memo import ValidationMemo
-from fedseg.limits import MAX_CHANNELS, MAX_NUM_CLASSES
+from fedseg.limits import MAX_CHANNELS, MAX_INTENSITY, MAX_NUM_CLASSES
 
 DEFAULT_AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines), as differences of affine entries
 MAX_AFFINE_TOLERANCE = 10.0  # mm: beyond this the affine check means nothing
@@ -195,7 +195,7 @@ def _check_subject(
     for other in grid[1:]:
         problems.extend(_compare_grids(grid[0], other, tolerance))
     for volume in good_images:
-        problems.extend(_check_finite(volume))
+        problems.extend(_check_intensities(volume))
     if label is not None:
         problems.extend(_check_finite(label) or _check_label_values(label, allowed))
     return problems, channels
@@ -253,11 +253,17 @@ def _compare_grids(reference: _Volume, other: _Volume, tolerance: float) -> list
     return []
 
 
-def _check_finite(volume: _Volume) -> list[Problem]:
-    if not np.issubdtype(volume.data.dtype, np.floating):
+def _check_intensities(image: _Volume) -> list[Problem]:
+    bad = unusable_voxels(image.data)
+    message = f"{bad} NaN, infinite or out-of-range (|value| > {MAX_INTENSITY:g}) voxels"
+    return [_error("non-finite", image.path, message)] if bad else []
+
+
+def _check_finite(label: _Volume) -> list[Problem]:
+    if not np.issubdtype(label.data.dtype, np.floating):
         return []
-    bad = int(np.count_nonzero(~np.isfinite(volume.data)))
-    return [_error("non-finite", volume.path, f"{bad} NaN or infinite voxels")] if bad else []
+    bad = int(np.count_nonzero(~np.isfinite(label.data)))
+    return [_error("non-finite", label.path, f"{bad} NaN or infinite voxels")] if bad else []
 
 
 def _check_label_values(label: _Volume, allowed: list[int] | None) -> list[Problem]:

@@ -185,6 +185,12 @@ class ExperimentSpec:
             )
         if self.sites < 2:
             raise ConfigError(f"[experiment] 'sites' must be >= 2, got {self.sites}")
+        trained = [k for k in range(self.sites) if self.outside_dir == self.site_dir(k)]
+        if trained:
+            raise ConfigError(
+                f"[experiment] 'outside' {self.outside!r} is site-{trained[0]}, a site the experiment trains on, "
+                "not an outside institution"
+            )
         for key, bound in UPPER_BOUNDS.items():
             if getattr(self, key.replace("-", "_")) > bound:
                 raise ConfigError(
@@ -195,11 +201,21 @@ class ExperimentSpec:
             raise ConfigError(f"[experiment] 'arms' has {bad or 'nothing'}; choose from: {', '.join(ARM_KINDS)}")
         if not self.strategies:
             raise ConfigError("[experiment] 'strategies' must name at least one strategy")
+        lists = (("arms", self.arms), ("strategies", self.strategies), ("ensemble-arms", self.ensemble_arms))
+        for key, values in lists:
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"[experiment] '{key}' names {repeated[0]!r} more than once")
         if self.ensemble_folds == 1 or self.ensemble_folds < 0:
             raise ConfigError(f"[experiment] 'ensemble-folds' must be 0 (off) or >= 2, got {self.ensemble_folds}")
         bad = [arm for arm in self.ensemble_arms if arm not in ("private", "centralized", "federated")]
         if bad:
             raise ConfigError(f"[experiment] 'ensemble-arms' has {bad}; choose from: private, centralized, federated")
+        if self.ensemble_folds and not self.ensemble_arms:
+            raise ConfigError(
+                f"[experiment] 'ensemble-folds' = {self.ensemble_folds} ensembles nothing without 'ensemble-arms' "
+                "(private, centralized, federated)"
+            )
         if self.finetune_rounds < 0 or self.overlay_cases < 0:
             raise ConfigError("[experiment] 'finetune-rounds' and 'overlay-cases' must be >= 0")
         for strategy in self.strategies:

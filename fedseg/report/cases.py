@@ -105,6 +105,9 @@ def read_cases(path: Path) -> list[CaseRow]:
             dice_cols = [i for i, name in enumerate(header) if name.startswith(DICE_PREFIX)]
             if missing or not dice_cols:
                 raise CasesError(f"{path}: header lacks {missing or 'dice_<class> columns'}; got {header}")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise CasesError(f"{path}: the header names column '{repeated[0]}' more than once")
             index = {name: header.index(name) for name in (*KEY_COLUMNS, *PRIVACY_COLUMNS) if name in header}
             rows = [_parse(path, line_no, values, index, dice_cols) for line_no, values in enumerate(reader, start=2)]
     except OSError as err:
@@ -114,7 +117,20 @@ def read_cases(path: Path) -> list[CaseRow]:
     if not rows:
         raise CasesError(f"{path}: no result rows")
     _check_breadth(path, rows)
+    _check_unique(path, rows)
     return rows
+
+
+def _check_unique(path: Path, rows: Sequence[CaseRow]) -> None:
+    """CasesError naming the file and both lines when a model scored one subject of a test set twice."""
+    seen: dict[tuple[str, str, str, str], int] = {}
+    for line_no, row in enumerate(rows, start=2):
+        first = seen.setdefault((row.arm, row.trained_on, row.tested_on, row.subject), line_no)
+        if first != line_no:
+            raise CasesError(
+                f"{path}, line {line_no}: repeats line {first} (arm {row.arm}, trained_on {row.trained_on}, "
+                f"tested_on {row.tested_on}, subject {row.subject}): each model scores a subject once"
+            )
 
 
 def _check_breadth(path: Path, rows: Sequence[CaseRow]) -> None:
