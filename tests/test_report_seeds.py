@@ -15,7 +15,9 @@ from fedseg.cli import app
 from fedseg.report import build_against_report, build_seed_report
 from fedseg.report.against import against_tests
 from fedseg.report.cases import CaseRow, CasesError, read_cases, write_cases
+from fedseg.report.layout import PERSONAL, PERSONAL_MEAN
 from fedseg.report.seeds import outside_by_model, pooled_tests, read_runs, seed_summaries
+from fedseg.report.software import software_section
 
 # per run: arm → internal scores of its test subjects at site-0 (s1 and s2 are in both runs' test sets);
 # the second run has no fedprox arm
@@ -239,6 +241,7 @@ def _record_software(folder: Path, arm: str, software: object, history: object =
         (folder / "arms" / arm / "history.json").write_text(json.dumps({"rounds": [], "software": history}))
 
 
+PERSONALS = (PERSONAL, PERSONAL_MEAN)
 ARM_IDS = {"study": ("centralized--pooled", "fedavg--federation", "fedprox--federation")}
 ARM_IDS["study-seed1"] = ARM_IDS["study"][:2]
 OLD = {"python": "3.11.7", "torch": "2.12.0+cpu", "flwr": "1.41.0"}
@@ -283,6 +286,20 @@ def test_software_section_counts_arms_without_a_record_and_ignores_records_of_no
         "- not recorded: study-seed1 (1 arm)",
     }
     assert expected <= set(software.splitlines())
+
+
+def test_personal_models_count_under_the_federated_arm_that_trained_them(tmp_path: Path) -> None:
+    # Ditto's personal models and their means are rows of their own arms but have no folder of their own:
+    # before, every report of a Ditto study warned that they had "no software record"
+    rows = [CaseRow("centralized", "centralized", "pooled", "site-0", False, "a", (0.8,))]
+    rows += [CaseRow("ditto", "federated", "federation", "site-0", False, "a", (0.7,))]
+    rows += [CaseRow(f"ditto{kind}", "personal", "site-0", "site-0", False, "a", (0.75,)) for kind in PERSONALS]
+    write_cases(tmp_path / "cases.csv", rows)
+    for arm in ("centralized--pooled", "ditto--federation"):
+        _record_software(tmp_path, arm, NEW)
+    software = software_section([("study", tmp_path, read_cases(tmp_path / "cases.csv"))])
+    assert software.startswith("Every arm ran with this one software set"), software
+    assert software.endswith(f"- {NEW_LINE}: study (2 arms)"), software
 
 
 def test_software_of_a_resumed_arm_lists_every_set_it_trained_under(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedseg.experiments.spec import ExperimentSpec
-from fedseg.report.layout import arm_id
+from fedseg.report.layout import FEDERATION, arm_id
 
 POOLED = -1  # stands for "all sites pooled" in Arm.nodes
 
@@ -59,14 +59,14 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
     if "centralized" in spec.arms:
         arms.append(Arm("centralized", "centralized", "pooled", (POOLED,), rounds=rounds, epochs=epochs))
     if "federated" in spec.arms:
-        arms += [Arm(s, "federated", "federation", sites, s, rounds, epochs) for s in spec.strategies]
+        arms += [Arm(s, "federated", FEDERATION, sites, s, rounds, epochs) for s in spec.strategies]
     if "iil" in spec.arms:  # one visit per site, with the whole budget
         arms.append(
-            Arm("iil", "cyclic", "federation", sites, "cyclic", spec.sites, rounds * epochs, {"cyclic.cycles": 1})
+            Arm("iil", "cyclic", FEDERATION, sites, "cyclic", spec.sites, rounds * epochs, {"cyclic.cycles": 1})
         )
     if "ciil" in spec.arms:  # `rounds` cycles of one visit per site
         arms.append(
-            Arm("ciil", "cyclic", "federation", sites, "cyclic", rounds * spec.sites, epochs, {"cyclic.cycles": 0})
+            Arm("ciil", "cyclic", FEDERATION, sites, "cyclic", rounds * spec.sites, epochs, {"cyclic.cycles": 0})
         )
     if "leave-one-out" in spec.arms:
         arms += [
@@ -82,9 +82,9 @@ def plan_arms(spec: ExperimentSpec) -> list[Arm]:
             for k in sites
         ]
     if spec.finetune_rounds:
-        base = arm_id(first, "federation")
+        base = arm_id(first, FEDERATION)
         if "federated" not in spec.arms:
-            arms.append(Arm(first, "federated", "federation", sites, first, rounds, epochs))
+            arms.append(Arm(first, "federated", FEDERATION, sites, first, rounds, epochs))
         arms += [
             Arm(
                 f"{first}-finetuned",
@@ -109,7 +109,7 @@ def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: float) -> list[Arm
         Arm(
             f"{first}-dpsgd-z{z}",
             "federated",
-            "federation",
+            FEDERATION,
             sites,
             first,
             rounds,
@@ -122,7 +122,7 @@ def _privacy_sweep(spec: ExperimentSpec, rounds: int, epochs: float) -> list[Arm
         Arm(
             f"dp-noised-z{z}",
             "federated",
-            "federation",
+            FEDERATION,
             sites,
             "dp-noised",
             rounds,
@@ -144,7 +144,7 @@ def _ensembles(spec: ExperimentSpec, rounds: int, epochs: float) -> list[Arm]:
         bases.append(("centralized", "centralized", "pooled", (POOLED,), "fedavg"))
     if "federated" in spec.ensemble_arms:
         first = spec.strategies[0]
-        bases.append((first, "federated", "federation", sites, first))
+        bases.append((first, "federated", FEDERATION, sites, first))
     arms = []
     for name, kind, trained_on, nodes, strategy in bases:
         folds = [

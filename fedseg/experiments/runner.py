@@ -42,6 +42,8 @@ from fedseg.report.layout import (
     ARMS,
     CASES,
     MODEL,
+    PERSONAL,
+    PERSONAL_MEAN,
     SITE_STATE,
     ArmInfo,
 )
@@ -255,10 +257,10 @@ def _personal_rows(
         if weights is None:
             continue
         personal = dataclasses.replace(model, state_dict=weights, description=f"{arm.name} personal, site-{node}")
-        site = Arm(f"{arm.name}-personal", "personal", f"site-{node}", (node,))
+        site = Arm(f"{arm.name}{PERSONAL}", "personal", f"site-{node}", (node,))
         rows += evaluate(site, [personal], [tests[node]], results, 0, no_privacy)
         if state.has_own_model():
-            both = Arm(f"{arm.name}-ensemble", "personal", f"site-{node}", (node,))
+            both = Arm(f"{arm.name}{PERSONAL_MEAN}", "personal", f"site-{node}", (node,))
             weighted = dataclasses.replace(personal, ensemble_weight=model.personal_weight)
             rows += evaluate(both, [model, weighted], [tests[node]], results, 0, no_privacy)
     return rows

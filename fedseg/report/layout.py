@@ -75,9 +75,22 @@ class ArmInfo:
             raise ValueError(f"{path}: 'software' must map package names to version strings")
 
 
+PERSONAL = "-personal"  # each site's personal model of federated arm <name>: arm <name>-personal
+PERSONAL_MEAN = "-ensemble"  # each site's mean of its personal and the global model: arm <name>-ensemble
+FEDERATION = "federation"  # what a federated arm is trained on
+
+
 def arm_id(arm: str, trained_on: str) -> str:
     """Folder name of one model: `<arm>--<trained_on>`."""
     return f"{arm}--{trained_on}"
+
+
+def trained_in(arm: str, kind: str, trained_on: str) -> str:
+    """The arm folder whose run trained a model: a personal model's is its federated arm's."""
+    for suffix in (PERSONAL, PERSONAL_MEAN):
+        if kind == "personal" and arm.endswith(suffix):
+            return arm_id(arm.removesuffix(suffix), FEDERATION)
+    return arm_id(arm, trained_on)
 
 
 def overlay_case(tested_on: str, subject: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedseg.json_records import read_json_object
 from fedseg.report.cases import CaseRow, CasesError
-from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, arm_id
+from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, trained_in
 from fedseg.software import FROM_ROUND, SOFTWARE, describe
 
 NOT_RECORDED = describe({})
@@ -19,10 +19,11 @@ MAX_VALUE = 200  # characters of one recorded version kept in the report
 
 
 def arm_software(results_dir: Path, rows: Sequence[CaseRow]) -> dict[str, str]:
-    """Arm id → the software it ran with, described on one line, for every arm of `rows` (the folder's cases):
+    """Arm id → the software it ran with, described on one line, for every arm that trained a model of `rows`
+    (the folder's cases; a personal model's is its federated arm):
     "not recorded" without a record, "mixed: …" when a resume trained part of it under other versions."""
     found = {}
-    for arm in dict.fromkeys(arm_id(row.arm, row.trained_on) for row in rows):
+    for arm in dict.fromkeys(trained_in(row.arm, row.kind, row.trained_on) for row in rows):
         folder = results_dir / ARMS / arm
         recorded = _versions(_load(folder / ARM_INFO).get(SOFTWARE, {}), folder / ARM_INFO)
         sets = [*_history_sets(folder / HISTORY), recorded]
