@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -110,7 +110,15 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
 
     try:
         if "experiment" in read_toml(path, "config"):
-            arms = plan_arms(ExperimentSpec.from_toml(path))
+            spec = ExperimentSpec.from_toml(path)
+            arms = plan_arms(spec)
+            strategies = sorted({arm.strategy for arm in arms if arm.strategy})
+            for key in unused_strategy_keys(spec.run_config(), strategies):
+                typer.echo(
+                    f"warning: {path}: [run] key '{key}' belongs to a strategy no arm uses "
+                    f"({', '.join(strategies)}); the experiment ignores it",
+                    err=True,
+                )
             for arm in arms:
                 plan = (
                     f"ensemble of {len(arm.members)} models"
@@ -138,13 +146,14 @@ def check_config(path: str = typer.Argument(..., help="TOML file of run-config k
         typer.echo(f"warning: {path}: bundle: {line}", err=True)
 
 
-def unused_strategy_keys(config: Any) -> list[str]:
-    """The `<strategy>.<parameter>` keys of `config` that the selected strategy does not read."""
+def unused_strategy_keys(config: Any, strategies: Sequence[str] = ()) -> list[str]:
+    """The `<strategy>.<parameter>` keys of `config` that none of `strategies` (default: the selected
+    one) reads."""
     from fedseg.config import STRATEGY_PARAM_SEPARATOR
     from strategies.registry import resolve
 
-    namespace = resolve(config.strategy).strategy_name()
-    return sorted(key for key in config.strategy_params if key.partition(STRATEGY_PARAM_SEPARATOR)[0] != namespace)
+    namespaces = {resolve(name).strategy_name() for name in strategies or [config.strategy]}
+    return sorted(key for key in config.strategy_params if key.partition(STRATEGY_PARAM_SEPARATOR)[0] not in namespaces)
 
 
 MAX_VOXELS_HELP = "largest volume this site loads, in voxels per channel (default: $FEDSEG_MAX_VOXELS or 512^3)"

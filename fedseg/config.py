@@ -421,9 +421,10 @@ def _validate_dp(config: RunConfig) -> None:
         raise ConfigError(
             f"run-config 'dp-accountant' is '{config.dp_accountant}'; choose one of: {', '.join(DP_ACCOUNTANTS)}"
         )
-    if config.dp_physical_batch_size < 0:
+    if not 0 <= config.dp_physical_batch_size <= UPPER_BOUNDS["batch-size"]:
         raise ConfigError(
-            f"run-config 'dp-physical-batch-size' must be >= 0 (0: batch-size), got {config.dp_physical_batch_size}"
+            f"run-config 'dp-physical-batch-size' must be 0 (batch-size) to {UPPER_BOUNDS['batch-size']}, "
+            f"got {config.dp_physical_batch_size}"
         )
     if not 1 <= config.dp_augmentation_multiplicity <= 64:
         raise ConfigError(

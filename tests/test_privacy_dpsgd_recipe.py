@@ -90,7 +90,8 @@ def test_physical_batches_keep_the_logical_batch_and_its_epsilon(train_items: li
     ("values", "message"),
     [
         ({"dp-augmentation-multiplicity": 0}, "'dp-augmentation-multiplicity' must be in [1, 64]"),
-        ({"dp-physical-batch-size": -1}, "'dp-physical-batch-size' must be >= 0"),
+        ({"dp-physical-batch-size": -1}, "'dp-physical-batch-size' must be 0 (batch-size) to 1024, got -1"),
+        ({"dp-physical-batch-size": 1e308}, "'dp-physical-batch-size' must be 0 (batch-size) to 1024"),
         ({"dp-noise-source": "urandom"}, "'dp-noise-source' is 'urandom'; choose one of: torch, secure"),
     ],
 )
