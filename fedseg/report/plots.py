@@ -21,7 +21,7 @@ from matplotlib.ticker import NullFormatter
 
 from fedseg.json_records import read_json_object, record_float, record_int
 from fedseg.report.cases import CaseRow, CasesError
-from fedseg.report.layout import ARM_INFO, ARMS, HISTORY, OVERLAYS, ArmInfo
+from fedseg.report.layout import ARM_INFO, ARMS, FEDERATION, HISTORY, OVERLAYS, ArmInfo
 from fedseg.report.tables import Cell, Model, PrivacyPoint, model_labels, models, test_sets
 
 DPI = 80
@@ -54,7 +54,7 @@ def load_curves(results_dir: Path, keep: Collection[Model]) -> list[Curve]:
         info = ArmInfo.load(folder)
         if (info.arm, info.trained_on) not in keep:
             continue
-        label = info.arm if info.trained_on == "federation" else f"{info.arm} ({info.trained_on})"
+        label = info.arm if info.trained_on == FEDERATION else f"{info.arm} ({info.trained_on})"
         curves.append(_curve(folder / HISTORY, label, info.model_bytes))
     return curves
 
