@@ -184,3 +184,37 @@ def test_validate_data_cli_exit_code_and_json(tiny: Path) -> None:
     report = json.loads(bad.output)
     assert bad.exit_code == 1 and not report["ok"] and report["errors"] >= 1
     assert {p["kind"] for p in report["problems"]} == {"label-values", "too-few-subjects"}  # none usable
+
+
+def test_an_interrupted_synth_leaves_no_staging_folder_and_a_rerun_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedseg.data.synth as synth
+
+    out = tmp_path / "cohort"
+    real_render, calls = synth.render_subject, []
+
+    def interrupted(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        calls.append(1)
+        if len(calls) == 8:  # in the second site (site-0 has 6 subjects at tiny)
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "render_subject", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, "tiny", seed=5, num_sites=2)
+    assert sorted(p.name for p in out.iterdir()) == ["site-0"]  # no hidden half-written folder
+    monkeypatch.setattr(synth, "render_subject", real_render)
+    finished = {p: p.stat().st_mtime_ns for p in (out / "site-0").rglob("*.nii.gz")}
+    killed = out / ".site-1-k1ll3d.partial"  # what a killed (SIGKILL) writer leaves
+    (killed / "imagesTr").mkdir(parents=True)
+
+    folders = synthesize(out, "tiny", seed=5, num_sites=2)
+    assert [f.name for f in folders] == ["site-0", "site-1", "outside"]
+    assert not killed.exists()
+    assert {p: p.stat().st_mtime_ns for p in (out / "site-0").rglob("*.nii.gz")} == finished  # kept, not rewritten
+    fresh = synthesize(tmp_path / "fresh", "tiny", seed=5, num_sites=2)
+    for name in ("site-0/imagesTr/a_003.nii.gz", "site-1/labelsTr/b_000.nii.gz"):
+        assert np.array_equal(ras(out / name), ras(fresh[0].parent / name))
+    with pytest.raises(FileExistsError, match="site-0: already exists, not written with these settings"):
+        synthesize(out, "tiny", seed=6, num_sites=2)

@@ -20,8 +20,8 @@ instead (fedseg.data.synth_brain: four modalities, labels 0, 1, 2, 4; `num_class
 
 from __future__ import annotations
 
+import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from fedseg.atomic import publish_site_folder
+from fedseg.atomic import publish_site_folder, remove_unfinished_sites, site_staging_folder
 from fedseg.cache import cache_root
 from fedseg.progress import track
 
@@ -205,28 +205,39 @@ def write_site(
     site_dir = root / (folder or f"site-{site_index}")
     if (site_dir / "dataset.json").exists():
         return site_dir
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{site_dir.name}-"))
-    (tmp / "imagesTr").mkdir()
-    (tmp / "labelsTr").mkdir()
-    training = []
-    for i in range(num_subjects):
-        image, label, affine = render_subject(np.random.default_rng([seed, site_index, i]), inst, size, num_classes)
-        name = f"{inst.name.lower()}_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    meta = {
-        "name": f"fedseg-synth-{site_dir.name}",
-        "description": f"synthetic institution {inst.name} (fedseg synth, seed {seed})",
-        "modality": {"0": inst.contrast},
-        "labels": {"0": "background", **{str(k): STRUCTURES[k - 1] for k in range(1, num_classes)}},
-        "numTraining": num_subjects,
-        "training": training,
-        "test": [],
-        "institution": asdict(inst),
-    }
-    return publish_site_folder(tmp, site_dir, meta)
+    with site_staging_folder(site_dir) as tmp:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        training = []
+        for i in range(num_subjects):
+            rng = np.random.default_rng([seed, site_index, i])
+            image, label, affine = render_subject(rng, inst, size, num_classes)
+            name = f"{inst.name.lower()}_{i:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        meta = {
+            "name": f"fedseg-synth-{site_dir.name}",
+            "description": f"synthetic institution {inst.name} (fedseg synth, seed {seed})",
+            "modality": {"0": inst.contrast},
+            "labels": {"0": "background", **{str(k): STRUCTURES[k - 1] for k in range(1, num_classes)}},
+            "numTraining": num_subjects,
+            "training": training,
+            "test": [],
+            "institution": asdict(inst),
+            "synth": synth_settings("pelvis", seed, size, num_classes),
+        }
+        return publish_site_folder(tmp, site_dir, meta)
+
+
+def synth_settings(anatomy: str, seed: int, size: int, num_classes: int = MIN_CLASSES) -> dict[str, object]:
+    """What a synthetic site's images depend on besides its institution and subject count, as stored in
+    its dataset.json ("synth"): a rerun of `synthesize` keeps a site written with the same settings."""
+    if anatomy == "brain":
+        from fedseg.data.synth_brain import BRAIN_GENERATOR_VERSION
+
+        return {"anatomy": anatomy, "generator": BRAIN_GENERATOR_VERSION, "seed": seed, "size": size}
+    return {"anatomy": anatomy, "generator": GENERATOR_VERSION, "seed": seed, "size": size, "classes": num_classes}
 
 
 def synthesize(
@@ -251,6 +262,8 @@ def synthesize(
     so a study can tell how much of a model's outside Dice is the annotator's convention.
     `outside_subjects` > 0 replaces the outside institution's subject count (0: its own share of the
     base): subjects are seeded one by one, so a larger outside set begins with the same scans.
+    A rerun after an interruption keeps the sites already written with the same settings and
+    finishes the rest; a site folder written otherwise needs `overwrite`.
     """
     _check_anatomy(anatomy)
     if preset not in PRESETS:
@@ -276,23 +289,21 @@ def synthesize(
     if outside_subjects:
         outside = replace(outside, subjects=outside_subjects / base)
     plan.append((OUTSIDE_KEY, outside, "outside"))
-    existing = [out / folder for _, _, folder in plan if (out / folder).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists (use overwrite to replace the synthetic sites)")
+    counts = {folder: max(SYNTH_MIN_SUBJECTS, round(base * inst.subjects)) for _, inst, folder in plan}
+    settings = synth_settings(anatomy, seed, size, num_classes)
+    remove_unfinished_sites(out, counts)
+    existing = [out / folder for _, inst, folder in plan if (out / folder).exists()]
+    if not overwrite:
+        kept = {out / folder for _, inst, folder in plan if _written_with(out / folder, inst, counts[folder], settings)}
+        other = [path for path in existing if path not in kept]
+        if other:
+            reason = "already exists, not written with these settings"
+            raise FileExistsError(f"{other[0]}: {reason} (use overwrite to replace the synthetic sites)")
+        existing = []
     for path in existing:
         shutil.rmtree(path)
     return [
-        write_site(
-            out,
-            key,
-            max(SYNTH_MIN_SUBJECTS, round(base * inst.subjects)),
-            size,
-            seed,
-            num_classes,
-            inst,
-            folder,
-            anatomy,
-        )
+        write_site(out, key, counts[folder], size, seed, num_classes, inst, folder, anatomy)
         for key, inst, folder in track(plan, "writing sites")
     ]
 
@@ -309,6 +320,17 @@ def synthetic_root(
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _written_with(site_dir: Path, inst: Institution | BrainInstitution, count: int, settings: dict) -> bool:
+    """Whether `site_dir` is a finished synthetic site of `inst` with `count` subjects and `settings`:
+    what an interrupted `synthesize` left, which a rerun with the same options keeps."""
+    try:
+        meta = json.loads((site_dir / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    same_institution = isinstance(meta, dict) and meta.get("institution") == json.loads(json.dumps(asdict(inst)))
+    return same_institution and meta.get("numTraining") == count and meta.get("synth") == settings
+
+
 def _check_counts(seed: int, num_sites: int, subjects: int, outside_subjects: int) -> None:
     """ValueError naming the first of synthesize's counts out of range (see MAX_SITES)."""
     if not 0 <= seed <= MAX_SEED:

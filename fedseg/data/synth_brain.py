@@ -20,7 +20,6 @@ BraTS layout `<site>/<id>/<id>_{t1,t1ce,t2,flair,seg}.nii.gz` with an MSD-style 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fedseg.atomic import publish_site_folder
-from fedseg.data.synth import _bias_field, _rotation, _stored
+from fedseg.atomic import publish_site_folder, site_staging_folder
+from fedseg.data.synth import _bias_field, _rotation, _stored, synth_settings
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 MODALITY_NAMES = ("T1", "T1-Gd", "T2", "FLAIR")
@@ -377,37 +376,38 @@ def write_brain_site(
     site_dir = root / (folder or f"site-{site_index}")
     if (site_dir / "dataset.json").exists():
         return site_dir
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{site_dir.name}-"))
-    training = []
-    for i in range(num_subjects):
-        key = [seed, site_index, i]
-        image, label, affine = render_brain_subject(np.random.default_rng(key), inst, size)
-        sid = f"{inst.name.lower()}_{i:03d}"
-        (tmp / sid).mkdir()
-        for c, modality in enumerate(MODALITIES):
-            nib.save(nib.Nifti1Image(image[..., c], affine), tmp / sid / f"{sid}_{modality}.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), tmp / sid / f"{sid}_seg.nii.gz")
-        training.append(
-            {
-                "image": [f"./{sid}/{sid}_{modality}.nii.gz" for modality in MODALITIES],
-                "label": f"./{sid}/{sid}_seg.nii.gz",
-                "grade": draw_grade(np.random.default_rng(key), inst),
-            }
-        )
-    meta = {
-        "name": f"fedseg-synth-brain-{site_dir.name}",
-        "description": f"synthetic brain-glioma institution {inst.name} (fedseg synth --anatomy brain, seed {seed})",
-        "reference": "BraTS layout and labels; institutions as in Sheller et al. 2018/2020",
-        "tensorImageSize": "3D",
-        "modality": {str(c): name for c, name in enumerate(MODALITY_NAMES)},
-        "labels": {str(k): v for k, v in BRAIN_LABELS.items()},
-        "numTraining": num_subjects,
-        "training": training,
-        "test": [],
-        "institution": asdict(inst),
-    }
-    return publish_site_folder(tmp, site_dir, meta)
+    with site_staging_folder(site_dir) as tmp:
+        training = []
+        for i in range(num_subjects):
+            key = [seed, site_index, i]
+            image, label, affine = render_brain_subject(np.random.default_rng(key), inst, size)
+            sid = f"{inst.name.lower()}_{i:03d}"
+            (tmp / sid).mkdir()
+            for c, modality in enumerate(MODALITIES):
+                nib.save(nib.Nifti1Image(image[..., c], affine), tmp / sid / f"{sid}_{modality}.nii.gz")
+            nib.save(nib.Nifti1Image(label, affine), tmp / sid / f"{sid}_seg.nii.gz")
+            training.append(
+                {
+                    "image": [f"./{sid}/{sid}_{modality}.nii.gz" for modality in MODALITIES],
+                    "label": f"./{sid}/{sid}_seg.nii.gz",
+                    "grade": draw_grade(np.random.default_rng(key), inst),
+                }
+            )
+        meta = {
+            "name": f"fedseg-synth-brain-{site_dir.name}",
+            "description": f"synthetic brain-glioma institution {inst.name} "
+            f"(fedseg synth --anatomy brain, seed {seed})",
+            "reference": "BraTS layout and labels; institutions as in Sheller et al. 2018/2020",
+            "tensorImageSize": "3D",
+            "modality": {str(c): name for c, name in enumerate(MODALITY_NAMES)},
+            "labels": {str(k): v for k, v in BRAIN_LABELS.items()},
+            "numTraining": num_subjects,
+            "training": training,
+            "test": [],
+            "institution": asdict(inst),
+            "synth": synth_settings("brain", seed, size),
+        }
+        return publish_site_folder(tmp, site_dir, meta)
 
 
 # ------------------------------------------------------------------------------------------ internals
