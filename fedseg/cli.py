@@ -205,7 +205,10 @@ def synth(
     ),
     seed: int = typer.Option(0, help="seed; the same seed writes the same files"),
     subjects: int = typer.Option(0, help="base subjects per site (0: the size's; each institution scales it)"),
-    overwrite: bool = typer.Option(False, help="replace synthetic sites already in OUT (without it a rerun keeps sites written with the same options)"),
+    overwrite: bool = typer.Option(
+        False,
+        help="replace synthetic sites already in OUT (without it a rerun keeps sites written with the same options)",
+    ),
     anatomy: str = typer.Option(
         "pelvis",
         help="pelvis (prostate zones, 1 MR contrast) | brain (BraTS gliomas: T1, T1-Gd, T2, FLAIR; labels 0, 1, 2, 4)",
