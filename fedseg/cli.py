@@ -17,6 +17,7 @@ import click
 import typer
 
 import fedseg
+from fedseg.errors import one_line
 
 if TYPE_CHECKING:
     from fedseg.experiments import ExperimentSpec
@@ -59,7 +60,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def fail(message: str | Exception, code: int = 2) -> None:
     """Print `error: <message>` (one line) to stderr and exit with `code`."""
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code=code)
 
 

@@ -100,6 +100,20 @@ def test_check_config_command_rejects_bad_strategy_parameter(tmp_path: Path) -> 
     assert "'fedprox.proximal-mu' must be a number, got 'high'" in result.output
 
 
+def test_an_enormous_value_is_named_short_in_the_error_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedseg.cli import app
+
+    path = tmp_path / "run.toml"
+    path.write_text(f"dp-physical-batch-size = {10**308}\nlearning-rate = 0.001\n")
+    result = CliRunner().invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.endswith("'dp-physical-batch-size' must be 0 (batch-size) to 1024, got 10000000…0000 (309 digits)")
+    assert len(line.splitlines()) == 1 and len(line) < 200 + len(str(path))
+
+
 def test_check_config_command_validates_experiment_specs(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -113,6 +113,36 @@ def test_bad_site_names_are_rejected(tmp_path: Path, sites: list[str], message: 
         make_certs(tmp_path, ["127.0.0.1"], sites)
 
 
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("0.0.0.0", "'0.0.0.0' is the listen-on-all address"),
+        ("::", "'::' is the listen-on-all address"),
+        ("239.1.2.3", "is a multicast address"),
+        ("fe80::1%eth0", r"has a zone \(%eth0\)"),
+        ("192.168.1.256", "looks like an IPv4 address but is not one"),
+        ("10.1.2", "looks like an IPv4 address but is not one"),
+        ("*.org", "a wildcard needs at least two labels after"),
+        ("fed.*.example.org", "is neither an IP address nor a DNS name"),
+        ("fed..example.org", "is neither an IP address nor a DNS name"),
+        ("fed example.org", "is neither an IP address nor a DNS name"),
+    ],
+)
+def test_hosts_a_site_cannot_dial_are_rejected(tmp_path: Path, host: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_certs(tmp_path, ["fed.example.org", host], ["site-a"])
+    assert not any(tmp_path.iterdir())  # all files or none
+
+
+def test_a_wildcard_and_an_ipv6_address_are_certified(tmp_path: Path) -> None:
+    cert = x509.load_pem_x509_certificate(
+        make_certs(tmp_path, ["*.fed.example.org", "2001:db8::7"], ["site-a"]).server_cert.read_bytes()
+    )
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["*.fed.example.org", "localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["2001:db8::7"]
+
+
 def test_superlink_command_has_tls_node_auth_and_no_runtime_installs(bundle) -> None:
     tls = TlsFiles.from_dir(bundle.ca_cert.parent)
     command = superlink_command(tls, host="127.0.0.1", port=9999)

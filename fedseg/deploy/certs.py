@@ -127,14 +127,28 @@ def _site_key_files(site_dir: Path, name: str) -> tuple[SiteKeys, dict[Path, tup
 
 
 def _check_host(host: str) -> None:
-    """An IP address or a DNS name (letters, digits, '-', dot-separated labels; '*' as the first label)."""
+    """An address a site can dial: an IP address (not unspecified, multicast or scoped) or a DNS name."""
     try:
-        ipaddress.ip_address(host)
-        return
+        address = ipaddress.ip_address(host)
     except ValueError:
-        pass
+        _check_dns_name(host)
+        return
+    if address.is_unspecified or address.is_multicast:
+        kind = "the listen-on-all" if address.is_unspecified else "a multicast"
+        raise CertError(f"host {host!r} is {kind} address, not one a site can dial; give the server's own address")
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise CertError(f"host {host!r} has a zone (%{address.scope_id}), which a certificate cannot hold")
+
+
+def _check_dns_name(host: str) -> None:
+    """Letters, digits and '-' in dot-separated labels, the last not all digits; '*' only as the whole
+    first label of a name with at least two more (a wildcard never covers a top-level domain)."""
     labels = host.split(".")
-    if labels[0] == "*" and len(labels) > 1:
+    if labels[-1].isdigit():
+        raise CertError(f"host {host!r} looks like an IPv4 address but is not one")
+    if labels[0] == "*":
+        if len(labels) < 3:
+            raise CertError(f"host {host!r}: a wildcard needs at least two labels after '*' (as in *.example.org)")
         labels = labels[1:]
     if not (0 < len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)):
         raise CertError(f"host {host!r} is neither an IP address nor a DNS name (letters, digits, '-', dots)")
