@@ -215,8 +215,9 @@ class ModelCheckpoint:
             (make_dp_compatible(network) if self.dp_compatible else network).state_dict(), self.state_dict
         )
 
-    def trainer(self, device: str | torch.device | None = None) -> SegmentationTrainer:
-        """A SegmentationTrainer holding these weights (for sliding-window inference)."""
+    def trainer(self, device: str | torch.device | None = None, sw_batch_size: int = 4) -> SegmentationTrainer:
+        """A SegmentationTrainer holding these weights (for sliding-window inference, `sw_batch_size`
+        windows per forward pass)."""
         trainer = SegmentationTrainer(
             self.model,
             self.num_classes,
@@ -226,6 +227,7 @@ class ModelCheckpoint:
             labels=self.labels,
             model_args=self.model_args,
             dp_compatible=self.dp_compatible,
+            sw_batch_size=sw_batch_size,
         )
         trainer.set_weights(self.state_dict)
         return trainer

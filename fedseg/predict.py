@@ -12,6 +12,8 @@ Nothing is read before every input's header passed fedseg.data.nifti_guard (NIfT
 voxels, a size the file can hold and the site's voxel limit allows, also on the model's grid), and
 nothing is written unless every case succeeds: outputs go to temporary files renamed at the end. An
 input with a NaN or infinite voxel is refused (a model would turn it into an all-background map).
+A model whose patch would not fit in memory is refused before any case is read (fedseg.network_check's
+estimate); where a few windows fit, the sliding window takes that many per forward pass instead of four.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from fedseg.intensity import IntensityWindow, intensity_transform
 from fedseg.labels import BRATS_ENHANCING, BRATS_STORED_ENHANCING, LabelScheme
 from fedseg.limits import MAX_INTENSITY
 from fedseg.model_checkpoint import ModelCheckpoint
+from fedseg.network_check import CPU_CHECK_SHARE, cpu_check_budget, inference_patch_bytes
 from fedseg.personal_mix import ensemble_mean
 from fedseg.progress import track
 from fedseg.trainer import SegmentationTrainer
 
 Case = tuple[Path, ...]  # one case: a 3D/4D file, or one 3D file per modality
+MAX_WINDOWS = 4  # sliding windows per forward pass, fewer where one patch's pass takes much of the memory
 
 
 class PredictError(ValueError):
@@ -159,7 +163,11 @@ def predict(
     for case, out_path in pairs:
         _check_case(case, models, max_voxels)
         _check_output(out_path, case)
-    trainers = [model.trainer() for model in models]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainers = [
+        model.trainer(device, sw_batch_size=_windows_at_once(Path(path), model, device))
+        for path, model in zip(model_paths, models, strict=True)
+    ]
     written: list[tuple[Path, Path]] = []  # (temporary file, output)
     created = _missing_folders({out.parent for _, out in pairs})
     done = False
@@ -190,6 +198,25 @@ def _check_ensemble(models: Sequence[ModelCheckpoint]) -> None:
         raise PredictError("the models of an ensemble must have the same num-classes and label scheme")
     if sum(m.ensemble_weight is not None for m in models) > 1:
         raise PredictError("an ensemble can hold one site's personal model (`fedseg site personal-model`), not several")
+
+
+def _windows_at_once(path: Path, model: ModelCheckpoint, device: torch.device) -> int:
+    """Sliding windows per forward pass that fit this machine's memory (at most `MAX_WINDOWS`); PredictError
+    naming the model file when not even one does (a hostile or a workstation model's patch size)."""
+    need = inference_patch_bytes(
+        model.model, model.model_args, model.in_channels, model.labels.out_channels, model.patch_size
+    )
+    if device.type == "cuda":
+        budget, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        budget, where = cpu_check_budget(), f"{CPU_CHECK_SHARE:.0%} of this machine's memory"
+    if need > budget:
+        patch = "x".join(map(str, model.patch_size))
+        raise PredictError(
+            f"{path}: segmenting one {patch} patch with model '{model.model}' needs about {need / 2**30:.1f} GiB, "
+            f"more than the {budget / 2**30:.1f} GiB fedseg may use ({where})"
+        )
+    return int(min(MAX_WINDOWS, budget // need))
 
 
 def _check_case(case: Case, models: Sequence[ModelCheckpoint], max_voxels: int | None) -> list[NiftiHeader]:

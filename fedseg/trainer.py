@@ -103,6 +103,7 @@ class SegmentationTrainer:
         optimizer: OptimizerFactory | None = None,
         model_args: Mapping[str, Any] | None = None,
         sam_rho: float = 0.0,
+        sw_batch_size: int = 4,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.labels = labels or LabelScheme("classes", num_classes)
@@ -117,6 +118,7 @@ class SegmentationTrainer:
         self.loss_fn = self.labels.loss()
         self.make_optimizer = optimizer or optimizer_factory("adam")
         self.sam_rho = sam_rho  # > 0: sharpness-aware steps (fedseg.sharpness), two passes per step
+        self.sw_batch_size = sw_batch_size  # sliding windows per forward pass in evaluation
         # Training goes through the compiled wrapper; weights, evaluation (varying window batches)
         # and the state dict keys stay on the plain module, which shares its parameters.
         self._train_forward: Callable[..., Any] = torch.compile(self.model) if compile else self.model
@@ -268,7 +270,11 @@ class SegmentationTrainer:
         self.model.eval()
         with self.precision.autocast():
             logits = sliding_window_inference(
-                image.to(self.device), roi_size=self.patch_size, sw_batch_size=4, predictor=self.model, overlap=0.25
+                image.to(self.device),
+                roi_size=self.patch_size,
+                sw_batch_size=self.sw_batch_size,
+                predictor=self.model,
+                overlap=0.25,
             )
         return cast(torch.Tensor, logits).float()  # MONAI also types tuple- and dict-returning predictors
 

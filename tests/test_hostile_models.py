@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from test_hostile_input import checkpoint, cli, peak_rss, refused, save, volume
@@ -207,6 +209,34 @@ def test_a_network_checked_on_the_cpu_is_refused_past_its_memory_budget(
     assert len(message.splitlines()) == 1
     spec, count = checked_network(RunConfig.from_mapping({**config, "patch-size": 16}))  # the same network fits
     assert count == sum(p.numel() for p in spec.build(1, 3).parameters()) == 1 * 64 * 27 + 64 + 64 * 3 + 3
+
+
+def test_predict_refuses_a_model_patch_past_its_memory_and_fits_windows_to_what_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedseg.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "cpu_check_budget", lambda: 4 * 2**30)
+    bad, code, output = predict_with(tmp_path, patch_size=[512, 512, 512])  # one pass: ~18 GiB
+    one_line_refusal(tmp_path, code, output, bad, "one 512x512x512 patch with model 'unet' needs about", "4.0 GiB")
+
+    one_patch = network_check.inference_patch_bytes("unet", {}, 1, 3, (16, 16, 16))
+    assert network_check.inference_patch_bytes("unet", {}, 1, 3, (64, 64, 64)) == 64 * one_patch  # by voxels
+    image, model = save(tmp_path / "in.nii.gz", volume(shape=(40, 36, 30))), checkpoint(tmp_path / "model.pt")
+    real_trainer, seen = ModelCheckpoint.trainer, []
+
+    def spy(self: ModelCheckpoint, device: torch.device, sw_batch_size: int = 4) -> object:
+        seen.append(sw_batch_size)
+        return real_trainer(self, device, sw_batch_size)
+
+    monkeypatch.setattr(predict_module.ModelCheckpoint, "trainer", spy)
+    outputs = {}
+    for windows in (4, 1):  # a budget for four windows per pass, then for one
+        monkeypatch.setattr(predict_module, "cpu_check_budget", lambda w=windows: w * one_patch + one_patch // 2)
+        code, output = cli("predict", image, tmp_path / f"out{windows}.nii.gz", "--model", model)
+        assert code == 0 and seen[-1] == windows, output
+        outputs[windows] = np.asarray(nib.load(tmp_path / f"out{windows}.nii.gz").dataobj)
+    assert np.array_equal(outputs[4], outputs[1])
 
 
 def test_check_config_still_counts_an_ordinary_network(tmp_path: Path) -> None:
