@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -37,10 +38,12 @@ _STAGING_SUFFIX = ".partial"
 def site_staging_folder(site_dir: Path) -> Iterator[Path]:
     """Yield a fresh hidden folder beside `site_dir` to write a site into (then `publish_site_folder`).
 
-    The folder is removed when the block fails, an interrupt included; only a killed process leaves
-    one behind, which `remove_unfinished_sites` clears."""
+    The folder is named after this host and process and removed when the block fails, an interrupt
+    included; a killed writer's folder for the same site is removed first (`remove_unfinished_sites`)."""
     site_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=site_dir.parent, prefix=f".{site_dir.name}-", suffix=_STAGING_SUFFIX))
+    remove_unfinished_sites(site_dir.parent, [site_dir.name])
+    prefix = f".{site_dir.name}-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(dir=site_dir.parent, prefix=prefix, suffix=_STAGING_SUFFIX))
     try:
         yield tmp
     except BaseException:
@@ -49,14 +52,29 @@ def site_staging_folder(site_dir: Path) -> Iterator[Path]:
 
 
 def remove_unfinished_sites(root: Path, names: Iterable[str]) -> int:
-    """Remove the staging folders a killed writer left under `root` for the sites `names`; return how many.
+    """Remove the staging folders that writers killed on this host left under `root` for the sites
+    `names` (their process is gone); return how many. A live writer's folder, or another host's, stays."""
+    removed = 0
+    for name in names:
+        for path in root.glob(f".{name}-*{_STAGING_SUFFIX}"):
+            if path.is_dir() and not path.is_symlink() and _writer_is_gone(path.name[len(name) + 2 :]):
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+    return removed
 
-    Only for a writer that owns `root` (`fedseg synth OUT`): another process writing the same site
-    into `root` at the same time would lose its unfinished folder."""
-    stale = [path for name in names for path in root.glob(f".{name}-*{_STAGING_SUFFIX}") if path.is_dir()]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(stale)
+
+def _writer_is_gone(tag: str) -> bool:
+    """Whether the staging folder tagged `<host>-<pid>-<random>.partial` belongs to a dead process of this host."""
+    host, _, rest = tag.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's live process; not a pid
+        return False
+    return False
 
 
 def publish_site_folder(tmp: Path, site_dir: Path, manifest: dict) -> Path:
@@ -67,4 +85,6 @@ def publish_site_folder(tmp: Path, site_dir: Path, manifest: dict) -> Path:
         os.replace(tmp, site_dir)
     except OSError:
         shutil.rmtree(tmp)
+        if not (site_dir / "dataset.json").is_file():  # not another writer's site: a link, a file, a full disk
+            raise
     return site_dir

@@ -49,7 +49,7 @@ from fedseg.model_spec import intensity_window, model_spec
 from fedseg.models import ModelError, network_kind, network_shapes
 from fedseg.personal_mix import Weights, check_weight, choose_personal_weight
 from fedseg.privacy import make_dp_compatible
-from fedseg.trainer import SegmentationTrainer
+from fedseg.trainer import SW_BATCH_SIZE, SegmentationTrainer
 
 FORMAT = "fedseg-model/2"
 # a model with enhancing-tumour post-processing: /2 plus `enhancing_min_voxels`, so that a fedseg that
@@ -215,7 +215,9 @@ class ModelCheckpoint:
             (make_dp_compatible(network) if self.dp_compatible else network).state_dict(), self.state_dict
         )
 
-    def trainer(self, device: str | torch.device | None = None, sw_batch_size: int = 4) -> SegmentationTrainer:
+    def trainer(
+        self, device: str | torch.device | None = None, sw_batch_size: int = SW_BATCH_SIZE
+    ) -> SegmentationTrainer:
         """A SegmentationTrainer holding these weights (for sliding-window inference, `sw_batch_size`
         windows per forward pass)."""
         trainer = SegmentationTrainer(

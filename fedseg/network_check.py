@@ -12,13 +12,14 @@ refused in one line instead of exhausting the machine's memory.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import multiprocessing
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ CPU_CHECK_SHARE = 0.5  # of the machine's physical memory, what a check forward 
 # a no-grad CPU forward pass of fedseg's networks peaks at 8-11 times its largest activation (measured with
 # unet, segresnet, dynunet and basicunet at 96^3: convolution workspaces, skip connections, concatenation)
 LIVE_ACTIVATIONS = 12
-FALLBACK_CHANNELS = 64  # a network the meta device cannot run: its largest activation taken as this many channels
+CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2
 
 
 def check_network(
@@ -94,8 +95,12 @@ def _check_on_cpu(
 
 
 def cpu_check_budget() -> int:
-    """Bytes a check forward pass on the CPU may allocate: `CPU_CHECK_SHARE` of the physical memory."""
-    return int(CPU_CHECK_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    """Bytes a check forward pass on the CPU may allocate: `CPU_CHECK_SHARE` of the physical memory, or of
+    this process's cgroup memory limit where that is lower (a container, a batch job)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        memory = min(memory, int(Path(CGROUP_MEMORY_LIMIT).read_text().strip()))  # "max": no limit
+    return int(CPU_CHECK_SHARE * memory)
 
 
 def _check_in_child(
@@ -139,28 +144,27 @@ def _fails(name: str, patch: str, err: BaseException) -> str:
 
 def inference_patch_bytes(
     name: str, args: Mapping[str, Any], in_channels: int, out_channels: int, patch_size: Sequence[int]
-) -> int:
+) -> int | None:
     """About the memory a no-grad forward pass of one patch takes: `LIVE_ACTIVATIONS` times the network's
-    largest activation, found on the meta device (shapes only, however large the patch); for a network the
-    meta device cannot run, `FALLBACK_CHANNELS` float32 channels of the patch taken as that activation."""
-    largest = FALLBACK_CHANNELS * 4 * math.prod(patch_size)
+    largest activation, found on the meta device (shapes only, however large the patch); None for a
+    network the meta device cannot run."""
+    network = network_shapes(name, in_channels, out_channels, args).eval()
+    sizes: list[int] = []
+
+    def record(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in network.modules() if not any(m.children())]
     try:
-        network = network_shapes(name, in_channels, out_channels, args).eval()
-        sizes: list[int] = []
-
-        def record(_module: nn.Module, _inputs: object, output: object) -> None:
-            if isinstance(output, torch.Tensor):
-                sizes.append(output.numel() * output.element_size())
-
-        hooks = [m.register_forward_hook(record) for m in network.modules() if not any(m.children())]
         with torch.no_grad(), torch.device("meta"):
             network(torch.zeros(1, in_channels, *patch_size))
+    except Exception:  # noqa: BLE001 - an operation the meta device lacks
+        return None
+    finally:
         for hook in hooks:
             hook.remove()
-        largest = max(sizes, default=largest)
-    except Exception:  # noqa: BLE001 - an operation the meta device lacks: keep the fallback
-        pass
-    return LIVE_ACTIVATIONS * largest
+    return LIVE_ACTIVATIONS * max(sizes, default=0)
 
 
 def _address_space() -> int:

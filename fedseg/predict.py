@@ -44,10 +44,9 @@ from fedseg.model_checkpoint import ModelCheckpoint
 from fedseg.network_check import CPU_CHECK_SHARE, cpu_check_budget, inference_patch_bytes
 from fedseg.personal_mix import ensemble_mean
 from fedseg.progress import track
-from fedseg.trainer import SegmentationTrainer
+from fedseg.trainer import SW_BATCH_SIZE, SegmentationTrainer
 
 Case = tuple[Path, ...]  # one case: a 3D/4D file, or one 3D file per modality
-MAX_WINDOWS = 4  # sliding windows per forward pass, fewer where one patch's pass takes much of the memory
 
 
 class PredictError(ValueError):
@@ -201,11 +200,14 @@ def _check_ensemble(models: Sequence[ModelCheckpoint]) -> None:
 
 
 def _windows_at_once(path: Path, model: ModelCheckpoint, device: torch.device) -> int:
-    """Sliding windows per forward pass that fit this machine's memory (at most `MAX_WINDOWS`); PredictError
-    naming the model file when not even one does (a hostile or a workstation model's patch size)."""
+    """Sliding windows per forward pass that fit this machine's memory (at most `SW_BATCH_SIZE`; one for a
+    network whose memory cannot be estimated); PredictError naming the model file when not even one does
+    (a hostile model file's patch size, or a workstation's on a laptop)."""
     need = inference_patch_bytes(
         model.model, model.model_args, model.in_channels, model.labels.out_channels, model.patch_size
     )
+    if need is None:
+        return 1
     if device.type == "cuda":
         budget, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
@@ -213,10 +215,10 @@ def _windows_at_once(path: Path, model: ModelCheckpoint, device: torch.device) -
     if need > budget:
         patch = "x".join(map(str, model.patch_size))
         raise PredictError(
-            f"{path}: segmenting one {patch} patch with model '{model.model}' needs about {need / 2**30:.1f} GiB, "
-            f"more than the {budget / 2**30:.1f} GiB fedseg may use ({where})"
+            f"{path}: segmenting one {patch} patch with model '{model.model}' would need about "
+            f"{need / 2**30:.1f} GiB (estimated), more than the {budget / 2**30:.1f} GiB fedseg may use ({where})"
         )
-    return int(min(MAX_WINDOWS, budget // need))
+    return int(min(SW_BATCH_SIZE, budget // need))
 
 
 def _check_case(case: Case, models: Sequence[ModelCheckpoint], max_voxels: int | None) -> list[NiftiHeader]:

@@ -44,6 +44,7 @@ from fedseg.privacy import SitePrivacy, make_dp_compatible
 from fedseg.sharpness import ascended, kept_statistics
 
 StateDict = Mapping[str, torch.Tensor]
+SW_BATCH_SIZE = 4  # sliding windows per forward pass in evaluation (predict takes fewer where memory is short)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SegmentationTrainer:
         optimizer: OptimizerFactory | None = None,
         model_args: Mapping[str, Any] | None = None,
         sam_rho: float = 0.0,
-        sw_batch_size: int = 4,
+        sw_batch_size: int = SW_BATCH_SIZE,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.labels = labels or LabelScheme("classes", num_classes)

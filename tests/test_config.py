@@ -112,6 +112,10 @@ def test_an_enormous_value_is_named_short_in_the_error_line(tmp_path: Path) -> N
     line = result.output.strip()
     assert line.endswith("'dp-physical-batch-size' must be 0 (batch-size) to 1024, got 10000000…0000 (309 digits)")
     assert len(line.splitlines()) == 1 and len(line) < 200 + len(str(path))
+    from fedseg.errors import one_line
+
+    named = "/data/case_1234567890123456789012345/x.nii.gz: not a NIfTI file"  # a path keeps its digits
+    assert one_line(f"{named}\n  more") == f"{named} more"
 
 
 def test_check_config_command_validates_experiment_specs(tmp_path: Path) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -206,15 +210,31 @@ def test_an_interrupted_synth_leaves_no_staging_folder_and_a_rerun_finishes_it(
     assert sorted(p.name for p in out.iterdir()) == ["site-0"]  # no hidden half-written folder
     monkeypatch.setattr(synth, "render_subject", real_render)
     finished = {p: p.stat().st_mtime_ns for p in (out / "site-0").rglob("*.nii.gz")}
-    killed = out / ".site-1-k1ll3d.partial"  # what a killed (SIGKILL) writer leaves
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = out / f".site-1-{socket.gethostname()}-{dead.stdout.strip()}-x1.partial"  # a killed writer's folder
     (killed / "imagesTr").mkdir(parents=True)
+    alive = out / f".site-1-{socket.gethostname()}-{os.getpid()}-x2.partial"  # a live writer's
+    alive.mkdir()
 
     folders = synthesize(out, "tiny", seed=5, num_sites=2)
     assert [f.name for f in folders] == ["site-0", "site-1", "outside"]
-    assert not killed.exists()
+    assert not killed.exists() and alive.exists()
+    alive.rmdir()
     assert {p: p.stat().st_mtime_ns for p in (out / "site-0").rglob("*.nii.gz")} == finished  # kept, not rewritten
     fresh = synthesize(tmp_path / "fresh", "tiny", seed=5, num_sites=2)
     for name in ("site-0/imagesTr/a_003.nii.gz", "site-1/labelsTr/b_000.nii.gz"):
         assert np.array_equal(ras(out / name), ras(fresh[0].parent / name))
-    with pytest.raises(FileExistsError, match="site-0: already exists, not written with these settings"):
+    with pytest.raises(FileExistsError, match="site-0: already exists, written with other settings"):
         synthesize(out, "tiny", seed=6, num_sites=2)
+    with pytest.raises(FileExistsError, match="outside: already exists, written with other settings"):
+        synthesize(out, "tiny", seed=5, num_sites=2, outside_annotator_mm=0.0)
+    (out / "site-1" / "dataset.json").write_text("{")
+    with pytest.raises(FileExistsError, match=r"site-1: already exists, without a readable dataset\.json"):
+        synthesize(out, "tiny", seed=5, num_sites=2)
+    (out / "site-1" / "dataset.json").unlink()
+    (out / "site-1").rename(tmp_path / "elsewhere")
+    (out / "site-1").symlink_to(tmp_path / "gone")  # a dangling link where a site goes
+    with pytest.raises(FileExistsError, match=r"site-1: already exists, without a readable dataset\.json"):
+        synthesize(out, "tiny", seed=5, num_sites=2)
+    assert [f.name for f in synthesize(out, "tiny", seed=5, num_sites=2, overwrite=True)][1] == "site-1"
+    assert not (out / "site-1").is_symlink() and (out / "site-1" / "dataset.json").is_file()

@@ -172,7 +172,7 @@ def test_seeded_deterministic_and_cached_apart(tmp_path: Path) -> None:
 def test_rejects_unknown_anatomy_and_overwrites(tiny: Path) -> None:
     result = CliRunner().invoke(app, ["synth", str(tiny / "new"), "--anatomy", "liver"])
     assert result.exit_code == 2 and "unknown anatomy 'liver'" in result.output
-    with pytest.raises(FileExistsError, match="site-0: already exists, not written with these settings"):
+    with pytest.raises(FileExistsError, match="site-0: already exists, written with other settings"):
         synthesize(tiny, "tiny", seed=4, anatomy="brain")
     before = {p: p.stat().st_mtime_ns for p in tiny.rglob("*.nii.gz")}
     assert synthesize(tiny, "tiny", seed=3, anatomy="brain")[0] == tiny / "site-0"  # the same settings: kept

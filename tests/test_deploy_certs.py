@@ -126,6 +126,12 @@ def test_bad_site_names_are_rejected(tmp_path: Path, sites: list[str], message: 
         ("fed.*.example.org", "is neither an IP address nor a DNS name"),
         ("fed..example.org", "is neither an IP address nor a DNS name"),
         ("fed example.org", "is neither an IP address nor a DNS name"),
+        ("::ffff:0.0.0.0", "is the listen-on-all address"),  # IPv4-mapped
+        ("::ffff:224.0.0.1", "is a multicast address"),
+        ("255.255.255.255", "is the broadcast address"),
+        ("fe80::1", "is an IPv6 link-local address"),
+        ("0x7f000001", "looks like an IPv4 address"),  # resolvers read it as 127.0.0.1
+        ("127.0.0.0x1", "looks like an IPv4 address"),
     ],
 )
 def test_hosts_a_site_cannot_dial_are_rejected(tmp_path: Path, host: str, message: str) -> None:

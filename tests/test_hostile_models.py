@@ -218,7 +218,14 @@ def test_predict_refuses_a_model_patch_past_its_memory_and_fits_windows_to_what_
 
     monkeypatch.setattr(predict_module, "cpu_check_budget", lambda: 4 * 2**30)
     bad, code, output = predict_with(tmp_path, patch_size=[512, 512, 512])  # one pass: ~18 GiB
-    one_line_refusal(tmp_path, code, output, bad, "one 512x512x512 patch with model 'unet' needs about", "4.0 GiB")
+    one_line_refusal(tmp_path, code, output, bad, "one 512x512x512 patch with model 'unet' would need about")
+    assert "more than the 4.0 GiB fedseg may use (50% of this machine's memory)" in output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU: its free memory is the budget
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    bad, code, output = predict_with(tmp_path, patch_size=[512, 512, 512])
+    one_line_refusal(tmp_path, code, output, bad, "more than the 3.0 GiB fedseg may use (free on the GPU)")
+    monkeypatch.undo()
+    monkeypatch.setattr(predict_module, "cpu_check_budget", lambda: 4 * 2**30)
 
     one_patch = network_check.inference_patch_bytes("unet", {}, 1, 3, (16, 16, 16))
     assert network_check.inference_patch_bytes("unet", {}, 1, 3, (64, 64, 64)) == 64 * one_patch  # by voxels

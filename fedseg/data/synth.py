@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from fedseg.atomic import publish_site_folder, remove_unfinished_sites, site_staging_folder
+from fedseg.atomic import publish_site_folder, site_staging_folder
 from fedseg.cache import cache_root
 from fedseg.progress import track
 
@@ -291,17 +291,15 @@ def synthesize(
     plan.append((OUTSIDE_KEY, outside, "outside"))
     counts = {folder: max(SYNTH_MIN_SUBJECTS, round(base * inst.subjects)) for _, inst, folder in plan}
     settings = synth_settings(anatomy, seed, size, num_classes)
-    remove_unfinished_sites(out, counts)
-    existing = [out / folder for _, inst, folder in plan if (out / folder).exists()]
+    existing = [out / folder for _, _, folder in plan if (out / folder).exists() or (out / folder).is_symlink()]
     if not overwrite:
-        kept = {out / folder for _, inst, folder in plan if _written_with(out / folder, inst, counts[folder], settings)}
-        other = [path for path in existing if path not in kept]
-        if other:
-            reason = "already exists, not written with these settings"
-            raise FileExistsError(f"{other[0]}: {reason} (use overwrite to replace the synthetic sites)")
+        for _, inst, folder in plan:
+            fault = _not_written_with(out / folder, inst, counts[folder], settings)
+            if fault:
+                raise FileExistsError(f"{out / folder}: {fault} (use overwrite to replace the synthetic sites)")
         existing = []
     for path in existing:
-        shutil.rmtree(path)
+        path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)
     return [
         write_site(out, key, counts[folder], size, seed, num_classes, inst, folder, anatomy)
         for key, inst, folder in track(plan, "writing sites")
@@ -320,15 +318,19 @@ def synthetic_root(
 
 
 # ------------------------------------------------------------------------------------------ internals
-def _written_with(site_dir: Path, inst: Institution | BrainInstitution, count: int, settings: dict) -> bool:
-    """Whether `site_dir` is a finished synthetic site of `inst` with `count` subjects and `settings`:
-    what an interrupted `synthesize` left, which a rerun with the same options keeps."""
+def _not_written_with(site_dir: Path, inst: Institution | BrainInstitution, count: int, settings: dict) -> str:
+    """Why `site_dir` is not a finished synthetic site of `inst` with `count` subjects and `settings`
+    (what an interrupted `synthesize` left, which a rerun with the same options keeps); "" if it is, or absent."""
+    if not site_dir.exists() and not site_dir.is_symlink():
+        return ""
     try:
         meta = json.loads((site_dir / "dataset.json").read_text())
     except (OSError, ValueError):
-        return False
-    same_institution = isinstance(meta, dict) and meta.get("institution") == json.loads(json.dumps(asdict(inst)))
-    return same_institution and meta.get("numTraining") == count and meta.get("synth") == settings
+        return "already exists, without a readable dataset.json"
+    if not isinstance(meta, dict) or "synth" not in meta:
+        return "already exists, not written by this version of fedseg synth"
+    same = meta.get("institution") == json.loads(json.dumps(asdict(inst))) and meta.get("numTraining") == count
+    return "" if same and meta["synth"] == settings else "already exists, written with other settings"
 
 
 def _check_counts(seed: int, num_sites: int, subjects: int, outside_subjects: int) -> None:

@@ -34,6 +34,7 @@ VALID_DAYS = 825  # browsers' and most TLS stacks' upper bound for server certif
 LOCAL_NAME = "localhost"  # every server certificate names it: the SuperLink's own SuperExec dials it
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_NUMERIC_LABEL = re.compile(r"^(\d+|0[xX][0-9A-Fa-f]*)$")
 
 
 class CertError(ValueError):
@@ -127,24 +128,41 @@ def _site_key_files(site_dir: Path, name: str) -> tuple[SiteKeys, dict[Path, tup
 
 
 def _check_host(host: str) -> None:
-    """An address a site can dial: an IP address (not unspecified, multicast or scoped) or a DNS name."""
+    """An address a site can dial: an IP address (not unspecified, broadcast, multicast or IPv6 link-local,
+    also written IPv4-mapped) or a DNS name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         _check_dns_name(host)
         return
-    if address.is_unspecified or address.is_multicast:
-        kind = "the listen-on-all" if address.is_unspecified else "a multicast"
-        raise CertError(f"host {host!r} is {kind} address, not one a site can dial; give the server's own address")
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
         raise CertError(f"host {host!r} has a zone (%{address.scope_id}), which a certificate cannot hold")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    kind = _undialable(address)
+    if kind:
+        raise CertError(f"host {host!r} is {kind} address, not one a site can dial; give the server's own address")
+
+
+def _undialable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What kind of address no site can dial `address` is, or ""."""
+    if address.is_unspecified:
+        return "the listen-on-all"
+    if address.is_multicast:
+        return "a multicast"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_link_local:
+        return "an IPv6 link-local"
+    return ""
 
 
 def _check_dns_name(host: str) -> None:
-    """Letters, digits and '-' in dot-separated labels, the last not all digits; '*' only as the whole
-    first label of a name with at least two more (a wildcard never covers a top-level domain)."""
+    """Letters, digits and '-' in dot-separated labels, the last not a number (decimal or 0x hex: resolvers
+    read such names as IPv4 addresses); '*' only as the whole first label of a name with at least two more.
+    Public suffixes (a wildcard over co.uk) are not checked."""
     labels = host.split(".")
-    if labels[-1].isdigit():
+    if _NUMERIC_LABEL.match(labels[-1]):
         raise CertError(f"host {host!r} looks like an IPv4 address but is not one")
     if labels[0] == "*":
         if len(labels) < 3:
