@@ -8,7 +8,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,9 +39,9 @@ def site_staging_folder(site_dir: Path) -> Iterator[Path]:
     """Yield a fresh hidden folder beside `site_dir` to write a site into (then `publish_site_folder`).
 
     The folder is named after this host and process and removed when the block fails, an interrupt
-    included; a killed writer's folder for the same site is removed first (`remove_unfinished_sites`)."""
+    included; a killed writer's folder for the same site is removed first (`remove_unfinished_site`)."""
     site_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_unfinished_sites(site_dir.parent, [site_dir.name])
+    remove_unfinished_site(site_dir.parent, site_dir.name)
     prefix = f".{site_dir.name}-{socket.gethostname()}-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(dir=site_dir.parent, prefix=prefix, suffix=_STAGING_SUFFIX))
     try:
@@ -51,16 +51,12 @@ def site_staging_folder(site_dir: Path) -> Iterator[Path]:
         raise
 
 
-def remove_unfinished_sites(root: Path, names: Iterable[str]) -> int:
-    """Remove the staging folders that writers killed on this host left under `root` for the sites
-    `names` (their process is gone); return how many. A live writer's folder, or another host's, stays."""
-    removed = 0
-    for name in names:
-        for path in root.glob(f".{name}-*{_STAGING_SUFFIX}"):
-            if path.is_dir() and not path.is_symlink() and _writer_is_gone(path.name[len(name) + 2 :]):
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-    return removed
+def remove_unfinished_site(root: Path, name: str) -> None:
+    """Remove the staging folders that writers killed on this host left under `root` for the site `name`
+    (their process is gone); a live writer's folder, or another host's, stays."""
+    for path in root.glob(f".{name}-*{_STAGING_SUFFIX}"):
+        if path.is_dir() and not path.is_symlink() and _writer_is_gone(path.name[len(name) + 2 :]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _writer_is_gone(tag: str) -> bool:

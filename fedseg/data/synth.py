@@ -291,15 +291,14 @@ def synthesize(
     plan.append((OUTSIDE_KEY, outside, "outside"))
     counts = {folder: max(SYNTH_MIN_SUBJECTS, round(base * inst.subjects)) for _, inst, folder in plan}
     settings = synth_settings(anatomy, seed, size, num_classes)
-    existing = [out / folder for _, _, folder in plan if (out / folder).exists() or (out / folder).is_symlink()]
-    if not overwrite:
-        for _, inst, folder in plan:
-            fault = _not_written_with(out / folder, inst, counts[folder], settings)
-            if fault:
-                raise FileExistsError(f"{out / folder}: {fault} (use overwrite to replace the synthetic sites)")
-        existing = []
-    for path in existing:
-        path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)
+    for _, inst, folder in plan:
+        path = out / folder
+        if overwrite and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif overwrite and (path.exists() or path.is_symlink()):
+            path.unlink()
+        elif fault := _not_written_with(path, inst, counts[folder], settings):
+            raise FileExistsError(f"{path}: {fault} (use overwrite to replace the synthetic sites)")
     return [
         write_site(out, key, counts[folder], size, seed, num_classes, inst, folder, anatomy)
         for key, inst, folder in track(plan, "writing sites")
